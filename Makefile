@@ -1,0 +1,62 @@
+# znorm_kernels: the two commands a newcomer needs, each setting everything up on a fresh machine.
+#   make test    create .venv, install the pinned dependencies and the package (editable), run the tests
+#   make bench   the same set-up, then the main benchmark job on the best device present
+# PYTHON=python3 (e.g. on the lent GPU machines, which reach no registry) uses that interpreter instead of
+# .venv and installs only what it lacks.
+
+PYTHON ?=
+VENV := .venv
+export CUDA_HOME ?= /usr/local/cuda
+
+ifeq ($(strip $(PYTHON)),)
+PY := $(VENV)/bin/python
+SETUP := $(VENV)/.installed
+else
+PY := $(PYTHON)
+SETUP := setup-system
+endif
+
+SOURCES := setup.py pyproject.toml requirements.txt $(wildcard csrc/*)
+
+.PHONY: test bench lint train gpu-check clean setup-system
+
+test: $(SETUP)
+	$(PY) -m pytest tests
+
+bench: $(SETUP)
+	$(PY) -m bench $(ARGS)
+
+lint: $(SETUP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+train: $(SETUP)
+	$(PY) -m znorm_kernels.cifar $(ARGS)
+
+# A fresh virtual environment with the pinned dependencies, then the package itself (editable, so that
+# compiled extensions are built in place by setup.py). Re-runs when the build inputs change.
+$(VENV)/.installed: $(SOURCES)
+	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	touch $@
+
+# An existing interpreter: install only the missing dependencies (none when torch, triton and pytest are
+# there), then build the package in place without touching the network.
+setup-system:
+	$(PY) -c "$$MISSING_DEPS" > .missing-deps
+	if [ -s .missing-deps ]; then $(PY) -m pip install --quiet $$(cat .missing-deps) || echo "warning: could not install $$(cat .missing-deps); tests that need them skip"; fi
+	rm -f .missing-deps
+	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e . || $(PY) setup.py build_ext --inplace
+
+define MISSING_DEPS
+import importlib.util
+wanted = {"torch": "torch", "numpy": "numpy", "pytest": "pytest", "pytest_benchmark": "pytest-benchmark",
+          "ninja": "ninja", "tqdm": "tqdm", "matplotlib": "matplotlib", "torchvision": "torchvision"}
+print(" ".join(pkg for mod, pkg in wanted.items() if importlib.util.find_spec(mod) is None))
+endef
+export MISSING_DEPS
+
+clean:
+	rm -rf build *.egg-info znorm_kernels/*.so .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Benchmarks of znorm_kernels against the PyTorch alternatives (``python -m bench``; ``make bench``)."""

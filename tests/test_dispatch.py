@@ -1,0 +1,143 @@
+"""The dispatch layer: input checks (clear errors, nothing modified), grouping, backend choice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import znorm_kernels
+from tests.utils import known_backends, make_grad
+from znorm_kernels import dispatch
+
+
+def _good_list():
+    return [make_grad((4, 5), seed=1), make_grad((30,), torch.float16, seed=2), make_grad((9,), seed=3)]
+
+
+def _bad_entries():
+    sparse = torch.randn(4, 4).to_sparse()
+    csr = torch.randn(4, 4).to_sparse_csr()
+    return {
+        "sparse_coo": (sparse, TypeError, "sparse"),
+        "sparse_csr": (csr, TypeError, "sparse"),
+        "complex": (torch.randn(8, dtype=torch.complex64), TypeError, "complex"),
+        "int": (torch.arange(8), TypeError, "dtype"),
+        "bool": (torch.ones(8, dtype=torch.bool), TypeError, "dtype"),
+        "not_a_tensor": ([1.0, 2.0], TypeError, "expected a Tensor"),
+        "expanded": (torch.randn(3, 1).expand(3, 4), ValueError, "share memory"),
+    }
+
+
+@pytest.mark.parametrize("kind", list(_bad_entries()))
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_bad_entry_raises_naming_position_and_modifies_nothing(kind, backend):
+    bad, exc, words = _bad_entries()[kind]
+    grads = _good_list()
+    grads.insert(2, bad)
+    before = [g.clone() for g in grads if isinstance(g, torch.Tensor)]
+    with pytest.raises(exc, match=rf"position 2.*{words}|{words}.*position 2"):
+        znorm_kernels.znorm_(grads, backend=backend)
+    after = [g for g in grads if isinstance(g, torch.Tensor)]
+    for a, b in zip(after, before):
+        assert torch.equal(
+            a.to_dense() if a.layout != torch.strided else a, b.to_dense() if b.layout != torch.strided else b
+        )
+
+
+def test_error_names_the_parameter_when_known():
+    grads = [torch.randn(3), torch.randn(3, dtype=torch.complex64)]
+    with pytest.raises(TypeError, match=r"position 1 \(parameter 'fc.weight'\)"):
+        znorm_kernels.znorm_(grads, names=["fc.bias", "fc.weight"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc"),
+    [
+        ({"eps": -1.0}, ValueError),
+        ({"eps": float("nan")}, ValueError),
+        ({"eps": "1e-10"}, ValueError),
+        ({"correction": -1}, ValueError),
+        ({"correction": True}, ValueError),
+        ({"backend": "fastest"}, ValueError),
+        ({"backend": None}, TypeError),
+    ],
+)
+def test_bad_options_raise_before_anything_changes(kwargs, exc):
+    grads = _good_list()
+    before = [g.clone() for g in grads]
+    with pytest.raises(exc):
+        znorm_kernels.znorm_(grads, **kwargs)
+    for a, b in zip(grads, before):
+        assert torch.equal(a, b)
+
+
+def test_not_iterable():
+    with pytest.raises(TypeError, match="iterable"):
+        znorm_kernels.znorm_(3.0)
+
+
+def test_collect_groups_by_device_and_dtype_in_order():
+    a, b, c, d = (
+        make_grad((5,)),
+        make_grad((5,), torch.float16),
+        make_grad((6,)),
+        make_grad((2, 2), torch.float64),
+    )
+    groups = dispatch.collect([a, None, b, torch.randn(1), torch.randn(0), c, d, torch.randn(())])
+    assert list(groups) == [(a.device, torch.float32), (b.device, torch.float16), (d.device, torch.float64)]
+    assert groups[(a.device, torch.float32)] == [a, c]
+
+
+def test_available_backends():
+    names = znorm_kernels.available_backends()
+    assert names[-1] == "reference"
+    assert set(names) <= set(known_backends())
+    # Listed fastest first, in the table's order.
+    assert names == [n for n in dispatch.BACKENDS if n in names]
+
+
+def test_auto_resolution_follows_spec():
+    have = znorm_kernels.available_backends()
+    cpu = dispatch.resolve_backend("auto", "cpu")
+    assert cpu == ("cpu" if "cpu" in have else "reference")
+    assert dispatch.resolve_backend("auto", "meta") == "reference"
+    if torch.cuda.is_available():
+        cuda = dispatch.resolve_backend("auto", "cuda")
+        expected = next(n for n in ("triton", "cuda", "reference") if n in have)
+        assert cuda == expected
+
+
+@pytest.mark.parametrize("name", [n for n in known_backends() if n != "reference"])
+def test_explicit_backend_that_cannot_serve_raises_and_modifies_nothing(name):
+    for device in ["cpu", "cuda", "meta"]:
+        try:
+            dispatch.resolve_backend(name, device)
+        except RuntimeError as err:
+            assert name in str(err)
+            if device == "meta":
+                grads = [torch.empty(5, device="meta")]
+                with pytest.raises(RuntimeError, match=name):
+                    znorm_kernels.znorm_(grads, backend=name)
+            if device == "cpu":
+                grads = _good_list()
+                before = [g.clone() for g in grads]
+                with pytest.raises(RuntimeError, match=name):
+                    znorm_kernels.znorm_(grads, backend=name)
+                assert all(torch.equal(a, b) for a, b in zip(grads, before))
+
+
+def test_mixed_devices_one_unservable_modifies_nothing():
+    # A group the backend cannot serve is found before any group runs.
+    grads = [make_grad((5,)), torch.empty(5, device="meta")]
+    before = grads[0].clone()
+    for name in known_backends():
+        if name == "reference":
+            continue
+        with pytest.raises(RuntimeError):
+            znorm_kernels.znorm_(grads, backend=name)
+        assert torch.equal(grads[0], before)
+
+
+def test_empty_inputs():
+    znorm_kernels.znorm_([])
+    znorm_kernels.znorm_([None, None])

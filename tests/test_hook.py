@@ -1,0 +1,249 @@
+"""The optimizer hook: same training as applying the reference by hand, once per step, AMP-aware."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import znorm_kernels
+from znorm_kernels import reference
+
+
+def small_net(seed: int = 0) -> nn.Module:
+    # No bias before BatchNorm: its true gradient is zero, and ZNorm of rounding noise is noise.
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
+
+
+def batches(n: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(6, 3, 8, 8, generator=g), torch.randint(0, 4, (6,), generator=g)) for _ in range(n)]
+
+
+def make_opt(kind: str, params, **kw):
+    if kind == "sgdm":
+        return torch.optim.SGD(params, lr=0.05, momentum=0.9, **kw)
+    return torch.optim.Adam(params, lr=1e-3, **kw)
+
+
+def grads_of(opt, min_ndim=1):
+    return [
+        p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None and p.dim() >= min_ndim
+    ]
+
+
+@pytest.mark.parametrize("kind", ["sgdm", "adam"])
+@pytest.mark.parametrize("min_ndim", [1, 2, 4])
+def test_training_with_hook_equals_reference_by_hand(kind, min_ndim):
+    net_a, net_b = small_net(), small_net()
+    opt_a, opt_b = make_opt(kind, net_a.parameters()), make_opt(kind, net_b.parameters())
+    znorm_kernels.register(opt_a, min_ndim=min_ndim)
+    for x, y in batches(4):
+        for net, opt in ((net_a, opt_a), (net_b, opt_b)):
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x), y).backward()
+        reference.znorm_(grads_of(opt_b, min_ndim))
+        opt_a.step()
+        opt_b.step()
+    for pa, pb in zip(net_a.parameters(), net_b.parameters()):
+        torch.testing.assert_close(pa, pb, atol=1e-6, rtol=1e-5)
+    # And the hook really did something: training without it differs.
+    net_c = small_net()
+    opt_c = make_opt(kind, net_c.parameters())
+    for x, y in batches(4):
+        opt_c.zero_grad()
+        nn.functional.cross_entropy(net_c(x), y).backward()
+        opt_c.step()
+    assert not all(torch.allclose(pa, pc) for pa, pc in zip(net_a.parameters(), net_c.parameters()))
+
+
+def test_hook_leaves_thinner_params_alone():
+    net = small_net()
+    opt = make_opt("sgdm", net.parameters())
+    znorm_kernels.register(opt, min_ndim=2)
+    x, y = batches(1)[0]
+    nn.functional.cross_entropy(net(x), y).backward()
+    before = {n: p.grad.clone() for n, p in net.named_parameters()}
+    opt.step()
+    for n, p in net.named_parameters():
+        if p.dim() < 2:
+            assert torch.equal(p.grad, before[n]), n
+        else:
+            assert not torch.equal(p.grad, before[n]), n
+
+
+def test_params_selects_a_subset_and_accepts_names():
+    net = small_net()
+    opt = make_opt("adam", net.parameters())
+    chosen = [("0.weight", net[0].weight), ("7.weight", net[7].weight)]
+    znorm_kernels.register(opt, params=chosen)
+    x, y = batches(1)[0]
+    nn.functional.cross_entropy(net(x), y).backward()
+    before = {n: p.grad.clone() for n, p in net.named_parameters()}
+    expected = {n: g.clone() for n, g in before.items()}
+    reference.znorm_([expected["0.weight"], expected["7.weight"]])
+    opt.step()
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(p.grad, expected[n], atol=1e-6, rtol=0, msg=n)
+
+
+def test_params_not_in_optimizer_is_an_error():
+    net, other = small_net(), small_net()
+    opt = make_opt("sgdm", net.parameters())
+    with pytest.raises(ValueError, match="not a parameter"):
+        znorm_kernels.register(opt, params=other.parameters())
+
+
+@pytest.mark.parametrize("kwargs", [{"min_ndim": -1}, {"eps": -1.0}, {"backend": "nope"}, {"correction": -2}])
+def test_bad_registration_raises(kwargs):
+    opt = make_opt("sgdm", small_net().parameters())
+    with pytest.raises(ValueError):
+        znorm_kernels.register(opt, **kwargs)
+
+
+def test_not_an_optimizer():
+    with pytest.raises(TypeError, match="Optimizer"):
+        znorm_kernels.register(object())
+
+
+def test_once_per_step_with_gradient_accumulation():
+    net_a = small_net()
+    net_b = copy.deepcopy(net_a)
+    opt_a, opt_b = make_opt("sgdm", net_a.parameters()), make_opt("sgdm", net_b.parameters())
+    znorm_kernels.register(opt_a)
+    calls = []
+    opt_a.register_step_pre_hook(lambda *a: calls.append(1))
+    micro = batches(3)
+    for net in (net_a, net_b):
+        for x, y in micro:  # accumulate three micro-batches into .grad
+            nn.functional.cross_entropy(net(x), y).backward()
+    reference.znorm_(grads_of(opt_b))
+    opt_a.step()
+    opt_b.step()
+    assert len(calls) == 1
+    for pa, pb in zip(net_a.parameters(), net_b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, atol=1e-6, rtol=0)
+        torch.testing.assert_close(pa, pb, atol=1e-6, rtol=0)
+
+
+def test_handle_remove_stops_it():
+    net = small_net()
+    opt = make_opt("sgdm", net.parameters())
+    handle = znorm_kernels.register(opt)
+    handle.remove()
+    x, y = batches(1)[0]
+    nn.functional.cross_entropy(net(x), y).backward()
+    before = [p.grad.clone() for p in net.parameters()]
+    opt.step()
+    assert all(torch.equal(p.grad, b) for p, b in zip(net.parameters(), before))
+
+
+def test_add_param_group_is_seen():
+    net = small_net()
+    params = list(net.parameters())
+    opt = make_opt("sgdm", params[:2])
+    znorm_kernels.register(opt)
+    opt.add_param_group({"params": params[2:]})
+    x, y = batches(1)[0]
+    nn.functional.cross_entropy(net(x), y).backward()
+    expected = [p.grad.clone() for p in params]
+    reference.znorm_(expected)
+    opt.step()
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.grad, e, atol=1e-6, rtol=0)
+
+
+def test_grad_scaler_skips_inf_step_and_hook_sees_unscaled_grads():
+    net = small_net()
+    opt = make_opt("sgdm", net.parameters())
+    znorm_kernels.register(opt)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x, y = batches(1)[0]
+    # A finite step: the hook sees unscaled gradients, so the result is the z-scores of the true gradients.
+    scaler.scale(nn.functional.cross_entropy(net(x), y)).backward()
+    true = [p.grad / 1024.0 for p in net.parameters()]
+    reference.znorm_(true)
+    scaler.step(opt)
+    scaler.update()
+    for p, t in zip(net.parameters(), true):
+        torch.testing.assert_close(p.grad, t, atol=1e-5, rtol=0)
+    # An inf step: GradScaler skips optimizer.step(), so the hook does not run and nothing moves.
+    opt.zero_grad()
+    scaler.scale(nn.functional.cross_entropy(net(x), y)).backward()
+    net[0].weight.grad[0, 0, 0, 0] = float("inf")
+    weights = [p.detach().clone() for p in net.parameters()]
+    scaled = [p.grad.clone() for p in net.parameters()]
+    scaler.step(opt)
+    for p, w, g in zip(net.parameters(), weights, scaled):
+        assert torch.equal(p, w)  # the step was skipped
+        # left as unscale_ left them (1024 is a power of two: exact), not normalized
+        assert torch.equal(p.grad, g / 1024.0)
+
+
+@pytest.mark.parametrize("kind", ["sgdm", "adam"])
+def test_fused_optimizer_with_grad_scaler_gets_scaled_z_scores(kind):
+    # GradScaler leaves the gradients scaled for fused optimizers; the hook must keep them scaled so the
+    # optimizer's own unscaling yields the z-scores: same result as the unfused optimizer on z-scores.
+    net_a, net_b = small_net(), small_net()
+    opt_a = make_opt(kind, net_a.parameters(), fused=True)
+    opt_b = make_opt(kind, net_b.parameters())
+    assert opt_a._step_supports_amp_scaling
+    znorm_kernels.register(opt_a)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4096.0)
+    for x, y in batches(3):
+        opt_a.zero_grad()
+        opt_b.zero_grad()
+        scaler.scale(nn.functional.cross_entropy(net_a(x), y)).backward()
+        nn.functional.cross_entropy(net_b(x), y).backward()
+        reference.znorm_(grads_of(opt_b))
+        scaler.step(opt_a)
+        scaler.update()
+        opt_b.step()
+    for pa, pb in zip(net_a.parameters(), net_b.parameters()):
+        torch.testing.assert_close(pa, pb, atol=1e-5, rtol=1e-4)
+
+
+def test_state_dict_round_trips_unchanged():
+    net_a, net_b = small_net(), small_net()
+    opt_a, opt_b = make_opt("adam", net_a.parameters()), make_opt("adam", net_b.parameters())
+    znorm_kernels.register(opt_a)
+    for x, y in batches(2):
+        for net, opt in ((net_a, opt_a), (net_b, opt_b)):
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+    sd = opt_a.state_dict()
+    assert sd.keys() == opt_b.state_dict().keys()
+    assert sd["param_groups"] == opt_b.state_dict()["param_groups"]
+    assert set(sd["state"][0]) == set(opt_b.state_dict()["state"][0])
+    fresh = make_opt("adam", small_net().parameters())
+    znorm_kernels.register(fresh)
+    fresh.load_state_dict(copy.deepcopy(sd))
+    sd2 = fresh.state_dict()
+    assert sd2["param_groups"] == sd["param_groups"]
+    for k in sd["state"]:
+        for name, v in sd["state"][k].items():
+            assert torch.equal(sd2["state"][k][name], v)
+
+
+def test_error_names_parameter_from_named_optimizer():
+    net = small_net()
+    opt = torch.optim.SGD(net.named_parameters(), lr=0.1)
+    znorm_kernels.register(opt)
+    x, y = batches(1)[0]
+    nn.functional.cross_entropy(net(x), y).backward()
+    net[7].weight.grad = net[7].weight.grad.to_sparse()
+    with pytest.raises(TypeError, match=r"7\.weight"):
+        opt.step()

@@ -1,0 +1,110 @@
+"""Shared test helpers: the float64 formula, SPEC rule 10's tolerance, input makers, backends under test."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+import znorm_kernels
+from znorm_kernels.dispatch import BACKENDS, resolve_backend
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+# Mantissa bits (without the implicit one) of each dtype: half a unit in the last place of x is
+# 2**(floor(log2|x|) - bits - 1).
+_MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23, torch.float64: 52}
+
+
+def backends_under_test() -> list[tuple[str, str]]:
+    """(backend, device) pairs this process can test: every available backend on every device it serves."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    pairs = []
+    for name in znorm_kernels.available_backends():
+        for device in devices:
+            try:
+                resolve_backend(name, device)
+            except RuntimeError:
+                continue
+            pairs.append((name, device))
+    return pairs
+
+
+def fused_backends_under_test() -> list[tuple[str, str]]:
+    return [(b, d) for b, d in backends_under_test() if b != "reference"]
+
+
+def known_backends() -> list[str]:
+    return list(BACKENDS)
+
+
+def float64_znorm(x: Tensor, eps: float = 1e-10, correction: float = 0, scale: float | None = None) -> Tensor:
+    """SPEC's formula in float64 on the input's values (a separate computation from the reference's)."""
+    v = x.detach().to(torch.float64).cpu()
+    if v.numel() < 2:
+        return v.clone()
+    mean = v.mean()
+    var = ((v - mean) ** 2).sum() / (v.numel() - correction)
+    std = var.sqrt()
+    if scale is None:
+        return (v - mean) / (std + eps)
+    return scale * (v - mean) / (std + scale * eps)
+
+
+def half_ulp(values: Tensor, dtype: torch.dtype) -> Tensor:
+    """Half a unit in the last place of ``dtype`` at each of ``values`` (float64), for rounding bounds."""
+    bits = _MANTISSA_BITS[dtype]
+    mag = values.abs().clamp_min(torch.finfo(dtype).tiny)
+    return torch.exp2(torch.floor(torch.log2(mag)) - bits - 1)
+
+
+def assert_close_to_float64(
+    out: Tensor, inp: Tensor, eps: float = 1e-10, correction: float = 0, scale: float | None = None, atol=1e-5
+) -> None:
+    """SPEC rule 10: |z - z64| <= 1e-5 (times the scale when one is given), plus for float16/bfloat16 the
+    rounding of the result into that dtype."""
+    expected = float64_znorm(inp, eps, correction, scale)
+    got = out.detach().to(torch.float64).cpu().reshape(expected.shape)
+    bound = torch.full_like(expected, atol * (scale or 1.0))
+    if out.dtype in LOW_PRECISION:
+        bound = bound + half_ulp(torch.maximum(expected.abs(), got.abs()), out.dtype)
+    err = (got - expected).abs()
+    bad = ~(err <= bound)
+    if bad.any():
+        i = int(bad.reshape(-1).nonzero()[0])
+        flat_got, flat_exp, flat_bound = got.reshape(-1), expected.reshape(-1), bound.reshape(-1)
+        raise AssertionError(
+            f"{int(bad.sum())} of {err.numel()} z-scores off ({out.dtype}): e.g. index {i}: "
+            f"got {flat_got[i].item()}, float64 {flat_exp[i].item()}, bound {flat_bound[i].item()}"
+        )
+
+
+def make_grad(
+    shape: tuple[int, ...],
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    *,
+    seed: int = 0,
+    mean: float = 0.3,
+    std: float = 2.0,
+) -> Tensor:
+    """A well-conditioned random gradient (not zeros, not mean-free)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * std + mean
+    return x.to(dtype).to(device)
+
+
+def layouts(shape: tuple[int, ...], dtype: torch.dtype, device: str, seed: int = 0) -> dict[str, Tensor]:
+    """The same logical values in several memory layouts: contiguous, channels_last, transposed (dense,
+    permuted) and a non-dense strided view into a larger buffer."""
+    base = make_grad(shape, dtype, device, seed=seed)
+    out = {"contiguous": base.clone()}
+    if len(shape) == 4:
+        out["channels_last"] = base.clone().to(memory_format=torch.channels_last)
+    if len(shape) >= 2:
+        out["transposed"] = base.clone().transpose(0, 1).contiguous().transpose(0, 1)
+    big = torch.zeros((*shape[:-1], shape[-1] * 2 + 1), dtype=dtype, device=device)
+    view = big[..., 1::2]
+    view.copy_(base)
+    out["strided_view"] = view
+    return out

@@ -1,0 +1,28 @@
+"""znorm_kernels: Z-score gradient normalization (ZNorm) for PyTorch.
+
+    import znorm_kernels
+    znorm_kernels.register(optimizer)      # every optimizer.step() now sees z-scored gradients
+
+``znorm_(tensors)`` normalizes a list of tensors in place; ``available_backends()`` lists the backends this
+process can use; ``reference`` is the pure-PyTorch oracle. The papers' baselines are here too: gradient
+centralization (``gc_``, ``register_gc``) and gradient-norm clipping (``clip_grad_norm_``, ``register_clip``).
+The behaviour contract is SPEC.md.
+"""
+
+from . import reference
+from .baselines import clip_grad_norm_, gc_, register_clip, register_gc
+from .dispatch import available_backends, znorm_
+from .hook import register
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "available_backends",
+    "clip_grad_norm_",
+    "gc_",
+    "reference",
+    "register",
+    "register_clip",
+    "register_gc",
+    "znorm_",
+]

@@ -1,0 +1,1 @@
+"""The bundled CIFAR experiment of the ZNorm papers: models (``models``), and the training script."""

@@ -1,0 +1,208 @@
+"""Dispatch: the one place that checks the input of ``znorm_`` and hands it to backends.
+
+``znorm_`` validates every entry (nothing is modified when one is bad), drops None, empty and 1-element
+tensors, groups the rest by (device, dtype), resolves a backend for each group ("auto" picks the fastest one
+that can serve that device), and only then runs the groups. Backends register themselves in ``BACKENDS``
+(fastest first) with a function that normalizes a list of same-device, same-dtype tensors.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+__all__ = ["BACKENDS", "Backend", "available_backends", "collect", "resolve_backend", "znorm_"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+# A backend's group function: (tensors of one device and dtype, eps, correction, grad_scale or None).
+GroupFn = Callable[[list[Tensor], float, float, "Tensor | None"], None]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A way to compute ZNorm. ``unavailable()`` says why it cannot run in this process (None: it can);
+    ``serves(device)`` says why it cannot take tensors on that device (None: it can)."""
+
+    name: str
+    unavailable: Callable[[], str | None]
+    serves: Callable[[torch.device], str | None]
+    load: Callable[[], GroupFn]
+
+
+def _reference_backend() -> Backend:
+    return Backend(
+        name="reference",
+        unavailable=lambda: None,
+        serves=lambda device: None,
+        load=lambda: reference.znorm_group_,
+    )
+
+
+# Fastest first; "auto" takes, per device, the first one that is available and serves it. The fused
+# backends (triton, cuda, cpu) insert themselves here as they are built.
+BACKENDS: dict[str, Backend] = {"reference": _reference_backend()}
+
+# Which backends "auto" may choose for a device type, in order of preference (SPEC.md).
+AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
+
+
+def register_backend(backend: Backend, *, before: str = "reference") -> None:
+    """Add a backend to the table, ahead of ``before`` in the preference order."""
+    items = [(k, v) for k, v in BACKENDS.items() if k != backend.name]
+    index = [k for k, _ in items].index(before)
+    items.insert(index, (backend.name, backend))
+    BACKENDS.clear()
+    BACKENDS.update(items)
+    _cache_clear()
+
+
+@functools.cache
+def _unavailable(name: str) -> str | None:
+    return BACKENDS[name].unavailable()
+
+
+@functools.cache
+def _group_fn(name: str) -> GroupFn:
+    return BACKENDS[name].load()
+
+
+def _cache_clear() -> None:
+    _unavailable.cache_clear()
+    _group_fn.cache_clear()
+    _resolve.cache_clear()
+
+
+def available_backends() -> list[str]:
+    """The backends usable in this process, fastest first ("reference" is always there)."""
+    return [name for name in BACKENDS if _unavailable(name) is None]
+
+
+@functools.cache
+def _resolve(backend: str, device_type: str) -> str:
+    device = torch.device(device_type)
+    if backend == "auto":
+        for name in AUTO_ORDER.get(device_type, ("reference",)):
+            if name in BACKENDS and _unavailable(name) is None and BACKENDS[name].serves(device) is None:
+                return name
+        return "reference"
+    if backend not in BACKENDS:
+        known = ", ".join([*BACKENDS, "auto"])
+        raise ValueError(f"unknown ZNorm backend {backend!r}; known backends: {known}")
+    why = _unavailable(backend)
+    if why is None:
+        why = BACKENDS[backend].serves(device)
+    if why is not None:
+        raise RuntimeError(f"ZNorm backend {backend!r} cannot serve tensors on {device_type}: {why}")
+    return backend
+
+
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """The concrete backend that ``backend`` (a name or "auto") means for tensors on ``device``.
+    Raises ValueError for an unknown name, RuntimeError when that backend cannot serve the device."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    return _resolve(backend, torch.device(device).type)
+
+
+def check_options(eps: float, correction: float, backend: str) -> None:
+    """Reject bad scalar options with a clear error (before any tensor is touched)."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    if (
+        isinstance(correction, bool)
+        or not isinstance(correction, numbers.Real)
+        or not math.isfinite(correction)
+        or correction < 0
+    ):
+        raise ValueError(f"correction must be a finite number >= 0, got {correction!r}")
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if backend != "auto" and backend not in BACKENDS:
+        known = ", ".join([*BACKENDS, "auto"])
+        raise ValueError(f"unknown ZNorm backend {backend!r}; known backends: {known}")
+
+
+def _where(position: int, names: Sequence[str] | None) -> str:
+    if names is not None and position < len(names) and names[position]:
+        return f"tensor at position {position} (parameter {names[position]!r})"
+    return f"tensor at position {position}"
+
+
+def collect(
+    tensors: Tensor | Iterable[Tensor | None], names: Iterable[str] | None = None, *, op: str = "znorm_"
+) -> dict[tuple[torch.device, torch.dtype], list[Tensor]]:
+    """Validate the entries and group the ones to normalize by (device, dtype), in input order.
+
+    None, empty and 1-element tensors are dropped. Sparse, complex or non-floating tensors raise TypeError
+    naming the position (and the parameter's name when ``names`` gives it); nothing has been modified then.
+    """
+    if isinstance(tensors, Tensor):
+        tensors = [tensors]
+    elif not isinstance(tensors, Iterable):
+        raise TypeError(f"{op}: expected an iterable of tensors, got {type(tensors).__name__}")
+    items = list(tensors)
+    names = list(names) if names is not None else None
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for i, t in enumerate(items):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {_where(i, names)} is a {type(t).__name__}, expected a Tensor or None")
+        if t.layout != torch.strided:
+            raise TypeError(f"{op}: {_where(i, names)} is sparse ({t.layout}); ZNorm needs dense gradients")
+        if t.is_complex():
+            raise TypeError(f"{op}: {_where(i, names)} is complex ({t.dtype}); ZNorm needs real gradients")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"{op}: {_where(i, names)} has dtype {t.dtype}; "
+                "supported: float32, float16, bfloat16, float64"
+            )
+        if t.numel() < 2:
+            continue
+        if not t.is_contiguous() and torch._debug_has_internal_overlap(t) == 1:
+            raise ValueError(
+                f"{op}: {_where(i, names)} has elements that share memory (e.g. made by expand()); "
+                "an in-place normalization needs distinct elements"
+            )
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    return groups
+
+
+def znorm_(
+    tensors: Tensor | Iterable[Tensor | None],
+    *,
+    eps: float = 1e-10,
+    correction: float = 0,
+    backend: str = "auto",
+    grad_scale: Tensor | None = None,
+    names: Iterable[str] | None = None,
+) -> None:
+    """Normalize every tensor in place: g <- (g - mean(g)) / (std(g) + eps), each tensor on its own.
+
+    Args:
+        tensors: an iterable of tensors (or one tensor); None entries are skipped, and tensors of fewer than
+            2 elements are left unchanged.
+        eps: added to the standard deviation.
+        correction: 0 for the population standard deviation (the papers'), 1 for the sample one.
+        backend: "auto", "triton", "cuda", "cpu" or "reference" (see ``available_backends()``).
+        grad_scale: a fused optimizer's GradScaler scale s (0-d tensor): the tensors hold s*g and become
+            s * z-scores of g, so the optimizer's own unscaling yields the z-scores.
+        names: parameter names, parallel to ``tensors``, used in error messages.
+    """
+    check_options(eps, correction, backend)
+    if grad_scale is not None and not isinstance(grad_scale, Tensor):
+        grad_scale = torch.tensor(float(grad_scale))
+    groups = collect(tensors, names)
+    # Resolve every group's backend before running any, so an unservable request modifies nothing.
+    plan = [(resolve_backend(backend, device), ts) for (device, _), ts in groups.items()]
+    for name, ts in plan:
+        _group_fn(name)(ts, float(eps), float(correction), grad_scale)

@@ -1,0 +1,140 @@
+"""The optimizer hook: ``register(optimizer)`` runs ZNorm on the gradients before every ``optimizer.step()``.
+
+It is a step pre-hook, so it runs once per step, after any gradient accumulation; under
+``torch.amp.GradScaler`` with an ordinary optimizer it sees unscaled gradients and does not run on skipped
+steps. With a fused optimizer GradScaler leaves the gradients scaled by s and sets ``optimizer.grad_scale``;
+the hook then keeps them scaled (see SPEC.md) and reads the scale as a device tensor, without synchronizing.
+
+``register_grad_hook`` is the shared machinery (parameter selection, names, the scale) that the baselines'
+hooks (gradient centralization, clipping) use too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor
+from torch.utils.hooks import RemovableHandle
+
+from .dispatch import check_options, znorm_
+
+__all__ = ["GradTransform", "ParamSelector", "register", "register_grad_hook"]
+
+# What a hook applies: (parameters, their grads (None where absent), their names, grad scale or None).
+GradTransform = Callable[[list[Tensor], list["Tensor | None"], list[str], "Tensor | None"], None]
+
+
+def _params_and_names(params: Iterable) -> tuple[list[Tensor], dict[int, str]]:
+    """Accept parameters or (name, parameter) pairs, as from ``model.named_parameters()``."""
+    tensors: list[Tensor] = []
+    names: dict[int, str] = {}
+    for i, item in enumerate(params):
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+            name, item = item
+            names[id(item)] = name
+        if not isinstance(item, Tensor):
+            raise TypeError(f"params[{i}] is a {type(item).__name__}, expected a parameter tensor")
+        tensors.append(item)
+    return tensors, names
+
+
+class ParamSelector:
+    """The parameters of an optimizer that a hook treats: those with at least ``min_ndim`` dimensions, and
+    only those in ``params`` when it is given. The selection is cached while the param groups stay the same
+    (``add_param_group`` invalidates it), so a step costs one pass over the selected parameters."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, min_ndim: int, params: Iterable | None) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(min_ndim, bool) or not isinstance(min_ndim, int) or min_ndim < 0:
+            raise ValueError(f"min_ndim must be an int >= 0, got {min_ndim!r}")
+        self.optimizer = optimizer
+        self.min_ndim = min_ndim
+        self.only: set[int] | None = None
+        self.given_names: dict[int, str] = {}
+        if params is not None:
+            if isinstance(params, Tensor):
+                params = [params]
+            tensors, self.given_names = _params_and_names(params)
+            in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            for i, p in enumerate(tensors):
+                if id(p) not in in_optimizer:
+                    raise ValueError(
+                        f"params[{i}] (shape {tuple(p.shape)}) is not a parameter of the optimizer"
+                    )
+            self.only = {id(p) for p in tensors}
+        self._key: tuple | None = None
+        self.params: list[Tensor] = []
+        self.names: list[str] = []
+
+    def select(self) -> tuple[list[Tensor], list[str]]:
+        groups = self.optimizer.param_groups
+        key = tuple((id(g["params"]), len(g["params"])) for g in groups)
+        if key != self._key:
+            self.params, self.names = [], []
+            for g in groups:
+                group_names = g.get("param_names") or [""] * len(g["params"])
+                for p, name in zip(g["params"], group_names):
+                    if p.dim() < self.min_ndim or (self.only is not None and id(p) not in self.only):
+                        continue
+                    self.params.append(p)
+                    self.names.append(self.given_names.get(id(p), name))
+            self._key = key
+        return self.params, self.names
+
+
+def grad_scale_of(optimizer: torch.optim.Optimizer) -> Tensor | None:
+    """The scale s of still-scaled gradients: set by GradScaler.step on optimizers that unscale inside
+    their own (fused) step, None otherwise (the gradients are already unscaled)."""
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        return getattr(optimizer, "grad_scale", None)
+    return None
+
+
+def register_grad_hook(
+    optimizer: torch.optim.Optimizer,
+    transform: GradTransform,
+    *,
+    min_ndim: int = 1,
+    params: Iterable | None = None,
+) -> RemovableHandle:
+    """Run ``transform`` on the selected parameters' gradients before every ``optimizer.step()``."""
+    selector = ParamSelector(optimizer, min_ndim, params)
+
+    def hook(opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        selected, names = selector.select()
+        grads = [p.grad for p in selected]
+        if any(g is not None for g in grads):
+            transform(selected, grads, names, grad_scale_of(opt))
+
+    return optimizer.register_step_pre_hook(hook)
+
+
+def register(
+    optimizer: torch.optim.Optimizer,
+    *,
+    eps: float = 1e-10,
+    correction: float = 0,
+    backend: str = "auto",
+    min_ndim: int = 1,
+    params: Iterable | None = None,
+) -> RemovableHandle:
+    """Install ZNorm on ``optimizer``: each ``step()`` first normalizes the gradients it is about to use.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer`` (fused ones included).
+        eps, correction, backend: as for ``znorm_kernels.znorm_``.
+        min_ndim: only gradients of parameters with at least this many dimensions (2 leaves biases and
+            norm weights alone; 4 treats conv weights only).
+        params: if given, only these parameters (or ``(name, parameter)`` pairs) of the optimizer.
+
+    Returns:
+        a handle whose ``.remove()`` uninstalls the hook.
+    """
+    check_options(eps, correction, backend)
+
+    def transform(params: list[Tensor], grads: list[Tensor | None], names: list[str], scale) -> None:
+        znorm_(grads, eps=eps, correction=correction, backend=backend, grad_scale=scale, names=names)
+
+    return register_grad_hook(optimizer, transform, min_ndim=min_ndim, params=params)
