@@ -2,13 +2,14 @@
 
 ``znorm_`` validates every entry (nothing is modified when one is bad), drops None, empty and 1-element
 tensors, groups the rest by (device, dtype), resolves a backend for each group ("auto" picks the fastest one
-that can serve that device), and only then runs the groups. Backends register themselves in ``BACKENDS``
-(fastest first) with a function that normalizes a list of same-device, same-dtype tensors.
+that can serve that device), and only then runs the groups. ``BACKENDS`` is the table of backends (fastest
+first); each names a module with a function that normalizes a list of same-device, same-dtype tensors.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 import numbers
 from collections.abc import Callable, Iterable, Sequence
@@ -38,31 +39,47 @@ class Backend:
     load: Callable[[], GroupFn]
 
 
-def _reference_backend() -> Backend:
+def _module_backend(name: str, module: str) -> Backend:
+    """A backend implemented in ``znorm_kernels.<module>``, imported only when first asked about.
+
+    The module provides ``unavailable(name) -> str | None``, ``serves(name, device) -> str | None`` and
+    ``group_fn(name) -> GroupFn`` (one module may implement several backends, told apart by name).
+    """
+
+    def get():
+        return importlib.import_module(f"{__package__}.{module}")
+
+    def unavailable() -> str | None:
+        try:
+            return get().unavailable(name)
+        except ImportError as err:
+            if err.name == f"{__package__}.{module}":
+                return f"it is not part of this version (no module znorm_kernels.{module})"
+            return f"znorm_kernels.{module} cannot be imported ({err})"  # e.g. a dependency is missing
+
     return Backend(
+        name=name,
+        unavailable=unavailable,
+        serves=lambda device: get().serves(name, device),
+        load=lambda: get().group_fn(name),
+    )
+
+
+# Fastest first; "auto" takes, per device, the first one in AUTO_ORDER that is available and serves it.
+BACKENDS: dict[str, Backend] = {
+    "triton": _module_backend("triton", "triton_backend"),
+    "cuda": _module_backend("cuda", "native_backend"),
+    "cpu": _module_backend("cpu", "native_backend"),
+    "reference": Backend(
         name="reference",
         unavailable=lambda: None,
         serves=lambda device: None,
         load=lambda: reference.znorm_group_,
-    )
-
-
-# Fastest first; "auto" takes, per device, the first one that is available and serves it. The fused
-# backends (triton, cuda, cpu) insert themselves here as they are built.
-BACKENDS: dict[str, Backend] = {"reference": _reference_backend()}
+    ),
+}
 
 # Which backends "auto" may choose for a device type, in order of preference (SPEC.md).
 AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
-
-
-def register_backend(backend: Backend, *, before: str = "reference") -> None:
-    """Add a backend to the table, ahead of ``before`` in the preference order."""
-    items = [(k, v) for k, v in BACKENDS.items() if k != backend.name]
-    index = [k for k, _ in items].index(before)
-    items.insert(index, (backend.name, backend))
-    BACKENDS.clear()
-    BACKENDS.update(items)
-    _cache_clear()
 
 
 @functools.cache
