@@ -1,0 +1,211 @@
+"""The Triton backend's own paths: small-tensor items, chunked items, chunk-size classes, the plan cache, the
+single launch, the statistics stage, and 64-bit sizes on a GPU. (The SPEC rules run in test_znorm.py.)
+
+On a CPU-only machine these run through TRITON_INTERPRET=1 (set by conftest.py), with small sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import znorm_kernels
+from tests.utils import DTYPES, assert_close_to_float64, float64_znorm, make_grad
+from znorm_kernels import dispatch
+
+pytestmark = pytest.mark.skipif(
+    "triton" not in znorm_kernels.available_backends(), reason="Triton backend not available"
+)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def tb(monkeypatch):
+    from znorm_kernels import triton_backend
+
+    monkeypatch.setattr(triton_backend, "_plans", type(triton_backend._plans)())
+    return triton_backend
+
+
+@pytest.fixture
+def launches(tb, monkeypatch):
+    """Counts kernel launches."""
+    from znorm_kernels import triton_kernels
+
+    count = []
+    kernel = triton_kernels.znorm_queue_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            count.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(triton_kernels, "znorm_queue_kernel", Counting())
+    return count
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("block", [16, 64])
+def test_boundaries_of_block_and_chunks(tb, dtype, block):
+    # Around BLOCK (small item vs chunked), and chunk multiples (one tile per chunk below LARGE_TENSOR).
+    sizes = [2, block - 1, block, block + 1, 2 * block - 1, 2 * block, 2 * block + 1, 5 * block + 3]
+    grads = [make_grad((n,), dtype, DEVICE, seed=n) for n in sizes]
+    inputs = [g.clone() for g in grads]
+    tb.znorm_group_(grads, 1e-10, 0, None, block=block)
+    for g, x in zip(grads, inputs):
+        assert_close_to_float64(g, x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_large_chunk_class(tb, monkeypatch, dtype):
+    # Above LARGE_TENSOR, chunks hold LARGE_CHUNK_TILES tiles: shrink both to exercise the tile loop, the
+    # Chan merge across tiles and the vectorized merge of many partials (more than PBLOCK of them).
+    monkeypatch.setattr(tb, "LARGE_TENSOR", 100)
+    monkeypatch.setattr(tb, "PBLOCK", 8)
+    block = 16
+    chunk = block * tb.LARGE_CHUNK_TILES
+    sizes = [101, chunk - 1, chunk, chunk + 1, 3 * chunk, 9 * chunk + 17]
+    grads = [make_grad((n,), dtype, DEVICE, seed=n) for n in sizes]
+    grads.append(torch.full((4 * chunk + 5,), 0.1, dtype=dtype, device=DEVICE))
+    inputs = [g.clone() for g in grads]
+    tb.znorm_group_(grads, 1e-10, 0, None, block=block)
+    for g, x in zip(grads[:-1], inputs):
+        assert_close_to_float64(g, x)
+    assert torch.equal(grads[-1], torch.zeros_like(grads[-1]))
+
+
+def test_default_block_boundaries(tb):
+    block = tb.block_for(torch.float32)
+    sizes = [block - 1, block, block + 1, 2 * block, 2 * block + 1]
+    grads = [make_grad((n,), torch.float32, DEVICE, seed=n) for n in sizes]
+    inputs = [g.clone() for g in grads]
+    tb.znorm_group_(grads, 1e-10, 0, None)
+    for g, x in zip(grads, inputs):
+        assert_close_to_float64(g, x)
+
+
+def test_one_launch_per_group_whatever_the_count(tb, launches):
+    grads = [make_grad((n % 50 + 2,), seed=n) for n in range(300)]
+    grads += [make_grad((200,), seed=1), make_grad((5000,), seed=2)]
+    znorm_kernels.znorm_(grads, backend="triton")
+    assert len(launches) == 1
+    mixed = [*grads, make_grad((9,), torch.bfloat16), make_grad((9,), torch.float16)]
+    launches.clear()
+    znorm_kernels.znorm_(mixed, backend="triton")
+    assert len(launches) == 3  # float32, bfloat16, float16
+
+
+def test_5000_tensors_in_one_call(tb, launches):
+    gen = torch.Generator().manual_seed(0)
+    sizes = torch.randint(2, 9, (5000,), generator=gen).tolist()
+    grads = [make_grad((n,), seed=i, device=DEVICE) for i, n in enumerate(sizes)]
+    grads[17] = torch.full((6,), 2.5, device=DEVICE)
+    inputs = [g.clone() for g in grads]
+    znorm_kernels.znorm_(grads, backend="triton")
+    assert len(launches) == 1
+    for g, x in zip(grads, inputs):
+        assert_close_to_float64(g, x)
+
+
+def test_plan_is_cached_and_counters_reset(tb):
+    grads = [make_grad((n,), device=DEVICE, seed=n) for n in (3, 100, 5000, 20000)]
+    inputs = [g.clone() for g in grads]
+    tb.znorm_group_(grads, 1e-10, 0, None)
+    assert len(tb._plans) == 1
+    plan = next(iter(tb._plans.values()))
+    assert int(plan.counters.abs().sum()) == 0, "the last program must leave the counters at zero"
+    first = [g.clone() for g in grads]
+    for g, x in zip(grads, inputs):
+        g.copy_(x)
+    tb.znorm_group_(grads, 1e-10, 0, None)
+    assert len(tb._plans) == 1 and next(iter(tb._plans.values())) is plan
+    for a, b in zip(first, grads):
+        assert torch.equal(a, b)
+    # New addresses: a new plan, the same bits.
+    fresh = [x.clone() for x in inputs]
+    tb.znorm_group_(fresh, 1e-10, 0, None)
+    assert len(tb._plans) == 2
+    for a, b in zip(first, fresh):
+        assert torch.equal(a, b)
+
+
+def test_bits_do_not_depend_on_the_rest_of_the_list(tb):
+    # Chunk sizes depend on a tensor's own size only, so alone or in company it gets the same bits.
+    x = make_grad((30_000,), device=DEVICE, seed=3)
+    alone = x.clone()
+    tb.znorm_group_([alone], 1e-10, 0, None)
+    company = [make_grad((n,), device=DEVICE, seed=n) for n in (5, 9000)]
+    together = x.clone()
+    tb.znorm_group_([company[0], together, company[1]], 1e-10, 0, None)
+    assert torch.equal(alone, together)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=str)
+def test_statistics_stage(tb, dtype):
+    grads = [make_grad((n,), dtype, DEVICE, seed=n) for n in (2, 77, 4096, 9001)]
+    inputs = [g.clone() for g in grads]
+    stats = tb.statistics(grads, 1e-10, 0)
+    assert stats.shape == (4, 3)
+    for g, x in zip(grads, inputs):
+        assert torch.equal(g, x), "the statistics stage must not modify the tensors"
+    for (shift, mean, inv), x in zip(stats.double().cpu(), inputs):
+        v = x.double().cpu()
+        assert shift == v[0]
+        torch.testing.assert_close(shift + mean, v.mean(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(1 / inv, v.std(correction=0) + 1e-10, atol=0, rtol=1e-5)
+        z = ((x.to(stats.dtype) - shift.to(stats.dtype)) - mean.to(stats.dtype)) * inv.to(stats.dtype)
+        torch.testing.assert_close(z.double().cpu(), float64_znorm(x), atol=1e-5, rtol=0)
+
+
+def test_triton_backend_serves_cpu_only_under_interpreter(monkeypatch):
+    from znorm_kernels import triton_backend
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert triton_backend.serves("triton", torch.device("cpu")) is not None
+    assert triton_backend.serves("triton", torch.device("cuda")) is None
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert triton_backend.serves("triton", torch.device("cpu")) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_auto_picks_triton_for_cuda():
+    assert dispatch.resolve_backend("auto", "cuda") == "triton"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_no_host_sync_on_cuda(tb):
+    grads = [make_grad((n,), device="cuda", seed=n) for n in (3, 5000, 300_000)]
+    tb.znorm_group_(grads, 1e-10, 0, None)  # build the plan (its table copy may synchronize once)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        znorm_kernels.znorm_(grads, backend="triton")
+        znorm_kernels.znorm_(grads, backend="triton", grad_scale=torch.tensor(8.0, device="cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_properties(0).total_memory < 40 * 2**30,
+    reason="needs a CUDA device with 40 GiB",
+)
+def test_more_than_2_31_elements_bfloat16(tb):
+    n = 2**31 + 3
+    g = torch.empty(n, dtype=torch.bfloat16, device="cuda")
+    g.copy_(torch.arange(n, device="cuda", dtype=torch.float32).remainder_(1000).sub_(500))
+    g[-1] = 7.0  # past 2**31: indexing there must be 64-bit
+    # Expected from float64 statistics of the same values, computed in slices.
+    total, sq = 0.0, 0.0
+    for s in range(0, n, 2**28):
+        part = g[s : s + 2**28].double()
+        total += float(part.sum())
+    mean = total / n
+    for s in range(0, n, 2**28):
+        part = g[s : s + 2**28].double()
+        sq += float(((part - mean) ** 2).sum())
+    std = (sq / n) ** 0.5
+    tail_in = g[-5:].double().clone()
+    head_in = g[:5].double().clone()
+    znorm_kernels.znorm_([g], backend="triton")
+    for got, x in ((g[-5:], tail_in), (g[:5], head_in)):
+        expected = (x - mean) / (std + 1e-10)
+        assert ((got.double() - expected).abs() <= 1e-5 + expected.abs() * 2**-8).all()
