@@ -1,0 +1,27 @@
+// The Python module znorm_kernels._C and the op's schema. Importing the module loads the shared library,
+// whose static initializers register the schema here and the kernels in znorm_cpu.cpp (CPU) and, in a CUDA
+// build, znorm_cuda.cu (CUDA). Python calls the op as torch.ops.znorm_kernels_C.znorm_; the module itself
+// exports nothing, so it needs no pybind11 and builds against the limited Python API.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "znorm.h"
+
+TORCH_LIBRARY(znorm_kernels_C, m) {
+  // Tensor(a!)[]: the list is mutated in place, so functionalization and torch.compile treat the op as an
+  // opaque in-place op (its fake implementation is registered from Python, in native_backend.py).
+  m.def(znorm::kSchema);
+}
+
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",  // name
+      "ZNorm native kernels; the op is torch.ops.znorm_kernels_C.znorm_",
+      -1,    // no per-module state
+      nullptr,
+  };
+  return PyModule_Create(&module_def);
+}
+}

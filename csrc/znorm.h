@@ -1,0 +1,70 @@
+// Shared by the CPU and CUDA kernels of znorm_kernels._C: the op's name and schema, the statistics merge
+// (Chan et al.), and the span logic that lets a kernel work on a tensor's storage whatever its layout.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+#include <vector>
+
+namespace znorm {
+
+// One op for both devices; the namespace keeps it apart from any Python-side `znorm_kernels::` op.
+inline constexpr const char* kSchema =
+    "znorm_(Tensor(a!)[] tensors, float eps, float correction, Tensor? grad_scale) -> ()";
+
+// (count, mean, M2) of a run of values. Partials are merged in double whatever the tensor dtype, so that
+// thousands of chunk partials of one huge tensor merge without the drift a float32 merge has.
+struct Moments {
+  double n = 0.0;
+  double mean = 0.0;
+  double m2 = 0.0;
+};
+
+// Chan's parallel update: the moments of the concatenation a ++ b. Callers merge in a fixed order, which
+// makes the result independent of which thread or block produced each partial.
+C10_HOST_DEVICE inline Moments merge(const Moments& a, const Moments& b) {
+  if (a.n == 0.0) return b;
+  if (b.n == 0.0) return a;
+  Moments r;
+  r.n = a.n + b.n;
+  const double delta = b.mean - a.mean;
+  r.mean = a.mean + delta * (b.n / r.n);
+  r.m2 = a.m2 + b.m2 + delta * delta * (a.n * (b.n / r.n));
+  return r;
+}
+
+// The multiplier of the centred values: 1 / (std + eps), or s / (std + s * eps) under a GradScaler scale s
+// (a fused optimizer divides by s afterwards). torch.var_mean's denominator is max(0, n - correction).
+C10_HOST_DEVICE inline double multiplier(const Moments& m, double eps, double correction, const double* scale) {
+  const double denom = m.n - correction > 0.0 ? m.n - correction : 0.0;
+  const double stdev = ::sqrt(m.m2 / denom);
+  if (scale == nullptr) return 1.0 / (stdev + eps);
+  return *scale / (stdev + *scale * eps);
+}
+
+// Where a kernel reads and writes one tensor. A dense tensor (contiguous, channels_last, any permutation) is
+// used in place: mean and std do not depend on element order, and with non-negative strides its first
+// logical element sits at the lowest address, so `data` spans exactly numel elements starting with it.
+// A non-dense view is gathered into `scratch` and written back by `finish()`.
+struct Span {
+  at::Tensor tensor;   // the caller's tensor
+  at::Tensor scratch;  // contiguous copy for a non-dense view, else undefined
+  void* data = nullptr;
+  int64_t numel = 0;
+
+  explicit Span(const at::Tensor& t) : tensor(t), numel(t.numel()) {
+    if (t.is_non_overlapping_and_dense()) {
+      data = t.data_ptr();
+    } else {
+      scratch = t.contiguous();
+      data = scratch.data_ptr();
+    }
+  }
+  void finish() {
+    if (scratch.defined()) tensor.copy_(scratch);
+  }
+};
+
+}  // namespace znorm

@@ -1,0 +1,104 @@
+"""The "cpu" and "cuda" backends: the C++/CUDA extension ``znorm_kernels._C`` (sources in csrc/).
+
+Importing ``znorm_kernels._C`` registers the op ``torch.ops.znorm_kernels_C.znorm_`` (schema
+``znorm_(Tensor(a!)[] tensors, float eps, float correction, Tensor? grad_scale) -> ()``) with a CPU kernel
+and, when built with CUDA, a CUDA kernel; this module adds the op's fake (meta) implementation, so
+torch.compile sees an opaque in-place op. One call of the op normalizes a whole list of tensors.
+
+This module always imports; when the extension is missing, ``unavailable`` says why and how to build it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+__all__ = ["BUILD_HINT", "OP_NAME", "group_fn", "has_cuda_kernel", "load", "serves", "unavailable"]
+
+OP_NAME = "znorm_kernels_C::znorm_"
+BUILD_HINT = (
+    "build it with `CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .` in the repository "
+    "(set ZNORM_BUILD_CUDA=1 to insist on the CUDA kernel, ZNORM_CUDA_ARCHS to pick the GPU architectures)"
+)
+
+
+def _import_extension() -> ModuleType:
+    # Indirection so tests can simulate a missing build.
+    return importlib.import_module("znorm_kernels._C")
+
+
+@functools.cache
+def _loaded() -> tuple[ModuleType | None, str | None]:
+    """(the extension module, None) or (None, why it cannot be loaded)."""
+    try:
+        module = _import_extension()
+    except ImportError as err:
+        return None, f"the native extension znorm_kernels._C is not built ({err}); {BUILD_HINT}"
+    _register_fake()
+    return module, None
+
+
+def load() -> ModuleType:
+    """The extension module; raises RuntimeError with build instructions when it is missing."""
+    module, why = _loaded()
+    if module is None:
+        raise RuntimeError(why)
+    return module
+
+
+def _register_fake() -> None:
+    if getattr(_register_fake, "done", False):
+        return
+
+    @torch.library.register_fake(OP_NAME)
+    def _(tensors: list[Tensor], eps: float, correction: float, grad_scale: Tensor | None) -> None:
+        return None  # in place: nothing to allocate, shapes unchanged
+
+    _register_fake.done = True
+
+
+def has_cuda_kernel() -> bool:
+    """Whether the built extension holds the CUDA kernel (it was compiled with CUDA)."""
+    return _loaded()[0] is not None and torch._C._dispatch_has_kernel_for_dispatch_key(OP_NAME, "CUDA")
+
+
+def unavailable(name: str) -> str | None:
+    """None when backend ``name`` ("cpu" or "cuda") can run in this process, else the reason."""
+    _, why = _loaded()
+    if why is not None:
+        return why
+    if name == "cuda":
+        if not has_cuda_kernel():
+            return (
+                "the native extension was built without CUDA (torch without CUDA, nvcc not found, or "
+                f"ZNORM_BUILD_CUDA=0); {BUILD_HINT}"
+            )
+        if not torch.cuda.is_available():
+            return "no CUDA device is available"
+    return None
+
+
+def serves(name: str, device: torch.device) -> str | None:
+    """None when backend ``name`` takes tensors on ``device``, else the reason."""
+    if device.type != name:
+        return f"the {name!r} backend only takes {'CPU' if name == 'cpu' else 'CUDA'} tensors"
+    return None
+
+
+def _run(tensors: list[Tensor], eps: float, correction: float, grad_scale: Tensor | None) -> None:
+    if grad_scale is not None:
+        # The op dispatches on every tensor argument: keep the scale on the tensors' device (no sync on CUDA,
+        # and on the CPU a scale already there costs nothing).
+        grad_scale = grad_scale.detach().to(tensors[0].device, non_blocking=True)
+    with torch.no_grad():  # gradients and leaves that require grad are normalized in place like the reference
+        torch.ops.znorm_kernels_C.znorm_(tensors, eps, correction, grad_scale)
+
+
+def group_fn(name: str):
+    """The function the dispatcher calls with a validated list of same-device, same-dtype tensors."""
+    load()
+    return _run
