@@ -1,78 +1,309 @@
-"""`make bench`: ZNorm through the optimizer hook on ResNet-56's gradient list, on the best device present.
+"""`python -m bench` (`make bench`): ZNorm throughput against the PyTorch alternatives, on the best device.
 
-Every available backend is first checked against the float64 formula on the same gradients (a benchmark of a
-wrong kernel is worthless), then timed: median of device-event times on CUDA, of wall-clock times on the CPU.
+First every backend of ours that can serve the device is checked against the float64 formula on every list
+to be timed (SPEC rule 10; the run stops with exit code 1 if one is off). Then, per parameter list and dtype,
+every alternative (bench/alternatives.py) and every backend of ours is timed on the same gradients, the
+copy bandwidth of the same bytes is measured, and one ResNet-56 training step is timed with and without
+ZNorm. Compiled alternatives run after all others, so a time budget (--budget-s) drops them first.
+
+Output: the markdown tables on stdout, and results.md, results.json and chart.png in --out (default
+bench/results/<date>-<device>/), rewritten after each case so an interrupted run keeps what it measured.
+
+Defaults: on the CPU, ResNet-56 and the LLM-shaped list scaled to d=512, float32 and bfloat16, torch.compile
+for ResNet-56 only (a couple of minutes on a 2-core machine); on CUDA, ResNet-56 and the full LLM list.
+--full: every list (ResNet-56/110/152, ResNet-50, LLM, one 100 M-element tensor).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import datetime as dt
+import os
+import platform
+import shlex
+import subprocess
+import sys
 import time
+from pathlib import Path
+
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the profiler's start/stop lines off the output
 
 import torch
 
 import znorm_kernels
-from bench.param_lists import resnet_cifar_shapes
-from znorm_kernels.dispatch import resolve_backend
+from bench.alternatives import our_backends
+from bench.check import AccuracyError
+from bench.param_lists import get_list
+from bench.report import derive, markdown, plot, train_markdown, write_json
+from bench.suite import CaseOptions, copy_case, run_case
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def make_grads(shapes, device, dtype, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(s, generator=gen) * 0.01 + 0.001).to(device=device, dtype=dtype) for s in shapes]
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument("--full", action="store_true", help="every list; on the CPU every list compiled too")
+    p.add_argument(
+        "--lists",
+        help="comma-separated list names: resnet56, resnet110, resnet152, resnet50, llm, llm-d512, "
+        "plain100m, ... (default: resnet56 and the LLM list, d=512 on the CPU)",
+    )
+    p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16, float16")
+    p.add_argument(
+        "--compile-lists",
+        default="auto",
+        help="lists that also get torch.compile alternatives: comma-separated names, 'all', 'none' or 'auto' "
+        "(CPU: resnet56 by default, all with --full; CUDA: resnet56 and llm)",
+    )
+    p.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph alternatives")
+    p.add_argument("--repeats", type=int, help="timed repeats per measurement (default CPU 20, CUDA 100)")
+    p.add_argument("--max-seconds", type=float, default=1.0, help="time cap per CPU measurement (default 1)")
+    p.add_argument("--budget-s", type=float, help="after this many seconds, skip the compiled alternatives")
+    p.add_argument("--no-check", action="store_true", help="skip the accuracy check (not for recorded runs)")
+    p.add_argument("--no-train", action="store_true", help="skip the training-step view")
+    p.add_argument("--train-batch", type=int, help="training-step batch (default CUDA 256, CPU 32)")
+    p.add_argument("--train-steps", type=int, help="timed steps per variant (default CUDA 30, CPU 6)")
+    p.add_argument(
+        "--threads",
+        default="auto",
+        help="CPU threads for torch (an int, or 'auto': all cores, but 1 when the machine is already busy, "
+        "load average >= 1, where OpenMP regions waiting on a descheduled thread make timings meaningless)",
+    )
+    p.add_argument("--out", type=Path, help="results folder (default bench/results/<date>-<device>)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    return p.parse_args(argv)
 
 
-def max_z_error(grads, inputs, eps=1e-10):
-    worst = 0.0
-    for g, x in zip(grads, inputs):
-        v = x.double()
-        z = (v - v.mean()) / (v.std(correction=0) + eps)
-        worst = max(worst, float((g.double() - z).abs().max()))
-    return worst
+def _split(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
 
 
-def time_hook(backend, shapes, device, dtype, repeats):
-    params = [torch.nn.Parameter(torch.zeros(s, device=device, dtype=dtype)) for s in shapes]
-    opt = torch.optim.SGD(params, lr=0.0)
-    znorm_kernels.register(opt, backend=backend)
-    inputs = make_grads(shapes, device, dtype)
-    for p, x in zip(params, inputs):
-        p.grad = x.clone()
-    opt.step()
-    err = max_z_error([p.grad for p in params], inputs)
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        opt.step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return err, statistics.median(times)
+def plan(args: argparse.Namespace, device: torch.device) -> tuple[list[str], list[str]]:
+    """(lists to time, lists that also get compiled alternatives)."""
+    cuda = device.type == "cuda"
+    llm = "llm" if cuda else "llm-d512"
+    if args.lists:
+        lists = _split(args.lists)
+    elif args.full:
+        lists = ["resnet56", "resnet110", "resnet152", "resnet50", llm, "plain100m"]
+    else:
+        lists = ["resnet56", llm]
+    if args.compile_lists == "all":
+        compiled = list(lists)
+    elif args.compile_lists == "none":
+        compiled = []
+    elif args.compile_lists == "auto":
+        if cuda:
+            compiled = [n for n in lists if n == "resnet56" or n.startswith("llm")]
+        else:
+            compiled = list(lists) if args.full else [n for n in lists if n == "resnet56"]
+    else:
+        compiled = [n for n in _split(args.compile_lists) if n in lists]
+    return lists, compiled
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=50)
-    args = parser.parse_args()
-    shapes = resnet_cifar_shapes(56)
-    n = sum(torch.Size(s).numel() for s in shapes)
-    print(f"ZNorm of ResNet-56's gradients ({len(shapes)} tensors, {n / 1e6:.2f} M elements)", end="")
-    print(f" on {args.device}")
-    print(f"torch {torch.__version__}; available backends: {', '.join(znorm_kernels.available_backends())}\n")
-    print("| backend | dtype | max abs z error vs float64 | median ms per optimizer step (hook) |")
-    print("|---|---|---|---|")
-    for backend in znorm_kernels.available_backends():
+def environment(device: torch.device) -> dict:
+    """Machine, versions, date and command, for the report header."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    env = {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python -m bench " + shlex.join(sys.argv[1:]),
+        "device": device.type,
+        "cpu": f"{cpu}, {os.cpu_count()} logical cores",
+        "torch_threads": torch.get_num_threads(),
+        "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "available_backends": znorm_kernels.available_backends(),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
         try:
-            resolve_backend(backend, args.device)
-        except RuntimeError:
-            continue
-        for dtype in (torch.float32, torch.bfloat16):
-            err, t = time_hook(backend, shapes, args.device, dtype, args.repeats)
-            print(f"| {backend} | {str(dtype).removeprefix('torch.')} | {err:.2e} | {t * 1e3:.3f} |")
+            env["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+                check=False,
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            env["driver"] = "unknown"
+    return env
+
+
+def header(env: dict) -> str:
+    machine = env.get("gpu") or env["cpu"]
+    lines = [
+        f"Machine: {machine}"
+        + (f" (driver {env.get('driver')}, CUDA {env.get('cuda')})" if "gpu" in env else ""),
+        f"Python {env['python']}, torch {env['torch']} ({env['torch_threads']} CPU threads; load average "
+        f"{env['load_average_at_start']} at start), triton {env['triton']}; device {env['device']}; "
+        f"available backends: {', '.join(env['available_backends'])}",
+        f"Date: {env['date']}. Command: `{env['command']}`",
+    ]
+    return "\n".join(f"{line}  " for line in lines) + "\n"
+
+
+class Progress:
+    """A tqdm bar over the cases, its postfix the current step (plain lines without tqdm)."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, unit="case", file=sys.stderr, dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def step(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=True)
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    start = time.monotonic()
+    name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda, but no CUDA device is present", file=sys.stderr)
+        return 2
+    cuda = device.type == "cuda"
+    if args.threads == "auto":
+        busy = hasattr(os, "getloadavg") and os.getloadavg()[0] >= 1.0
+        if busy and not cuda:
+            torch.set_num_threads(1)
+    else:
+        torch.set_num_threads(int(args.threads))
+    lists, compiled = plan(args, device)
+    dtypes = [DTYPES[d] for d in _split(args.dtypes)]
+    reps = args.repeats or (100 if cuda else 20)
+    out = args.out or Path("bench/results") / f"{dt.datetime.now():%Y%m%d-%H%M%S}-{device.type}"
+    out.mkdir(parents=True, exist_ok=True)
+    env = environment(device)
+    deadline = start + args.budget_s if args.budget_s else None
+
+    whynot = our_backends(device)
+    backends = [b for b, why in whynot.items() if not why]
+    alternatives = ["eager"] + ([] if not cuda or args.no_graphs else ["eager+graph"])
+    compiled_alts = ["compiled"] + ([] if not cuda or args.no_graphs else ["compiled+graph"])
+    plists = {n: get_list(n) for n in lists}
+    cases = [(plists[n], d) for n in lists for d in dtypes]
+    print(
+        f"ZNorm benchmark on {device.type}: lists {', '.join(lists)}; dtypes {args.dtypes}; "
+        f"ours: {', '.join(backends)}; compiled on: {', '.join(compiled) or 'none'}",
+        file=sys.stderr,
+    )
+    for b, why in whynot.items():
+        if why:
+            print(f"  backend {b}: {why}", file=sys.stderr)
+
+    total = len(cases) * (1 if args.no_check else 2) + len(compiled) * len(dtypes)
+    progress = Progress(total, not args.no_progress)
+    opts = CaseOptions(
+        reps=reps, max_s=args.max_seconds, check=not args.no_check, progress=progress.step, deadline=deadline
+    )
+    rows: list[dict] = []
+    copies: dict[str, dict] = {}
+    payload = {
+        "environment": env,
+        "lists": lists,
+        "compiled_lists": compiled,
+        "backends": whynot,
+        "cases": copies,
+        "rows": rows,
+        "train_step": None,
+        "status": "running",
+    }
+
+    def save(final: bool = False) -> None:
+        derive(rows, copies)
+        text = "# ZNorm benchmark\n\n" + header(env) + "\n" + markdown(rows, copies, device.type)
+        if payload["train_step"]:
+            text += "\n" + train_markdown(payload["train_step"])
+        if payload["status"] != "ok":
+            text += f"\nStatus: {payload['status']}\n"
+        payload["elapsed_s"] = round(time.monotonic() - start, 1)
+        (out / "results.md").write_text(text)
+        write_json(out / "results.json", payload)
+        if final:
+            try:
+                plot(rows, copies, out / "chart.png", f"ZNorm, {env.get('gpu') or env['cpu']}, {env['date']}")
+            except Exception as err:  # the chart is a convenience; the tables are the record
+                print(f"warning: chart failed: {err}", file=sys.stderr)
+            print(text)
+
+    status = 0
+    try:
+        if opts.check:
+            for plist, dtype in cases:
+                run_case(plist, dtype, device, [], backends, opts, check_only=True)
+                progress.advance()
+        for plist, dtype in cases:
+            progress.step(f"{plist.name} {str(dtype)[6:]} copy bandwidth")
+            copies[f"{plist.name}/{str(dtype)[6:]}"] = copy_case(plist, dtype, device, opts)
+            rows += run_case(plist, dtype, device, alternatives, backends, opts)
+            save()
+            progress.advance()
+        for plist, dtype in cases:
+            if plist.name not in compiled:
+                continue
+            new = run_case(plist, dtype, device, compiled_alts, [], opts)
+            # Keep each case's rows together: insert before the case's first row of ours.
+            key = (new[0]["list"], new[0]["dtype"])
+            mine = [i for i, r in enumerate(rows) if (r["list"], r["dtype"]) == key and r["ours"]]
+            at = mine[0] if mine else len(rows)
+            rows[at:at] = new
+            save()
+            progress.advance()
+        if not args.no_train:
+            progress.step("training step")
+            from bench.train_step import time_training_step
+
+            payload["train_step"] = time_training_step(
+                device, args.train_batch or (256 if cuda else 32), args.train_steps or (30 if cuda else 6)
+            )
+        payload["status"] = "ok"
+    except AccuracyError as err:
+        payload["status"] = f"FAILED accuracy check: {err}"
+        status = 1
+    except KeyboardInterrupt:
+        payload["status"] = "interrupted"
+        status = 130
+    finally:
+        progress.close()
+        save(final=True)
+        print(f"results in {out}/ (results.md, results.json, chart.png)", file=sys.stderr)
+    if status == 1:
+        print(f"error: {payload['status']}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""The benchmark's report: derived columns, the markdown tables, the JSON file and the PNG chart.
+
+Derived columns, per row of one (list, dtype) case, all from figures measured in the same run:
+- GB/s: the bytes ZNorm needs (3 element sizes per element: read twice, write once; 12 B for float32, 6 B
+  for bfloat16) divided by the median device time;
+- % copy: that rate as a fraction of the copy bandwidth measured for the same bytes in the same run;
+- floor µs: the needed bytes at the copy bandwidth;
+- x best alt, x eager, x compiled: the alternative's device time divided by the row's (higher is faster).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+__all__ = ["derive", "markdown", "plot", "write_json"]
+
+
+def _case_key(row: dict) -> tuple[str, str]:
+    return row["list"], row["dtype"]
+
+
+def derive(rows: list[dict], cases: dict[str, dict]) -> None:
+    """Fill in GB/s, % of copy and the speed-ups (in place); ``cases`` maps "list/dtype" to its copy data."""
+    by_case: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        by_case.setdefault(_case_key(row), []).append(row)
+    for (name, dtype), group in by_case.items():
+        case = cases.get(f"{name}/{dtype}", {})
+        size = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}[dtype]
+        needed = 3 * size * group[0]["elements"]
+        alt = {r["method"]: r["device_us"] for r in group if not r["ours"] and r["device_us"]}
+        best = min(alt.values()) if alt else None
+        for row in group:
+            row["bytes_needed"] = needed
+            t = row["device_us"]
+            row["gbps"] = needed / (t * 1e-6) / 1e9 if t else None
+            copy = case.get("copy_gbps")
+            row["copy_frac"] = row["gbps"] / copy if row["gbps"] and copy else None
+            row["floor_us"] = needed / (copy * 1e9) * 1e6 if copy else None
+            row["x_best_alt"] = best / t if best and t else None
+            row["x_eager"] = alt["eager"] / t if "eager" in alt and t else None
+            row["x_compiled"] = alt["compiled"] / t if "compiled" in alt and t else None
+
+
+def _f(value, fmt: str = "{:,.1f}", none: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return none
+    return fmt.format(value)
+
+
+def _us(value) -> str:
+    if value is None:
+        return ""
+    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
+
+
+def markdown(rows: list[dict], cases: dict[str, dict], device: str) -> str:
+    """The results as markdown: one table of the cases, one of every method timed, notes on errors."""
+    cuda = device == "cuda"
+    out = [
+        "| list | dtype | tensors | elements | bytes needed | copy GB/s | floor µs |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    seen = set()
+    for row in rows:
+        key = f"{row['list']}/{row['dtype']}"
+        if key in seen:
+            continue
+        seen.add(key)
+        case = cases.get(key, {})
+        floor = row.get("floor_us")
+        out.append(
+            f"| {row['label']} | {row['dtype']} | {row['tensors']} | {row['elements'] / 1e6:,.2f} M | "
+            f"{row.get('bytes_needed', 0) / 1e6:,.1f} MB | {_f(case.get('copy_gbps'))} | {_us(floor)} |"
+        )
+    out.append("")
+    head = ["list", "dtype", "method", "device µs", "hook µs (synced)"]
+    if cuda:
+        head.append("hook host µs")
+    head += ["GB/s", "% copy", "x best alt", "x eager", "x compiled", "launches", "max abs z err"]
+    out.append("| " + " | ".join(head) + " |")
+    out.append("|" + "---|" * len(head))
+    notes = []
+    for row in rows:
+        method = f"**{row['method']}**" if row["ours"] else row["method"]
+        cells = [row["list"], row["dtype"], method]
+        if row["error"]:
+            cells += ["-"] * (len(head) - 3)
+            notes.append(f"- {row['list']} {row['dtype']} {row['method']}: {row['error']}")
+        else:
+            cells += [_us(row["device_us"]), _us(row["hook_us"])]
+            if cuda:
+                cells.append(_us(row["hook_host_us"]))
+            cells += [
+                _f(row.get("gbps")),
+                _f(row.get("copy_frac"), "{:.0%}"),
+                _f(row.get("x_best_alt"), "{:.2f}"),
+                _f(row.get("x_eager"), "{:.2f}"),
+                _f(row.get("x_compiled"), "{:.2f}"),
+                _f(row["launches"], "{:,}", "n/a"),
+                _f(row["max_err"], "{:.1e}"),
+            ]
+        out.append("| " + " | ".join(cells) + " |")
+    whats = sorted({r["launches_what"] for r in rows if r["launches_what"]})
+    if whats:
+        out.append("")
+        out.append("launches: " + "; ".join(whats) + ".")
+    if notes:
+        out.append("")
+        out += notes
+    return "\n".join(out) + "\n"
+
+
+def train_markdown(train: dict) -> str:
+    """The training-step table."""
+    out = [
+        f"ResNet-56 training step, batch {train['batch']}, {train['precision']}, {train['memory_format']}, "
+        f"SGD momentum 0.9; median of {train['steps']} steps per variant, variants interleaved:",
+        "",
+        "| variant | ms per step | overhead vs no ZNorm |",
+        "|---|---|---|",
+    ]
+    base = train["variants"].get("no ZNorm")
+    for name, ms in train["variants"].items():
+        over = "" if name == "no ZNorm" or ms is None or not base else f"{(ms - base) / base:+.1%}"
+        out.append(f"| {name} | {_f(ms, '{:.2f}', 'failed')} | {over} |")
+    return "\n".join(out) + "\n"
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def plot(rows: list[dict], cases: dict[str, dict], path: Path, title: str) -> None:
+    """Bar chart: device time per (list, dtype) case, one bar per method, log scale; the copy floor as a
+    black tick. Ours are hatched."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys: list[tuple[str, str]] = []
+    for row in rows:
+        if _case_key(row) not in keys:
+            keys.append(_case_key(row))
+    methods: list[tuple[str, bool]] = []
+    for row in rows:
+        if (row["method"], row["ours"]) not in methods and row["device_us"]:
+            methods.append((row["method"], row["ours"]))
+    if not keys or not methods:
+        return
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(keys) * max(1, len(methods)) / 4 + 3), 4.8))
+    width = 0.8 / len(methods)
+    lookup = {(_case_key(r), r["method"]): r for r in rows}
+    colors = plt.get_cmap("tab10")
+    for j, (method, ours) in enumerate(methods):
+        xs, ys = [], []
+        for i, key in enumerate(keys):
+            row = lookup.get((key, method))
+            if row and row["device_us"]:
+                xs.append(i - 0.4 + width * (j + 0.5))
+                ys.append(row["device_us"])
+        ax.bar(
+            xs,
+            ys,
+            width,
+            label=method + (" (ours)" if ours else ""),
+            color=colors(j % 10),
+            hatch="//" if ours else None,
+            edgecolor="black" if ours else None,
+            linewidth=0.5,
+        )
+    for i, key in enumerate(keys):
+        floor = next((r.get("floor_us") for r in rows if _case_key(r) == key and r.get("floor_us")), None)
+        if floor:
+            ax.hlines(
+                floor,
+                i - 0.45,
+                i + 0.45,
+                colors="black",
+                linewidth=1.5,
+                label="copy floor" if i == 0 else None,
+            )
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(keys)))
+    ax.set_xticklabels([f"{n}\n{d}" for n, d in keys], fontsize=8)
+    ax.set_ylabel("µs per call (median)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(axis="y", which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

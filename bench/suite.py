@@ -1,0 +1,183 @@
+"""The measurement of one (parameter list, dtype, device) case: accuracy check, then every method timed.
+
+``run_case`` makes the gradients (random, a different scale and offset per tensor, never zeros), checks each
+of our backends against the float64 formula (raising ``AccuracyError`` when one is off: a benchmark of a
+wrong kernel is worthless), then times every requested method on the same tensors: device time, host time
+per ``optimizer.step()`` through the hook, launches per call. It returns one dict per method (a "row"); the
+derived columns (GB/s, fraction of copy bandwidth, speed-ups) are filled in by bench/report.py.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from bench.alternatives import EPS, Method, alternative_method, our_method
+from bench.check import AccuracyError, z_error
+from bench.param_lists import ParamList
+from bench.timing import copy_bandwidth, count_launches, device_times, host_times, sync
+
+__all__ = ["CaseOptions", "NullStepOptimizer", "make_grads", "run_case"]
+
+
+class NullStepOptimizer(torch.optim.Optimizer):
+    """An optimizer whose ``step()`` does nothing but run its step pre-hooks (through torch's own hook
+    machinery): timing its ``step()`` gives a hook's cost without the update's own work."""
+
+    def __init__(self, params: Iterable[Tensor]) -> None:
+        super().__init__(params, {})
+
+    def step(self, closure=None) -> None:  # type: ignore[override]
+        return None
+
+
+def make_grads(
+    shapes: Iterable[tuple[int, ...]], device: torch.device | str, dtype: torch.dtype, seed: int = 0
+) -> list[Tensor]:
+    """Random gradients, each tensor with its own scale (1e-4..1e-1) and offset (a fraction of its scale)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = []
+    for shape in shapes:
+        scale = 10 ** (-4 + 3 * torch.rand((), generator=gen, device=device))
+        offset = 0.2 * scale * torch.randn((), generator=gen, device=device)
+        x = torch.randn(shape, generator=gen, device=device) * scale + offset
+        out.append(x.to(dtype))
+    return out
+
+
+@dataclass
+class CaseOptions:
+    reps: int = 50  # upper bound on timed repeats per measurement (CPU wall clock, host time)
+    max_s: float = 2.0  # time cap per measurement on the CPU
+    check: bool = True
+    seed: int = 0
+    progress: Callable[[str], None] = field(default=lambda text: None)
+    deadline: float | None = None  # time.monotonic() after which optional (compiled) methods are skipped
+
+
+def _row(plist: ParamList, dtype: torch.dtype, device: torch.device, method: str, ours: bool) -> dict:
+    return {
+        "list": plist.name,
+        "label": plist.label,
+        "dtype": str(dtype).removeprefix("torch."),
+        "tensors": plist.tensors,
+        "elements": plist.elements,
+        "device": device.type,
+        "method": method,
+        "ours": ours,
+        "device_us": None,
+        "hook_us": None,
+        "hook_host_us": None,
+        "launches": None,
+        "launches_what": "",
+        "max_err": None,
+        "error": None,
+    }
+
+
+def copy_case(plist: ParamList, dtype: torch.dtype, device: torch.device, opts: CaseOptions) -> dict:
+    """The copy bandwidth measured for this case's bytes (same dtype size times elements)."""
+    nbytes = plist.elements * torch.tensor([], dtype=dtype).element_size()
+    bw, seconds = copy_bandwidth(nbytes, device, reps=opts.reps, max_s=opts.max_s)
+    return {"copy_bytes": nbytes, "copy_us": seconds * 1e6, "copy_gbps": bw / 1e9}
+
+
+def run_case(
+    plist: ParamList,
+    dtype: torch.dtype,
+    device: torch.device,
+    methods: list[str],
+    backends: list[str],
+    opts: CaseOptions,
+    check_only: bool = False,
+) -> list[dict]:
+    """Rows for the alternatives ``methods`` and our ``backends`` on ``plist`` in ``dtype`` on ``device``.
+
+    Our backends are checked first (AccuracyError if one is outside SPEC rule 10's tolerance; with
+    ``check_only`` nothing else is done); an alternative that fails to build (e.g. compilation) gets a row
+    with its error instead of times.
+    """
+    inputs = make_grads(plist.shapes, device, dtype, opts.seed)
+    grads = [x.clone() for x in inputs]
+    params = [torch.nn.Parameter(torch.empty_like(x), requires_grad=True) for x in inputs]
+    for p, g in zip(params, grads):
+        p.grad = g  # the very tensors every method normalizes
+
+    def restore() -> None:
+        with torch.no_grad():
+            for g, x in zip(grads, inputs):
+                g.copy_(x)
+
+    key = (plist.name, str(dtype), str(device))
+    dtype_name = str(dtype).removeprefix("torch.")
+    rows = []
+    built: list[tuple[dict, Method]] = []
+    for name in backends:
+        row = _row(plist, dtype, device, name, True)
+        m = our_method(name, grads)
+        if opts.check:
+            opts.progress(f"{plist.name} {row['dtype']} check {name}")
+            restore()
+            m.run()
+            sync(device)
+            err, excess = z_error(grads, inputs, EPS)
+            row["max_err"] = err
+            if not excess <= 0:
+                raise AccuracyError(
+                    f"backend {name!r} on {plist.name} ({row['dtype']}, {device.type}): max abs z error "
+                    f"{err:.3g} exceeds SPEC rule 10's tolerance by {excess:.3g}"
+                )
+        built.append((row, m))
+    if check_only:
+        return [row for row, _ in built]
+    for name in methods:
+        row = _row(plist, dtype, device, name, False)
+        rows.append(row)
+        if "compiled" in name and opts.deadline is not None and time.monotonic() > opts.deadline:
+            row["error"] = "skipped: time budget spent"
+            continue
+        opts.progress(f"{plist.name} {row['dtype']} build {name}")
+        try:
+            restore()
+            m = alternative_method(name, grads, key)
+            restore()
+            m.run()
+            sync(device)
+            row["max_err"] = z_error(grads, inputs, EPS)[0]
+        except Exception as err:
+            row["error"] = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+            continue
+        built.append((row, m))
+    rows += [row for row, _ in built if row["ours"]]
+
+    if not built:
+        return rows
+    opts.progress(f"{plist.name} {dtype_name} time {', '.join(row['method'] for row, _ in built)}")
+    try:
+        times = device_times([m.run for _, m in built], device, reps=opts.reps, max_s=opts.max_s)
+        for (row, _), t in zip(built, times):
+            row["device_us"] = t * 1e6
+    except Exception as err:
+        for row, _ in built:
+            row["error"] = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+        return rows
+    for row, m in built:
+        row["launches"], row["launches_what"] = count_launches(m.run, device)
+    opts.progress(f"{plist.name} {dtype_name} host time through the hook")
+    optimizers = [NullStepOptimizer(params) for _ in built]
+    handles = [m.hook(opt) for opt, (_, m) in zip(optimizers, built)]
+    try:
+        hosts = host_times([opt.step for opt in optimizers], device, reps=opts.reps, max_s=opts.max_s)
+        for (row, _), (synced, enqueue) in zip(built, hosts):
+            row["hook_us"], row["hook_host_us"] = synced * 1e6, enqueue * 1e6
+    except Exception as err:
+        for row, _ in built:
+            row["error"] = f"hook: {type(err).__name__}: {err}".splitlines()[0][:300]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return rows

@@ -1,0 +1,198 @@
+"""Timing utilities shared by the benchmarks: device time, host time, copy bandwidth, launch counts.
+
+- ``device_time``: on CUDA the median of ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs;
+  CUDA events directly when Triton is missing); on the CPU the median wall clock of repeated calls.
+- ``host_time``: wall clock around a call with the device synchronized before; returns the median with the
+  device synchronized after too ("synced": what the caller waits for) and without ("enqueue": the host's own
+  cost; on the CPU, where work is synchronous, the two are the same measurement).
+- ``copy_bandwidth``: a device-to-device ``copy_`` of the same bytes (on the CPU, between two buffers), in
+  bytes read + written per second.
+- ``count_launches``: one call under torch.profiler; on CUDA the kernels (and memsets/memcpys) it runs, on
+  the CPU the aten operators it dispatches at top level (the CPU has no launches).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+__all__ = [
+    "copy_bandwidth",
+    "count_launches",
+    "device_time",
+    "device_times",
+    "host_time",
+    "host_times",
+    "sync",
+]
+
+
+def sync(device: torch.device | str) -> None:
+    """Wait for all queued work on ``device`` (nothing to do on the CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _wall_median(fn: Callable[[], object], reps: int, max_s: float, min_reps: int = 3) -> float:
+    fn()  # warm-up
+    times: list[float] = []
+    deadline = time.perf_counter() + max_s
+    while len(times) < reps and (len(times) < min_reps or time.perf_counter() < deadline):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def device_time(
+    fn: Callable[[], object], device: torch.device | str, *, reps: int = 50, max_s: float = 2.0
+) -> float:
+    """Median seconds of device work per call of ``fn`` (see the module docstring for how)."""
+    if torch.device(device).type == "cuda":
+        try:
+            from triton.testing import do_bench
+        except ImportError:
+            return _cuda_event_median(fn, reps)
+        return do_bench(fn, return_mode="median") * 1e-3
+    return _wall_median(fn, reps, max_s)
+
+
+def _cuda_event_median(fn: Callable[[], object], reps: int) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e-3)
+    return statistics.median(times)
+
+
+def host_time(
+    fn: Callable[[], object], device: torch.device | str, *, reps: int = 100, max_s: float = 2.0
+) -> tuple[float, float]:
+    """(synced, enqueue): median wall-clock seconds per call of ``fn``, device synchronized before each
+    call, and after it (synced) or not (enqueue). On the CPU both are the same number."""
+    is_cuda = torch.device(device).type == "cuda"
+    fn()
+    sync(device)
+    synced: list[float] = []
+    enqueue: list[float] = []
+    deadline = time.perf_counter() + max_s
+    while len(synced) < reps and (len(synced) < 3 or time.perf_counter() < deadline):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        mid = time.perf_counter()
+        sync(device)
+        end = time.perf_counter()
+        enqueue.append(mid - start)
+        synced.append(end - start)
+    if not is_cuda:
+        return statistics.median(synced), statistics.median(synced)
+    return statistics.median(synced), statistics.median(enqueue)
+
+
+def _interleaved(
+    fns: list[Callable[[], object]], device: torch.device | str, reps: int, max_s: float
+) -> list[tuple[float, float]]:
+    """Round-robin timing: each round times one call of every fn in turn, so drift in a shared machine's
+    load hits all alike. Returns (synced, enqueue) medians per fn."""
+    for fn in fns:
+        fn()
+    sync(device)
+    synced: list[list[float]] = [[] for _ in fns]
+    enqueue: list[list[float]] = [[] for _ in fns]
+    deadline = time.perf_counter() + max_s * len(fns)
+    rounds = 0
+    while rounds < reps and (rounds < 3 or time.perf_counter() < deadline):
+        for i, fn in enumerate(fns):
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            mid = time.perf_counter()
+            sync(device)
+            end = time.perf_counter()
+            enqueue[i].append(mid - start)
+            synced[i].append(end - start)
+        rounds += 1
+    return [(statistics.median(s), statistics.median(e)) for s, e in zip(synced, enqueue)]
+
+
+def device_times(
+    fns: list[Callable[[], object]], device: torch.device | str, *, reps: int = 50, max_s: float = 2.0
+) -> list[float]:
+    """``device_time`` of each fn; on the CPU measured round-robin (see ``host_times``)."""
+    if torch.device(device).type == "cuda":
+        return [device_time(fn, device, reps=reps, max_s=max_s) for fn in fns]
+    return [synced for synced, _ in _interleaved(fns, device, reps, max_s)]
+
+
+def host_times(
+    fns: list[Callable[[], object]], device: torch.device | str, *, reps: int = 100, max_s: float = 2.0
+) -> list[tuple[float, float]]:
+    """``host_time`` of each fn, measured round-robin: each round times one call of every fn in turn (so a
+    shared machine's changing load hits all alike), at most ``reps`` rounds or about ``max_s`` seconds per
+    fn (at least 3 rounds). On the CPU synced and enqueue are the same measurement."""
+    out = _interleaved(fns, device, reps, max_s)
+    if torch.device(device).type != "cuda":
+        return [(synced, synced) for synced, _ in out]
+    return out
+
+
+def copy_bandwidth(
+    nbytes: int, device: torch.device | str, *, reps: int = 50, max_s: float = 2.0
+) -> tuple[float, float]:
+    """(bytes per second, seconds per copy) of ``dst.copy_(src)`` for two buffers of ``nbytes`` each on
+    ``device``; the rate counts the bytes read plus the bytes written (2 * nbytes per copy)."""
+    n = max(1, nbytes // 4)
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    seconds = device_time(lambda: dst.copy_(src), device, reps=reps, max_s=max_s)
+    return 2 * n * 4 / seconds, seconds
+
+
+def count_launches(fn: Callable[[], object], device: torch.device | str) -> tuple[int | None, str]:
+    """(count, what was counted) for one call of ``fn`` under torch.profiler; (None, reason) if it fails.
+
+    CUDA: kernels plus memsets and memcpys on the device; when the call replays CUDA graphs the text says
+    how many graph launches issued them. CPU: aten operators called at top level (not from inside another
+    aten operator); code compiled by Inductor or a C++ extension that calls its own loops counts 0 there.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    is_cuda = torch.device(device).type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if is_cuda else [])
+    try:
+        fn()
+        sync(device)
+        with profile(activities=activities) as prof:
+            fn()
+            sync(device)
+        events = prof.events()
+    except Exception as err:  # the profiler is optional here: report, do not fail the run
+        return None, f"profiler failed: {type(err).__name__}: {err}"
+    if is_cuda:
+        kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+        graphs = sum(1 for e in events if e.name == "cudaGraphLaunch")
+        what = "device kernels/memsets/memcpys"
+        if graphs:
+            what += f" from {graphs} CUDA graph launch(es)"
+        return kernels, what
+    ops = 0
+    for e in events:
+        if not e.name.startswith("aten::"):
+            continue
+        parent = e.cpu_parent
+        while parent is not None and not parent.name.startswith("aten::"):
+            parent = parent.cpu_parent
+        if parent is None:
+            ops += 1
+    return ops, "top-level aten ops"
