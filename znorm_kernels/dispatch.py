@@ -200,7 +200,7 @@ def znorm_(
     eps: float = 1e-10,
     correction: float = 0,
     backend: str = "auto",
-    grad_scale: Tensor | None = None,
+    grad_scale: Tensor | float | None = None,
     names: Iterable[str] | None = None,
 ) -> None:
     """Normalize every tensor in place: g <- (g - mean(g)) / (std(g) + eps), each tensor on its own.
@@ -214,7 +214,32 @@ def znorm_(
         grad_scale: a fused optimizer's GradScaler scale s (0-d tensor): the tensors hold s*g and become
             s * z-scores of g, so the optimizer's own unscaling yields the z-scores.
         names: parameter names, parallel to ``tensors``, used in error messages.
+
+    Under torch.compile this is the custom op ``znorm_kernels::znorm_`` (no graph break).
     """
+    if torch.compiler.is_compiling():
+        from .ops import znorm_op
+
+        if isinstance(tensors, Tensor):
+            tensors = [tensors]
+        if grad_scale is not None and not isinstance(grad_scale, Tensor):
+            grad_scale = torch.tensor(float(grad_scale))
+        live = [t for t in tensors if t is not None]
+        znorm_op(live, float(eps), float(correction), backend, grad_scale)
+        return
+    run_znorm_(tensors, eps=eps, correction=correction, backend=backend, grad_scale=grad_scale, names=names)
+
+
+def run_znorm_(
+    tensors: Tensor | Iterable[Tensor | None],
+    *,
+    eps: float = 1e-10,
+    correction: float = 0,
+    backend: str = "auto",
+    grad_scale: Tensor | float | None = None,
+    names: Iterable[str] | None = None,
+) -> None:
+    """The eager path of ``znorm_``: check, group, resolve every group's backend, then run them."""
     check_options(eps, correction, backend)
     if grad_scale is not None and not isinstance(grad_scale, Tensor):
         grad_scale = torch.tensor(float(grad_scale))
