@@ -26,6 +26,12 @@ test: $(SETUP)
 bench: $(SETUP)
 	$(PY) -m bench $(ARGS)
 
+# The prepared check for a lent GPU machine (no registry there): build, tests on CUDA, full benchmark, all
+# under OUT, within about 6 minutes on an H100. SMOKE=1 runs it in a tiny CPU form (no GPU needed).
+gpu-check:
+	@test -n "$(OUT)" || { echo "usage: make gpu-check OUT=/path/to/results [SMOKE=1] [PYTHON=python3]"; exit 64; }
+	PYTHON=$(or $(PYTHON),python3) bash bench/gpu_check.sh "$(OUT)" $(if $(SMOKE),--smoke)
+
 lint: $(SETUP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .

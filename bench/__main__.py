@@ -4,7 +4,7 @@ First every backend of ours that can serve the device is checked against the flo
 to be timed (SPEC rule 10; the run stops with exit code 1 if one is off). Then, per parameter list and dtype,
 every alternative (bench/alternatives.py) and every backend of ours is timed on the same gradients, the
 copy bandwidth of the same bytes is measured, and one ResNet-56 training step is timed with and without
-ZNorm. Compiled alternatives run after all others, so a time budget (--budget-s) drops them first.
+ZNorm. Compiled alternatives run last, so a time budget (--budget-s) drops them first.
 
 Output: the markdown tables on stdout, and results.md, results.json and chart.png in --out (default
 bench/results/<date>-<device>/), rewritten after each case so an interrupted run keeps what it measured.
@@ -21,6 +21,7 @@ import datetime as dt
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -125,7 +126,7 @@ def environment(device: torch.device) -> dict:
         "device": device.type,
         "cpu": f"{cpu}, {os.cpu_count()} logical cores",
         "torch_threads": torch.get_num_threads(),
-        "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "load_average_at_start": round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": triton_version,
@@ -252,13 +253,17 @@ def main(argv: list[str] | None = None) -> int:
         payload["elapsed_s"] = round(time.monotonic() - start, 1)
         (out / "results.md").write_text(text)
         write_json(out / "results.json", payload)
+        try:
+            plot(rows, copies, out / "chart.png", f"ZNorm, {env.get('gpu') or env['cpu']}, {env['date']}")
+        except Exception as err:  # the chart is a convenience; the tables are the record
+            print(f"warning: chart failed: {err}", file=sys.stderr)
         if final:
-            try:
-                plot(rows, copies, out / "chart.png", f"ZNorm, {env.get('gpu') or env['cpu']}, {env['date']}")
-            except Exception as err:  # the chart is a convenience; the tables are the record
-                print(f"warning: chart failed: {err}", file=sys.stderr)
             print(text)
 
+    def on_term(signum, frame) -> None:
+        raise KeyboardInterrupt  # e.g. `timeout`: save what was measured on the way out
+
+    signal.signal(signal.SIGTERM, on_term)
     status = 0
     try:
         if opts.check:
@@ -271,6 +276,18 @@ def main(argv: list[str] | None = None) -> int:
             rows += run_case(plist, dtype, device, alternatives, backends, opts)
             save()
             progress.advance()
+        if not args.no_train:
+            progress.step("training step")
+            from bench.train_step import time_training_step
+
+            try:
+                payload["train_step"] = time_training_step(
+                    device, args.train_batch or (256 if cuda else 32), args.train_steps or (30 if cuda else 6)
+                )
+            except Exception as err:  # report it, keep the kernel figures
+                payload["train_step_error"] = f"{type(err).__name__}: {err}"
+                print(f"warning: training step failed: {err}", file=sys.stderr)
+            save()
         for plist, dtype in cases:
             if plist.name not in compiled:
                 continue
@@ -282,13 +299,6 @@ def main(argv: list[str] | None = None) -> int:
             rows[at:at] = new
             save()
             progress.advance()
-        if not args.no_train:
-            progress.step("training step")
-            from bench.train_step import time_training_step
-
-            payload["train_step"] = time_training_step(
-                device, args.train_batch or (256 if cuda else 32), args.train_steps or (30 if cuda else 6)
-            )
         payload["status"] = "ok"
     except AccuracyError as err:
         payload["status"] = f"FAILED accuracy check: {err}"

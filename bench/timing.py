@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -28,6 +29,9 @@ __all__ = [
     "host_times",
     "sync",
 ]
+
+
+_OP_NAME = re.compile(r"^\w+::\w+")
 
 
 def sync(device: torch.device | str) -> None:
@@ -163,8 +167,9 @@ def count_launches(fn: Callable[[], object], device: torch.device | str) -> tupl
     """(count, what was counted) for one call of ``fn`` under torch.profiler; (None, reason) if it fails.
 
     CUDA: kernels plus memsets and memcpys on the device; when the call replays CUDA graphs the text says
-    how many graph launches issued them. CPU: aten operators called at top level (not from inside another
-    aten operator); code compiled by Inductor or a C++ extension that calls its own loops counts 0 there.
+    how many graph launches issued them. CPU: dispatcher operators (``aten::*``, or an extension's registered
+    ``ns::op``) called at top level, not from inside another operator; code compiled by Inductor calls its
+    own C++ loops, which are no operators and count 0.
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -182,17 +187,17 @@ def count_launches(fn: Callable[[], object], device: torch.device | str) -> tupl
     if is_cuda:
         kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
         graphs = sum(1 for e in events if e.name == "cudaGraphLaunch")
-        what = "device kernels/memsets/memcpys"
+        what = "on CUDA: device kernels, memsets and memcpys per call"
         if graphs:
             what += f" from {graphs} CUDA graph launch(es)"
         return kernels, what
     ops = 0
     for e in events:
-        if not e.name.startswith("aten::"):
+        if not _OP_NAME.match(e.name):
             continue
         parent = e.cpu_parent
-        while parent is not None and not parent.name.startswith("aten::"):
+        while parent is not None and not _OP_NAME.match(parent.name):
             parent = parent.cpu_parent
         if parent is None:
             ops += 1
-    return ops, "top-level aten ops"
+    return ops, "on the CPU: top-level dispatcher ops (aten::* or an extension's ns::op) per call"

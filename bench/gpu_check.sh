@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# The prepared check for a lent GPU machine (torch and triton installed, no package registry reachable):
+# build the extension, run the test suite on CUDA, run the full benchmark, and leave everything under OUT.
+#
+#   bash bench/gpu_check.sh OUT            # or: make gpu-check OUT=/path
+#   bash bench/gpu_check.sh OUT --smoke    # no GPU needed: exercises this script's logic on the CPU with
+#                                          # tiny settings (build dry-run, one test file, a 20-layer list)
+#
+# Budget: about 6 minutes in all on an H100 (GPU_CHECK_BUDGET_S, default 345 s). Every step runs under
+# `timeout`, gets what is left of the budget (up to its own cap), has its exit code and wall time recorded,
+# and later steps run whatever an earlier one did. OUT/summary.md lists the steps; OUT/logs/ has each step's
+# output; OUT/bench/ the benchmark's results.md, results.json and chart.png. Exit code: 0 when every step
+# passed, 1 when one failed or timed out, 2 when there is no GPU (without --smoke).
+# Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S, BENCH_ARGS (extra arguments for python -m bench).
+
+set -u
+
+OUT="${1:-}"
+MODE="${2:-}"
+if [[ -z "$OUT" || "$OUT" == --* ]]; then
+    echo "usage: bash bench/gpu_check.sh OUT [--smoke]" >&2
+    exit 64
+fi
+SMOKE=0
+[[ "$MODE" == "--smoke" ]] && SMOKE=1
+PY="${PYTHON:-python3}"
+BUDGET="${GPU_CHECK_BUDGET_S:-345}"
+cd "$(dirname "$0")/.."
+mkdir -p "$OUT/logs"
+OUT="$(cd "$OUT" && pwd)"
+unset TRITON_INTERPRET
+START=$(date +%s)
+SUMMARY="$OUT/summary.md"
+STEPS=()
+FAILED=0
+
+remaining() { echo $((BUDGET - ($(date +%s) - START))); }
+
+# run_step NAME CAP_SECONDS COMMAND...: run under timeout min(CAP, what is left of the budget - 5 s).
+run_step() {
+    local name="$1" cap="$2"
+    shift 2
+    local left limit t0 rc ms wall status
+    left=$(($(remaining) - 5))
+    limit=$((cap < left ? cap : left))
+    if ((limit < 10)); then
+        STEPS+=("| $name | - | 0 | skipped: budget spent |")
+        echo "== $name: skipped (budget spent)"
+        return 0
+    fi
+    echo "== $name (limit ${limit}s): $*"
+    t0=$(date +%s%N)
+    # bash -c, so that a shell function (exported) can be a step too
+    timeout --signal=TERM --kill-after=10 "$limit" bash -c '"$@"' step "$@" >"$OUT/logs/$name.log" 2>&1
+    rc=$?
+    ms=$((($(date +%s%N) - t0) / 1000000))
+    wall="$((ms / 1000)).$(((ms % 1000) / 100))"
+    case $rc in
+        0) status="ok" ;;
+        124 | 137) status="TIMED OUT after ${limit}s" ; FAILED=1 ;;
+        *) status="FAILED" ; FAILED=1 ;;
+    esac
+    STEPS+=("| $name | $rc | $wall | $status |")
+    echo "   rc=$rc, ${wall}s, $status; last lines of logs/$name.log:"
+    tail -n 5 "$OUT/logs/$name.log" | sed 's/^/   | /'
+}
+
+skip_step() {
+    STEPS+=("| $1 | - | 0 | skipped: $2 |")
+    echo "== $1: skipped ($2)"
+}
+
+versions() {
+    echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+    echo "host: $(hostname); $(nproc) CPU cores"
+    echo "commit: $(git rev-parse HEAD 2>/dev/null || echo 'unknown (no git)')"
+    nvidia-smi || echo "nvidia-smi: not available"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
+    command -v nvcc >/dev/null && nvcc --version | tail -n 2
+    echo "CUDA_HOME=${CUDA_HOME:-unset}"
+    "$PY" - <<'EOF'
+import platform
+import torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| CUDA", torch.version.cuda,
+      "| cuda available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print("device:", torch.cuda.get_device_name(), torch.cuda.get_device_capability())
+try:
+    import triton
+    print("triton", triton.__version__)
+except ImportError as err:
+    print("triton: not importable:", err)
+for mod in ("numpy", "pytest", "pytest_benchmark", "tqdm", "matplotlib", "torchvision", "ninja"):
+    try:
+        m = __import__(mod)
+        print(mod, getattr(m, "__version__", "?"))
+    except ImportError:
+        print(mod, "MISSING")
+EOF
+}
+
+export PY
+export -f versions
+run_step versions 30 versions
+
+HAVE_GPU=0
+"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1 && HAVE_GPU=1
+
+if ((HAVE_GPU)); then
+    run_step build 150 make setup-system PYTHON="$PY"
+    run_step tests 110 "$PY" -m pytest tests -q -rs -p no:cacheprovider
+    # The benchmark stops starting compiled alternatives 40 s before its own limit and saves after each
+    # case, so a timeout still leaves results.
+    left=$(($(remaining) - 15))
+    run_step bench 600 "$PY" -m bench --full --no-progress --out "$OUT/bench" --budget-s $((left - 40)) \
+        ${BENCH_ARGS:-}
+    run_step pytest-benchmark 60 "$PY" -m pytest bench -q -p no:cacheprovider \
+        --benchmark-json "$OUT/pytest-benchmark.json"
+elif ((SMOKE)); then
+    echo "no CUDA device: --smoke, so each step runs in a tiny CPU form to exercise this script"
+    run_step build 60 make -n setup-system PYTHON="$PY"
+    run_step tests 120 "$PY" -m pytest tests/test_dispatch.py -q -p no:cacheprovider
+    run_step bench 240 "$PY" -m bench --device cpu --lists resnet20 --dtypes float32 --compile-lists none \
+        --repeats 3 --max-seconds 0.2 --train-batch 4 --train-steps 2 --no-progress --out "$OUT/bench" \
+        ${BENCH_ARGS:-}
+    run_step pytest-benchmark 120 "$PY" -m pytest bench -q -p no:cacheprovider -k "10k and float32" \
+        --benchmark-json "$OUT/pytest-benchmark.json"
+else
+    echo "NO GPU: torch.cuda.is_available() is False with $PY; nothing to measure (use --smoke to test the script)"
+    for s in build tests bench pytest-benchmark; do skip_step "$s" "no CUDA device"; done
+fi
+
+TOTAL=$(($(date +%s) - START))
+{
+    echo "# GPU check, $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo
+    echo "Interpreter: $PY; GPU present: $([[ $HAVE_GPU == 1 ]] && echo yes || echo NO)$([[ $SMOKE == 1 ]] && echo ' (smoke mode)'); total ${TOTAL}s of a ${BUDGET}s budget."
+    echo
+    echo "| step | exit code | wall s | status |"
+    echo "|---|---|---|---|"
+    printf '%s\n' "${STEPS[@]}"
+    echo
+    echo "Versions (logs/versions.log):"
+    echo
+    echo '```'
+    grep -E '^(date|commit|python|device|triton|host)' "$OUT/logs/versions.log" 2>/dev/null
+    grep -iE 'driver' "$OUT/logs/versions.log" 2>/dev/null | head -n 2
+    echo '```'
+    if [[ -f "$OUT/bench/results.md" ]]; then
+        echo
+        cat "$OUT/bench/results.md"
+    fi
+} >"$SUMMARY"
+cat "$SUMMARY"
+echo
+echo "everything is under $OUT (summary.md, logs/, bench/)"
+if ((!HAVE_GPU && !SMOKE)); then
+    exit 2
+fi
+exit $FAILED
