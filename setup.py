@@ -73,8 +73,7 @@ def _extensions() -> tuple[list, dict]:
         sources.append(os.path.join(CSRC, "znorm_cuda.cu"))
         archs = _cuda_archs()
         # Our -gencode flags are the whole arch list (torch adds none of its own when it sees them).
-        # --fmad=false: the device loops round like the host reference (no contraction into FMAs).
-        extra["nvcc"] = ["-O3", "--fmad=false", *(f for a in archs for f in _gencode(a))]
+        extra["nvcc"] = ["-O3", *(f for a in archs for f in _gencode(a))]
         ext = cpp_extension.CUDAExtension("znorm_kernels._C", sources, extra_compile_args=extra, **kwargs)
         print(f"setup.py: building znorm_kernels._C with CUDA for {', '.join(archs)}", file=sys.stderr)
     else:
