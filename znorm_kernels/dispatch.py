@@ -12,6 +12,7 @@ import functools
 import importlib
 import math
 import numbers
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -103,6 +104,23 @@ def available_backends() -> list[str]:
     return [name for name in BACKENDS if _unavailable(name) is None]
 
 
+_fallback_warned = False
+
+
+def _warn_fallback_once(device_type: str) -> None:
+    """One warning per process when "auto" runs the slow reference because the native extension is missing."""
+    global _fallback_warned
+    missing = [n for n in AUTO_ORDER.get(device_type, ()) if n in ("cpu", "cuda") and _unavailable(n)]
+    if missing and not _fallback_warned:
+        _fallback_warned = True
+        warnings.warn(
+            f"znorm_kernels: backend='auto' falls back to the pure-PyTorch reference for {device_type} "
+            f"tensors, because backend {missing[0]!r} is unavailable: {_unavailable(missing[0])}",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
 @functools.cache
 def _resolve(backend: str, device_type: str) -> str:
     device = torch.device(device_type)
@@ -110,6 +128,7 @@ def _resolve(backend: str, device_type: str) -> str:
         for name in AUTO_ORDER.get(device_type, ("reference",)):
             if name in BACKENDS and _unavailable(name) is None and BACKENDS[name].serves(device) is None:
                 return name
+        _warn_fallback_once(device_type)
         return "reference"
     if backend not in BACKENDS:
         known = ", ".join([*BACKENDS, "auto"])
