@@ -247,3 +247,32 @@ def test_error_names_parameter_from_named_optimizer():
     net[7].weight.grad = net[7].weight.grad.to_sparse()
     with pytest.raises(TypeError, match=r"7\.weight"):
         opt.step()
+
+
+def test_unchanged_gradients_skip_revalidation_and_changes_are_caught(monkeypatch):
+    from znorm_kernels import dispatch
+
+    calls = []
+    real = dispatch.collect_indices
+    monkeypatch.setattr(dispatch, "collect_indices", lambda *a, **k: calls.append(1) or real(*a, **k))
+    net = small_net()
+    opt = make_opt("sgdm", net.parameters())
+    znorm_kernels.register(opt)
+    x, y = batches(1)[0]
+    for _ in range(3):
+        opt.zero_grad(set_to_none=False)  # same gradient tensors, same addresses
+        nn.functional.cross_entropy(net(x), y).backward()
+        expected = [p.grad.clone() for p in net.parameters()]
+        for e in expected:
+            reference.znorm_tensor_(e)  # not through the dispatcher, whose checks are counted
+        opt.step()
+        for p, e in zip(net.parameters(), expected):
+            torch.testing.assert_close(p.grad, e, atol=1e-6, rtol=0)
+    assert len(calls) == 1, "unchanged gradients are checked once"
+    # A gradient that turns sparse or disappears takes the full path again, with its error or skip.
+    net[7].bias.grad = None
+    opt.step()
+    assert len(calls) == 2
+    net[7].weight.grad = net[7].weight.grad.to_sparse()
+    with pytest.raises(TypeError, match="position"):
+        opt.step()

@@ -24,6 +24,7 @@ from . import reference
 __all__ = ["BACKENDS", "Backend", "available_backends", "collect", "resolve_backend", "znorm_"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_SUPPORTED = frozenset(SUPPORTED_DTYPES)
 
 # A backend's group function: (tensors of one device and dtype, eps, correction, grad_scale or None).
 GroupFn = Callable[[list[Tensor], float, float, "Tensor | None"], None]
@@ -173,10 +174,23 @@ def _where(position: int, names: Sequence[str] | None) -> str:
     return f"tensor at position {position}"
 
 
-def collect(
+def _rejection(i: int, t: object, names: Sequence[str] | None, op: str) -> TypeError:
+    """The TypeError for an entry that is not a dense real floating tensor, naming what is wrong."""
+    where = _where(i, names)
+    if not isinstance(t, Tensor):
+        return TypeError(f"{op}: {where} is a {type(t).__name__}, expected a Tensor or None")
+    if t.layout != torch.strided:
+        return TypeError(f"{op}: {where} is sparse ({t.layout}); ZNorm needs dense gradients")
+    if t.is_complex():
+        return TypeError(f"{op}: {where} is complex ({t.dtype}); ZNorm needs real gradients")
+    return TypeError(f"{op}: {where} has dtype {t.dtype}; supported: float32, float16, bfloat16, float64")
+
+
+def collect_indices(
     tensors: Tensor | Iterable[Tensor | None], names: Iterable[str] | None = None, *, op: str = "znorm_"
-) -> dict[tuple[torch.device, torch.dtype], list[Tensor]]:
-    """Validate the entries and group the ones to normalize by (device, dtype), in input order.
+) -> tuple[list, dict[tuple[torch.device, torch.dtype], list[int]]]:
+    """Validate the entries; return them as a list and the positions to normalize grouped by (device, dtype),
+    in input order.
 
     None, empty and 1-element tensors are dropped. Sparse, complex or non-floating tensors raise TypeError
     naming the position (and the parameter's name when ``names`` gives it); nothing has been modified then.
@@ -187,21 +201,13 @@ def collect(
         raise TypeError(f"{op}: expected an iterable of tensors, got {type(tensors).__name__}")
     items = list(tensors)
     names = list(names) if names is not None else None
-    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    # The hot path reads five attributes per tensor; the reasons for a rejection are worked out only then.
     for i, t in enumerate(items):
         if t is None:
             continue
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{op}: {_where(i, names)} is a {type(t).__name__}, expected a Tensor or None")
-        if t.layout != torch.strided:
-            raise TypeError(f"{op}: {_where(i, names)} is sparse ({t.layout}); ZNorm needs dense gradients")
-        if t.is_complex():
-            raise TypeError(f"{op}: {_where(i, names)} is complex ({t.dtype}); ZNorm needs real gradients")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(
-                f"{op}: {_where(i, names)} has dtype {t.dtype}; "
-                "supported: float32, float16, bfloat16, float64"
-            )
+        if not isinstance(t, Tensor) or t.layout is not torch.strided or t.dtype not in _SUPPORTED:
+            raise _rejection(i, t, names, op)
         if t.numel() < 2:
             continue
         if not t.is_contiguous() and torch._debug_has_internal_overlap(t) == 1:
@@ -209,8 +215,21 @@ def collect(
                 f"{op}: {_where(i, names)} has elements that share memory (e.g. made by expand()); "
                 "an in-place normalization needs distinct elements"
             )
-        groups.setdefault((t.device, t.dtype), []).append(t)
-    return groups
+        key = (t.device, t.dtype)
+        group = groups.get(key)
+        if group is None:
+            groups[key] = [i]
+        else:
+            group.append(i)
+    return items, groups
+
+
+def collect(
+    tensors: Tensor | Iterable[Tensor | None], names: Iterable[str] | None = None, *, op: str = "znorm_"
+) -> dict[tuple[torch.device, torch.dtype], list[Tensor]]:
+    """Validate the entries and group the tensors to normalize by (device, dtype): see collect_indices."""
+    items, groups = collect_indices(tensors, names, op=op)
+    return {key: [items[i] for i in idx] for key, idx in groups.items()}
 
 
 def znorm_(
@@ -249,6 +268,15 @@ def znorm_(
     run_znorm_(tensors, eps=eps, correction=correction, backend=backend, grad_scale=grad_scale, names=names)
 
 
+def _plan(
+    tensors: Tensor | Iterable[Tensor | None], backend: str, names: Iterable[str] | None
+) -> tuple[list, list[tuple[GroupFn, list[int]]]]:
+    """Validate and group, then resolve every group's backend before any runs (so an unservable request
+    modifies nothing): the entries and a list of (group function, positions)."""
+    items, groups = collect_indices(tensors, names)
+    return items, [(_group_fn(resolve_backend(backend, device)), idx) for (device, _), idx in groups.items()]
+
+
 def run_znorm_(
     tensors: Tensor | Iterable[Tensor | None],
     *,
@@ -262,8 +290,34 @@ def run_znorm_(
     check_options(eps, correction, backend)
     if grad_scale is not None and not isinstance(grad_scale, Tensor):
         grad_scale = torch.tensor(float(grad_scale))
-    groups = collect(tensors, names)
-    # Resolve every group's backend before running any, so an unservable request modifies nothing.
-    plan = [(resolve_backend(backend, device), ts) for (device, _), ts in groups.items()]
-    for name, ts in plan:
-        _group_fn(name)(ts, float(eps), float(correction), grad_scale)
+    items, plan = _plan(tensors, backend, names)
+    for fn, idx in plan:
+        fn([items[i] for i in idx], float(eps), float(correction), grad_scale)
+
+
+class GradientGroups:
+    """``znorm_`` for an optimizer's gradients, step after step, without re-validating unchanged lists.
+
+    Gradients are pinned to their parameters' dtype, shape and device (autograd refuses any other .grad), so
+    when every gradient sits at the same address as at the previous call, last call's checks and grouping
+    still hold: this call costs one pass over the list reading addresses. Any change (a None, a sparse
+    gradient, a new allocation) takes the full path of ``run_znorm_`` again.
+    """
+
+    def __init__(self, eps: float, correction: float, backend: str) -> None:
+        check_options(eps, correction, backend)
+        self.eps, self.correction, self.backend = float(eps), float(correction), backend
+        self.addresses: tuple[int, ...] | None = None
+        self.plan: list[tuple[GroupFn, list[int]]] = []
+
+    def znorm_(self, grads: list[Tensor | None], names: list[str], grad_scale: Tensor | None) -> None:
+        try:
+            addresses = tuple(map(Tensor.data_ptr, grads))
+        except (TypeError, RuntimeError):  # a None or a storage-less (sparse) gradient: full checks below
+            addresses = None
+        if addresses is None or addresses != self.addresses:
+            self.addresses = None
+            _, self.plan = _plan(grads, self.backend, names)
+            self.addresses = addresses
+        for fn, idx in self.plan:
+            fn([grads[i] for i in idx], self.eps, self.correction, grad_scale)

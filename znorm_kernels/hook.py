@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from .dispatch import check_options, znorm_
+from .dispatch import GradientGroups, znorm_
 
 __all__ = ["GradTransform", "ParamSelector", "register", "register_grad_hook"]
 
@@ -132,9 +132,12 @@ def register(
     Returns:
         a handle whose ``.remove()`` uninstalls the hook.
     """
-    check_options(eps, correction, backend)
+    groups = GradientGroups(eps, correction, backend)
 
     def transform(params: list[Tensor], grads: list[Tensor | None], names: list[str], scale) -> None:
-        znorm_(grads, eps=eps, correction=correction, backend=backend, grad_scale=scale, names=names)
+        if torch.compiler.is_compiling():
+            znorm_(grads, eps=eps, correction=correction, backend=backend, grad_scale=scale, names=names)
+        else:
+            groups.znorm_(grads, names, scale)
 
     return register_grad_hook(optimizer, transform, min_ndim=min_ndim, params=params)

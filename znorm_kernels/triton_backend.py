@@ -13,6 +13,7 @@ next one.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -166,10 +167,21 @@ def _is_dense(t: Tensor) -> bool:
     return True
 
 
-def _launch(tensors: list[Tensor], eps: float, correction: float, grad_scale, normalize: bool, block) -> Plan:
+@functools.cache
+def _triton_dtypes() -> dict[torch.dtype, tuple]:
+    """torch dtype -> (Triton element type, Triton accumulation type); imports Triton on first use."""
     import triton.language as tl
 
-    from .triton_kernels import znorm_queue_kernel
+    return {
+        torch.float32: (tl.float32, tl.float32),
+        torch.float16: (tl.float16, tl.float32),
+        torch.bfloat16: (tl.bfloat16, tl.float32),
+        torch.float64: (tl.float64, tl.float64),
+    }
+
+
+def _launch(tensors: list[Tensor], eps: float, correction: float, grad_scale, normalize: bool, block) -> Plan:
+    from . import triton_kernels  # the kernel module is imported once, then found in sys.modules
 
     dtype = tensors[0].dtype
     block = block or block_for(dtype)
@@ -179,14 +191,8 @@ def _launch(tensors: list[Tensor], eps: float, correction: float, grad_scale, no
         scale = grad_scale.to(device=device, dtype=torch.float32, non_blocking=True)
     else:
         scale = plan.stats  # never read
-    tl_dtype = {
-        torch.float32: tl.float32,
-        torch.float16: tl.float16,
-        torch.bfloat16: tl.bfloat16,
-        torch.float64: tl.float64,
-    }[dtype]
-    tl_acc = tl.float64 if dtype == torch.float64 else tl.float32
-    znorm_queue_kernel[(plan.programs,)](
+    tl_dtype, tl_acc = _triton_dtypes()[dtype]
+    triton_kernels.znorm_queue_kernel[(plan.programs,)](
         plan.meta,
         plan.partials,
         plan.stats,
@@ -209,13 +215,21 @@ def _launch(tensors: list[Tensor], eps: float, correction: float, grad_scale, no
     return plan
 
 
+def _dense_stand_ins(tensors: list[Tensor]) -> list[Tensor]:
+    """The tensors themselves where dense, contiguous copies of non-dense views (checked in C first)."""
+    if all(map(Tensor.is_contiguous, tensors)):
+        return tensors
+    return [t if _is_dense(t) else t.contiguous() for t in tensors]
+
+
 def _with_dense(tensors: list[Tensor], fn):
     """Run fn on dense stand-ins: non-dense views are gathered into contiguous copies and written back."""
-    dense = [t if _is_dense(t) else t.contiguous() for t in tensors]
+    dense = _dense_stand_ins(tensors)
     result = fn(dense)
-    for t, d in zip(tensors, dense):
-        if d is not t:
-            t.copy_(d)
+    if dense is not tensors:
+        for t, d in zip(tensors, dense):
+            if d is not t:
+                t.copy_(d)
     return result
 
 
@@ -237,5 +251,4 @@ def statistics(
     """The statistics stage alone: a [T, 3] device tensor of (shift, mean, inv) per tensor, where
     z = ((g - shift) - mean) * inv. The tensors are not modified. (For a fused optimizer step that applies
     ZNorm as it loads the gradient.) Same-device, same-dtype tensors of at least 2 elements."""
-    dense = [t if _is_dense(t) else t.contiguous() for t in tensors]
-    return _launch(dense, eps, correction, grad_scale, False, block).stats.clone()
+    return _launch(_dense_stand_ins(tensors), eps, correction, grad_scale, False, block).stats.clone()
