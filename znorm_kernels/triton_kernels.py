@@ -104,7 +104,8 @@ def _merge_partials(partial_ptr, first, nchunks, chunk, n, ACC: tl.constexpr, PB
     return mean, tl.sum(acc, axis=0)
 
 
-@triton.jit
+# Sizes change from list to list: specializing on them (==1, multiple of 16) would only add recompilations.
+@triton.jit(do_not_specialize=["T", "S", "M", "NUM_PROGRAMS", "eps", "correction"])
 def znorm_queue_kernel(
     meta_ptr,  # int64 table, layout above
     partial_ptr,  # ACC [2 * S]: (mean, M2) of every statistics chunk
