@@ -241,9 +241,11 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "train_step": None,
         "status": "running",
+        "timeline": [],
     }
 
-    def save(final: bool = False) -> None:
+    def save(label: str, final: bool = False) -> None:
+        payload["timeline"].append([label, round(time.monotonic() - start, 1)])
         derive(rows, copies)
         text = "# ZNorm benchmark\n\n" + header(env) + "\n" + markdown(rows, copies, device.type)
         if payload["train_step"]:
@@ -270,11 +272,12 @@ def main(argv: list[str] | None = None) -> int:
             for plist, dtype in cases:
                 run_case(plist, dtype, device, [], backends, opts, check_only=True)
                 progress.advance()
+            payload["timeline"].append(["accuracy check", round(time.monotonic() - start, 1)])
         for plist, dtype in cases:
             progress.step(f"{plist.name} {str(dtype)[6:]} copy bandwidth")
             copies[f"{plist.name}/{str(dtype)[6:]}"] = copy_case(plist, dtype, device, opts)
             rows += run_case(plist, dtype, device, alternatives, backends, opts)
-            save()
+            save(f"{plist.name}/{str(dtype)[6:]}")
             progress.advance()
         if not args.no_train:
             progress.step("training step")
@@ -287,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as err:  # report it, keep the kernel figures
                 payload["train_step_error"] = f"{type(err).__name__}: {err}"
                 print(f"warning: training step failed: {err}", file=sys.stderr)
-            save()
+            save("training step")
         for plist, dtype in cases:
             if plist.name not in compiled:
                 continue
@@ -297,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             mine = [i for i, r in enumerate(rows) if (r["list"], r["dtype"]) == key and r["ours"]]
             at = mine[0] if mine else len(rows)
             rows[at:at] = new
-            save()
+            save(f"{plist.name}/{str(dtype)[6:]} compiled")
             progress.advance()
         payload["status"] = "ok"
     except AccuracyError as err:
@@ -308,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         status = 130
     finally:
         progress.close()
-        save(final=True)
+        save("end", final=True)
         print(f"results in {out}/ (results.md, results.json, chart.png)", file=sys.stderr)
     if status == 1:
         print(f"error: {payload['status']}", file=sys.stderr)

@@ -105,12 +105,13 @@ def host_time(
 
 
 def _interleaved(
-    fns: list[Callable[[], object]], device: torch.device | str, reps: int, max_s: float
+    fns: list[Callable[[], object]], device: torch.device | str, reps: int, max_s: float, warm: bool = True
 ) -> list[tuple[float, float]]:
     """Round-robin timing: each round times one call of every fn in turn, so drift in a shared machine's
     load hits all alike. Returns (synced, enqueue) medians per fn."""
-    for fn in fns:
-        fn()
+    if warm:
+        for fn in fns:
+            fn()
     sync(device)
     synced: list[list[float]] = [[] for _ in fns]
     enqueue: list[list[float]] = [[] for _ in fns]
@@ -140,12 +141,18 @@ def device_times(
 
 
 def host_times(
-    fns: list[Callable[[], object]], device: torch.device | str, *, reps: int = 100, max_s: float = 2.0
+    fns: list[Callable[[], object]],
+    device: torch.device | str,
+    *,
+    reps: int = 100,
+    max_s: float = 2.0,
+    warm: bool = True,
 ) -> list[tuple[float, float]]:
     """``host_time`` of each fn, measured round-robin: each round times one call of every fn in turn (so a
     shared machine's changing load hits all alike), at most ``reps`` rounds or about ``max_s`` seconds per
-    fn (at least 3 rounds). On the CPU synced and enqueue are the same measurement."""
-    out = _interleaved(fns, device, reps, max_s)
+    fn (at least 3 rounds), after one warm-up call of each unless ``warm`` is False. On the CPU synced and
+    enqueue are the same measurement."""
+    out = _interleaved(fns, device, reps, max_s, warm)
     if torch.device(device).type != "cuda":
         return [(synced, synced) for synced, _ in out]
     return out
@@ -163,7 +170,9 @@ def copy_bandwidth(
     return 2 * n * 4 / seconds, seconds
 
 
-def count_launches(fn: Callable[[], object], device: torch.device | str) -> tuple[int | None, str]:
+def count_launches(
+    fn: Callable[[], object], device: torch.device | str, warm: bool = True
+) -> tuple[int | None, str]:
     """(count, what was counted) for one call of ``fn`` under torch.profiler; (None, reason) if it fails.
 
     CUDA: kernels plus memsets and memcpys on the device; when the call replays CUDA graphs the text says
@@ -176,7 +185,8 @@ def count_launches(fn: Callable[[], object], device: torch.device | str) -> tupl
     is_cuda = torch.device(device).type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if is_cuda else [])
     try:
-        fn()
+        if warm:
+            fn()
         sync(device)
         with profile(activities=activities) as prof:
             fn()
