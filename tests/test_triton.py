@@ -209,3 +209,21 @@ def test_more_than_2_31_elements_bfloat16(tb):
     for got, x in ((g[-5:], tail_in), (g[:5], head_in)):
         expected = (x - mean) / (std + 1e-10)
         assert ((got.double() - expected).abs() <= 1e-5 + expected.abs() * 2**-8).all()
+
+
+@pytest.mark.parametrize("programs", [2, 5])
+def test_several_programs_share_the_queue_and_the_last_resets(tb, monkeypatch, programs):
+    # Under the interpreter programs run one after another: the first drains the queue, the others find it
+    # empty; whichever leaves last must reset the counters for the next launch.
+    monkeypatch.setattr(tb, "_num_programs", lambda device, items: programs)
+    grads = [make_grad((n,), device=DEVICE, seed=n) for n in (3, 100, 20000)]
+    inputs = [g.clone() for g in grads]
+    for _ in range(2):  # the second launch needs the first to have reset the counters
+        for g, x in zip(grads, inputs):
+            g.copy_(x)
+        tb.znorm_group_(grads, 1e-10, 0, None, block=64)
+        for g, x in zip(grads, inputs):
+            assert_close_to_float64(g, x)
+    plan = next(iter(tb._plans.values()))
+    assert plan.programs == programs
+    assert int(plan.counters.abs().sum()) == 0
