@@ -128,8 +128,9 @@ def _resolve(backend: str, device_type: str) -> str:
     if backend == "auto":
         for name in AUTO_ORDER.get(device_type, ("reference",)):
             if name in BACKENDS and _unavailable(name) is None and BACKENDS[name].serves(device) is None:
+                if name == "reference":
+                    _warn_fallback_once(device_type)
                 return name
-        _warn_fallback_once(device_type)
         return "reference"
     if backend not in BACKENDS:
         known = ", ".join([*BACKENDS, "auto"])

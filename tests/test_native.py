@@ -1,0 +1,397 @@
+"""The native extension (csrc/, znorm_kernels._C): what the SPEC suite cannot see from outside.
+
+Chunk and batch boundaries of the C++ work split, determinism across thread counts, huge and many tensors,
+the op's schema (opcheck), the build (the CUDA kernel is compiled and registered whenever it should be), the
+messages when the extension is missing, and, on a GPU, the CUDA kernel against the reference.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+import znorm_kernels
+from tests.utils import DTYPES, assert_close_to_float64, float64_znorm, make_grad
+from znorm_kernels import dispatch, native_backend, reference
+
+# Work-item sizes in csrc/: kChunk in znorm_cpu.cpp and znorm_cuda.cu. The boundary tests below are built
+# around them; change them together.
+CPU_CHUNK = 16384
+CUDA_CHUNK = 8192
+
+BUILT = native_backend.unavailable("cpu") is None
+needs_ext = pytest.mark.skipif(not BUILT, reason="znorm_kernels._C is not built")
+needs_gpu = pytest.mark.skipif(
+    not (torch.cuda.is_available() and native_backend.unavailable("cuda") is None),
+    reason="needs a CUDA device and the extension built with CUDA",
+)
+
+
+def _op(tensors, eps=1e-10, correction=0.0, grad_scale=None):
+    torch.ops.znorm_kernels_C.znorm_(tensors, eps, correction, grad_scale)
+
+
+def _cuda_expected_in_build() -> bool:
+    """setup.py's rule: CUDA is built when torch is a CUDA build and nvcc is found, unless switched off."""
+    from torch.utils import cpp_extension
+
+    if os.environ.get("ZNORM_BUILD_CUDA", "").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The build
+
+
+def test_extension_is_built():
+    # CI installs the package with the extension; a silently failed build must not pass as skipped tests.
+    if os.environ.get("ZNORM_BUILD_NATIVE", "").strip() == "0":
+        pytest.skip("ZNORM_BUILD_NATIVE=0: built without the extension on purpose")
+    assert BUILT, native_backend.unavailable("cpu")
+    assert "cpu" in znorm_kernels.available_backends()
+    assert dispatch.resolve_backend("auto", "cpu") == "cpu"
+
+
+@needs_ext
+def test_cuda_kernel_compiled_and_registered():
+    # Proves the CUDA part compiled and linked on machines without a GPU (CI): the op has a CUDA kernel.
+    if not _cuda_expected_in_build():
+        pytest.skip("torch without CUDA, no nvcc, or ZNORM_BUILD_CUDA=0")
+    assert native_backend.has_cuda_kernel()
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(native_backend.OP_NAME, "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(native_backend.OP_NAME, "CPU")
+
+
+@needs_ext
+def test_schema_marks_the_list_mutated():
+    schema = torch.ops.znorm_kernels_C.znorm_.default._schema
+    assert str(schema) == (
+        "znorm_kernels_C::znorm_(Tensor(a!)[] tensors, float eps, float correction, Tensor? grad_scale) -> ()"
+    )
+    assert schema.arguments[0].alias_info.is_write
+
+
+@needs_ext
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_opcheck(with_scale):
+    tensors = [make_grad((5, 3)), make_grad((CPU_CHUNK + 7,), seed=1), make_grad((4, 2, 3, 3), torch.float64)]
+    scale = torch.tensor(8.0) if with_scale else None
+    torch.library.opcheck(torch.ops.znorm_kernels_C.znorm_.default, (tensors, 1e-10, 0.0, scale))
+
+
+@needs_ext
+def test_compiled_function_keeps_the_op():
+    def step(gs):
+        _op(gs)
+        return gs[0] * 1
+
+    gs = [make_grad((300,)), make_grad((CPU_CHUNK + 3,), seed=1)]
+    inputs = [g.clone() for g in gs]
+    torch.compile(step, backend="aot_eager", fullgraph=True)(gs)
+    for g, x in zip(gs, inputs):
+        assert_close_to_float64(g, x)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The CPU kernel's work split
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_chunk_boundaries(dtype):
+    c = CPU_CHUNK
+    sizes = [c - 1, c, c + 1, 2 * c - 1, 2 * c, 2 * c + 1, 3 * c + 5]
+    grads = [make_grad((n,), dtype, seed=n) for n in sizes]
+    inputs = [g.clone() for g in grads]
+    znorm_kernels.znorm_(grads, backend="cpu")
+    for g, x in zip(grads, inputs):
+        assert_close_to_float64(g, x)
+
+
+@needs_ext
+def test_batches_of_small_tensors_across_boundaries():
+    # Small tensors are batched up to CPU_CHUNK elements per work item: runs that fill a batch exactly,
+    # overflow it by one, and small tensors between large ones.
+    c = CPU_CHUNK
+    sizes = [c // 2, c // 2, 7, c // 2, c // 2 + 1, c, 2, c + 1, 3, 5, c - 2, 2, c // 4]
+    grads = [make_grad((n,), seed=i) for i, n in enumerate(sizes)]
+    inputs = [g.clone() for g in grads]
+    _op(grads)
+    for g, x in zip(grads, inputs):
+        assert_close_to_float64(g, x)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("value", [0.1, -3.7, 1e4])
+def test_constant_tensor_over_several_chunks_is_exactly_zero(dtype, value):
+    g = torch.full((3 * CPU_CHUNK + 11,), value, dtype=dtype)
+    _op([g])
+    assert torch.equal(g, torch.zeros_like(g))
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bitwise_equal_for_one_and_two_threads(dtype):
+    shapes = [(3 * CPU_CHUNK + 17,), (64, 32, 3, 3), *[(n,) for n in range(2, 300, 7)], (CPU_CHUNK,)]
+    inputs = [make_grad(s, dtype, seed=i) for i, s in enumerate(shapes)]
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 1):
+            torch.set_num_threads(threads)
+            gs = [x.clone() for x in inputs]
+            _op(gs)
+            results.append(gs)
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+    for g, x in zip(results[0], inputs):
+        assert_close_to_float64(g, x)
+
+
+@needs_ext
+def test_five_thousand_small_tensors():
+    gen = torch.Generator().manual_seed(1)
+    sizes = torch.randint(2, 40, (5000,), generator=gen).tolist()
+    flat = make_grad((sum(sizes),), seed=3)
+    grads = [t.clone() for t in flat.split(sizes)]
+    inputs = [g.clone() for g in grads]
+    znorm_kernels.znorm_(grads, backend="cpu")
+    got = torch.cat(grads).double()
+    expected = torch.cat([float64_znorm(x) for x in inputs])
+    assert (got - expected).abs().max().item() <= 1e-5
+
+
+@needs_ext
+def test_mixed_dtypes_in_one_op_call():
+    # The dispatcher groups by dtype, but the op takes any mix, and keeps each tensor's own dtype.
+    grads = [
+        make_grad((n,), DTYPES[i % 4], seed=i) for i, n in enumerate([5, 300, CPU_CHUNK + 9, 2, 1000, 77])
+    ]
+    inputs = [g.clone() for g in grads]
+    _op(grads)
+    for g, x in zip(grads, inputs):
+        assert g.dtype == x.dtype
+        assert_close_to_float64(g, x)
+
+
+@needs_ext
+def test_layouts_of_a_multi_chunk_tensor_in_place():
+    base = make_grad((64, 40, 3, 3), seed=5)  # 23,040 elements: two chunks
+    cases = {
+        "channels_last": base.clone().to(memory_format=torch.channels_last),
+        "permuted": base.clone().permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1),
+    }
+    holder = torch.zeros(64, 40, 3, 7)
+    holder[..., 1:7:2] = base
+    cases["non_dense"] = holder[..., 1:7:2]
+    for name, g in cases.items():
+        ident, strides, ptr = id(g), g.stride(), g.data_ptr()
+        _op([g])
+        assert (id(g), g.stride(), g.data_ptr()) == (ident, strides, ptr), name
+        assert_close_to_float64(g, base)
+    # The non-dense view's gaps keep their values.
+    assert torch.equal(holder[..., 0::2], torch.zeros(64, 40, 3, 4))
+
+
+@needs_ext
+def test_matches_reference_with_grad_scale_and_correction():
+    grads = [make_grad(s, seed=i) * 4096 for i, s in enumerate([(10,), (CPU_CHUNK * 2 + 1,), (8, 3, 3, 3)])]
+    expected = [g.clone() for g in grads]
+    scale = torch.tensor(4096.0)
+    reference.znorm_(expected, grad_scale=scale, correction=1)
+    znorm_kernels.znorm_(grads, backend="cpu", grad_scale=scale, correction=1)
+    for got, exp in zip(grads, expected):
+        torch.testing.assert_close(got, exp, atol=1e-5 * 4096, rtol=1e-5)
+
+
+@needs_ext
+def test_nan_in_a_multi_chunk_tensor_stays_there():
+    grads = [make_grad((2 * CPU_CHUNK + 3,)), make_grad((100,), seed=1)]
+    grads[0][CPU_CHUNK + 5] = float("nan")
+    x1 = grads[1].clone()
+    _op(grads)
+    assert torch.isnan(grads[0]).all()
+    assert_close_to_float64(grads[1], x1)
+
+
+@needs_ext
+def test_bad_input_to_the_op_is_an_error():
+    with pytest.raises(RuntimeError, match="dtype"):
+        _op([torch.zeros(4, dtype=torch.int32)])
+    with pytest.raises(RuntimeError, match="grad_scale"):
+        _op([make_grad((4,))], grad_scale=torch.ones(2))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Without the extension
+
+
+@pytest.fixture
+def not_built(monkeypatch):
+    """Simulate a checkout where the extension was never compiled."""
+
+    def missing():
+        raise ImportError("No module named 'znorm_kernels._C'", name="znorm_kernels._C")
+
+    monkeypatch.setattr(native_backend, "_import_extension", missing)
+    monkeypatch.setattr(dispatch, "_fallback_warned", False)
+    native_backend._loaded.cache_clear()
+    dispatch._cache_clear()
+    yield
+    monkeypatch.undo()
+    native_backend._loaded.cache_clear()
+    dispatch._cache_clear()
+
+
+def test_explicit_backend_without_extension_says_how_to_build(not_built):
+    for name in ("cpu", "cuda"):
+        why = native_backend.unavailable(name)
+        assert "not built" in why and "pip install --no-build-isolation -e ." in why and "CUDA_HOME" in why
+        assert name not in znorm_kernels.available_backends()
+    g = make_grad((10,))
+    before = g.clone()
+    with pytest.raises(RuntimeError, match=r"'cpu'.*not built.*pip install --no-build-isolation"):
+        znorm_kernels.znorm_([g], backend="cpu")
+    assert torch.equal(g, before)
+    with pytest.raises(RuntimeError, match="not built"):
+        native_backend.load()
+
+
+def test_auto_without_extension_warns_once_and_uses_reference(not_built):
+    grads = [make_grad((50,)), make_grad((7, 3), seed=1)]
+    expected = [g.clone() for g in grads]
+    reference.znorm_(expected)
+    with pytest.warns(RuntimeWarning, match="falls back to the pure-PyTorch reference.*not built"):
+        znorm_kernels.znorm_(grads)
+    for got, exp in zip(grads, expected):
+        assert torch.equal(got, exp)
+    dispatch._cache_clear()  # even when resolved afresh, the warning is not repeated
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        znorm_kernels.znorm_([make_grad((5,))])
+
+
+def test_cuda_backend_of_a_cpu_only_build(monkeypatch):
+    if not BUILT:
+        pytest.skip("znorm_kernels._C is not built")
+    monkeypatch.setattr(native_backend, "has_cuda_kernel", lambda: False)
+    why = native_backend.unavailable("cuda")
+    assert "built without CUDA" in why and "ZNORM_BUILD_CUDA" in why
+    assert native_backend.unavailable("cpu") is None
+
+
+def test_serves_only_its_device():
+    assert native_backend.serves("cpu", torch.device("cpu")) is None
+    assert "CPU" in native_backend.serves("cpu", torch.device("cuda"))
+    assert native_backend.serves("cuda", torch.device("cuda")) is None
+    assert "CUDA" in native_backend.serves("cuda", torch.device("cpu"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The CUDA kernel (only on a GPU)
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_matches_reference(dtype):
+    c = CUDA_CHUNK
+    sizes = [2, 3, 255, 256, 257, 1025, c - 1, c, c + 1, 2 * c, 2 * c + 1, 5 * c + 3, CPU_CHUNK + 1]
+    shapes = [(n,) for n in sizes] + [(64, 16, 3, 3), (10, 64)]
+    grads = [make_grad(s, dtype, "cuda", seed=i) for i, s in enumerate(shapes)]
+    expected = [g.clone() for g in grads]
+    reference.znorm_(expected)
+    inputs = [g.clone() for g in grads]
+    znorm_kernels.znorm_(grads, backend="cuda")
+    tol = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
+    for got, exp, x in zip(grads, expected, inputs):
+        torch.testing.assert_close(got, exp, atol=tol, rtol=tol)
+        assert_close_to_float64(got, x)
+
+
+@needs_gpu
+@pytest.mark.cuda
+def test_cuda_constant_layouts_many_and_deterministic():
+    const = torch.full((3 * CUDA_CHUNK + 5,), 0.1, device="cuda")
+    _op([const])
+    assert torch.equal(const, torch.zeros_like(const))
+
+    base = make_grad((64, 40, 3, 3), device="cuda", seed=2)
+    cl = base.clone().to(memory_format=torch.channels_last)
+    holder = torch.zeros(64, 40, 3, 7, device="cuda")
+    holder[..., 1:7:2] = base
+    view = holder[..., 1:7:2]
+    _op([cl, view])
+    assert_close_to_float64(cl, base)
+    assert_close_to_float64(view, base)
+    assert torch.equal(holder[..., 0], torch.zeros(64, 40, 3, device="cuda"))
+
+    sizes = torch.randint(2, 40, (5000,), generator=torch.Generator().manual_seed(0)).tolist()
+    flat = make_grad((sum(sizes),), device="cuda", seed=4)
+    runs = []
+    for _ in range(2):
+        grads = [t.clone() for t in flat.split(sizes)] + [make_grad((4 * CUDA_CHUNK + 1,), device="cuda")]
+        _op(grads)
+        runs.append(torch.cat([g.reshape(-1) for g in grads]))
+    assert torch.equal(runs[0], runs[1])
+    expected = torch.cat([float64_znorm(x) for x in flat.split(sizes)])
+    assert (runs[0][: sum(sizes)].double().cpu() - expected).abs().max().item() <= 1e-5
+
+
+@needs_gpu
+@pytest.mark.cuda
+def test_cuda_grad_scale_without_host_sync():
+    grads = [make_grad((s,), device="cuda", seed=s) * 65536 for s in (100, 3 * CUDA_CHUNK)]
+    inputs = [g.clone() for g in grads]
+    scale = torch.tensor(65536.0, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        znorm_kernels.znorm_(grads, backend="cuda", grad_scale=scale)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for g, x in zip(grads, inputs):
+        assert_close_to_float64(g, x, scale=65536.0)
+
+
+def _gpu_memory() -> int:
+    return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 0
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.slow
+@pytest.mark.skipif(_gpu_memory() < 24 * 2**30, reason="needs a GPU with 24 GiB")
+def test_cuda_bfloat16_beyond_int32_indexing():
+    n = 2**31 + 3
+    g = torch.empty(n, dtype=torch.bfloat16, device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    piece = 2**28
+    for start in range(0, n, piece):
+        g[start : start + piece].normal_(0.5, 2.0, generator=gen)
+    g[-3:] = torch.tensor([40.0, -40.0, 7.0], dtype=torch.bfloat16)  # distinctive values past 2**31
+    # Float64 statistics, piece by piece (shifted by 0.5, so the one-pass formula is exact enough in float64).
+    total, total_sq = 0.0, 0.0
+    for start in range(0, n, piece):
+        p64 = g[start : start + piece].double() - 0.5
+        total += p64.sum().item()
+        total_sq += (p64 * p64).sum().item()
+    mean = 0.5 + total / n
+    std = (total_sq / n - (total / n) ** 2) ** 0.5
+    check = torch.tensor([0, 1, 2**30, 2**31 - 1, 2**31, 2**31 + 1, 2**31 + 2], device="cuda")
+    before = g[check].double()
+    znorm_kernels.znorm_([g], backend="cuda")
+    got = g[check].double()
+    expected = (before - mean) / std
+    # Rule 10 plus slack for the float64 statistics' own summation: bfloat16 rounding dominates.
+    bound = 1e-4 + expected.abs() * 2**-8
+    assert ((got - expected).abs() <= bound).all(), (got, expected)
+    assert got[-3].item() > 15 and got[-2].item() < -15
