@@ -344,3 +344,21 @@ def test_idx_reader_rejects_bad_files(tmp_path):
         cdata.read_idx(tmp_path / "short")
     with pytest.raises(cdata.DataError, match="train-images-idx3-ubyte"):
         cdata.load_data("fashion-mnist", str(tmp_path), torch.device("cpu"))
+
+
+def test_amp_fp16_with_a_fused_optimizer_matches_the_unfused_one(tmp_path):
+    """GradScaler leaves a fused optimizer's gradients scaled; the ZNorm hook keeps the update the same."""
+    cfg = replace(TINY, amp="fp16", method="znorm", lr=0.01, epochs=2)
+    plain = run(cfg, tmp_path / "plain")
+    fused = run(replace(cfg, fused=True), tmp_path / "fused")
+    assert without_timings(plain)[0]["train_loss"] == pytest.approx(without_timings(fused)[0]["train_loss"])
+    a = load_checkpoint(tmp_path / "plain" / "checkpoint.pt")["model"]
+    b = load_checkpoint(tmp_path / "fused" / "checkpoint.pt")["model"]
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert np.isfinite(run(replace(cfg, amp="bf16"), tmp_path / "bf16")[-1]["train_loss"])
+
+
+def test_missing_cifar_says_how_to_get_it(tmp_path):
+    with pytest.raises(cdata.DataError, match="pass --download"):
+        cdata.load_data("cifar10", str(tmp_path), torch.device("cpu"))
