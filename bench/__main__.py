@@ -214,7 +214,14 @@ def main(argv: list[str] | None = None) -> int:
     backends = [b for b, why in whynot.items() if not why]
     alternatives = ["eager"] + ([] if not cuda or args.no_graphs else ["eager+graph"])
     compiled_alts = ["compiled"] + ([] if not cuda or args.no_graphs else ["compiled+graph"])
-    plists = {n: get_list(n) for n in lists}
+    plists = {}
+    for n in lists:
+        try:
+            plists[n] = get_list(n)
+        except ImportError as err:  # e.g. torchvision missing for resnet50: measure the others
+            print(f"warning: list {n} skipped: {err}", file=sys.stderr)
+    lists = [n for n in lists if n in plists]
+    compiled = [n for n in compiled if n in plists]
     cases = [(plists[n], d) for n in lists for d in dtypes]
     print(
         f"ZNorm benchmark on {device.type}: lists {', '.join(lists)}; dtypes {args.dtypes}; "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["ABS_TOL", "AccuracyError", "z_error"]
+__all__ = ["ABS_TOL", "AccuracyError", "z_error", "z_float64"]
 
 ABS_TOL = 1e-5
 
@@ -26,17 +26,22 @@ def _half_ulp(values: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.ldexp(torch.ones_like(values), exponent - mantissa_bits)
 
 
-def z_error(results: list[Tensor], inputs: list[Tensor], eps: float) -> tuple[float, float]:
-    """(max abs error, max of error minus allowed error) of ``results`` against the float64 z-scores of
-    ``inputs``; the second is <= 0 when every element is within SPEC rule 10's tolerance."""
+def z_float64(x: Tensor, eps: float) -> Tensor:
+    """The float64 z-scores of ``x``, flattened: (x - mean(x)) / (std(x) + eps), population std."""
+    v = x.detach().double().reshape(-1)
+    var, mean = torch.var_mean(v, correction=0)
+    return (v - mean) / (var.sqrt() + eps)
+
+
+def z_error(results: list[Tensor], expected: list[Tensor]) -> tuple[float, float]:
+    """(max abs error, max of error minus allowed error) of ``results`` against ``expected``, the float64
+    z-scores of the inputs (``z_float64``); the second is <= 0 when every element is within SPEC rule 10's
+    tolerance."""
     worst = 0.0
     worst_excess = float("-inf")
-    for out, x in zip(results, inputs):
-        if x.numel() < 2:
+    for out, z in zip(results, expected):
+        if out.numel() < 2:
             continue
-        v = x.detach().double().reshape(-1)
-        var, mean = torch.var_mean(v, correction=0)
-        z = (v - mean) / (var.sqrt() + eps)
         got = out.detach().double().reshape(-1)
         err = (got - z).abs()
         allowed = torch.full_like(z, ABS_TOL)

@@ -29,6 +29,9 @@ cd "$(dirname "$0")/.."
 mkdir -p "$OUT/logs"
 OUT="$(cd "$OUT" && pwd)"
 unset TRITON_INTERPRET
+# No registry is reachable there: let pip fail at once instead of retrying (setup-system tries to install
+# only what is missing, and builds the package in place without the network).
+export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 START=$(date +%s)
 SUMMARY="$OUT/summary.md"
 STEPS=()

@@ -1,0 +1,107 @@
+"""The benchmark's own logic, without timing: the accuracy gate, the parameter lists, the report."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import znorm_kernels
+from bench.alternatives import EPS, eager_loop
+from bench.check import z_error, z_float64
+from bench.param_lists import get_list
+from bench.report import derive, markdown
+from bench.suite import make_grads
+
+
+@pytest.mark.parametrize(
+    ("name", "tensors", "elements"),
+    [
+        ("resnet56", 167, 853_018),
+        ("resnet110", 329, 1_727_962),
+        ("resnet152", 455, 2_408_474),
+        ("resnet50", 161, 25_557_032),
+        ("llm", 147, 707_325_952),
+        ("llm-d512", 147, 63_585_280),
+        ("plain100m", 1, 100_000_000),
+    ],
+)
+def test_lists_match_perf_md(name: str, tensors: int, elements: int) -> None:
+    if name == "resnet50":
+        pytest.importorskip("torchvision")
+    plist = get_list(name)
+    assert (plist.tensors, plist.elements) == (tensors, elements)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_check_accepts_the_reference_and_rejects_an_error(dtype: torch.dtype) -> None:
+    inputs = make_grads([(300,), (17, 9), (4, 3, 3, 3)], "cpu", dtype)
+    expected = [z_float64(x, EPS) for x in inputs]
+    grads = [x.clone() for x in inputs]
+    znorm_kernels.znorm_(grads, eps=EPS, backend="reference")
+    err, excess = z_error(grads, expected)
+    assert excess <= 0 and err < 0.02
+    wrong = [g.clone() for g in grads]
+    wrong[1].view(-1)[5] += 0.1  # one element off by far more than half a bf16 ulp
+    assert z_error(wrong, expected)[1] > 0
+    nan = [g.clone() for g in grads]
+    nan[2].view(-1)[0] = float("nan")
+    assert z_error(nan, expected)[1] > 0
+
+
+def test_eager_loop_is_the_formula() -> None:
+    inputs = make_grads([(1000,), (8, 8)], "cpu", torch.float32)
+    grads = [x.clone() for x in inputs]
+    eager_loop(grads)
+    assert z_error(grads, [z_float64(x, EPS) for x in inputs])[1] <= 0
+
+
+def test_report_derives_ratios() -> None:
+    base = {"list": "l", "label": "L", "dtype": "float32", "tensors": 1, "elements": 1000, "device": "cpu"}
+    rows = [
+        {
+            **base,
+            "method": "eager",
+            "ours": False,
+            "device_us": 100.0,
+            "hook_us": 110.0,
+            "hook_host_us": 110.0,
+            "launches": 5,
+            "launches_what": "ops",
+            "max_err": 1e-7,
+            "error": None,
+        },
+        {
+            **base,
+            "method": "cpu",
+            "ours": True,
+            "device_us": 10.0,
+            "hook_us": 12.0,
+            "hook_host_us": 12.0,
+            "launches": 1,
+            "launches_what": "ops",
+            "max_err": 1e-7,
+            "error": None,
+        },
+    ]
+    derive(rows, {"l/float32": {"copy_gbps": 2.4}})
+    assert rows[1]["x_best_alt"] == pytest.approx(10.0)
+    assert rows[1]["gbps"] == pytest.approx(12_000 / 10e-6 / 1e9)
+    assert rows[1]["copy_frac"] == pytest.approx(0.5)
+    assert "**cpu**" in markdown(rows, {"l/float32": {"copy_gbps": 2.4}}, "cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU this would run the whole GPU check")
+def test_gpu_check_without_a_gpu_says_so(tmp_path) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("gpu_check.sh")
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "HOME": str(tmp_path)}
+    cmd = ["bash", str(script), str(tmp_path / "out")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 2, done.stdout + done.stderr
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "GPU present: NO" in summary
+    assert "| versions | 0 |" in summary
+    assert "| bench | - | 0 | skipped: no CUDA device |" in summary
