@@ -22,6 +22,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <optional>
 #include <vector>
@@ -29,6 +30,7 @@
 #include "znorm.h"
 
 namespace znorm {
+namespace {  // internal linkage: the loops are not exported from the shared library
 namespace cpu_baseline {
 #include "cpu_kernels.h"
 }  // namespace cpu_baseline
@@ -44,8 +46,6 @@ namespace cpu_avx2 {
 #undef ZNORM_F16C
 #pragma GCC pop_options
 #endif
-
-namespace {
 
 // Elements per work item: 64 KiB of float32, well inside L2, so the second statistics pass and, for small
 // tensors, the normalize pass read from cache.
@@ -114,7 +114,12 @@ void run_items(int64_t count, int64_t total_elems, const F& fn) {
 
 bool use_avx2() {
 #ifdef ZNORM_HAVE_AVX2_COPY
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  // ZNORM_CPU_ISA=baseline forces the portable loops (tests check both give bitwise the same values).
+  static const bool yes = [] {
+    const char* isa = std::getenv("ZNORM_CPU_ISA");
+    if (isa != nullptr && std::strcmp(isa, "baseline") == 0) return false;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  }();
   return yes;
 #else
   return false;

@@ -85,7 +85,8 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(TableView table, double
   const int64_t t = table.owner(chunk);
   const T* __restrict__ x = reinterpret_cast<const T*>(table.ptr(t));
   const int64_t begin = (chunk - table.first_chunk(t)) * kChunk;
-  const int64_t end = ::min(table.numel(t), begin + kChunk);
+  const int64_t n = table.numel(t);
+  const int64_t end = begin + kChunk < n ? begin + kChunk : n;  // 64-bit throughout
   const A shift = to_acc(x[0]);
 
   A acc[kUnroll] = {};
@@ -161,7 +162,8 @@ __global__ void __launch_bounds__(kThreads) normalize_kernel(TableView table, co
   const int64_t t = table.owner(chunk);
   T* __restrict__ x = reinterpret_cast<T*>(table.ptr(t));
   const int64_t begin = (chunk - table.first_chunk(t)) * kChunk;
-  const int64_t end = ::min(table.numel(t), begin + kChunk);
+  const int64_t n = table.numel(t);
+  const int64_t end = begin + kChunk < n ? begin + kChunk : n;  // 64-bit throughout
   const A shift = static_cast<A>(finals[3 * t]);
   const A mean = static_cast<A>(finals[3 * t + 1]);
   const A mult = static_cast<A>(finals[3 * t + 2]);

@@ -8,6 +8,8 @@ messages when the extension is missing, and, on a GPU, the CUDA kernel against t
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -154,6 +156,38 @@ def test_bitwise_equal_for_one_and_two_threads(dtype):
             assert torch.equal(a, b)
     for g, x in zip(results[0], inputs):
         assert_close_to_float64(g, x)
+
+
+_ISA_SCRIPT = """
+import sys, torch
+import znorm_kernels._C  # registers the op
+from tests.utils import DTYPES, make_grad
+shapes = [(3 * 16384 + 17,), (64, 32, 3, 3), (100,), (7,)]
+out = []
+for k, dtype in enumerate(DTYPES):
+    gs = [make_grad(s, dtype, seed=k * 10 + i) for i, s in enumerate(shapes)]
+    torch.ops.znorm_kernels_C.znorm_(gs, 1e-10, 0.0, None)
+    out += gs
+torch.save(out, sys.argv[1])
+"""
+
+
+@needs_ext
+@pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"), reason="no AVX2: one version only"
+)
+def test_baseline_and_avx2_loops_bitwise_equal(tmp_path):
+    # csrc/znorm_cpu.cpp compiles its loops twice (portable and AVX2) and picks one at run time; the lane
+    # structure and -ffp-contract=off make them round alike. ZNORM_CPU_ISA=baseline forces the portable one.
+    results = []
+    for isa in ("baseline", "auto"):
+        env = {**os.environ, "ZNORM_CPU_ISA": isa}
+        path = tmp_path / f"{isa}.pt"
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(path)], env=env, cwd=root, check=True)
+        results.append(torch.load(path))
+    for a, b in zip(*results):
+        assert torch.equal(a, b), a.dtype
 
 
 @needs_ext
