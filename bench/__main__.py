@@ -4,7 +4,7 @@ First every backend of ours that can serve the device is checked against the flo
 to be timed (SPEC rule 10; the run stops with exit code 1 if one is off). Then, per parameter list and dtype,
 every alternative (bench/alternatives.py) and every backend of ours is timed on the same gradients, the
 copy bandwidth of the same bytes is measured, and one ResNet-56 training step is timed with and without
-ZNorm. Compiled alternatives run last, so a time budget (--budget-s) drops them first.
+ZNorm. With a time budget (--budget-s) the compiled alternatives run last, so the budget drops them first.
 
 Output: the markdown tables on stdout, and results.md, results.json and chart.png in --out (default
 bench/results/<date>-<device>/), rewritten after each case so an interrupted run keeps what it measured.
@@ -35,8 +35,8 @@ import znorm_kernels
 from bench.alternatives import our_backends
 from bench.check import AccuracyError
 from bench.param_lists import get_list
-from bench.report import derive, markdown, plot, train_markdown, write_json
-from bench.suite import CaseOptions, copy_case, run_case
+from bench.report import derive, markdown, plot, targets_markdown, train_markdown, write_json
+from bench.suite import CaseOptions, run_case
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -60,11 +60,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph alternatives")
     p.add_argument("--repeats", type=int, help="timed repeats per measurement (default CPU 20, CUDA 100)")
     p.add_argument("--max-seconds", type=float, default=1.0, help="time cap per CPU measurement (default 1)")
-    p.add_argument("--budget-s", type=float, help="after this many seconds, skip the compiled alternatives")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        help="time compiled alternatives after all else, and skip those not started within this many seconds",
+    )
     p.add_argument("--no-check", action="store_true", help="skip the accuracy check (not for recorded runs)")
     p.add_argument("--no-train", action="store_true", help="skip the training-step view")
     p.add_argument("--train-batch", type=int, help="training-step batch (default CUDA 256, CPU 32)")
-    p.add_argument("--train-steps", type=int, help="timed steps per variant (default CUDA 30, CPU 6)")
+    p.add_argument("--train-steps", type=int, help="timed steps per variant (default CUDA 30, CPU 9)")
     p.add_argument(
         "--threads",
         default="auto",
@@ -208,7 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path("bench/results") / f"{dt.datetime.now():%Y%m%d-%H%M%S}-{device.type}"
     out.mkdir(parents=True, exist_ok=True)
     env = environment(device)
-    deadline = start + args.budget_s if args.budget_s else None
+    deadline = start + args.budget_s if args.budget_s is not None else None
+    # With a time budget the compiled alternatives (minutes of compilation) run last, so the budget drops
+    # them first; otherwise they are timed side by side with the rest (round-robin on the CPU).
+    late = deadline is not None
 
     whynot = our_backends(device)
     backends = [b for b, why in whynot.items() if not why]
@@ -232,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         if why:
             print(f"  backend {b}: {why}", file=sys.stderr)
 
-    total = len(cases) * (1 if args.no_check else 2) + len(compiled) * len(dtypes)
+    total = len(cases) * (1 if args.no_check else 2) + (len(compiled) * len(dtypes) if late else 0)
     progress = Progress(total, not args.no_progress)
     opts = CaseOptions(
         reps=reps, max_s=args.max_seconds, check=not args.no_check, progress=progress.step, deadline=deadline
@@ -257,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
         text = "# ZNorm benchmark\n\n" + header(env) + "\n" + markdown(rows, copies, device.type)
         if payload["train_step"]:
             text += "\n" + train_markdown(payload["train_step"])
+        targets = targets_markdown(rows, payload["train_step"], device.type)
+        if targets:
+            text += "\n" + targets
         if payload["status"] != "ok":
             text += f"\nStatus: {payload['status']}\n"
         payload["elapsed_s"] = round(time.monotonic() - start, 1)
@@ -281,9 +291,9 @@ def main(argv: list[str] | None = None) -> int:
                 progress.advance()
             payload["timeline"].append(["accuracy check", round(time.monotonic() - start, 1)])
         for plist, dtype in cases:
-            progress.step(f"{plist.name} {str(dtype)[6:]} copy bandwidth")
-            copies[f"{plist.name}/{str(dtype)[6:]}"] = copy_case(plist, dtype, device, opts)
-            rows += run_case(plist, dtype, device, alternatives, backends, opts)
+            copy = copies[f"{plist.name}/{str(dtype)[6:]}"] = {}
+            alts = alternatives + (compiled_alts if plist.name in compiled and not late else [])
+            rows += run_case(plist, dtype, device, alts, backends, opts, copy_into=copy)
             save(f"{plist.name}/{str(dtype)[6:]}")
             progress.advance()
         if not args.no_train:
@@ -292,14 +302,14 @@ def main(argv: list[str] | None = None) -> int:
 
             try:
                 payload["train_step"] = time_training_step(
-                    device, args.train_batch or (256 if cuda else 32), args.train_steps or (30 if cuda else 6)
+                    device, args.train_batch or (256 if cuda else 32), args.train_steps or (30 if cuda else 9)
                 )
             except Exception as err:  # report it, keep the kernel figures
                 payload["train_step_error"] = f"{type(err).__name__}: {err}"
                 print(f"warning: training step failed: {err}", file=sys.stderr)
             save("training step")
         for plist, dtype in cases:
-            if plist.name not in compiled:
+            if plist.name not in compiled or not late:
                 continue
             new = run_case(plist, dtype, device, compiled_alts, [], opts)
             # Keep each case's rows together: insert before the case's first row of ours.

@@ -14,7 +14,7 @@ import json
 import math
 from pathlib import Path
 
-__all__ = ["derive", "markdown", "plot", "write_json"]
+__all__ = ["derive", "markdown", "plot", "targets_markdown", "train_markdown", "write_json"]
 
 
 def _case_key(row: dict) -> tuple[str, str]:
@@ -193,3 +193,75 @@ def plot(rows: list[dict], cases: dict[str, dict], path: Path, title: str) -> No
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def targets_markdown(rows: list[dict], train: dict | None, device: str) -> str:
+    """PERF.md's targets that this run's figures speak to, each with the measured value and whether it is met
+    (empty when none applies)."""
+    out: list[str] = []
+
+    def add(target: str, method: str, measured: str, met: bool) -> None:
+        out.append(f"| {target} | {method} | {measured} | {'yes' if met else 'NO'} |")
+
+    for row in rows:
+        if not row["ours"] or row["error"] or not row["device_us"] or row["method"] == "reference":
+            continue
+        name, dtype, m = row["list"], row["dtype"], row["method"]
+        if device == "cpu" and name == "resnet56" and m == "cpu":
+            if row.get("x_eager"):
+                add(
+                    f"ResNet-56 {dtype}: >= 5x the eager loop",
+                    m,
+                    f"{row['x_eager']:.2f}x",
+                    row["x_eager"] >= 5,
+                )
+            if row.get("x_compiled"):
+                add(
+                    f"ResNet-56 {dtype}: >= 1.5x torch.compile",
+                    m,
+                    f"{row['x_compiled']:.2f}x",
+                    row["x_compiled"] >= 1.5,
+                )
+        if device == "cuda" and name == "resnet56":
+            add(
+                f"ResNet-56 {dtype}: <= 12 µs device time",
+                m,
+                f"{row['device_us']:.1f} µs",
+                row["device_us"] <= 12,
+            )
+            if row["hook_us"]:
+                add(
+                    f"ResNet-56 {dtype}: <= 50 µs host time through the hook",
+                    m,
+                    f"{row['hook_us']:.1f} µs",
+                    row["hook_us"] <= 50,
+                )
+        if device == "cuda" and name == "llm" and row.get("copy_frac"):
+            add(
+                f"LLM 707 M {dtype}: >= 90% of the copy bandwidth",
+                m,
+                f"{row['copy_frac']:.0%}",
+                row["copy_frac"] >= 0.9,
+            )
+            if row.get("x_compiled"):
+                add(
+                    f"LLM 707 M {dtype}: faster than torch.compile",
+                    m,
+                    f"{row['x_compiled']:.2f}x",
+                    row["x_compiled"] > 1,
+                )
+    if train and device == "cuda":
+        base = train["variants"].get("no ZNorm")
+        for name, ms in train["variants"].items():
+            if name.startswith("znorm_kernels") and base and ms:
+                over = (ms - base) / base
+                add("ResNet-56 training step: < 1% overhead", name, f"{over:+.1%}", over < 0.01)
+    if not out:
+        return ""
+    head = [
+        "PERF.md targets, from this run's figures:",
+        "",
+        "| target | ours | measured | met |",
+        "|---|---|---|---|",
+    ]
+    return "\n".join(head + out) + "\n"

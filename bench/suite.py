@@ -19,7 +19,7 @@ from torch import Tensor
 from bench.alternatives import EPS, Method, alternative_method, our_method
 from bench.check import AccuracyError, z_error, z_float64
 from bench.param_lists import ParamList
-from bench.timing import copy_bandwidth, count_launches, device_times, host_times, sync
+from bench.timing import count_launches, device_times, host_times, sync
 
 __all__ = ["CaseOptions", "NullStepOptimizer", "make_grads", "run_case"]
 
@@ -80,13 +80,6 @@ def _row(plist: ParamList, dtype: torch.dtype, device: torch.device, method: str
     }
 
 
-def copy_case(plist: ParamList, dtype: torch.dtype, device: torch.device, opts: CaseOptions) -> dict:
-    """The copy bandwidth measured for this case's bytes (same dtype size times elements)."""
-    nbytes = plist.elements * torch.tensor([], dtype=dtype).element_size()
-    bw, seconds = copy_bandwidth(nbytes, device, reps=opts.reps, max_s=opts.max_s)
-    return {"copy_bytes": nbytes, "copy_us": seconds * 1e6, "copy_gbps": bw / 1e9}
-
-
 def run_case(
     plist: ParamList,
     dtype: torch.dtype,
@@ -95,12 +88,14 @@ def run_case(
     backends: list[str],
     opts: CaseOptions,
     check_only: bool = False,
+    copy_into: dict | None = None,
 ) -> list[dict]:
     """Rows for the alternatives ``methods`` and our ``backends`` on ``plist`` in ``dtype`` on ``device``.
 
     Our backends are checked first (AccuracyError if one is outside SPEC rule 10's tolerance; with
     ``check_only`` nothing else is done); an alternative that fails to build (e.g. compilation) gets a row
-    with its error instead of times.
+    with its error instead of times. With ``copy_into``, a ``copy_`` of the same bytes between two buffers is
+    timed alongside the methods (round-robin with them on the CPU) and its figures stored there.
     """
     inputs = make_grads(plist.shapes, device, dtype, opts.seed)
     grads = [x.clone() for x in inputs]
@@ -167,8 +162,17 @@ def run_case(
     if not built:
         return rows
     opts.progress(f"{plist.name} {dtype_name} time {', '.join(row['method'] for row, _ in built)}")
+    fns = [m.run for _, m in built]
+    if copy_into is not None:
+        n = max(1, plist.elements * inputs[0].element_size() // 4)
+        src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
+        fns.insert(0, lambda: dst.copy_(src))
     try:
-        times = device_times([m.run for _, m in built], device, reps=opts.reps, max_s=opts.max_s)
+        times = device_times(fns, device, reps=opts.reps, max_s=opts.max_s)
+        if copy_into is not None:
+            t = times.pop(0)
+            copy_into.update(copy_bytes=4 * n, copy_us=t * 1e6, copy_gbps=2 * 4 * n / t / 1e9)
+            del src, dst
         for (row, _), t in zip(built, times):
             row["device_us"] = t * 1e6
     except Exception as err:

@@ -5,8 +5,6 @@
 - ``host_time``: wall clock around a call with the device synchronized before; returns the median with the
   device synchronized after too ("synced": what the caller waits for) and without ("enqueue": the host's own
   cost; on the CPU, where work is synchronous, the two are the same measurement).
-- ``copy_bandwidth``: a device-to-device ``copy_`` of the same bytes (on the CPU, between two buffers), in
-  bytes read + written per second.
 - ``count_launches``: one call under torch.profiler; on CUDA the kernels (and memsets/memcpys) it runs, on
   the CPU the aten operators it dispatches at top level (the CPU has no launches).
 """
@@ -21,7 +19,6 @@ from collections.abc import Callable
 import torch
 
 __all__ = [
-    "copy_bandwidth",
     "count_launches",
     "device_time",
     "device_times",
@@ -156,18 +153,6 @@ def host_times(
     if torch.device(device).type != "cuda":
         return [(synced, synced) for synced, _ in out]
     return out
-
-
-def copy_bandwidth(
-    nbytes: int, device: torch.device | str, *, reps: int = 50, max_s: float = 2.0
-) -> tuple[float, float]:
-    """(bytes per second, seconds per copy) of ``dst.copy_(src)`` for two buffers of ``nbytes`` each on
-    ``device``; the rate counts the bytes read plus the bytes written (2 * nbytes per copy)."""
-    n = max(1, nbytes // 4)
-    src = torch.randn(n, device=device)
-    dst = torch.empty_like(src)
-    seconds = device_time(lambda: dst.copy_(src), device, reps=reps, max_s=max_s)
-    return 2 * n * 4 / seconds, seconds
 
 
 def count_launches(
