@@ -63,16 +63,17 @@ def compiled_loop(key: tuple) -> Callable[[list[Tensor]], None]:
 
 
 def graphed(fn: Callable[[list[Tensor]], None], grads: list[Tensor]) -> Callable[[], None]:
-    """Capture ``fn(grads)`` once in a CUDA graph (after warm-up on a side stream); returns its replay."""
+    """Capture ``fn(grads)`` once in a CUDA graph (after warm-up on a side stream); returns its replay.
+    Runs under no_grad, as every other call of ``fn`` does (a compiled fn would recompile on a change)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
+    with torch.no_grad(), torch.cuda.stream(stream):
         for _ in range(3):
             fn(grads)
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.no_grad(), torch.cuda.graph(graph):
         fn(grads)
     torch.cuda.synchronize()
     return graph.replay

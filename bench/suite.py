@@ -167,17 +167,30 @@ def run_case(
         n = max(1, plist.elements * inputs[0].element_size() // 4)
         src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
         fns.insert(0, lambda: dst.copy_(src))
-    try:
-        times = device_times(fns, device, reps=opts.reps, max_s=opts.max_s)
-        if copy_into is not None:
-            t = times.pop(0)
+    if device.type == "cuda":  # one at a time: a failure costs only that method's figures
+        times: list[float | Exception] = []
+        for fn in fns:
+            try:
+                times.append(device_times([fn], device, reps=opts.reps, max_s=opts.max_s)[0])
+            except Exception as err:
+                times.append(err)
+    else:  # round-robin, so that a shared machine's load hits every method alike
+        try:
+            times = list(device_times(fns, device, reps=opts.reps, max_s=opts.max_s))
+        except Exception as err:
+            times = [err] * len(fns)
+    if copy_into is not None:
+        t = times.pop(0)
+        if not isinstance(t, Exception):
             copy_into.update(copy_bytes=4 * n, copy_us=t * 1e6, copy_gbps=2 * 4 * n / t / 1e9)
-            del src, dst
-        for (row, _), t in zip(built, times):
+        del src, dst
+    for (row, _), t in zip(built, times):
+        if isinstance(t, Exception):
+            row["error"] = f"{type(t).__name__}: {t}".splitlines()[0][:300]
+        else:
             row["device_us"] = t * 1e6
-    except Exception as err:
-        for row, _ in built:
-            row["error"] = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+    built = [(row, m) for row, m in built if not row["error"]]
+    if not built:
         return rows
     for row, m in built:
         row["launches"], row["launches_what"] = count_launches(m.run, device, warm=False)
