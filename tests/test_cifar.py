@@ -65,7 +65,9 @@ def test_each_method_and_optimizer_trains_an_epoch(tmp_path, optimizer, method):
     assert (m["treatment_seconds"] > 0) == (method != "baseline")
     for name in ("config.json", "metrics.jsonl", "checkpoint.pt", "curves.png"):
         assert (tmp_path / name).is_file()
-    assert json.loads((tmp_path / "config.json").read_text())["method"] == method
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["method"] == method
+    assert (saved["_resolved"]["znorm_backend"] is not None) == (method == "znorm")
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1]
 
@@ -248,6 +250,7 @@ def test_lr_spec():
         (["--model", "vgg16"], "unknown model 'vgg16'"),
         (["--dataset", "fashion-mnist", "--data", "/nonexistent/fm"], "does not exist"),
         (["--znorm-backend", "nope", "--method", "znorm"], "unknown --znorm-backend"),
+        (["--znorm-backend", "cuda", "--method", "znorm", "--device", "cpu"], "--znorm-backend cuda: "),
         (["--epochs", "0"], "--epochs must be > 0"),
         (["--val-split", "2"], "--val-split must be a count in 1..1"),
         (["--grid", "--seeds", "0,x"], "--seeds must be comma-separated integers"),

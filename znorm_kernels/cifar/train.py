@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import register, register_clip, register_gc
+from ..dispatch import resolve_backend
 from .data import (
     DATASETS,
     DataError,
@@ -357,6 +358,12 @@ def train(
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    znorm_backend = None
+    if cfg.method == "znorm":
+        try:
+            znorm_backend = resolve_backend(cfg.znorm_backend, device)
+        except (ValueError, RuntimeError) as err:
+            raise UsageError(f"--znorm-backend {cfg.znorm_backend}: {err}") from err
     out = Path(out_dir)
     ckpt_path = out / CHECKPOINT
     ckpt = None
@@ -426,6 +433,7 @@ def train(
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "torch": torch.__version__,
         "cpu_threads": torch.get_num_threads(),
+        "znorm_backend": znorm_backend,
         "data": data.info,
         "steps_per_epoch": steps,
         "last_batch": last_batch_note(len(data.train), cfg.batch_size, drop_last),
