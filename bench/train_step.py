@@ -2,8 +2,8 @@
 pre-hook, and with our hook, and the overhead of each.
 
 SGD with momentum 0.9; on CUDA batch 256, bf16 autocast and channels_last; on the CPU float32 and a smaller
-batch. The variants share one model and optimizer and are interleaved (a few steps of each in turn, several
-rounds), so drift of a shared machine hits them alike; the figure is the median step time, device
+batch. The variants share one model and optimizer and are interleaved (one step of each in turn, round after
+round), so drift of a shared machine hits them alike; the figure is the median step time, device
 synchronized after each step. The data are random (timing only).
 """
 
@@ -24,9 +24,12 @@ __all__ = ["time_training_step"]
 
 
 def time_training_step(
-    device: torch.device, batch: int, steps: int, rounds: int = 3, backend: str = "auto"
+    device: torch.device, batch: int, steps: int, rounds: int | None = None, backend: str = "auto"
 ) -> dict:
-    """Median ms per step for each variant, and the set-up used."""
+    """Median ms per step for each variant, and the set-up used: ``steps`` timed steps per variant in
+    ``rounds`` rounds (default: one step per variant per round, the finest interleaving), after a warm-up
+    round of 2 steps each."""
+    rounds = rounds or steps
     torch.manual_seed(0)
     cuda = device.type == "cuda"
     fmt = torch.channels_last if cuda else torch.contiguous_format
