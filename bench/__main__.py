@@ -11,7 +11,8 @@ bench/results/<date>-<device>/), rewritten after each case so an interrupted run
 
 Defaults: on the CPU, ResNet-56 and the LLM-shaped list scaled to d=512, float32 and bfloat16, torch.compile
 for ResNet-56 only (a couple of minutes on a 2-core machine); on CUDA, ResNet-56 and the full LLM list.
---full: every list (ResNet-56/110/152, ResNet-50, LLM, one 100 M-element tensor).
+--full: every list (ResNet-56/110/152, ResNet-50, LLM, one 100 M-element tensor), on the CPU all compiled
+(expect 10-20 minutes there: each compilation takes most of a minute).
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the profiler's start/stop lines off the output
 
 import torch
 
