@@ -105,3 +105,91 @@ def test_gpu_check_without_a_gpu_says_so(tmp_path) -> None:
     assert "GPU present: NO" in summary
     assert "| versions | 0 |" in summary
     assert "| bench | - | 0 | skipped: no CUDA device |" in summary
+
+
+def test_cuda_report_and_targets() -> None:
+    from bench.report import targets_markdown, train_markdown
+
+    base = {"label": "L", "tensors": 167, "elements": 853_018, "device": "cuda", "launches_what": "kernels"}
+    common = {"launches": 1, "max_err": 1e-7, "error": None}
+    rows = [
+        {
+            **base,
+            **common,
+            "list": "resnet56",
+            "dtype": "float32",
+            "method": "eager",
+            "ours": False,
+            "device_us": 7927.0,
+            "hook_us": 8000.0,
+            "hook_host_us": 7000.0,
+        },
+        {
+            **base,
+            **common,
+            "list": "resnet56",
+            "dtype": "float32",
+            "method": "compiled",
+            "ours": False,
+            "device_us": 3218.0,
+            "hook_us": 3300.0,
+            "hook_host_us": 300.0,
+        },
+        {
+            **base,
+            **common,
+            "list": "resnet56",
+            "dtype": "float32",
+            "method": "triton",
+            "ours": True,
+            "device_us": 11.0,
+            "hook_us": 60.0,
+            "hook_host_us": 30.0,
+        },
+        {
+            **base,
+            **common,
+            "list": "llm",
+            "dtype": "float32",
+            "method": "triton",
+            "ours": True,
+            "elements": 707_325_952,
+            "device_us": 3100.0,
+            "hook_us": 3200.0,
+            "hook_host_us": 40.0,
+        },
+        {
+            **base,
+            **common,
+            "list": "llm",
+            "dtype": "float32",
+            "method": "compiled+graph",
+            "ours": False,
+            "elements": 707_325_952,
+            "device_us": None,
+            "hook_us": None,
+            "hook_host_us": None,
+            "error": "skipped: time budget spent",
+        },
+    ]
+    cases = {"resnet56/float32": {"copy_gbps": 3000.0}, "llm/float32": {"copy_gbps": 3000.0}}
+    derive(rows, cases)
+    text = markdown(rows, cases, "cuda")
+    assert "hook host µs" in text and "skipped: time budget spent" in text
+    train = {
+        "batch": 256,
+        "steps": 30,
+        "precision": "bf16 autocast",
+        "memory_format": "channels_last",
+        "variants": {
+            "no ZNorm": 20.8,
+            "eager loop (step pre-hook)": 28.8,
+            "znorm_kernels.register (backend triton)": 20.9,
+        },
+    }
+    assert "+38.5%" in train_markdown(train)
+    targets = targets_markdown(rows, train, "cuda")
+    assert "| ResNet-56 float32: <= 12 µs device time | triton | 11.0 µs | yes |" in targets
+    assert "| ResNet-56 float32: <= 50 µs host time through the hook | triton | 60.0 µs | NO |" in targets
+    assert "LLM 707 M float32: >= 90% of the copy bandwidth | triton | 91% | yes" in targets
+    assert "< 1% overhead" in targets
