@@ -120,6 +120,13 @@ build() {
 export -f build
 
 if ((HAVE_GPU)); then
+    # Compile the CUDA kernel for this card only (setup.py's default is two archs), with every core.
+    if [[ -z "${ZNORM_CUDA_ARCHS:-}" ]]; then
+        ZNORM_CUDA_ARCHS="$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')"
+        export ZNORM_CUDA_ARCHS
+    fi
+    export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+    echo "building for ZNORM_CUDA_ARCHS=$ZNORM_CUDA_ARCHS with MAX_JOBS=$MAX_JOBS"
     run_step build 150 build
     run_step tests 110 "$PY" -m pytest tests -q -rs -p no:cacheprovider --durations=15
     # The benchmark stops starting compiled alternatives 40 s before its own limit and saves after each
