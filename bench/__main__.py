@@ -125,7 +125,7 @@ def environment(device: torch.device) -> dict:
         pass
     env = {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python -m bench " + shlex.join(sys.argv[1:]),
+        "command": ("python -m bench " + shlex.join(sys.argv[1:])).strip(),
         "device": device.type,
         "cpu": f"{cpu}, {os.cpu_count()} logical cores",
         "torch_threads": torch.get_num_threads(),
@@ -135,6 +135,31 @@ def environment(device: torch.device) -> dict:
         "triton": triton_version,
         "available_backends": znorm_kernels.available_backends(),
     }
+    try:
+        git = ["git", "-C", str(Path(__file__).resolve().parent.parent)]
+        head = subprocess.run(
+            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            [
+                *git,
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                "znorm_kernels",
+                "csrc",
+                "setup.py",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        env["commit"] = head.stdout.strip() + (
+            " + uncommitted library changes" if dirty.stdout.strip() else ""
+        )
+    except (OSError, subprocess.SubprocessError):
+        env["commit"] = "unknown"
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
@@ -159,7 +184,7 @@ def header(env: dict) -> str:
         f"Python {env['python']}, torch {env['torch']} ({env['torch_threads']} CPU threads; load average "
         f"{env['load_average_at_start']} at start), triton {env['triton']}; device {env['device']}; "
         f"available backends: {', '.join(env['available_backends'])}",
-        f"Date: {env['date']}. Command: `{env['command']}`",
+        f"Date: {env['date']}. Command: `{env['command']}`. Commit: {env['commit'] or 'unknown'}",
     ]
     return "\n".join(f"{line}  " for line in lines) + "\n"
 
