@@ -50,8 +50,11 @@ namespace cpu_avx2 {
 // Elements per work item: 64 KiB of float32, well inside L2, so the second statistics pass and, for small
 // tensors, the normalize pass read from cache.
 constexpr int64_t kChunk = 16384;
-// Below this many elements in all, one thread does everything: a parallel region costs more than it saves.
-constexpr int64_t kSerialBelow = 2 * kChunk;
+// Below this many elements in all (16 MiB of float32), one thread does everything. A parallel region ends
+// in a barrier that waits for every thread to have been scheduled: on a busy machine that wait is a scheduler
+// time slice (milliseconds; measured 12-16 ms per call on this project's shared 2-core box), far more than the
+// at most ~half of a few hundred microseconds that a second thread saves on a ResNet-sized list.
+constexpr int64_t kSerialBelow = int64_t{1} << 22;
 
 struct Item {
   int64_t first;  // batch: first tensor index; chunk: the tensor index

@@ -15,11 +15,13 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <limits>
+#include <mutex>
 #include <optional>
 #include <vector>
 
@@ -194,6 +196,14 @@ void launch(std::vector<Span>& spans, double eps, double correction, const doubl
   // Stream-ordered copy from pinned memory: no synchronization, and the caching host allocator keeps the
   // pinned block alive until the copy has run.
   const at::Tensor table = host.to(device, /*non_blocking=*/true);
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
+    // A captured CUDA graph replays this copy from this very host buffer: it must never be reused, so it is
+    // kept for the life of the process (one small table per capture).
+    static std::mutex mutex;
+    static std::vector<at::Tensor> kept;
+    const std::lock_guard<std::mutex> lock(mutex);
+    kept.push_back(host);
+  }
   const at::Tensor partials = at::empty({3 * chunks}, at::TensorOptions().dtype(at::kDouble).device(device));
   const at::Tensor finals = at::empty({3 * ntensors}, at::TensorOptions().dtype(at::kDouble).device(device));
   const TableView view{table.data_ptr<int64_t>(), ntensors};

@@ -23,6 +23,8 @@ from znorm_kernels import dispatch, native_backend, reference
 # around them; change them together.
 CPU_CHUNK = 16384
 CUDA_CHUNK = 8192
+# kSerialBelow in znorm_cpu.cpp: lists of fewer elements in all run on one thread.
+CPU_PARALLEL_FROM = 1 << 22
 
 BUILT = native_backend.unavailable("cpu") is None
 needs_ext = pytest.mark.skipif(not BUILT, reason="znorm_kernels._C is not built")
@@ -139,7 +141,9 @@ def test_constant_tensor_over_several_chunks_is_exactly_zero(dtype, value):
 @needs_ext
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_bitwise_equal_for_one_and_two_threads(dtype):
-    shapes = [(3 * CPU_CHUNK + 17,), (64, 32, 3, 3), *[(n,) for n in range(2, 300, 7)], (CPU_CHUNK,)]
+    # Enough elements in all for the parallel path; large tensors cut into chunks and small ones batched.
+    small = [(n,) for n in range(2, 300, 7)]
+    shapes = [(3 * CPU_CHUNK + 17,), (64, 32, 3, 3), *small, (CPU_PARALLEL_FROM + 5,)]
     inputs = [make_grad(s, dtype, seed=i) for i, s in enumerate(shapes)]
     before = torch.get_num_threads()
     results = []
@@ -394,6 +398,30 @@ def test_cuda_grad_scale_without_host_sync():
         torch.cuda.set_sync_debug_mode(0)
     for g, x in zip(grads, inputs):
         assert_close_to_float64(g, x, scale=65536.0)
+
+
+@needs_gpu
+@pytest.mark.cuda
+def test_cuda_graph_capture_and_replay():
+    # The table of addresses travels from pinned host memory; a captured graph replays that copy, so the
+    # buffer must outlive the capture (znorm_cuda.cu keeps it).
+    static = [make_grad((s,), device="cuda", seed=s) for s in (100, 3 * CUDA_CHUNK + 1)]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        _op([g.clone() for g in static])  # warm-up outside the capture, as torch.cuda.graphs asks
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _op(static)
+    for seed in (1, 2):
+        _op([torch.randn(1000, device="cuda") for _ in range(3)])  # other calls in between reuse buffers
+        fresh = [make_grad(tuple(g.shape), device="cuda", seed=seed * 100 + i) for i, g in enumerate(static)]
+        for st, f in zip(static, fresh):
+            st.copy_(f)
+        graph.replay()
+        for st, f in zip(static, fresh):
+            assert_close_to_float64(st, f)
 
 
 def _gpu_memory() -> int:
