@@ -7,9 +7,10 @@
 //   - a "chunk" item is kChunk elements of a large tensor: phase 1 writes its (count, mean, M2) partial to
 //     its own slot, phase 2 merges each tensor's partials in chunk order (serially, in double), phase 3
 //     normalizes the chunk.
-// Threads take items from an atomic counter (a shared, noisy machine balances better than a static split),
-// and an item's arithmetic does not depend on which thread runs it, nor do the merges (fixed order): the
-// result is bitwise the same for any thread count.
+// Threads take items from an atomic counter (a shared, noisy machine balances better than a static split);
+// lists of fewer than kSerialBelow elements run on the calling thread alone. An item's arithmetic does not
+// depend on which thread runs it, nor do the merges (fixed order): the result is bitwise the same for any
+// thread count.
 //
 // Statistics are shifted by the tensor's first element and accumulated in float32 (float64 for float64),
 // two passes per run (sum, then sum of centred squares), so a constant tensor gives exactly 0.

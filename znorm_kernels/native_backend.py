@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -98,7 +99,7 @@ def _run(tensors: list[Tensor], eps: float, correction: float, grad_scale: Tenso
         torch.ops.znorm_kernels_C.znorm_(tensors, eps, correction, grad_scale)
 
 
-def group_fn(name: str):
+def group_fn(name: str) -> Callable[[list[Tensor], float, float, Tensor | None], None]:
     """The function the dispatcher calls with a validated list of same-device, same-dtype tensors."""
     load()
     return _run
