@@ -51,6 +51,8 @@ def _pyplot():
 def plot_curves(metrics: list[dict], path: str | os.PathLike, title: str = "") -> None:
     """One run's loss and accuracy (train, val if any, test) against epoch, as a PNG."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
     epochs = [m["epoch"] for m in metrics]
     for split, style in (("train", "-"), ("val", ":"), ("test", "--")):
@@ -58,6 +60,8 @@ def plot_curves(metrics: list[dict], path: str | os.PathLike, title: str = "") -
             ax_loss.plot(epochs, [m[f"{split}_loss"] for m in metrics], style, marker=".", label=split)
             ax_acc.plot(epochs, [m[f"{split}_acc"] for m in metrics], style, marker=".", label=split)
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", yscale="log")
+    for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_acc.set(xlabel="epoch", ylabel="accuracy")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
@@ -155,6 +159,8 @@ def plot_test_accuracy(runs: list[Run], path: str | os.PathLike) -> None:
     """Test accuracy against epoch: a panel per (model, optimizer), a line per method (mean over seeds,
     shaded between the lowest and highest seed)."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     models = sorted({r.key[0] for r in runs}, key=_sort_key)
     optimizers = [o for o in OPTIMIZER_LABELS if any(r.key[2] == o for r in runs)]
     optimizers += sorted({r.key[2] for r in runs} - set(optimizers))
@@ -194,6 +200,7 @@ def plot_test_accuracy(runs: list[Run], path: str | os.PathLike) -> None:
                     )
             ax.set_title(f"{model}, {OPTIMIZER_LABELS.get(opt, opt)}")
             ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
             if j == 0:
                 ax.set_ylabel("test accuracy %")
