@@ -227,3 +227,34 @@ def test_several_programs_share_the_queue_and_the_last_resets(tb, monkeypatch, p
     plan = next(iter(tb._plans.values()))
     assert plan.programs == programs
     assert int(plan.counters.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_hook_steps_reuse_the_bound_plan(tb, launches, channels_last):
+    # The hook binds the group to the gradients' addresses; later steps skip the plan look-up.
+    from torch import nn
+
+    from znorm_kernels import reference
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.Flatten(), nn.LazyLinear(3))
+    net(torch.randn(2, 3, 8, 8))
+    net = net.to(DEVICE)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    znorm_kernels.register(opt, backend="triton")
+    for step in range(3):
+        opt.zero_grad(set_to_none=False)
+        x = torch.randn(2, 3, 8, 8, device=DEVICE)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        net(x).square().sum().backward()
+        expected = [p.grad.clone() for p in net.parameters()]
+        for e in expected:
+            reference.znorm_tensor_(e)
+        opt.step()
+        for p, e in zip(net.parameters(), expected):
+            torch.testing.assert_close(p.grad, e, atol=2e-6, rtol=0)
+        assert len(launches) == step + 1
+    assert len(tb._plans) == 1

@@ -318,7 +318,11 @@ class GradientGroups:
             addresses = None
         if addresses is None or addresses != self.addresses:
             self.addresses = None
-            _, self.plan = _plan(grads, self.backend, names)
+            _, plan = _plan(grads, self.backend, names)
+            # A backend may bind its group function to these addresses (``fn.bind``): cheaper next calls.
+            self.plan = [
+                (fn.bind([grads[i] for i in idx]) if hasattr(fn, "bind") else fn, idx) for fn, idx in plan
+            ]
             self.addresses = addresses
         for fn, idx in self.plan:
             fn([grads[i] for i in idx], self.eps, self.correction, grad_scale)
