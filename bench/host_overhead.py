@@ -1,0 +1,67 @@
+"""Host cost of the hook's Python path for the Triton backend, with the kernel launch replaced by a no-op.
+
+`python -m bench.host_overhead` runs on any machine (the Triton kernel never runs: under TRITON_INTERPRET=1
+the backend serves CPU tensors, and the launch is stubbed out), so the library's own host work per hook call
+(parameter selection, checks, grouping, plan look-up) can be tracked where no GPU is at hand. Triton's own
+launch cost comes on top; on a GPU, `python -m bench` measures the whole of it ("hook host µs").
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before the Triton kernel module is imported
+
+import torch
+
+import znorm_kernels
+from bench.param_lists import get_list
+from znorm_kernels import dispatch, triton_kernels
+
+
+class _NoLaunch:
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def _median_us(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--list", default="resnet56")
+    parser.add_argument("--repeats", type=int, default=500)
+    args = parser.parse_args()
+    triton_kernels.znorm_queue_kernel = _NoLaunch()
+    shapes = get_list(args.list).shapes
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = torch.optim.SGD(params, lr=0.0)
+    handle = znorm_kernels.register(opt, backend="triton")
+    hook = opt._optimizer_step_pre_hooks[handle.id]
+    grads = [p.grad for p in params]
+    rows = {
+        "hook call (unchanged gradients)": lambda: hook(opt, (), {}),
+        "znorm_(grads, backend='triton')": lambda: znorm_kernels.znorm_(grads, backend="triton"),
+        "input checks and grouping alone": lambda: dispatch.collect_indices(grads),
+    }
+    for fn in rows.values():  # warm up: plans built, caches filled
+        fn()
+    print(f"{args.list}: {len(params)} tensors; torch {torch.__version__}; median of {args.repeats} calls")
+    print("| path | host µs per call |\n|---|---|")
+    for name, fn in rows.items():
+        print(f"| {name} | {_median_us(fn, args.repeats):.1f} |")
+
+
+if __name__ == "__main__":
+    main()
