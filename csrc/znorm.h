@@ -2,9 +2,11 @@
 // (Chan et al.), and the span logic that lets a kernel work on a tensor's storage whatever its layout.
 #pragma once
 
+#include <ATen/core/ATen_fwd.h>
 #include <ATen/core/Tensor.h>
 #include <c10/macros/Macros.h>
 
+#include <array>
 #include <cmath>
 #include <vector>
 
@@ -66,5 +68,27 @@ struct Span {
     if (scratch.defined()) tensor.copy_(scratch);
   }
 };
+
+// The dtypes the op takes; spans_by_dtype fills one slot per entry, in this order.
+inline constexpr at::ScalarType kDtypes[4] = {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble};
+
+// The op's tensors as spans split by dtype, after checking that each is a strided tensor on `device` of a
+// supported dtype; tensors of fewer than 2 elements are left out (SPEC rule 2). The Python dispatcher passes
+// one device and dtype per call, but the op accepts any mix of dtypes.
+inline std::array<std::vector<Span>, 4> spans_by_dtype(at::TensorList tensors, const c10::Device& device) {
+  std::array<std::vector<Span>, 4> by_dtype;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    TORCH_CHECK(t.device() == device, "znorm_: tensor ", i, " is on ", t.device(), ", expected ", device);
+    TORCH_CHECK(t.layout() == at::kStrided, "znorm_: tensor ", i, " is not a dense (strided) tensor");
+    if (t.numel() < 2) continue;
+    int k = 0;
+    while (k < 4 && kDtypes[k] != t.scalar_type()) ++k;
+    TORCH_CHECK(k < 4, "znorm_: tensor ", i, " has dtype ", t.scalar_type(),
+                "; supported: float32, float16, bfloat16, float64");
+    by_dtype[k].emplace_back(t);
+  }
+  return by_dtype;
+}
 
 }  // namespace znorm

@@ -246,23 +246,10 @@ void znorm_cpu(at::TensorList tensors, double eps, double correction, const std:
   }
   const double* scale = scale_value ? &*scale_value : nullptr;
 
-  // Group by dtype (the dispatcher passes one dtype per call, but the op accepts any mix).
-  std::vector<Span> by_dtype[4];
-  const at::ScalarType kinds[4] = {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble};
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const at::Tensor& t = tensors[i];
-    TORCH_CHECK(t.device().is_cpu(), "znorm_: tensor ", i, " is on ", t.device(), ", expected CPU");
-    TORCH_CHECK(t.layout() == at::kStrided, "znorm_: tensor ", i, " is not a dense (strided) tensor");
-    if (t.numel() < 2) continue;
-    int k = 0;
-    while (k < 4 && kinds[k] != t.scalar_type()) ++k;
-    TORCH_CHECK(k < 4, "znorm_: tensor ", i, " has dtype ", t.scalar_type(),
-                "; supported: float32, float16, bfloat16, float64");
-    by_dtype[k].emplace_back(t);
-  }
+  auto by_dtype = spans_by_dtype(tensors, c10::Device(c10::kCPU));
   for (int k = 0; k < 4; ++k) {
     if (by_dtype[k].empty()) continue;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, kinds[k], "znorm_cpu", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, kDtypes[k], "znorm_cpu", [&] {
       znorm_dispatch_isa<scalar_t>(by_dtype[k], eps, correction, scale);
     });
     for (Span& s : by_dtype[k]) s.finish();

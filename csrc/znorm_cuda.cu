@@ -231,22 +231,10 @@ void znorm_cuda(at::TensorList tensors, double eps, double correction, const std
   }
   const double* scale_ptr = scale.defined() ? scale.data_ptr<double>() : nullptr;
 
-  std::vector<Span> by_dtype[4];
-  const at::ScalarType kinds[4] = {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble};
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const at::Tensor& t = tensors[i];
-    TORCH_CHECK(t.device() == device, "znorm_: tensor ", i, " is on ", t.device(), ", tensor 0 on ", device);
-    TORCH_CHECK(t.layout() == at::kStrided, "znorm_: tensor ", i, " is not a dense (strided) tensor");
-    if (t.numel() < 2) continue;
-    int k = 0;
-    while (k < 4 && kinds[k] != t.scalar_type()) ++k;
-    TORCH_CHECK(k < 4, "znorm_: tensor ", i, " has dtype ", t.scalar_type(),
-                "; supported: float32, float16, bfloat16, float64");
-    by_dtype[k].emplace_back(t);
-  }
+  auto by_dtype = spans_by_dtype(tensors, device);
   for (int k = 0; k < 4; ++k) {
     if (by_dtype[k].empty()) continue;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, kinds[k], "znorm_cuda", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, kDtypes[k], "znorm_cuda", [&] {
       launch<scalar_t>(by_dtype[k], eps, correction, scale_ptr, device);
     });
     for (Span& s : by_dtype[k]) s.finish();
