@@ -256,17 +256,16 @@ def znorm_(
 
     Under torch.compile this is the custom op ``znorm_kernels::znorm_`` (no graph break).
     """
+    if grad_scale is not None and not isinstance(grad_scale, Tensor):
+        grad_scale = torch.tensor(float(grad_scale))
     if torch.compiler.is_compiling():
         from .ops import znorm_op
 
         if isinstance(tensors, Tensor):
             tensors = [tensors]
-        if grad_scale is not None and not isinstance(grad_scale, Tensor):
-            grad_scale = torch.tensor(float(grad_scale))
-        live = [t for t in tensors if t is not None]
-        znorm_op(live, float(eps), float(correction), backend, grad_scale)
+        znorm_op([t for t in tensors if t is not None], float(eps), float(correction), backend, grad_scale)
         return
-    run_znorm_(tensors, eps=eps, correction=correction, backend=backend, grad_scale=grad_scale, names=names)
+    run_znorm_(tensors, eps, correction, backend, grad_scale, names)
 
 
 def _plan(
@@ -280,17 +279,14 @@ def _plan(
 
 def run_znorm_(
     tensors: Tensor | Iterable[Tensor | None],
-    *,
-    eps: float = 1e-10,
-    correction: float = 0,
-    backend: str = "auto",
-    grad_scale: Tensor | float | None = None,
-    names: Iterable[str] | None = None,
+    eps: float,
+    correction: float,
+    backend: str,
+    grad_scale: Tensor | None,
+    names: Iterable[str] | None,
 ) -> None:
     """The eager path of ``znorm_``: check, group, resolve every group's backend, then run them."""
     check_options(eps, correction, backend)
-    if grad_scale is not None and not isinstance(grad_scale, Tensor):
-        grad_scale = torch.tensor(float(grad_scale))
     items, plan = _plan(tensors, backend, names)
     for fn, idx in plan:
         fn([items[i] for i in idx], float(eps), float(correction), grad_scale)

@@ -20,7 +20,7 @@ def znorm_op(
     """Normalize every tensor in place (see ``znorm_kernels.znorm_``)."""
     from .dispatch import run_znorm_
 
-    run_znorm_(tensors, eps=eps, correction=correction, backend=backend, grad_scale=grad_scale)
+    run_znorm_(tensors, eps, correction, backend, grad_scale, None)
 
 
 @znorm_op.register_fake

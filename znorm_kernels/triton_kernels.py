@@ -82,29 +82,34 @@ def _inv_std(m2, n, scale, eps, correction, ACC: tl.constexpr):
 
 
 @triton.jit
+def _load_partials(partial_ptr, first, b, nchunks, chunk, n, ACC: tl.constexpr, PBLOCK: tl.constexpr):
+    """Counts, means and M2s of a tensor's partials b .. b+PBLOCK (zero past the last one)."""
+    idx = b + tl.arange(0, PBLOCK)
+    live = idx < nchunks
+    count = tl.where(live, tl.minimum(chunk, n - idx * chunk).to(ACC), 0.0)
+    slot = partial_ptr + 2 * (first + idx)
+    mean = tl.load(slot, mask=live, other=0.0, cache_modifier=".cg")
+    m2 = tl.load(slot + 1, mask=live, other=0.0, cache_modifier=".cg")
+    return count, mean, m2
+
+
+@triton.jit
 def _merge_partials(partial_ptr, first, nchunks, chunk, n, ACC: tl.constexpr, PBLOCK: tl.constexpr):
-    """Mean and M2 of a whole tensor from its chunk partials, in chunk order, as two vectorized sums."""
+    """Mean and M2 of a whole tensor from its chunk partials, in chunk order, as two vectorized sums:
+    mean = sum(n_i mean_i) / n, then M2 = sum(M2_i + n_i (mean_i - mean)^2) (no cancellation)."""
     acc = tl.zeros([PBLOCK], dtype=ACC)
     for b in range(0, nchunks, PBLOCK):
-        idx = b + tl.arange(0, PBLOCK)
-        live = idx < nchunks
-        cnt = tl.where(live, tl.minimum(chunk, n - idx * chunk).to(ACC), 0.0)
-        mu = tl.load(partial_ptr + 2 * (first + idx), mask=live, other=0.0, cache_modifier=".cg")
-        acc += cnt * mu
+        count, mu, _ = _load_partials(partial_ptr, first, b, nchunks, chunk, n, ACC, PBLOCK)
+        acc += count * mu
     mean = tl.sum(acc, axis=0) / n.to(ACC)
     acc = tl.zeros([PBLOCK], dtype=ACC)
     for b in range(0, nchunks, PBLOCK):
-        idx = b + tl.arange(0, PBLOCK)
-        live = idx < nchunks
-        cnt = tl.where(live, tl.minimum(chunk, n - idx * chunk).to(ACC), 0.0)
-        mu = tl.load(partial_ptr + 2 * (first + idx), mask=live, other=0.0, cache_modifier=".cg")
-        q = tl.load(partial_ptr + 2 * (first + idx) + 1, mask=live, other=0.0, cache_modifier=".cg")
+        count, mu, q = _load_partials(partial_ptr, first, b, nchunks, chunk, n, ACC, PBLOCK)
         d = mu - mean
-        acc += tl.where(live, q + cnt * d * d, 0.0)
+        acc += q + count * d * d
     return mean, tl.sum(acc, axis=0)
 
 
-# Sizes change from list to list: specializing on them (==1, multiple of 16) would only add recompilations.
 @triton.jit(do_not_specialize=["T", "S", "M", "NUM_PROGRAMS", "eps", "correction"])
 def znorm_queue_kernel(
     meta_ptr,  # int64 table, layout above
