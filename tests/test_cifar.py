@@ -365,3 +365,28 @@ def test_amp_fp16_with_a_fused_optimizer_matches_the_unfused_one(tmp_path):
 def test_missing_cifar_says_how_to_get_it(tmp_path):
     with pytest.raises(cdata.DataError, match="pass --download"):
         cdata.load_data("cifar10", str(tmp_path), torch.device("cpu"))
+
+
+def test_an_interrupted_epoch_is_all_that_is_lost(tmp_path, monkeypatch):
+    """Killed in the middle of epoch 2: the checkpoint holds epoch 1, and --resume ends where a run that was
+    never interrupted ends."""
+    import znorm_kernels.cifar.train as ctrain
+
+    cfg = replace(TINY, epochs=2, method="clip", lr=0.1)
+    full = run(cfg, tmp_path / "full")
+    original = ctrain.epoch_batches
+
+    def interrupted(split, batch_size, seed, epoch, **kw):
+        for i, batch in enumerate(original(split, batch_size, seed, epoch, **kw)):
+            if epoch == 1 and i == 1:
+                raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(ctrain, "epoch_batches", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, tmp_path / "cut")
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["epoch"] == 1
+    assert len((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()) == 1
+    monkeypatch.setattr(ctrain, "epoch_batches", original)
+    assert without_timings(run(cfg, tmp_path / "cut", resume=True)) == without_timings(full)
+    assert not list((tmp_path / "cut").glob("*.tmp"))
