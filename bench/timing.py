@@ -81,24 +81,7 @@ def host_time(
 ) -> tuple[float, float]:
     """(synced, enqueue): median wall-clock seconds per call of ``fn``, device synchronized before each
     call, and after it (synced) or not (enqueue). On the CPU both are the same number."""
-    is_cuda = torch.device(device).type == "cuda"
-    fn()
-    sync(device)
-    synced: list[float] = []
-    enqueue: list[float] = []
-    deadline = time.perf_counter() + max_s
-    while len(synced) < reps and (len(synced) < 3 or time.perf_counter() < deadline):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        mid = time.perf_counter()
-        sync(device)
-        end = time.perf_counter()
-        enqueue.append(mid - start)
-        synced.append(end - start)
-    if not is_cuda:
-        return statistics.median(synced), statistics.median(synced)
-    return statistics.median(synced), statistics.median(enqueue)
+    return host_times([fn], device, reps=reps, max_s=max_s)[0]
 
 
 def _interleaved(
