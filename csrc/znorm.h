@@ -39,11 +39,13 @@ C10_HOST_DEVICE inline Moments merge(const Moments& a, const Moments& b) {
 
 // The multiplier of the centred values: 1 / (std + eps), or s / (std + s * eps) under a GradScaler scale s
 // (a fused optimizer divides by s afterwards). torch.var_mean's denominator is max(0, n - correction).
+// 0 where std + eps is exactly 0 (a constant tensor with eps=0), so its exact-zero centred values stay 0.
 C10_HOST_DEVICE inline double multiplier(const Moments& m, double eps, double correction, const double* scale) {
-  const double denom = m.n - correction > 0.0 ? m.n - correction : 0.0;
-  const double stdev = ::sqrt(m.m2 / denom);
-  if (scale == nullptr) return 1.0 / (stdev + eps);
-  return *scale / (stdev + *scale * eps);
+  const double dof = m.n - correction > 0.0 ? m.n - correction : 0.0;
+  const double stdev = ::sqrt(m.m2 / dof);
+  const double s = scale == nullptr ? 1.0 : *scale;
+  const double denom = stdev + s * eps;
+  return denom == 0.0 ? 0.0 : s / denom;
 }
 
 // Where a kernel reads and writes one tensor. A dense tensor (contiguous, channels_last, any permutation) is

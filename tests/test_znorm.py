@@ -79,6 +79,26 @@ def test_constant_tensor_is_exactly_zero(backend, device, dtype, value, n):
 
 
 @backend_device
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [2, 129, 5000])
+def test_constant_tensor_is_exactly_zero_with_eps_zero(backend, device, dtype, n):
+    # Rule 3 holds for eps=0 too: 0 / (0 + 0) is taken as 0, not NaN (with or without a grad scale).
+    for scale in (None, torch.tensor(1024.0, device=device)):
+        g = torch.full((n,), 0.1, dtype=dtype, device=device)
+        znorm_kernels.znorm_([g], eps=0.0, backend=backend, grad_scale=scale)
+        assert torch.equal(g, torch.zeros_like(g)), g
+    # A varying tensor with eps=0 is the plain z-score, and NaN still propagates.
+    g = make_grad((n,), dtype, device)
+    x = g.clone()
+    znorm_kernels.znorm_([g], eps=0.0, backend=backend)
+    assert_close_to_float64(g, x, eps=0.0)
+    g = torch.full((n,), 0.1, dtype=dtype, device=device)
+    g[-1] = float("nan")
+    znorm_kernels.znorm_([g], eps=0.0, backend=backend)
+    assert g.isnan().all()
+
+
+@backend_device
 @pytest.mark.parametrize("n", [1000, 100_000])
 def test_no_cancellation(backend, device, n):
     # SPEC rule 3: float32, mean 1, std 1e-3: z within 1e-3. E[x^2]-E[x]^2 in float32 fails this.

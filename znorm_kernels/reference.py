@@ -43,10 +43,14 @@ def znorm_tensor_(
     centred = shifted - mean
     std = var.sqrt()
     if grad_scale is None:
-        z = centred / (std + eps)
+        s, denom = None, std + eps
     else:
         s = grad_scale.detach().to(device=x.device, dtype=acc, non_blocking=True)
-        z = centred * (s / (std + s * eps))
+        denom = std + s * eps
+    # std + eps is 0 only for a constant tensor with eps=0: its centred values are exact zeros, and stay so
+    # (0/0 would be NaN). NaN and Inf still propagate, since only an exact 0 is replaced.
+    denom = denom.masked_fill(denom == 0, float("inf"))
+    z = centred / denom if s is None else centred * (s / denom)
     grad.copy_(z.view(grad.shape))
 
 

@@ -76,9 +76,11 @@ def _to_output(v, DTYPE: tl.constexpr):
 
 @triton.jit
 def _inv_std(m2, n, scale, eps, correction, ACC: tl.constexpr):
-    """1 / (std + eps), or s / (std + s*eps) for gradients scaled by s (scale is 1 otherwise)."""
+    """1 / (std + eps), or s / (std + s*eps) for gradients scaled by s (scale is 1 otherwise); 0 where that
+    denominator is exactly 0 (a constant tensor with eps=0), so its exact-zero centred values stay 0."""
     var = m2 / tl.maximum(n.to(ACC) - correction, 0.0)
-    return scale / (tl.sqrt(var) + scale * eps)
+    denom = tl.sqrt(var) + scale * eps
+    return tl.where(denom == 0.0, 0.0, scale / denom)
 
 
 @triton.jit
