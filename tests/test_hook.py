@@ -138,6 +138,59 @@ def test_once_per_step_with_gradient_accumulation():
         torch.testing.assert_close(pa, pb, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("how", ["positional", "keyword"])
+def test_step_with_closure_normalizes_the_gradients_the_closure_computes(how):
+    net_a = small_net()
+    net_b = copy.deepcopy(net_a)
+    opt_a, opt_b = make_opt("sgdm", net_a.parameters()), make_opt("sgdm", net_b.parameters())
+    znorm_kernels.register(opt_a, backend="reference")  # the same computation as by hand: equal bits
+    for x, y in batches(3):
+        # Stale gradients before the step: the hook must neither normalize these nor let them through.
+        for net in (net_a, net_b):
+            net.zero_grad()
+            nn.functional.cross_entropy(net(x * 2), y).backward()
+
+        def closure(x=x, y=y):
+            opt_a.zero_grad()
+            loss = nn.functional.cross_entropy(net_a(x), y)
+            loss.backward()
+            return loss
+
+        loss = opt_a.step(closure) if how == "positional" else opt_a.step(closure=closure)
+        opt_b.zero_grad()
+        expected = nn.functional.cross_entropy(net_b(x), y)
+        expected.backward()
+        reference.znorm_(grads_of(opt_b))
+        opt_b.step()
+        assert torch.equal(loss, expected)
+    for pa, pb in zip(net_a.parameters(), net_b.parameters()):
+        assert torch.equal(pa.grad, pb.grad)
+        assert torch.equal(pa, pb)
+
+
+def test_lbfgs_sees_z_scores_at_every_closure_call():
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(5, 4))
+    x = torch.randn(32, 4)
+    target = torch.randn(32, 5)
+    opt = torch.optim.LBFGS([w], lr=0.1, max_iter=4)
+    znorm_kernels.register(opt)
+    seen = []
+
+    def closure():
+        opt.zero_grad()
+        loss = ((x @ w.t() - target) ** 2).mean()
+        loss.backward()
+        seen.append(w.grad)  # the tensor LBFGS reads after the closure returns
+        return loss
+
+    opt.step(closure)
+    assert len(seen) > 1
+    for g in seen:
+        torch.testing.assert_close(g.mean(), torch.tensor(0.0), atol=1e-6, rtol=0)
+        torch.testing.assert_close(g.std(correction=0), torch.tensor(1.0), atol=1e-5, rtol=0)
+
+
 def test_handle_remove_stops_it():
     net = small_net()
     opt = make_opt("sgdm", net.parameters())

@@ -1,6 +1,7 @@
 """The optimizer hook: ``register(optimizer)`` runs ZNorm on the gradients before every ``optimizer.step()``.
 
-It is a step pre-hook, so it runs once per step, after any gradient accumulation; under
+It is a step pre-hook, so it runs once per step, after any gradient accumulation (with ``step(closure)``, it
+wraps the closure and treats the gradients each closure call computes); under
 ``torch.amp.GradScaler`` with an ordinary optimizer it sees unscaled gradients and does not run on skipped
 steps. With a fused optimizer GradScaler leaves the gradients scaled by s and sets ``optimizer.grad_scale``;
 the hook then keeps them scaled (see SPEC.md) and reads the scale as a device tensor, without synchronizing.
@@ -102,11 +103,30 @@ def register_grad_hook(
     """Run ``transform`` on the selected parameters' gradients before every ``optimizer.step()``."""
     selector = ParamSelector(optimizer, min_ndim, params)
 
-    def hook(opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    def apply(opt: torch.optim.Optimizer) -> None:
         selected, names = selector.select()
         grads = [p.grad for p in selected]
         if any(g is not None for g in grads):
             transform(selected, grads, names, grad_scale_of(opt))
+
+    def hook(opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        # torch passes step()'s own arguments, the optimizer itself first: (opt, closure?), {closure?}.
+        at = 1 if args and args[0] is opt else 0
+        closure = kwargs["closure"] if "closure" in kwargs else (args[at] if len(args) > at else None)
+        if closure is None:
+            apply(opt)
+            return None
+
+        # step(closure) computes the gradients inside step(), after this pre-hook: treat them as the closure
+        # returns (every time it is called: LBFGS calls it several times per step), not the stale ones now.
+        def closure_then_transform():
+            loss = closure()
+            apply(opt)
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": closure_then_transform}
+        return (*args[:at], closure_then_transform, *args[at + 1 :]), kwargs
 
     return optimizer.register_step_pre_hook(hook)
 
