@@ -96,6 +96,22 @@ def test_available_backends():
     assert names == [n for n in dispatch.BACKENDS if n in names]
 
 
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="with a GPU, Triton serves whatever TRITON_INTERPRET says"
+)
+def test_triton_availability_follows_triton_interpret_when_it_changes(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "triton" not in znorm_kernels.available_backends()
+    with pytest.raises(RuntimeError, match="triton"):
+        znorm_kernels.znorm_([torch.randn(5)], backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "triton" in znorm_kernels.available_backends()
+    assert dispatch.resolve_backend("triton", "cpu") == "triton"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert "triton" not in znorm_kernels.available_backends()
+
+
 def test_auto_resolution_follows_spec():
     have = znorm_kernels.available_backends()
     cpu = dispatch.resolve_backend("auto", "cpu")

@@ -12,6 +12,7 @@ import functools
 import importlib
 import math
 import numbers
+import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -84,8 +85,18 @@ BACKENDS: dict[str, Backend] = {
 AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
 
 
-@functools.cache
+def _interpret() -> bool:
+    """Whether TRITON_INTERPRET=1 is set now: part of the cache keys below, since it decides whether Triton
+    can serve without a GPU and a process (or a test) may set it after importing this package."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def _unavailable(name: str) -> str | None:
+    return _unavailable_cached(name, _interpret())
+
+
+@functools.cache
+def _unavailable_cached(name: str, interpret: bool) -> str | None:
     return BACKENDS[name].unavailable()
 
 
@@ -95,9 +106,9 @@ def _group_fn(name: str) -> GroupFn:
 
 
 def _cache_clear() -> None:
-    _unavailable.cache_clear()
+    _unavailable_cached.cache_clear()
     _group_fn.cache_clear()
-    _resolve.cache_clear()
+    _resolve_cached.cache_clear()
 
 
 def available_backends() -> list[str]:
@@ -122,8 +133,12 @@ def _warn_fallback_once(device_type: str) -> None:
         )
 
 
-@functools.cache
 def _resolve(backend: str, device_type: str) -> str:
+    return _resolve_cached(backend, device_type, _interpret())
+
+
+@functools.cache
+def _resolve_cached(backend: str, device_type: str, interpret: bool) -> str:
     device = torch.device(device_type)
     if backend == "auto":
         for name in AUTO_ORDER.get(device_type, ("reference",)):
