@@ -1,12 +1,15 @@
 // The CPU inner loops, written so the compiler vectorizes them without changing their rounding.
 //
-// This header has no include guard on purpose: znorm_cpu.cpp includes it twice, once inside a baseline
-// namespace and once under `#pragma GCC target("avx2,f16c")`, and picks the version at run time. Every loop
+// This header has no include guard on purpose: znorm_cpu.cpp includes it twice, with ZNORM_ISA naming the
+// namespace of each copy (cpu_baseline, and cpu_avx2 under `#pragma GCC target("avx2,f16c")`), and picks
+// the copy at run time through its `Kernels` type. Every loop
 // accumulates into a fixed array of kLanes partial sums (element i goes to lane i % kLanes) that is reduced
 // by a fixed pairwise tree, and the build uses -ffp-contract=off, so both versions give bitwise the same
 // results: the instruction set changes the speed, never the values.
 //
-// Needs, declared before the include: <cstdint>, <cstring>, c10::Half, c10::BFloat16.
+// Needs, declared before the include: <cstdint>, <cstring>, c10::Half, c10::BFloat16, and ZNORM_ISA.
+
+namespace ZNORM_ISA {
 
 template <typename A>
 struct Lanes {
@@ -116,3 +119,25 @@ template <typename T, typename A>
 void normalize_run(T* __restrict p, int64_t n, A shift, A mean, A mult) {
   for (int64_t i = 0; i < n; ++i) p[i] = from_acc<T>(((to_acc(p[i]) - shift) - mean) * mult);
 }
+
+// This copy's loops as one type, the driver's template argument (znorm_typed<T, cpu_avx2::Kernels>).
+struct Kernels {
+  template <typename T>
+  static auto to_acc(T v) {
+    return ZNORM_ISA::to_acc(v);
+  }
+  template <typename T, typename A>
+  static A sum_shifted(const T* p, int64_t n, A s) {
+    return ZNORM_ISA::sum_shifted<T, A>(p, n, s);
+  }
+  template <typename T, typename A>
+  static A sum_squares_centred(const T* p, int64_t n, A s, A m) {
+    return ZNORM_ISA::sum_squares_centred<T, A>(p, n, s, m);
+  }
+  template <typename T, typename A>
+  static void normalize_run(T* p, int64_t n, A s, A m, A k) {
+    ZNORM_ISA::normalize_run<T, A>(p, n, s, m, k);
+  }
+};
+
+}  // namespace ZNORM_ISA

@@ -26,24 +26,25 @@
 #include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "znorm.h"
 
 namespace znorm {
 namespace {  // internal linkage: the loops are not exported from the shared library
-namespace cpu_baseline {
+#define ZNORM_ISA cpu_baseline
 #include "cpu_kernels.h"
-}  // namespace cpu_baseline
+#undef ZNORM_ISA
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define ZNORM_HAVE_AVX2_COPY 1
 #pragma GCC push_options
 #pragma GCC target("avx2,f16c")
 #define ZNORM_F16C 1
-namespace cpu_avx2 {
+#define ZNORM_ISA cpu_avx2
 #include "cpu_kernels.h"
-}  // namespace cpu_avx2
+#undef ZNORM_ISA
 #undef ZNORM_F16C
 #pragma GCC pop_options
 #endif
@@ -139,15 +140,18 @@ void znorm_typed(std::vector<Span>& spans, double eps, double correction, const 
   for (const Span& s : spans) total += s.numel;
 
   auto ptr = [&](int64_t t) { return static_cast<T*>(spans[t].data); };
+  // Two passes over a run that stays in cache: its mean and M2, shifted by its tensor's first element.
+  auto moments = [](const T* p, int64_t n, A shift) {
+    const A mean = K::sum_shifted(p, n, shift) / static_cast<A>(n);
+    return std::pair<A, A>{mean, K::sum_squares_centred(p, n, shift, mean)};
+  };
   // Phase 1: batches done completely; chunk partials into their slots.
   std::vector<Moments> partial(plan.items.size());
   run_items(static_cast<int64_t>(plan.items.size()), total, [&](int64_t i) {
     const Item& item = plan.items[i];
     if (item.last < 0) {
-      const T* p = ptr(item.first) + item.begin;
       const A shift = K::to_acc(ptr(item.first)[0]);
-      const A mean = K::sum_shifted(p, item.len, shift) / static_cast<A>(item.len);
-      const A m2 = K::sum_squares_centred(p, item.len, shift, mean);
+      const auto [mean, m2] = moments(ptr(item.first) + item.begin, item.len, shift);
       partial[i] = {static_cast<double>(item.len), static_cast<double>(mean), static_cast<double>(m2)};
       return;
     }
@@ -156,8 +160,7 @@ void znorm_typed(std::vector<Span>& spans, double eps, double correction, const 
       const int64_t n = spans[t].numel;
       if (n < 2) continue;
       const A shift = K::to_acc(p[0]);
-      const A mean = K::sum_shifted(p, n, shift) / static_cast<A>(n);
-      const A m2 = K::sum_squares_centred(p, n, shift, mean);
+      const auto [mean, m2] = moments(p, n, shift);
       const Moments m{static_cast<double>(n), static_cast<double>(mean), static_cast<double>(m2)};
       const A mult = static_cast<A>(multiplier(m, eps, correction, scale));
       K::normalize_run(p, n, shift, mean, mult);
@@ -190,52 +193,12 @@ void znorm_typed(std::vector<Span>& spans, double eps, double correction, const 
   });
 }
 
-struct BaselineKernels {
-  template <typename T>
-  static auto to_acc(T v) {
-    return cpu_baseline::to_acc(v);
-  }
-  template <typename T, typename A>
-  static A sum_shifted(const T* p, int64_t n, A s) {
-    return cpu_baseline::sum_shifted<T, A>(p, n, s);
-  }
-  template <typename T, typename A>
-  static A sum_squares_centred(const T* p, int64_t n, A s, A m) {
-    return cpu_baseline::sum_squares_centred<T, A>(p, n, s, m);
-  }
-  template <typename T, typename A>
-  static void normalize_run(T* p, int64_t n, A s, A m, A k) {
-    cpu_baseline::normalize_run<T, A>(p, n, s, m, k);
-  }
-};
-
-#ifdef ZNORM_HAVE_AVX2_COPY
-struct Avx2Kernels {
-  template <typename T>
-  static auto to_acc(T v) {
-    return cpu_avx2::to_acc(v);
-  }
-  template <typename T, typename A>
-  static A sum_shifted(const T* p, int64_t n, A s) {
-    return cpu_avx2::sum_shifted<T, A>(p, n, s);
-  }
-  template <typename T, typename A>
-  static A sum_squares_centred(const T* p, int64_t n, A s, A m) {
-    return cpu_avx2::sum_squares_centred<T, A>(p, n, s, m);
-  }
-  template <typename T, typename A>
-  static void normalize_run(T* p, int64_t n, A s, A m, A k) {
-    cpu_avx2::normalize_run<T, A>(p, n, s, m, k);
-  }
-};
-#endif
-
 template <typename T>
 void znorm_dispatch_isa(std::vector<Span>& spans, double eps, double correction, const double* scale) {
 #ifdef ZNORM_HAVE_AVX2_COPY
-  if (use_avx2()) return znorm_typed<T, Avx2Kernels>(spans, eps, correction, scale);
+  if (use_avx2()) return znorm_typed<T, cpu_avx2::Kernels>(spans, eps, correction, scale);
 #endif
-  znorm_typed<T, BaselineKernels>(spans, eps, correction, scale);
+  znorm_typed<T, cpu_baseline::Kernels>(spans, eps, correction, scale);
 }
 
 void znorm_cpu(at::TensorList tensors, double eps, double correction, const std::optional<at::Tensor>& grad_scale) {
