@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["ABS_TOL", "AccuracyError", "z_error", "z_float64"]
+__all__ = ["ABS_TOL", "AccuracyError", "allowed_error", "half_ulp", "z_error", "z_float64"]
 
 ABS_TOL = 1e-5
 
@@ -19,11 +19,23 @@ class AccuracyError(AssertionError):
     """A backend of ours gave z-scores outside SPEC rule 10's tolerance."""
 
 
-def _half_ulp(values: Tensor, dtype: torch.dtype) -> Tensor:
-    """Half a unit in the last place of ``dtype`` at the magnitude of ``values`` (float64, elementwise)."""
-    mantissa_bits = {torch.bfloat16: 8, torch.float16: 11}[dtype]  # including the implicit bit
-    _, exponent = torch.frexp(values)  # values = m * 2**e, 0.5 <= |m| < 1
-    return torch.ldexp(torch.ones_like(values), exponent - mantissa_bits)
+# Mantissa bits (without the implicit one): half an ulp of x is 2**(floor(log2|x|) - bits - 1).
+_MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23, torch.float64: 52}
+
+
+def half_ulp(values: Tensor, dtype: torch.dtype) -> Tensor:
+    """Half a unit in the last place of ``dtype`` at each of ``values`` (float64), for rounding bounds."""
+    mag = values.abs().clamp_min(torch.finfo(dtype).tiny)
+    return torch.exp2(torch.floor(torch.log2(mag)) - _MANTISSA_BITS[dtype] - 1)
+
+
+def allowed_error(expected: Tensor, got: Tensor, dtype: torch.dtype, atol: float = ABS_TOL) -> Tensor:
+    """SPEC rule 10's bound on |got - expected|, elementwise (float64 tensors of z-scores): ``atol``, plus for
+    float16 and bfloat16 results the rounding of the result into that dtype. The tests use it too."""
+    bound = torch.full_like(expected, atol)
+    if dtype in (torch.float16, torch.bfloat16):
+        bound = bound + half_ulp(torch.maximum(expected.abs(), got.abs()), dtype)
+    return bound
 
 
 def z_float64(x: Tensor, eps: float) -> Tensor:
@@ -44,9 +56,7 @@ def z_error(results: list[Tensor], expected: list[Tensor]) -> tuple[float, float
             continue
         got = out.detach().double().reshape(-1)
         err = (got - z).abs()
-        allowed = torch.full_like(z, ABS_TOL)
-        if out.dtype in (torch.bfloat16, torch.float16):
-            allowed = allowed + _half_ulp(torch.maximum(z.abs(), got.abs()), out.dtype)
+        allowed = allowed_error(z, got, out.dtype)
         err_max = float(err.max())
         if err_max != err_max:  # NaN in the result: never within tolerance
             return float("nan"), float("inf")

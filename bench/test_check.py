@@ -48,6 +48,16 @@ def test_check_accepts_the_reference_and_rejects_an_error(dtype: torch.dtype) ->
     assert z_error(nan, expected)[1] > 0
 
 
+def test_check_allows_half_a_bfloat16_ulp_not_a_whole_one() -> None:
+    expected = [torch.tensor([1.0, -1.0], dtype=torch.float64)]
+    ulp = 2.0**-7  # bfloat16 at 1.0
+    within = [torch.tensor([1.0 + 0.45 * ulp, -1.0], dtype=torch.float64).to(torch.bfloat16)]
+    # A bfloat16 holding 1 + ulp is one whole ulp off: beyond SPEC rule 10's half ulp plus 1e-5.
+    beyond = [torch.tensor([1.0 + ulp, -1.0], dtype=torch.bfloat16)]
+    assert z_error(within, expected)[1] <= 0
+    assert z_error(beyond, expected)[1] > 0
+
+
 def test_eager_loop_is_the_formula() -> None:
     inputs = make_grads([(1000,), (8, 8)], "cpu", torch.float32)
     grads = [x.clone() for x in inputs]

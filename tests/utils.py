@@ -1,4 +1,5 @@
-"""Shared test helpers: the float64 formula, SPEC rule 10's tolerance, input makers, backends under test."""
+"""Shared test helpers: the float64 formula, SPEC rule 10 (its bound lives in bench/check.py, which the
+benchmark's accuracy gate shares), input makers, backends under test."""
 
 from __future__ import annotations
 
@@ -6,14 +7,10 @@ import torch
 from torch import Tensor
 
 import znorm_kernels
+from bench.check import allowed_error
 from znorm_kernels.dispatch import BACKENDS, resolve_backend
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-# Mantissa bits (without the implicit one) of each dtype: half a unit in the last place of x is
-# 2**(floor(log2|x|) - bits - 1).
-_MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23, torch.float64: 52}
 
 
 def backends_under_test() -> list[tuple[str, str]]:
@@ -51,13 +48,6 @@ def float64_znorm(x: Tensor, eps: float = 1e-10, correction: float = 0, scale: f
     return scale * (v - mean) / (std + scale * eps)
 
 
-def half_ulp(values: Tensor, dtype: torch.dtype) -> Tensor:
-    """Half a unit in the last place of ``dtype`` at each of ``values`` (float64), for rounding bounds."""
-    bits = _MANTISSA_BITS[dtype]
-    mag = values.abs().clamp_min(torch.finfo(dtype).tiny)
-    return torch.exp2(torch.floor(torch.log2(mag)) - bits - 1)
-
-
 def assert_close_to_float64(
     out: Tensor, inp: Tensor, eps: float = 1e-10, correction: float = 0, scale: float | None = None, atol=1e-5
 ) -> None:
@@ -65,9 +55,7 @@ def assert_close_to_float64(
     rounding of the result into that dtype."""
     expected = float64_znorm(inp, eps, correction, scale)
     got = out.detach().to(torch.float64).cpu().reshape(expected.shape)
-    bound = torch.full_like(expected, atol * (scale or 1.0))
-    if out.dtype in LOW_PRECISION:
-        bound = bound + half_ulp(torch.maximum(expected.abs(), got.abs()), out.dtype)
+    bound = allowed_error(expected, got, out.dtype, atol * (scale or 1.0))
     err = (got - expected).abs()
     bad = ~(err <= bound)
     if bad.any():
