@@ -30,6 +30,7 @@ __all__ = [
     "compiled_loop",
     "eager_loop",
     "graphed",
+    "loop_pre_hook",
     "our_backends",
     "our_method",
 ]
@@ -43,6 +44,16 @@ def eager_loop(grads: list[Tensor], eps: float = EPS) -> None:
     for g in grads:
         s, m = torch.std_mean(g, correction=0)
         g.sub_(m).div_(s + eps)
+
+
+def loop_pre_hook(fn: Callable[[list[Tensor]], None] = eager_loop):
+    """The step pre-hook a user writes around a loop ``fn``: ``fn`` on every gradient of the optimizer."""
+
+    def pre_hook(opt: torch.optim.Optimizer, args, kwargs) -> None:
+        with torch.no_grad():
+            fn([p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None])
+
+    return pre_hook
 
 
 _COMPILED: dict[tuple, Callable[[list[Tensor]], None]] = {}
@@ -128,32 +139,24 @@ def our_method(backend: str, grads: list[Tensor]) -> Method:
 def alternative_method(name: str, grads: list[Tensor], key: tuple) -> Method:
     """The alternative ``name`` (one of ALTERNATIVES) on ``grads``; graph capture and compilation happen here
     (so the first call of a compiled method is not its compilation)."""
-    if name == "eager":
-        fn: Callable[[list[Tensor]], None] = eager_loop
-    elif name in ("compiled", "compiled+graph"):
+    if name not in ALTERNATIVES:
+        raise ValueError(f"unknown alternative {name!r}")
+    fn: Callable[[list[Tensor]], None] = eager_loop
+    if name.startswith("compiled"):
         fn = compiled_loop(key)
         with torch.no_grad():
             fn(grads)  # compile now
-    elif name == "eager+graph":
-        fn = eager_loop
-    else:
-        raise ValueError(f"unknown alternative {name!r}")
     if name.endswith("+graph"):
-        replay = graphed(fn, grads)
-
-        def run() -> None:
-            replay()
+        run = graphed(fn, grads)
 
         def pre_hook(opt, args, kwargs) -> None:
-            replay()  # the captured tensors are the optimizer's .grad tensors themselves
+            run()  # the captured tensors are the optimizer's .grad tensors themselves
     else:
 
         def run() -> None:
             with torch.no_grad():
                 fn(grads)
 
-        def pre_hook(opt, args, kwargs) -> None:
-            with torch.no_grad():
-                fn([p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None])
+        pre_hook = loop_pre_hook(fn)
 
     return Method(name, False, run, lambda opt: opt.register_step_pre_hook(pre_hook))

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before the Triton kernel module is imported
 
@@ -19,21 +17,13 @@ import torch
 
 import znorm_kernels
 from bench.param_lists import get_list
+from bench.timing import host_time
 from znorm_kernels import dispatch, triton_kernels
 
 
 class _NoLaunch:
     def __getitem__(self, grid):
         return lambda *args, **kwargs: None
-
-
-def _median_us(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
 
 
 def main() -> None:
@@ -60,7 +50,8 @@ def main() -> None:
     print(f"{args.list}: {len(params)} tensors; torch {torch.__version__}; median of {args.repeats} calls")
     print("| path | host µs per call |\n|---|---|")
     for name, fn in rows.items():
-        print(f"| {name} | {_median_us(fn, args.repeats):.1f} |")
+        seconds, _ = host_time(fn, "cpu", reps=args.repeats, max_s=float("inf"))
+        print(f"| {name} | {seconds * 1e6:.1f} |")
 
 
 if __name__ == "__main__":

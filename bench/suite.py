@@ -80,6 +80,11 @@ def _row(plist: ParamList, dtype: torch.dtype, device: torch.device, method: str
     }
 
 
+def _error_text(err: BaseException, prefix: str = "") -> str:
+    """A row's error cell: the exception's type and first line, kept short."""
+    return f"{prefix}{type(err).__name__}: {err}".splitlines()[0][:300]
+
+
 def run_case(
     plist: ParamList,
     dtype: torch.dtype,
@@ -99,9 +104,6 @@ def run_case(
     """
     inputs = make_grads(plist.shapes, device, dtype, opts.seed)
     grads = [x.clone() for x in inputs]
-    params = [torch.nn.Parameter(torch.empty_like(x), requires_grad=True) for x in inputs]
-    for p, g in zip(params, grads):
-        p.grad = g  # the very tensors every method normalizes
 
     def restore() -> None:
         with torch.no_grad():
@@ -153,7 +155,7 @@ def run_case(
             sync(device)
             row["max_err"] = error_of_result()[0]
         except Exception as err:
-            row["error"] = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+            row["error"] = _error_text(err)
             continue
         built.append((row, m))
     rows += [row for row, _ in built if row["ours"]]
@@ -186,7 +188,7 @@ def run_case(
         del src, dst
     for (row, _), t in zip(built, times):
         if isinstance(t, Exception):
-            row["error"] = f"{type(t).__name__}: {t}".splitlines()[0][:300]
+            row["error"] = _error_text(t)
         else:
             row["device_us"] = t * 1e6
     built = [(row, m) for row, m in built if not row["error"]]
@@ -195,6 +197,9 @@ def run_case(
     for row, m in built:
         row["launches"], row["launches_what"] = count_launches(m.run, device, warm=False)
     opts.progress(f"{plist.name} {dtype_name} host time through the hook")
+    params = [torch.nn.Parameter(torch.empty_like(x), requires_grad=True) for x in inputs]
+    for p, g in zip(params, grads):
+        p.grad = g  # the very tensors every method normalizes
     optimizers = [NullStepOptimizer(params) for _ in built]
     handles = [m.hook(opt) for opt, (_, m) in zip(optimizers, built)]
     try:
@@ -205,7 +210,7 @@ def run_case(
             row["hook_us"], row["hook_host_us"] = synced * 1e6, enqueue * 1e6
     except Exception as err:
         for row, _ in built:
-            row["error"] = f"hook: {type(err).__name__}: {err}".splitlines()[0][:300]
+            row["error"] = _error_text(err, "hook: ")
     finally:
         for handle in handles:
             handle.remove()

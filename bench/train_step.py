@@ -16,20 +16,16 @@ from collections.abc import Callable
 import torch
 
 import znorm_kernels
-from bench.alternatives import EPS, eager_loop
+from bench.alternatives import EPS, eager_loop, loop_pre_hook
 from bench.timing import sync
 from znorm_kernels.cifar.models import cifar_resnet
 
 __all__ = ["time_training_step"]
 
 
-def time_training_step(
-    device: torch.device, batch: int, steps: int, rounds: int | None = None, backend: str = "auto"
-) -> dict:
-    """Median ms per step for each variant, and the set-up used: ``steps`` timed steps per variant in
-    ``rounds`` rounds (default: one step per variant per round, the finest interleaving), after a warm-up
-    round of 2 steps each."""
-    rounds = rounds or steps
+def time_training_step(device: torch.device, batch: int, steps: int, backend: str = "auto") -> dict:
+    """Median ms per step for each variant, and the set-up used: ``steps`` timed steps per variant, one step
+    of each variant per round (the finest interleaving), after a warm-up round of 2 steps each."""
     torch.manual_seed(0)
     cuda = device.type == "cuda"
     fmt = torch.channels_last if cuda else torch.contiguous_format
@@ -46,23 +42,19 @@ def time_training_step(
         loss.backward()
         opt.step()
 
-    def eager_hook(o, args, kwargs) -> None:
-        with torch.no_grad():
-            eager_loop([p.grad for g in o.param_groups for p in g["params"] if p.grad is not None])
-
     resolved = znorm_kernels.dispatch.resolve_backend(backend, device)
     variants: dict[str, Callable[[], object]] = {
         "no ZNorm": lambda: None,
-        "eager loop (step pre-hook)": lambda: opt.register_step_pre_hook(eager_hook),
+        "eager loop (step pre-hook)": lambda: opt.register_step_pre_hook(loop_pre_hook(eager_loop)),
         f"znorm_kernels.register (backend {resolved})": lambda: znorm_kernels.register(
             opt, eps=EPS, backend=backend
         ),
     }
     times: dict[str, list[float]] = {name: [] for name in variants}
-    for r in range(rounds + 1):  # round 0 is warm-up (compilation, caches), not recorded
+    for r in range(steps + 1):  # round 0 is warm-up (compilation, caches), not recorded
         for name, install in variants.items():
             handle = install()
-            for _ in range(max(1, steps // rounds) if r else 2):
+            for _ in range(1 if r else 2):
                 sync(device)
                 start = time.perf_counter()
                 step()
