@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DEPTHS", "CifarResNet", "cifar_resnet"]
+__all__ = ["DEPTHS", "CifarResNet", "cifar_resnet", "is_cifar_depth"]
 
 # Model name -> depth (6n+2).
 DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110, "resnet152": 152}
@@ -42,10 +42,15 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
+def is_cifar_depth(depth: int) -> bool:
+    """Whether a CIFAR ResNet of this depth exists: 6n+2 with n >= 1."""
+    return depth >= 8 and (depth - 2) % 6 == 0
+
+
 class CifarResNet(nn.Module):
     def __init__(self, depth: int, num_classes: int = 10, in_channels: int = 3) -> None:
         super().__init__()
-        if depth < 8 or (depth - 2) % 6:
+        if not is_cifar_depth(depth):
             raise ValueError(f"a CIFAR ResNet has depth 6n+2 (20, 32, 44, 56, 110, 152, ...), got {depth}")
         n = (depth - 2) // 6
         self.depth = depth

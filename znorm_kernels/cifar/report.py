@@ -23,9 +23,15 @@ from pathlib import Path
 
 __all__ = ["Run", "find_runs", "main", "markdown_table", "plot_curves", "plot_test_accuracy"]
 
-METHOD_ORDER = ("baseline", "gc", "clip", "znorm")
 METHOD_LABELS = {"baseline": "baseline", "gc": "GC", "clip": "clipping", "znorm": "ZNorm"}
+METHOD_ORDER = tuple(METHOD_LABELS)
 OPTIMIZER_LABELS = {"sgdm": "SGDM", "adam": "Adam"}
+
+
+def _ordered(known, present) -> list:
+    """The values in ``present``, those in ``known`` first and in its order, then any others sorted."""
+    present = set(present)
+    return [k for k in known if k in present] + sorted(present - set(known))
 
 
 @dataclass
@@ -60,10 +66,9 @@ def plot_curves(metrics: list[dict], path: str | os.PathLike, title: str = "") -
             ax_loss.plot(epochs, [m[f"{split}_loss"] for m in metrics], style, marker=".", label=split)
             ax_acc.plot(epochs, [m[f"{split}_acc"] for m in metrics], style, marker=".", label=split)
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", yscale="log")
-    for ax in (ax_loss, ax_acc):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_acc.set(xlabel="epoch", ylabel="accuracy")
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
@@ -117,8 +122,7 @@ def markdown_table(runs: list[Run]) -> str:
     for r in runs:
         groups[r.key].append(r)
     models = sorted({k[0] for k in groups}, key=_sort_key)
-    methods = [m for m in METHOD_ORDER if any(k[1] == m for k in groups)]
-    methods += sorted({k[1] for k in groups} - set(methods))
+    methods = _ordered(METHOD_ORDER, (k[1] for k in groups))
     optimizers = [o for o in OPTIMIZER_LABELS if any(k[2] == o for k in groups)]
     head = ["model", "method"]
     for o in optimizers:
@@ -162,8 +166,8 @@ def plot_test_accuracy(runs: list[Run], path: str | os.PathLike) -> None:
     from matplotlib.ticker import MaxNLocator
 
     models = sorted({r.key[0] for r in runs}, key=_sort_key)
-    optimizers = [o for o in OPTIMIZER_LABELS if any(r.key[2] == o for r in runs)]
-    optimizers += sorted({r.key[2] for r in runs} - set(optimizers))
+    optimizers = _ordered(OPTIMIZER_LABELS, (r.key[2] for r in runs))
+    methods = _ordered(METHOD_ORDER, (r.key[1] for r in runs))
     fig, axes = plt.subplots(
         len(models),
         len(optimizers),
@@ -175,7 +179,7 @@ def plot_test_accuracy(runs: list[Run], path: str | os.PathLike) -> None:
     for i, model in enumerate(models):
         for j, opt in enumerate(optimizers):
             ax = axes[i][j]
-            for method in METHOD_ORDER + tuple(sorted({r.key[1] for r in runs} - set(METHOD_ORDER))):
+            for method in methods:
                 rs = [r for r in runs if r.key == (model, method, opt)]
                 if not rs:
                     continue

@@ -44,7 +44,8 @@ from .data import (
     normalize,
     steps_per_epoch,
 )
-from .models import DEPTHS, cifar_resnet
+from .models import DEPTHS, cifar_resnet, is_cifar_depth
+from .report import plot_curves
 
 __all__ = [
     "METHODS",
@@ -113,10 +114,8 @@ RESULT_FIELDS = tuple(f.name for f in fields(Config) if f.name not in RUNTIME_FI
 
 def model_depth(name: str) -> int:
     """Depth of a model name: one of ``DEPTHS``, or ``resnetD`` for any D = 6n+2 (e.g. resnet8 for tests)."""
-    if name in DEPTHS:
-        return DEPTHS[name]
     m = re.fullmatch(r"resnet(\d+)", name)
-    if m and int(m.group(1)) >= 8 and (int(m.group(1)) - 2) % 6 == 0:
+    if m and is_cifar_depth(int(m.group(1))):
         return int(m.group(1))
     raise UsageError(
         f"unknown model {name!r}: choose one of {', '.join(DEPTHS)} (resnet152 is the papers' n=25 CIFAR "
@@ -255,10 +254,7 @@ def install_treatment(cfg: Config, optimizer: torch.optim.Optimizer, timer: Hook
     elif cfg.method == "clip":
         handles.append(register_clip(optimizer, max_norm=cfg.clip_norm))
     else:
-        try:
-            handles.append(register(optimizer, backend=cfg.znorm_backend))
-        except (ValueError, RuntimeError) as err:
-            raise UsageError(f"--znorm-backend {cfg.znorm_backend}: {err}") from err
+        handles.append(register(optimizer, backend=cfg.znorm_backend))  # the backend is checked by then
     handles.append(optimizer.register_step_pre_hook(timer.stop))
     return handles
 
@@ -526,8 +522,6 @@ def train(
         )
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
-        from .report import plot_curves
-
         plot_curves(metrics, out / "curves.png", title=f"{cfg.model} {cfg.optimizer} {cfg.method}")
         val = f"  val {row['val_loss']:.4f}/{row['val_acc']:.4f}" if "val_acc" in row else ""
         log(
