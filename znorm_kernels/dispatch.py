@@ -85,14 +85,14 @@ BACKENDS: dict[str, Backend] = {
 AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
 
 
-def _interpret() -> bool:
+def triton_interpret() -> bool:
     """Whether TRITON_INTERPRET=1 is set now: part of the cache keys below, since it decides whether Triton
     can serve without a GPU and a process (or a test) may set it after importing this package."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _unavailable(name: str) -> str | None:
-    return _unavailable_cached(name, _interpret())
+    return _unavailable_cached(name, triton_interpret())
 
 
 @functools.cache
@@ -134,7 +134,7 @@ def _warn_fallback_once(device_type: str) -> None:
 
 
 def _resolve(backend: str, device_type: str) -> str:
-    return _resolve_cached(backend, device_type, _interpret())
+    return _resolve_cached(backend, device_type, triton_interpret())
 
 
 @functools.cache

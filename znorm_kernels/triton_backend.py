@@ -14,13 +14,13 @@ next one.
 from __future__ import annotations
 
 import functools
-import os
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from .dispatch import triton_interpret
 from .reference import accumulation_dtype
 
 __all__ = ["group_fn", "serves", "statistics", "unavailable", "znorm_group_"]
@@ -37,16 +37,12 @@ PROGRAMS_PER_SM = 2  # ptxas: 128 registers per thread at 8 warps for float32, s
 NUM_WARPS = 8
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def unavailable(name: str) -> str | None:
     try:
         import triton  # noqa: F401
     except ImportError:
         return "Triton is not installed (pip install triton)"
-    if not torch.cuda.is_available() and not _interpret():
+    if not torch.cuda.is_available() and not triton_interpret():
         return "no CUDA device (CPU tensors run through Triton only under TRITON_INTERPRET=1)"
     return None
 
@@ -54,7 +50,7 @@ def unavailable(name: str) -> str | None:
 def serves(name: str, device: torch.device) -> str | None:
     if device.type == "cuda":
         return None
-    if device.type == "cpu" and _interpret():
+    if device.type == "cpu" and triton_interpret():
         return None
     return "Triton takes CUDA tensors (and CPU tensors only under TRITON_INTERPRET=1)"
 
