@@ -18,7 +18,8 @@ import torch
 import znorm_kernels
 from bench.param_lists import get_list
 from bench.timing import host_time
-from znorm_kernels import dispatch, triton_kernels
+from znorm_kernels import dispatch
+from znorm_kernels.backends import triton_kernels
 
 
 class _NoLaunch:

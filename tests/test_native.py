@@ -17,7 +17,8 @@ import torch
 
 import znorm_kernels
 from tests.utils import DTYPES, assert_close_to_float64, float64_znorm, make_grad
-from znorm_kernels import dispatch, native_backend, reference
+from znorm_kernels import dispatch, reference
+from znorm_kernels.backends import native as native_backend
 
 # Work-item sizes in csrc/: kChunk in znorm_cpu.cpp and znorm_cuda.cu. The boundary tests below are built
 # around them; change them together.

@@ -20,7 +20,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.fixture
 def tb(monkeypatch):
-    from znorm_kernels import triton_backend
+    from znorm_kernels.backends import triton_host as triton_backend
 
     monkeypatch.setattr(triton_backend, "_plans", type(triton_backend._plans)())
     return triton_backend
@@ -29,7 +29,7 @@ def tb(monkeypatch):
 @pytest.fixture
 def launches(tb, monkeypatch):
     """Counts kernel launches."""
-    from znorm_kernels import triton_kernels
+    from znorm_kernels.backends import triton_kernels
 
     count = []
     kernel = triton_kernels.znorm_queue_kernel
@@ -157,7 +157,7 @@ def test_statistics_stage(tb, dtype):
 
 
 def test_triton_backend_serves_cpu_only_under_interpreter(monkeypatch):
-    from znorm_kernels import triton_backend
+    from znorm_kernels.backends import triton_host as triton_backend
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert triton_backend.serves("triton", torch.device("cpu")) is not None

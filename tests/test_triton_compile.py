@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 SCRIPT = textwrap.dedent(
     """
     import json, sys, torch
-    from znorm_kernels.triton_backend import compile_for_target
+    from znorm_kernels.backends.triton_host import compile_for_target
     out = {}
     for dtype, arch, scale, norm in json.loads(sys.argv[1]):
         k = compile_for_target(getattr(torch, dtype), arch, has_scale=scale, normalize=norm)

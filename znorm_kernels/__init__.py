@@ -6,12 +6,12 @@
 ``znorm_(tensors)`` normalizes a list of tensors in place; ``available_backends()`` lists the backends this
 process can use; ``reference`` is the pure-PyTorch oracle. The papers' baselines are here too: gradient
 centralization (``gc_``, ``register_gc``) and gradient-norm clipping (``clip_grad_norm_``, ``register_clip``).
-The behaviour contract is SPEC.md.
+What it computes and promises, rule by rule: docs/contract.md.
 """
 
 from . import reference
+from .api import available_backends, znorm_
 from .baselines import clip_grad_norm_, gc_, register_clip, register_gc
-from .dispatch import available_backends, znorm_
 from .hook import register
 
 __version__ = "0.1.0"

@@ -14,9 +14,9 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
+from .backends.reference import accumulation_dtype
 from .dispatch import collect
 from .hook import register_grad_hook
-from .reference import accumulation_dtype
 
 __all__ = ["clip_grad_norm_", "gc_", "register_clip", "register_gc"]
 

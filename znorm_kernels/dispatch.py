@@ -1,9 +1,10 @@
 """Dispatch: the one place that checks the input of ``znorm_`` and hands it to backends.
 
-``znorm_`` validates every entry (nothing is modified when one is bad), drops None, empty and 1-element
+``run_znorm_`` validates every entry (nothing is modified when one is bad), drops None, empty and 1-element
 tensors, groups the rest by (device, dtype), resolves a backend for each group ("auto" picks the fastest one
 that can serve that device), and only then runs the groups. ``BACKENDS`` is the table of backends (fastest
-first); each names a module with a function that normalizes a list of same-device, same-dtype tensors.
+first); each names a module of ``znorm_kernels.backends`` with a function that normalizes a list of
+same-device, same-dtype tensors. Imports flow one way: api -> ops -> dispatch -> backends.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import functools
 import importlib
 import math
 import numbers
-import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -20,9 +20,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import reference
+from .backends import triton_interpret
 
-__all__ = ["BACKENDS", "Backend", "available_backends", "collect", "resolve_backend", "znorm_"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "GradientGroups",
+    "available_backends",
+    "collect",
+    "resolve_backend",
+    "run_znorm_",
+]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _SUPPORTED = frozenset(SUPPORTED_DTYPES)
@@ -43,22 +51,24 @@ class Backend:
 
 
 def _module_backend(name: str, module: str) -> Backend:
-    """A backend implemented in ``znorm_kernels.<module>``, imported only when first asked about.
+    """A backend implemented in ``znorm_kernels.backends.<module>``, imported only when first asked about.
 
     The module provides ``unavailable(name) -> str | None``, ``serves(name, device) -> str | None`` and
     ``group_fn(name) -> GroupFn`` (one module may implement several backends, told apart by name).
     """
 
     def get():
-        return importlib.import_module(f"{__package__}.{module}")
+        return importlib.import_module(f"{__package__}.backends.{module}")
 
     def unavailable() -> str | None:
         try:
             return get().unavailable(name)
         except ImportError as err:
-            if err.name == f"{__package__}.{module}":
-                return f"it is not part of this version (no module znorm_kernels.{module})"
-            return f"znorm_kernels.{module} cannot be imported ({err})"  # e.g. a dependency is missing
+            if err.name == f"{__package__}.backends.{module}":
+                return f"it is not part of this version (no module znorm_kernels.backends.{module})"
+            return (
+                f"znorm_kernels.backends.{module} cannot be imported ({err})"  # e.g. a dependency is missing
+            )
 
     return Backend(
         name=name,
@@ -70,25 +80,14 @@ def _module_backend(name: str, module: str) -> Backend:
 
 # Fastest first; "auto" takes, per device, the first one in AUTO_ORDER that is available and serves it.
 BACKENDS: dict[str, Backend] = {
-    "triton": _module_backend("triton", "triton_backend"),
-    "cuda": _module_backend("cuda", "native_backend"),
-    "cpu": _module_backend("cpu", "native_backend"),
-    "reference": Backend(
-        name="reference",
-        unavailable=lambda: None,
-        serves=lambda device: None,
-        load=lambda: reference.znorm_group_,
-    ),
+    "triton": _module_backend("triton", "triton_host"),
+    "cuda": _module_backend("cuda", "native"),
+    "cpu": _module_backend("cpu", "native"),
+    "reference": _module_backend("reference", "reference"),
 }
 
 # Which backends "auto" may choose for a device type, in order of preference (SPEC.md).
 AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
-
-
-def triton_interpret() -> bool:
-    """Whether TRITON_INTERPRET=1 is set now: part of the cache keys below, since it decides whether Triton
-    can serve without a GPU and a process (or a test) may set it after importing this package."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _unavailable(name: str) -> str | None:
@@ -246,41 +245,6 @@ def collect(
     """Validate the entries and group the tensors to normalize by (device, dtype): see collect_indices."""
     items, groups = collect_indices(tensors, names, op=op)
     return {key: [items[i] for i in idx] for key, idx in groups.items()}
-
-
-def znorm_(
-    tensors: Tensor | Iterable[Tensor | None],
-    *,
-    eps: float = 1e-10,
-    correction: float = 0,
-    backend: str = "auto",
-    grad_scale: Tensor | float | None = None,
-    names: Iterable[str] | None = None,
-) -> None:
-    """Normalize every tensor in place: g <- (g - mean(g)) / (std(g) + eps), each tensor on its own.
-
-    Args:
-        tensors: an iterable of tensors (or one tensor); None entries are skipped, and tensors of fewer than
-            2 elements are left unchanged.
-        eps: added to the standard deviation.
-        correction: 0 for the population standard deviation (the papers'), 1 for the sample one.
-        backend: "auto", "triton", "cuda", "cpu" or "reference" (see ``available_backends()``).
-        grad_scale: a fused optimizer's GradScaler scale s (0-d tensor): the tensors hold s*g and become
-            s * z-scores of g, so the optimizer's own unscaling yields the z-scores.
-        names: parameter names, parallel to ``tensors``, used in error messages.
-
-    Under torch.compile this is the custom op ``znorm_kernels::znorm_`` (no graph break).
-    """
-    if grad_scale is not None and not isinstance(grad_scale, Tensor):
-        grad_scale = torch.tensor(float(grad_scale))
-    if torch.compiler.is_compiling():
-        from .ops import znorm_op
-
-        if isinstance(tensors, Tensor):
-            tensors = [tensors]
-        znorm_op([t for t in tensors if t is not None], float(eps), float(correction), backend, grad_scale)
-        return
-    run_znorm_(tensors, eps, correction, backend, grad_scale, names)
 
 
 def _plan(

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from .dispatch import GradientGroups, znorm_
+from .api import znorm_
+from .dispatch import GradientGroups
 
 __all__ = ["GradTransform", "ParamSelector", "register", "register_grad_hook"]
 

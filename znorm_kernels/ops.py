@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .dispatch import run_znorm_
+
 __all__ = ["znorm_op"]
 
 
@@ -18,8 +20,6 @@ def znorm_op(
     tensors: list[Tensor], eps: float, correction: float, backend: str, grad_scale: Tensor | None
 ) -> None:
     """Normalize every tensor in place (see ``znorm_kernels.znorm_``)."""
-    from .dispatch import run_znorm_
-
     run_znorm_(tensors, eps, correction, backend, grad_scale, None)
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .dispatch import triton_interpret
+from . import triton_interpret
 from .reference import accumulation_dtype
 
 __all__ = ["group_fn", "serves", "statistics", "unavailable", "znorm_group_"]

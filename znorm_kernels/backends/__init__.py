@@ -1,0 +1,21 @@
+"""The backends that compute ZNorm, each a module the dispatcher imports only when first asked about:
+
+- ``reference``: the pure-PyTorch oracle (float64 statistics, one tensor at a time);
+- ``triton_host`` + ``triton_kernels``: the "triton" backend, one launch per (device, dtype) group;
+- ``native``: the "cpu" and "cuda" backends, the loader of the C++/CUDA extension ``znorm_kernels._C``.
+
+Each backend module provides ``unavailable(name)``, ``serves(name, device)`` and ``group_fn(name)`` (see
+``znorm_kernels.dispatch``). This package imports nothing heavy itself.
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["triton_interpret"]
+
+
+def triton_interpret() -> bool:
+    """Whether TRITON_INTERPRET=1 is set now. It decides whether Triton can serve without a GPU, and a process
+    (or a test) may set it after importing this package, so callers read it at each call."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"

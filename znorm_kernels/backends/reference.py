@@ -1,0 +1,73 @@
+"""The "reference" backend: the pure-PyTorch oracle every other backend is tested against.
+
+For each tensor g, independently: g <- (g - mean(g)) / (std(g) + eps), statistics over all of g's elements,
+accumulated in float32 (float64 for float64 tensors), written back into g itself. See docs/contract.md.
+
+Numerics: the tensor is first shifted by its own first element, then mean and variance come from
+``torch.var_mean`` (a Welford/two-pass computation, never E[x^2] - E[x]^2). The shift makes a constant tensor
+exactly zero (its shifted values are all exactly 0, where a float32 mean of n copies of 0.1 is not 0.1).
+Everything stays on the tensor's device: no host-device synchronization.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["accumulation_dtype", "group_fn", "serves", "unavailable", "znorm_group_", "znorm_tensor_"]
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics are accumulated in: float64 for float64 tensors, float32 for all others."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def znorm_tensor_(
+    grad: Tensor, eps: float = 1e-10, correction: float = 0, grad_scale: Tensor | None = None
+) -> None:
+    """Normalize one tensor in place (no validation; tensors of fewer than 2 elements are left alone).
+
+    With ``grad_scale`` s (a fused optimizer's GradScaler scale, a 0-d tensor), ``grad`` holds s*g and
+    becomes s * (s*g - mean(s*g)) / (std(s*g) + s*eps): the optimizer's own division by s then yields
+    exactly the z-scores of g.
+    """
+    n = grad.numel()
+    if n < 2:
+        return
+    acc = accumulation_dtype(grad.dtype)
+    x = grad.detach().reshape(-1).to(acc)
+    shifted = x - x[0]
+    var, mean = torch.var_mean(shifted, correction=correction)
+    centred = shifted - mean
+    std = var.sqrt()
+    if grad_scale is None:
+        s, denom = None, std + eps
+    else:
+        s = grad_scale.detach().to(device=x.device, dtype=acc, non_blocking=True)
+        denom = std + s * eps
+    # std + eps is 0 only for a constant tensor with eps=0: its centred values are exact zeros, and stay so
+    # (0/0 would be NaN). NaN and Inf still propagate, since only an exact 0 is replaced.
+    denom = denom.masked_fill(denom == 0, float("inf"))
+    z = centred / denom if s is None else centred * (s / denom)
+    grad.copy_(z.view(grad.shape))
+
+
+def znorm_group_(
+    tensors: list[Tensor], eps: float, correction: float, grad_scale: Tensor | None = None
+) -> None:
+    """Backend entry point used by the dispatcher: normalize already-validated tensors, one by one."""
+    with torch.no_grad():
+        for t in tensors:
+            znorm_tensor_(t, eps, correction, grad_scale)
+
+
+def unavailable(name: str) -> str | None:
+    return None  # pure PyTorch: always there
+
+
+def serves(name: str, device: torch.device) -> str | None:
+    return None  # any device PyTorch runs on
+
+
+def group_fn(name: str):
+    return znorm_group_
