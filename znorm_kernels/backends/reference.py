@@ -1,12 +1,12 @@
 """The "reference" backend: the pure-PyTorch oracle every other backend is tested against.
 
 For each tensor g, independently: g <- (g - mean(g)) / (std(g) + eps), statistics over all of g's elements,
-accumulated in float32 (float64 for float64 tensors), written back into g itself. See docs/contract.md.
-
-Numerics: the tensor is first shifted by its own first element, then mean and variance come from
-``torch.var_mean`` (a Welford/two-pass computation, never E[x^2] - E[x]^2). The shift makes a constant tensor
-exactly zero (its shifted values are all exactly 0, where a float32 mean of n copies of 0.1 is not 0.1).
-Everything stays on the tensor's device: no host-device synchronization.
+written back into g itself (docs/contract.md). It is the simplest correct formula, not a fast path: the
+values are taken to float64 and the statistics are a plain two-pass there (the mean, then the sum of squared
+deviations from it), so no element can cost another its precision, whatever the magnitudes. A tensor whose
+minimum equals its maximum is constant: its centred values are taken as exactly 0 (an exact test, rather than
+trusting that a rounded mean of equal values equals them). Everything stays on the tensor's device: no
+host-device synchronization.
 """
 
 from __future__ import annotations
@@ -34,19 +34,23 @@ def znorm_tensor_(
     n = grad.numel()
     if n < 2:
         return
-    acc = accumulation_dtype(grad.dtype)
-    x = grad.detach().reshape(-1).to(acc)
-    shifted = x - x[0]
-    var, mean = torch.var_mean(shifted, correction=correction)
-    centred = shifted - mean
-    std = var.sqrt()
+    x = grad.detach().reshape(-1).to(torch.float64)
+    lo, hi = torch.aminmax(x)
+    mean = x.mean()
+    centred = x - mean
+    var = centred.square().sum() / max(n - correction, 0.0)
+    # Constant (an exact test; NaN never compares equal): centred values exactly 0, whatever eps is.
+    constant = lo == hi
+    centred = torch.where(constant, x - lo, centred)
+    denom = var.sqrt()
     if grad_scale is None:
-        s, denom = None, std + eps
+        s = None
+        denom = denom + eps
     else:
-        s = grad_scale.detach().to(device=x.device, dtype=acc, non_blocking=True)
-        denom = std + s * eps
-    # std + eps is 0 only for a constant tensor with eps=0: its centred values are exact zeros, and stay so
-    # (0/0 would be NaN). NaN and Inf still propagate, since only an exact 0 is replaced.
+        s = grad_scale.detach().to(device=x.device, dtype=torch.float64, non_blocking=True)
+        denom = denom + s * eps
+    # std + eps is 0 only for a constant tensor with eps=0: its exact-zero centred values stay 0 (0/0 would be
+    # NaN). NaN and Inf still propagate, since only an exact 0 is replaced.
     denom = denom.masked_fill(denom == 0, float("inf"))
     z = centred / denom if s is None else centred * (s / denom)
     grad.copy_(z.view(grad.shape))

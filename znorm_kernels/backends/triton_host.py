@@ -21,7 +21,6 @@ import torch
 from torch import Tensor
 
 from . import triton_interpret
-from .reference import accumulation_dtype
 
 __all__ = ["group_fn", "serves", "statistics", "unavailable", "znorm_group_"]
 
@@ -32,6 +31,7 @@ DEFAULT_BLOCK = 4096
 LARGE_TENSOR = 1 << 20
 LARGE_CHUNK_TILES = 16
 PBLOCK = 1024  # partials merged per vector step
+SUB = 512  # values per step of the rare float64 paths (re-read from cache, few registers)
 PLAN_CACHE_SIZE = 16
 PROGRAMS_PER_SM = 2  # ptxas: 128 registers per thread at 8 warps for float32, so 2 programs fit an SM
 NUM_WARPS = 8
@@ -74,8 +74,8 @@ class Plan:
     """Everything a launch needs for one list of tensors, on their device."""
 
     meta: Tensor  # int64 table (see triton_kernels)
-    partials: Tensor  # ACC [2 * S]
-    stats: Tensor  # ACC [T, 3]: shift, mean, inv per tensor
+    partials: Tensor  # float64 [4 * S]: mean, M2, min, max per statistics chunk
+    stats: Tensor  # float64 [T, 4]: mean, std, inv, wide per tensor
     counters: Tensor  # int32 [2 + T]
     num_tensors: int
     num_stats_items: int
@@ -118,12 +118,11 @@ def _build_plan(addrs: tuple[int, ...], numels: tuple[int, ...], device: torch.d
         dtype=torch.int64,
     )
     meta = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
-    acc = accumulation_dtype(dtype)
     items = s + m + s
     return Plan(
         meta=meta,
-        partials=torch.empty(max(2 * s, 1), dtype=acc, device=device),
-        stats=torch.zeros((t, 3), dtype=acc, device=device),
+        partials=torch.empty(max(4 * s, 1), dtype=torch.float64, device=device),
+        stats=torch.zeros((t, 4), dtype=torch.float64, device=device),
         counters=torch.zeros(2 + t, dtype=torch.int32, device=device),
         num_tensors=t,
         num_stats_items=s,
@@ -187,15 +186,14 @@ def compile_for_target(dtype: torch.dtype, arch: int = 90, *, has_scale: bool = 
     from .triton_kernels import znorm_queue_kernel
 
     tl_dtype, tl_acc = _triton_dtypes()[dtype]
-    acc_ptr = "*fp64" if dtype == torch.float64 else "*fp32"
     signature = {
-        "meta_ptr": "*i64", "partial_ptr": acc_ptr, "stats_ptr": acc_ptr, "counter_ptr": "*i32",
+        "meta_ptr": "*i64", "partial_ptr": "*fp64", "stats_ptr": "*fp64", "counter_ptr": "*i32",
         "scale_ptr": "*fp32", "eps": "fp32", "correction": "fp32", "T": "i32", "S": "i32", "M": "i32",
         "NUM_PROGRAMS": "i32",
     }  # fmt: skip
     constants = {
-        "DTYPE": tl_dtype, "ACC": tl_acc, "BLOCK": block_for(dtype), "PBLOCK": PBLOCK, "HAS_SCALE": has_scale,
-        "NORMALIZE": normalize,
+        "DTYPE": tl_dtype, "ACC": tl_acc, "BLOCK": block_for(dtype), "PBLOCK": PBLOCK, "SUB": SUB,
+        "HAS_SCALE": has_scale, "NORMALIZE": normalize,
     }  # fmt: skip
     signature.update(dict.fromkeys(constants, "constexpr"))
     names = list(signature)
@@ -238,6 +236,7 @@ def _launch(
         ACC=tl_acc,
         BLOCK=block,
         PBLOCK=PBLOCK,
+        SUB=SUB,
         HAS_SCALE=grad_scale is not None,
         NORMALIZE=normalize,
         num_warps=NUM_WARPS,
@@ -298,7 +297,8 @@ def statistics(
     *,
     block=None,
 ) -> Tensor:
-    """The statistics stage alone: a [T, 3] device tensor of (shift, mean, inv) per tensor, where
-    z = ((g - shift) - mean) * inv. The tensors are not modified. (For a fused optimizer step that applies
-    ZNorm as it loads the gradient.) Same-device, same-dtype tensors of at least 2 elements."""
+    """The statistics stage alone: a float64 [T, 4] device tensor of (mean, std, inv, wide) per tensor, where
+    z = (g - mean) * inv (wide is 1.0 where the kernel computes that product in float64, else 0.0). The
+    tensors are not modified. (For a fused optimizer step that applies ZNorm as it loads the gradient.)
+    Same-device, same-dtype tensors of at least 2 elements."""
     return _launch(_dense_stand_ins(tensors), eps, correction, grad_scale, False, block).stats.clone()

@@ -17,13 +17,23 @@ programs or their residency. Under TRITON_INTERPRET=1 programs run one after ano
 drains the queue in order. The last program to leave resets the counters for the next launch, so no memset
 is needed.
 
-Numerics (SPEC.md): values are shifted by the tensor's first element before any statistics (a constant tensor
-becomes exactly 0; the shift is published with the statistics, since chunk 0 is overwritten in place later);
-per-tile mean and M2 are two-pass in registers and tiles are merged with Chan's formula; the tensor's partials
-are merged as sums over all partials (mean = sum(n_i mean_i) / n, M2 = sum(M2_i + n_i (mean_i - mean)^2)), in
-vector accumulators reduced by a fixed tree. No float atomics: bitwise deterministic.
+Numerics (docs/contract.md): no value is shifted by another one. Each tile of at most BLOCK values, in
+registers, gives its count, sum, minimum and maximum, then the sums of d = x - m and d^2 around its rounded
+mean m: mean = m + sum(d)/count and M2 = sum(d^2) - sum(d)^2/count, taken to float64. The correction term
+recovers what rounding m cost, so the tile's statistics are accurate relative to its spread, not to its
+magnitude, and an outlier only costs precision in its own square. A tile whose magnitude or spread would
+overflow or underflow float32 squares is computed in float64 instead (rare, decided per tile by its min and
+max). Tiles merge with Chan's formula and chunk partials merge as sums over all partials (mean =
+sum(n_i mean_i) / n, M2 = sum(M2_i + n_i (mean_i - mean)^2)), all in float64, by fixed trees and in fixed
+order: no float atomics, bitwise deterministic. A tensor whose minimum equals its maximum is constant: its
+mean is set to that value and its multiplier to 0, so every result is exactly 0. The per-tensor scalars
+(mean, std, 1/(std+eps)) are computed in float64 with correctly rounded division and square root, and the
+float32 normalize pass subtracts the mean as a float32 pair (hi, then lo), so ((x - hi) - lo) * inv keeps
+the mean's float64 precision; a tensor whose spread or multiplier is beyond float32's comfortable range is
+normalized in float64.
 
-``stats`` keeps (shift, mean, inv) of every tensor after the launch, so a fused optimizer can reuse them.
+``stats`` keeps (mean, std, inv, wide) of every tensor after the launch (float64), so a fused optimizer can
+reuse them: z = (g - mean) * inv.
 """
 
 from __future__ import annotations
@@ -34,32 +44,101 @@ import triton.language as tl
 # Layout of the int64 metadata table (offsets in units of T = tensors, S = statistics items, M = small items):
 # [addr: T][numel: T][chunk length: T][first partial: T][tensor of item: S + M][chunk of item: S]
 
+# Float32 tiles take the float32 path when every |x| <= FAST_MAX and their spread (max - min) is 0 or at least
+# FAST_MIN_SPREAD: then sums and squares stay far from float32's overflow and subnormal ranges.
+FAST_MAX = tl.constexpr(2.0**50)
+FAST_MIN_SPREAD = tl.constexpr(2.0**-50)
+# A tensor is normalized in float64 ("wide") when its spread reaches WIDE_SPREAD or its multiplier leaves
+# [1/WIDE_INV, WIDE_INV]: x - mean or the float32 multiplier could overflow or lose bits there.
+WIDE_SPREAD = tl.constexpr(2.0**100)
+WIDE_INV = tl.constexpr(2.0**100)
+
 
 @triton.jit
-def _tile_stats(x_ptr, start, stop, shift, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """Count, mean and M2 of x[start:stop] - shift (at most BLOCK elements), two-pass in registers."""
+def _centred_sums(y, mask, m):
+    """sum(d) and sum(d^2) over the unmasked values, d = y - m."""
+    d = tl.where(mask, y - m, 0.0)
+    return tl.sum(d, axis=0), tl.sum(d * d, axis=0)
+
+
+@triton.jit
+def _wide_moments(x_ptr, start, stop, n, ACC: tl.constexpr, SUB: tl.constexpr):
+    """Mean and M2 of x[start:stop] in float64, SUB values at a time, read again from memory (L1/L2): the
+    rare tiles whose float32 squares could overflow or underflow, kept out of the common path's registers."""
+    acc = tl.zeros([SUB], dtype=tl.float64)
+    for sub in range(start, stop, SUB):
+        y, _ = _load_tile(x_ptr, sub, stop, ACC, SUB)
+        acc += y.to(tl.float64)
+    m = tl.sum(acc, axis=0) / n
+    acc = tl.zeros([SUB], dtype=tl.float64)
+    acc2 = tl.zeros([SUB], dtype=tl.float64)
+    for sub in range(start, stop, SUB):
+        y, mask = _load_tile(x_ptr, sub, stop, ACC, SUB)
+        d = tl.where(mask, y.to(tl.float64) - m, 0.0)
+        acc += d
+        acc2 += d * d
+    s1 = tl.sum(acc, axis=0)
+    return m + s1 / n, tl.sum(acc2, axis=0) - s1 * (s1 / n)
+
+
+@triton.jit
+def _tile_moments(y, mask, x_ptr, start, stop, ACC: tl.constexpr, SUB: tl.constexpr):
+    """Mean and M2 (float64) and min and max (float64) of the unmasked values y = x[start:stop] (in ACC)."""
+    s = tl.sum(y, axis=0)
+    lo = tl.min(tl.where(mask, y, float("inf")), axis=0).to(tl.float64)
+    hi = tl.max(tl.where(mask, y, float("-inf")), axis=0).to(tl.float64)
+    count = stop - start
+    n = count.to(tl.float64)
+    if ACC == tl.float64:
+        m = s / n
+        s1, q = _centred_sums(y, mask, m)
+        mean = m + s1 / n
+        m2 = q - s1 * (s1 / n)
+    else:
+        spread = hi - lo
+        if (tl.maximum(-lo, hi) <= FAST_MAX) & ((spread >= FAST_MIN_SPREAD) | (spread == 0.0)):
+            m32 = tl.div_rn(s, count.to(tl.float32))
+            s32, q32 = _centred_sums(y, mask, m32)
+            s1 = s32.to(tl.float64)
+            mean = m32.to(tl.float64) + s1 / n
+            m2 = q32.to(tl.float64) - s1 * (s1 / n)
+        else:
+            mean, m2 = _wide_moments(x_ptr, start, stop, n, ACC, SUB)
+    # Exact for a constant tile; the correction above can only round M2 below 0, never above.
+    constant = (lo == hi) & (mean == mean)
+    mean = tl.where(constant, lo, mean)
+    m2 = tl.where(constant, 0.0, tl.maximum(m2, 0.0))
+    return mean, m2, lo, hi
+
+
+@triton.jit
+def _load_tile(x_ptr, start, stop, ACC: tl.constexpr, BLOCK: tl.constexpr):
     offs = start + tl.arange(0, BLOCK)
     mask = offs < stop
-    y = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC) - shift, 0.0)
-    count = tl.minimum(stop - start, BLOCK).to(ACC)
-    mean = tl.sum(y, axis=0) / count
-    d = tl.where(mask, y - mean, 0.0)
-    return count, mean, tl.sum(d * d, axis=0)
+    return tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC), mask
 
 
 @triton.jit
-def _chunk_stats(x_ptr, start, stop, shift, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """Count, mean and M2 of x[start:stop] - shift, tile by tile, merged with Chan's formula."""
-    count, mean, m2 = _tile_stats(x_ptr, start, stop, shift, ACC, BLOCK)
+def _chunk_moments(x_ptr, start, stop, ACC: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr):
+    """Mean, M2, min and max of x[start:stop], tile by tile, merged with Chan's formula in float64."""
+    end = tl.minimum(stop, start + BLOCK)
+    y, mask = _load_tile(x_ptr, start, end, ACC, BLOCK)
+    mean, m2, lo, hi = _tile_moments(y, mask, x_ptr, start, end, ACC, SUB)
+    n = (end - start).to(tl.float64)
     for tile in range(start + BLOCK, stop, BLOCK):
-        c, m, q = _tile_stats(x_ptr, tile, stop, shift, ACC, BLOCK)
-        total = count + c
-        delta = m - mean
-        frac = c / total
+        end = tl.minimum(stop, tile + BLOCK)
+        y, mask = _load_tile(x_ptr, tile, end, ACC, BLOCK)
+        mean_b, m2_b, lo_b, hi_b = _tile_moments(y, mask, x_ptr, tile, end, ACC, SUB)
+        n_b = (end - tile).to(tl.float64)
+        total = n + n_b
+        delta = mean_b - mean
+        frac = n_b / total
         mean = mean + delta * frac
-        m2 = m2 + q + delta * delta * count * frac
-        count = total
-    return count, mean, m2
+        m2 = m2 + m2_b + delta * delta * n * frac
+        n = total
+        lo = tl.minimum(lo, lo_b)
+        hi = tl.maximum(hi, hi_b)
+    return mean, m2, lo, hi
 
 
 @triton.jit
@@ -75,48 +154,88 @@ def _to_output(v, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _inv_std(m2, n, scale, eps, correction, ACC: tl.constexpr):
-    """1 / (std + eps), or s / (std + s*eps) for gradients scaled by s (scale is 1 otherwise); 0 where that
-    denominator is exactly 0 (a constant tensor with eps=0), so its exact-zero centred values stay 0."""
-    var = m2 / tl.maximum(n.to(ACC) - correction, 0.0)
-    denom = tl.sqrt(var) + scale * eps
-    return tl.where(denom == 0.0, 0.0, scale / denom)
+def _publish(stats_ptr, t, n, mean, m2, lo, hi, scale, eps, correction):
+    """The tensor's (mean, std, inv, wide), float64, stored at stats[t]; returns (mean, inv, wide).
+    inv = 1 / (std + eps), or s / (std + s*eps) for gradients scaled by s (scale is 1 otherwise); 0 for a
+    constant tensor (its mean is then its value, so every result is exactly 0) and where std + eps is 0."""
+    constant = (lo == hi) & (mean == mean)
+    mean = tl.where(constant, lo, mean)
+    dof = tl.maximum(n.to(tl.float64) - tl.cast(correction, tl.float64), 0.0)
+    std = tl.sqrt(m2 / dof)  # float64: correctly rounded on the GPU too
+    denom = std + scale * tl.cast(eps, tl.float64)
+    inv = tl.where(constant | (denom == 0.0), 0.0, scale / denom)
+    wide = (hi - lo >= WIDE_SPREAD) | (inv > WIDE_INV) | ((inv < 1.0 / WIDE_INV) & (inv != 0.0))
+    wide = wide.to(tl.float64)
+    tl.store(stats_ptr + 4 * t, mean)
+    tl.store(stats_ptr + 4 * t + 1, std)
+    tl.store(stats_ptr + 4 * t + 2, inv)
+    tl.store(stats_ptr + 4 * t + 3, wide)
+    return mean, inv, wide
 
 
 @triton.jit
-def _load_partials(partial_ptr, first, b, nchunks, chunk, n, ACC: tl.constexpr, PBLOCK: tl.constexpr):
-    """Counts, means and M2s of a tensor's partials b .. b+PBLOCK (zero past the last one)."""
+def _normalized(x, mean, inv, DTYPE: tl.constexpr, ACC: tl.constexpr):
+    """(x - mean) * inv in the tensor's dtype. In float32 the mean is subtracted as a float32 pair, hi then lo
+    (x - hi is exact near the mean), which keeps its float64 precision at float32 cost."""
+    if ACC == tl.float64:
+        z = (x - mean) * inv
+    else:
+        hi = mean.to(tl.float32)
+        lo = (mean - hi.to(tl.float64)).to(tl.float32)
+        z = ((x - hi) - lo) * inv.to(tl.float32)
+    return _to_output(z, DTYPE)
+
+
+@triton.jit
+def _normalize_wide(x_ptr, start, stop, mean, inv, DTYPE: tl.constexpr, ACC: tl.constexpr, SUB: tl.constexpr):
+    """x[start:stop] <- (x - mean) * inv in float64, SUB values at a time (the rare "wide" tensors)."""
+    for sub in range(start, stop, SUB):
+        offs = sub + tl.arange(0, SUB)
+        mask = offs < stop
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+        tl.store(x_ptr + offs, _to_output(((x.to(tl.float64) - mean) * inv).to(ACC), DTYPE), mask=mask)
+
+
+@triton.jit
+def _load_partials(partial_ptr, first, b, nchunks, chunk, n, PBLOCK: tl.constexpr):
+    """Counts, means, M2s, minima and maxima of a tensor's partials b .. b+PBLOCK (neutral past the last)."""
     idx = b + tl.arange(0, PBLOCK)
     live = idx < nchunks
-    count = tl.where(live, tl.minimum(chunk, n - idx * chunk).to(ACC), 0.0)
-    slot = partial_ptr + 2 * (first + idx)
+    count = tl.where(live, tl.minimum(chunk, n - idx * chunk).to(tl.float64), 0.0)
+    slot = partial_ptr + 4 * (first + idx)
     mean = tl.load(slot, mask=live, other=0.0, cache_modifier=".cg")
     m2 = tl.load(slot + 1, mask=live, other=0.0, cache_modifier=".cg")
-    return count, mean, m2
+    lo = tl.load(slot + 2, mask=live, other=float("inf"), cache_modifier=".cg")
+    hi = tl.load(slot + 3, mask=live, other=float("-inf"), cache_modifier=".cg")
+    return count, mean, m2, lo, hi
 
 
 @triton.jit
-def _merge_partials(partial_ptr, first, nchunks, chunk, n, ACC: tl.constexpr, PBLOCK: tl.constexpr):
-    """Mean and M2 of a whole tensor from its chunk partials, in chunk order, as two vectorized sums:
-    mean = sum(n_i mean_i) / n, then M2 = sum(M2_i + n_i (mean_i - mean)^2) (no cancellation)."""
-    acc = tl.zeros([PBLOCK], dtype=ACC)
+def _merge_partials(partial_ptr, first, nchunks, chunk, n, PBLOCK: tl.constexpr):
+    """Mean, M2, min and max of a whole tensor from its chunk partials, in chunk order, as vectorized float64
+    sums: mean = sum(n_i mean_i) / n, then M2 = sum(M2_i + n_i (mean_i - mean)^2) (no cancellation)."""
+    acc = tl.zeros([PBLOCK], dtype=tl.float64)
+    lo = tl.full([PBLOCK], float("inf"), dtype=tl.float64)
+    hi = tl.full([PBLOCK], float("-inf"), dtype=tl.float64)
     for b in range(0, nchunks, PBLOCK):
-        count, mu, _ = _load_partials(partial_ptr, first, b, nchunks, chunk, n, ACC, PBLOCK)
+        count, mu, _, lo_b, hi_b = _load_partials(partial_ptr, first, b, nchunks, chunk, n, PBLOCK)
         acc += count * mu
-    mean = tl.sum(acc, axis=0) / n.to(ACC)
-    acc = tl.zeros([PBLOCK], dtype=ACC)
+        lo = tl.minimum(lo, lo_b)
+        hi = tl.maximum(hi, hi_b)
+    mean = tl.sum(acc, axis=0) / n.to(tl.float64)
+    acc = tl.zeros([PBLOCK], dtype=tl.float64)
     for b in range(0, nchunks, PBLOCK):
-        count, mu, q = _load_partials(partial_ptr, first, b, nchunks, chunk, n, ACC, PBLOCK)
-        d = mu - mean
+        count, mu, q, _, _ = _load_partials(partial_ptr, first, b, nchunks, chunk, n, PBLOCK)
+        d = tl.where(count > 0.0, mu - mean, 0.0)
         acc += q + count * d * d
-    return mean, tl.sum(acc, axis=0)
+    return mean, tl.sum(acc, axis=0), tl.min(lo, axis=0), tl.max(hi, axis=0)
 
 
 @triton.jit(do_not_specialize=["T", "S", "M", "NUM_PROGRAMS", "eps", "correction"])
 def znorm_queue_kernel(
     meta_ptr,  # int64 table, layout above
-    partial_ptr,  # ACC [2 * S]: (mean, M2) of every statistics chunk
-    stats_ptr,  # ACC [3 * T]: (shift, mean, inv) of every tensor, kept after the launch
+    partial_ptr,  # float64 [4 * S]: (mean, M2, min, max) of every statistics chunk
+    stats_ptr,  # float64 [4 * T]: (mean, std, inv, wide) of every tensor, kept after the launch
     counter_ptr,  # int32 [2 + T]: ticket, programs done, per-tensor chunk counters; zero between launches
     scale_ptr,  # a 0-d scale tensor (read only when HAS_SCALE)
     eps,
@@ -129,12 +248,14 @@ def znorm_queue_kernel(
     ACC: tl.constexpr,
     BLOCK: tl.constexpr,
     PBLOCK: tl.constexpr,
+    SUB: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     NORMALIZE: tl.constexpr,
 ):
-    scale = 1.0
     if HAS_SCALE:
-        scale = tl.load(scale_ptr).to(ACC)
+        scale = tl.load(scale_ptr).to(tl.float64)
+    else:
+        scale = tl.cast(1.0, tl.float64)
     item_tensor = meta_ptr + 4 * T
     item_chunk = item_tensor + S + M
     total = S + M
@@ -154,34 +275,29 @@ def znorm_queue_kernel(
             c = tl.load(item_chunk + ticket)
             chunk = tl.load(meta_ptr + 2 * T + t)
             start = c * chunk
-            shift = tl.load(x_ptr).to(ACC)
-            _count, mean, m2 = _chunk_stats(x_ptr, start, tl.minimum(start + chunk, n), shift, ACC, BLOCK)
+            mean, m2, lo, hi = _chunk_moments(x_ptr, start, tl.minimum(start + chunk, n), ACC, BLOCK, SUB)
             part = tl.load(meta_ptr + 3 * T + t) + c
-            tl.store(partial_ptr + 2 * part, mean)
-            tl.store(partial_ptr + 2 * part + 1, m2)
+            tl.store(partial_ptr + 4 * part, mean)
+            tl.store(partial_ptr + 4 * part + 1, m2)
+            tl.store(partial_ptr + 4 * part + 2, lo)
+            tl.store(partial_ptr + 4 * part + 3, hi)
             nchunks = tl.cdiv(n, chunk)
             done = tl.atomic_add(counter_ptr + 2 + t, 1, sem="acq_rel")
             if done == nchunks - 1:
                 # Last chunk of this tensor: merge in chunk order, publish, release.
-                mean, m2 = _merge_partials(partial_ptr, part - c, nchunks, chunk, n, ACC, PBLOCK)
-                tl.store(stats_ptr + 3 * t, shift)
-                tl.store(stats_ptr + 3 * t + 1, mean)
-                tl.store(stats_ptr + 3 * t + 2, _inv_std(m2, n, scale, eps, correction, ACC))
+                mean, m2, lo, hi = _merge_partials(partial_ptr, part - c, nchunks, chunk, n, PBLOCK)
+                _publish(stats_ptr, t, n, mean, m2, lo, hi, scale, eps, correction)
                 tl.atomic_add(counter_ptr + 2 + t, 1, sem="release")
         elif ticket < S + M:
             # A small tensor: read once, statistics in registers, written once.
-            offs = tl.arange(0, BLOCK)
-            mask = offs < n
-            shift = tl.load(x_ptr).to(ACC)
-            y = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC) - shift, 0.0)
-            mean = tl.sum(y, axis=0) / n.to(ACC)
-            d = tl.where(mask, y - mean, 0.0)
-            inv = _inv_std(tl.sum(d * d, axis=0), n, scale, eps, correction, ACC)
-            tl.store(stats_ptr + 3 * t, shift)
-            tl.store(stats_ptr + 3 * t + 1, mean)
-            tl.store(stats_ptr + 3 * t + 2, inv)
+            y, mask = _load_tile(x_ptr, 0, n, ACC, BLOCK)
+            mean, m2, lo, hi = _tile_moments(y, mask, x_ptr, 0, n, ACC, SUB)
+            mean, inv, wide = _publish(stats_ptr, t, n, mean, m2, lo, hi, scale, eps, correction)
             if NORMALIZE:
-                tl.store(x_ptr + offs, _to_output(d * inv, DTYPE), mask=mask)
+                if wide != 0.0:
+                    _normalize_wide(x_ptr, 0, n, mean, inv, DTYPE, ACC, SUB)
+                else:
+                    tl.store(x_ptr + tl.arange(0, BLOCK), _normalized(y, mean, inv, DTYPE, ACC), mask=mask)
         else:
             # A normalize chunk: wait for the tensor's statistics, then one pass over the chunk.
             i = ticket - S - M
@@ -191,16 +307,19 @@ def znorm_queue_kernel(
             seen = tl.atomic_add(counter_ptr + 2 + t, 0, sem="acquire")
             while seen < published:
                 seen = tl.atomic_add(counter_ptr + 2 + t, 0, sem="acquire")
-            shift = tl.load(stats_ptr + 3 * t, volatile=True)
-            mean = tl.load(stats_ptr + 3 * t + 1, volatile=True)
-            inv = tl.load(stats_ptr + 3 * t + 2, volatile=True)
+            mean = tl.load(stats_ptr + 4 * t, volatile=True)
+            inv = tl.load(stats_ptr + 4 * t + 2, volatile=True)
+            wide = tl.load(stats_ptr + 4 * t + 3, volatile=True)
             start = c * chunk
             stop = tl.minimum(start + chunk, n)
-            for tile in range(start, stop, BLOCK):
-                offs = tile + tl.arange(0, BLOCK)
-                mask = offs < stop
-                x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-                tl.store(x_ptr + offs, _to_output(((x - shift) - mean) * inv, DTYPE), mask=mask)
+            if wide != 0.0:
+                _normalize_wide(x_ptr, start, stop, mean, inv, DTYPE, ACC, SUB)
+            else:
+                for tile in range(start, stop, BLOCK):
+                    offs = tile + tl.arange(0, BLOCK)
+                    mask = offs < stop
+                    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+                    tl.store(x_ptr + offs, _normalized(x, mean, inv, DTYPE, ACC), mask=mask)
         ticket = tl.atomic_add(counter_ptr, 1, sem="relaxed")
 
     # The last program out resets the counters: every other program has drawn its final ticket and finished.
