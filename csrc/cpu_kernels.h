@@ -7,7 +7,8 @@
 // by a fixed pairwise tree, and the build uses -ffp-contract=off, so both versions give bitwise the same
 // results: the instruction set changes the speed, never the values.
 //
-// Needs, declared before the include: <cstdint>, <cstring>, c10::Half, c10::BFloat16, and ZNORM_ISA.
+// Needs, declared before the include: <cstdint>, <cstring>, <limits>, c10::Half, c10::BFloat16, and
+// ZNORM_ISA.
 
 namespace ZNORM_ISA {
 
@@ -80,44 +81,79 @@ inline A reduce_lanes(A (&acc)[L]) {
   return acc[0];
 }
 
-// sum over the run of (x - shift).
+// Sum, minimum and maximum of a run, in A. NaN never wins a comparison, so it is left out of the minimum and
+// maximum (it still reaches the sum, hence the mean, which is how it propagates).
 template <typename T, typename A>
-A sum_shifted(const T* __restrict p, int64_t n, A shift) {
+void sum_min_max(const T* __restrict p, int64_t n, A& sum, A& lo, A& hi) {
   constexpr int L = Lanes<A>::value;
-  A acc[L] = {};
-  int64_t i = 0;
-  for (; i + L <= n; i += L) {
-    for (int j = 0; j < L; ++j) acc[j] += to_acc(p[i + j]) - shift;
+  A acc[L] = {}, mn[L], mx[L];
+  for (int j = 0; j < L; ++j) {
+    mn[j] = std::numeric_limits<A>::infinity();
+    mx[j] = -std::numeric_limits<A>::infinity();
   }
-  for (int j = 0; i + j < n; ++j) acc[j] += to_acc(p[i + j]) - shift;
-  return reduce_lanes<A, L>(acc);
-}
-
-// sum over the run of ((x - shift) - mean)^2: the second pass of a two-pass variance, over a run that is
-// still in cache from the first.
-template <typename T, typename A>
-A sum_squares_centred(const T* __restrict p, int64_t n, A shift, A mean) {
-  constexpr int L = Lanes<A>::value;
-  A acc[L] = {};
   int64_t i = 0;
   for (; i + L <= n; i += L) {
     for (int j = 0; j < L; ++j) {
-      const A d = (to_acc(p[i + j]) - shift) - mean;
-      acc[j] += d * d;
+      const A v = static_cast<A>(to_acc(p[i + j]));
+      acc[j] += v;
+      mn[j] = v < mn[j] ? v : mn[j];
+      mx[j] = v > mx[j] ? v : mx[j];
     }
   }
   for (int j = 0; i + j < n; ++j) {
-    const A d = (to_acc(p[i + j]) - shift) - mean;
-    acc[j] += d * d;
+    const A v = static_cast<A>(to_acc(p[i + j]));
+    acc[j] += v;
+    mn[j] = v < mn[j] ? v : mn[j];
+    mx[j] = v > mx[j] ? v : mx[j];
   }
-  return reduce_lanes<A, L>(acc);
+  sum = reduce_lanes<A, L>(acc);
+  for (int j = 1; j < L; ++j) {
+    mn[0] = mn[j] < mn[0] ? mn[j] : mn[0];
+    mx[0] = mx[j] > mx[0] ? mx[j] : mx[0];
+  }
+  lo = mn[0];
+  hi = mx[0];
 }
 
-// x <- ((x - shift) - mean) * mult. The shift is subtracted first, as the reference does: for a constant
-// tensor (x - shift) is exactly 0, and so is the result.
+// sum(d) and sum(d^2) over the run, d = x - m: the second pass of the statistics, over a run still in cache.
+// d is exact near m; its square and both sums are taken in double, so that one large d (an outlier) does not
+// round away the small squares summed after it into the same lane.
 template <typename T, typename A>
-void normalize_run(T* __restrict p, int64_t n, A shift, A mean, A mult) {
-  for (int64_t i = 0; i < n; ++i) p[i] = from_acc<T>(((to_acc(p[i]) - shift) - mean) * mult);
+void centred_sums(const T* __restrict p, int64_t n, A m, double& s1, double& q) {
+  constexpr int L = Lanes<double>::value;
+  double acc[L] = {}, sq[L] = {};
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    for (int j = 0; j < L; ++j) {
+      const double d = static_cast<double>(static_cast<A>(to_acc(p[i + j])) - m);
+      acc[j] += d;
+      sq[j] += d * d;
+    }
+  }
+  for (int j = 0; i + j < n; ++j) {
+    const double d = static_cast<double>(static_cast<A>(to_acc(p[i + j])) - m);
+    acc[j] += d;
+    sq[j] += d * d;
+  }
+  s1 = reduce_lanes<double, L>(acc);
+  q = reduce_lanes<double, L>(sq);
+}
+
+// x <- ((x - hi) - lo) * mult, the mean given as a pair hi + lo of A values: x - hi is exact near the mean, so
+// the pair keeps the float64 mean's precision at A's cost. A constant tensor has hi = its value, lo = 0 and
+// mult = 0: every result is exactly 0.
+template <typename T, typename A>
+void normalize_run(T* __restrict p, int64_t n, A hi, A lo, A mult) {
+  for (int64_t i = 0; i < n; ++i) p[i] = from_acc<T>(((to_acc(p[i]) - hi) - lo) * mult);
+}
+
+// x <- (x - mean) * mult in double, for tensors beyond float's comfortable range ("wide"; rare).
+template <typename T>
+void normalize_run_wide(T* __restrict p, int64_t n, double mean, double mult) {
+  using A = decltype(to_acc(p[0]));
+  for (int64_t i = 0; i < n; ++i) {
+    p[i] = from_acc<T>(static_cast<A>((static_cast<double>(to_acc(p[i])) - mean) * mult));
+  }
 }
 
 // This copy's loops as one type, the driver's template argument (znorm_typed<T, cpu_avx2::Kernels>).
@@ -127,16 +163,20 @@ struct Kernels {
     return ZNORM_ISA::to_acc(v);
   }
   template <typename T, typename A>
-  static A sum_shifted(const T* p, int64_t n, A s) {
-    return ZNORM_ISA::sum_shifted<T, A>(p, n, s);
+  static void sum_min_max(const T* p, int64_t n, A& sum, A& lo, A& hi) {
+    ZNORM_ISA::sum_min_max<T, A>(p, n, sum, lo, hi);
   }
   template <typename T, typename A>
-  static A sum_squares_centred(const T* p, int64_t n, A s, A m) {
-    return ZNORM_ISA::sum_squares_centred<T, A>(p, n, s, m);
+  static void centred_sums(const T* p, int64_t n, A m, double& s1, double& q) {
+    ZNORM_ISA::centred_sums<T, A>(p, n, m, s1, q);
   }
   template <typename T, typename A>
-  static void normalize_run(T* p, int64_t n, A s, A m, A k) {
-    ZNORM_ISA::normalize_run<T, A>(p, n, s, m, k);
+  static void normalize_run(T* p, int64_t n, A hi, A lo, A mult) {
+    ZNORM_ISA::normalize_run<T, A>(p, n, hi, lo, mult);
+  }
+  template <typename T>
+  static void normalize_run_wide(T* p, int64_t n, double mean, double mult) {
+    ZNORM_ISA::normalize_run_wide<T>(p, n, mean, mult);
   }
 };
 

@@ -16,13 +16,36 @@ namespace znorm {
 inline constexpr const char* kSchema =
     "znorm_(Tensor(a!)[] tensors, float eps, float correction, Tensor? grad_scale) -> ()";
 
-// (count, mean, M2) of a run of values. Partials are merged in double whatever the tensor dtype, so that
-// thousands of chunk partials of one huge tensor merge without the drift a float32 merge has.
+// (count, mean, M2, min, max) of a run of values. Partials are merged in double whatever the tensor dtype, so
+// that thousands of chunk partials of one huge tensor merge without the drift a float32 merge has.
 struct Moments {
   double n = 0.0;
   double mean = 0.0;
   double m2 = 0.0;
+  double lo = INFINITY;
+  double hi = -INFINITY;
 };
+
+// The moments of a run from its two in-cache passes: sum, min and max, then s1 = sum(x - m) and q = sum((x - m)^2)
+// around its rounded mean m. mean = m + s1/n recovers what rounding m cost, and M2 = q - s1^2/n (exact for
+// s1 = 0); no element is used as a shift, so an outlier costs precision only in its own square. A constant
+// run (min == max, an exact test) has exactly its value as mean and 0 as M2.
+C10_HOST_DEVICE inline Moments run_moments(double n, double m, double s1, double q, double lo, double hi) {
+  Moments r{n, m + s1 / n, q - s1 * (s1 / n), lo, hi};
+  if (!(r.m2 > 0.0)) r.m2 = r.m2 != r.m2 ? r.m2 : 0.0;  // rounding may take M2 just below 0; NaN stays
+  if (lo == hi && r.mean == r.mean) {
+    r.mean = lo;
+    r.m2 = 0.0;
+  }
+  return r;
+}
+
+// Whether a float run's statistics may use float arithmetic: every |x| <= 2^50 and a spread of 0 or at least
+// 2^-50, so float sums and squares stay far from overflow and from the subnormal range. Else double.
+C10_HOST_DEVICE inline bool float_safe(double lo, double hi) {
+  const double spread = hi - lo;
+  return (-lo <= 0x1p50 && hi <= 0x1p50) && (spread >= 0x1p-50 || spread == 0.0);
+}
 
 // Chan's parallel update: the moments of the concatenation a ++ b. Callers merge in a fixed order, which
 // makes the result independent of which thread or block produced each partial.
@@ -34,18 +57,33 @@ C10_HOST_DEVICE inline Moments merge(const Moments& a, const Moments& b) {
   const double delta = b.mean - a.mean;
   r.mean = a.mean + delta * (b.n / r.n);
   r.m2 = a.m2 + b.m2 + delta * delta * (a.n * (b.n / r.n));
+  r.lo = b.lo < a.lo ? b.lo : a.lo;
+  r.hi = b.hi > a.hi ? b.hi : a.hi;
   return r;
 }
 
-// The multiplier of the centred values: 1 / (std + eps), or s / (std + s * eps) under a GradScaler scale s
-// (a fused optimizer divides by s afterwards). torch.var_mean's denominator is max(0, n - correction).
-// 0 where std + eps is exactly 0 (a constant tensor with eps=0), so its exact-zero centred values stay 0.
-C10_HOST_DEVICE inline double multiplier(const Moments& m, double eps, double correction, const double* scale) {
+// What the normalize pass needs of one tensor: z = (x - mean) * inv. inv = 1 / (std + eps), or
+// s / (std + s * eps) under a GradScaler scale s (a fused optimizer divides by s afterwards); torch.var_mean's
+// denominator max(0, n - correction). A constant tensor (min == max) gets its value as mean and inv = 0, so
+// every result is exactly 0 (eps = 0 too); so does std + eps == 0. `wide`: the spread or the multiplier is
+// beyond float's comfortable range, so a float tensor is normalized in double.
+struct Final {
+  double mean = 0.0;
+  double inv = 0.0;
+  bool wide = false;
+};
+
+C10_HOST_DEVICE inline Final finalize(const Moments& m, double eps, double correction, const double* scale) {
+  const bool constant = m.lo == m.hi && m.mean == m.mean;
   const double dof = m.n - correction > 0.0 ? m.n - correction : 0.0;
   const double stdev = ::sqrt(m.m2 / dof);
   const double s = scale == nullptr ? 1.0 : *scale;
   const double denom = stdev + s * eps;
-  return denom == 0.0 ? 0.0 : s / denom;
+  Final f;
+  f.mean = constant ? m.lo : m.mean;
+  f.inv = constant || denom == 0.0 ? 0.0 : s / denom;
+  f.wide = m.hi - m.lo >= 0x1p100 || f.inv > 0x1p100 || (f.inv < 0x1p-100 && f.inv != 0.0);
+  return f;
 }
 
 // Where a kernel reads and writes one tensor. A dense tensor (contiguous, channels_last, any permutation) is

@@ -12,8 +12,10 @@
 // depend on which thread runs it, nor do the merges (fixed order): the result is bitwise the same for any
 // thread count.
 //
-// Statistics are shifted by the tensor's first element and accumulated in float32 (float64 for float64),
-// two passes per run (sum, then sum of centred squares), so a constant tensor gives exactly 0.
+// Statistics: two passes per run while it is in cache, accumulated in float32 (float64 for float64): sum, min
+// and max, then sum(x - m) and sum((x - m)^2) around the run's rounded mean m (run_moments in znorm.h: no
+// element is used as a shift). Runs whose values are too large or too tightly spread for float squares take
+// double. Partials merge in double; a tensor whose min equals its max is constant and becomes exactly 0.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -25,6 +27,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -140,39 +143,46 @@ void znorm_typed(std::vector<Span>& spans, double eps, double correction, const 
   for (const Span& s : spans) total += s.numel;
 
   auto ptr = [&](int64_t t) { return static_cast<T*>(spans[t].data); };
-  // Two passes over a run that stays in cache: its mean and M2, shifted by its tensor's first element.
-  auto moments = [](const T* p, int64_t n, A shift) {
-    const A mean = K::sum_shifted(p, n, shift) / static_cast<A>(n);
-    return std::pair<A, A>{mean, K::sum_squares_centred(p, n, shift, mean)};
+  // The two in-cache passes over a run (see the top of this file).
+  auto moments = [](const T* p, int64_t n) {
+    A sum, lo, hi;
+    K::sum_min_max(p, n, sum, lo, hi);
+    const double dn = static_cast<double>(n);
+    if (std::is_same_v<A, double> || float_safe(lo, hi)) {
+      const A m = sum / static_cast<A>(n);
+      double s1, q;
+      K::centred_sums(p, n, m, s1, q);
+      return run_moments(dn, m, s1, q, lo, hi);
+    }
+    double sum64, lo64, hi64, s1, q;
+    K::sum_min_max(p, n, sum64, lo64, hi64);
+    const double m = sum64 / dn;
+    K::centred_sums(p, n, m, s1, q);
+    return run_moments(dn, m, s1, q, lo, hi);
+  };
+  auto normalize = [](T* p, int64_t n, const Final& f) {
+    if (f.wide && !std::is_same_v<A, double>) return K::normalize_run_wide(p, n, f.mean, f.inv);
+    const A hi = static_cast<A>(f.mean);
+    const A lo = static_cast<A>(f.mean - static_cast<double>(hi));
+    K::normalize_run(p, n, hi, lo, static_cast<A>(f.inv));
   };
   // Phase 1: batches done completely; chunk partials into their slots.
   std::vector<Moments> partial(plan.items.size());
   run_items(static_cast<int64_t>(plan.items.size()), total, [&](int64_t i) {
     const Item& item = plan.items[i];
     if (item.last < 0) {
-      const A shift = K::to_acc(ptr(item.first)[0]);
-      const auto [mean, m2] = moments(ptr(item.first) + item.begin, item.len, shift);
-      partial[i] = {static_cast<double>(item.len), static_cast<double>(mean), static_cast<double>(m2)};
+      partial[i] = moments(ptr(item.first) + item.begin, item.len);
       return;
     }
     for (int64_t t = item.first; t < item.last; ++t) {
-      T* p = ptr(t);
       const int64_t n = spans[t].numel;
       if (n < 2) continue;
-      const A shift = K::to_acc(p[0]);
-      const auto [mean, m2] = moments(p, n, shift);
-      const Moments m{static_cast<double>(n), static_cast<double>(mean), static_cast<double>(m2)};
-      const A mult = static_cast<A>(multiplier(m, eps, correction, scale));
-      K::normalize_run(p, n, shift, mean, mult);
+      normalize(ptr(t), n, finalize(moments(ptr(t), n), eps, correction, scale));
     }
   });
   if (plan.big.empty()) return;
 
-  // Phase 2: per large tensor, merge its partials in chunk order. Also fixes the shift now, before phase 3
-  // overwrites the first element.
-  struct Final {
-    A shift, mean, mult;
-  };
+  // Phase 2: per large tensor, merge its partials in chunk order.
   std::vector<Final> finals(spans.size());
   size_t next_chunk = 0;
   for (int64_t t : plan.big) {
@@ -181,15 +191,13 @@ void znorm_typed(std::vector<Span>& spans, double eps, double correction, const 
       m = merge(m, partial[plan.chunk_items[next_chunk]]);
       ++next_chunk;
     }
-    finals[t] = {K::to_acc(ptr(t)[0]), static_cast<A>(m.mean),
-                 static_cast<A>(multiplier(m, eps, correction, scale))};
+    finals[t] = finalize(m, eps, correction, scale);
   }
 
   // Phase 3: normalize the chunks.
   run_items(static_cast<int64_t>(plan.chunk_items.size()), total, [&](int64_t i) {
     const Item& item = plan.items[plan.chunk_items[i]];
-    const Final& f = finals[item.first];
-    K::normalize_run(ptr(item.first) + item.begin, item.len, f.shift, f.mean, f.mult);
+    normalize(ptr(item.first) + item.begin, item.len, finals[item.first]);
   });
 }
 

@@ -3,11 +3,14 @@
 // Multi-tensor apply in the manner of apex: the tensors' addresses, sizes and first chunk numbers travel in
 // one int64 table (filled in pinned host memory, copied to the device without blocking), and every block
 // finds its tensor by a binary search over the chunk numbers, so the table is O(tensors), not O(chunks).
-//   1. stats:     one block per chunk of kChunk elements writes (count, mean, M2) of its chunk, shifted by the
-//                 tensor's first element, to its own slot (two passes over a chunk that stays in L1/L2);
+//   1. stats:     one block per chunk of kChunk elements writes (count, mean, M2, min, max) of its chunk to its
+//                 own slot: two passes over a chunk that stays in L1/L2 (sum, min, max; then sum(x - m) and
+//                 sum((x - m)^2) in double around its rounded mean m; run_moments in znorm.h), no shift by
+//                 any element; chunks beyond float's safe range take double throughout;
 //   2. finalize:  one block per tensor merges that tensor's partials in double, in a fixed tree, and
-//                 publishes (shift, mean, multiplier) — the shift too, since stage 3 overwrites element 0;
-//   3. normalize: one block per chunk writes ((x - shift) - mean) * multiplier.
+//                 publishes (mean, multiplier, wide) (finalize in znorm.h: min == max means constant -> 0);
+//   3. normalize: one block per chunk writes ((x - hi) - lo) * multiplier, the mean as a float pair hi + lo
+//                 (double arithmetic for "wide" tensors).
 // Every thread's share of the work and every reduction order are fixed by the sizes alone, so results are
 // bitwise reproducible. Element indices are 64-bit. No host-device synchronization: the GradScaler scale is
 // read on the device, and the table copy is stream-ordered from pinned memory.
@@ -55,29 +58,71 @@ struct TableView {
   }
 };
 
-// Sum over the block in a fixed order (shuffle tree per warp, then the warp sums by warp 0); every thread
-// gets the total.
-template <typename A>
-__device__ A block_sum(A v) {
-  __shared__ A warp_sums[kThreads / 32 + 1];
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
+// Reduction over the block in a fixed order (shuffle tree per warp, then the warp results by warp 0); every
+// thread gets the result. Op: 0 sum, 1 min, 2 max (min and max skip NaN, as the CPU loops do).
+template <int Op, typename A>
+__device__ __forceinline__ A combine(A a, A b) {
+  if constexpr (Op == 0) return a + b;
+  if constexpr (Op == 1) return b < a ? b : a;
+  return b > a ? b : a;
+}
+
+template <int Op, typename A>
+__device__ A block_reduce(A v) {
+  __shared__ A warp_vals[kThreads / 32 + 1];
+  for (int offset = 16; offset > 0; offset >>= 1) v = combine<Op>(v, __shfl_down_sync(0xffffffffu, v, offset));
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) warp_sums[warp] = v;
+  if (lane == 0) warp_vals[warp] = v;
   __syncthreads();
   if (warp == 0) {
-    v = lane < kThreads / 32 ? warp_sums[lane] : A(0);
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
-    if (lane == 0) warp_sums[kThreads / 32] = v;
+    v = lane < kThreads / 32 ? warp_vals[lane] : warp_vals[0];  // warp_vals[0] is neutral for min and max
+    if (Op == 0 && lane >= kThreads / 32) v = A(0);
+    for (int offset = 16; offset > 0; offset >>= 1) v = combine<Op>(v, __shfl_down_sync(0xffffffffu, v, offset));
+    if (lane == 0) warp_vals[kThreads / 32] = v;
   }
   __syncthreads();
-  const A total = warp_sums[kThreads / 32];
-  __syncthreads();  // the next call may overwrite warp_sums
+  const A total = warp_vals[kThreads / 32];
+  __syncthreads();  // the next call may overwrite warp_vals
   return total;
 }
 
 template <typename T>
 __device__ __forceinline__ acc_t<T> to_acc(T v) {
   return static_cast<acc_t<T>>(v);
+}
+
+// Pass 2 of a chunk: sum(x - m) and sum((x - m)^2), in double, over the block; B is the arithmetic type of
+// x - m (the chunk's accumulation type, or double for chunks beyond float's safe range).
+template <typename B, typename T>
+__device__ void centred_sums(const T* __restrict__ x, int64_t begin, int64_t end, B m, double& s1, double& q) {
+  double acc[kUnroll] = {}, sq[kUnroll] = {};
+  for (int64_t base = begin + threadIdx.x; base < end; base += kUnroll * kThreads) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + u * kThreads;
+      if (i < end) {
+        const double d = static_cast<double>(static_cast<B>(to_acc(x[i])) - m);
+        acc[u] += d;
+        sq[u] += d * d;
+      }
+    }
+  }
+  s1 = block_reduce<0, double>((acc[0] + acc[1]) + (acc[2] + acc[3]));
+  q = block_reduce<0, double>((sq[0] + sq[1]) + (sq[2] + sq[3]));
+}
+
+// The block's sum in type B (pass 1 again, in double, for chunks beyond float's safe range).
+template <typename B, typename T>
+__device__ B chunk_sum(const T* __restrict__ x, int64_t begin, int64_t end) {
+  B acc[kUnroll] = {};
+  for (int64_t base = begin + threadIdx.x; base < end; base += kUnroll * kThreads) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + u * kThreads;
+      if (i < end) acc[u] += static_cast<B>(to_acc(x[i]));
+    }
+  }
+  return block_reduce<0, B>((acc[0] + acc[1]) + (acc[2] + acc[3]));
 }
 
 template <typename T>
@@ -89,71 +134,69 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(TableView table, double
   const int64_t begin = (chunk - table.first_chunk(t)) * kChunk;
   const int64_t n = table.numel(t);
   const int64_t end = begin + kChunk < n ? begin + kChunk : n;  // 64-bit throughout
-  const A shift = to_acc(x[0]);
 
+  // Pass 1: sum (in A), min and max.
   A acc[kUnroll] = {};
-  for (int64_t base = begin + threadIdx.x; base < end; base += kUnroll * kThreads) {
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t i = base + u * kThreads;
-      if (i < end) acc[u] += to_acc(x[i]) - shift;
-    }
-  }
-  const A len = static_cast<A>(end - begin);
-  const A mean = block_sum<A>((acc[0] + acc[1]) + (acc[2] + acc[3])) / len;
-
-  A sq[kUnroll] = {};
+  A mn = std::numeric_limits<A>::infinity(), mx = -std::numeric_limits<A>::infinity();
   for (int64_t base = begin + threadIdx.x; base < end; base += kUnroll * kThreads) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t i = base + u * kThreads;
       if (i < end) {
-        const A d = (to_acc(x[i]) - shift) - mean;
-        sq[u] += d * d;
+        const A v = to_acc(x[i]);
+        acc[u] += v;
+        mn = v < mn ? v : mn;
+        mx = v > mx ? v : mx;
       }
     }
   }
-  const A m2 = block_sum<A>((sq[0] + sq[1]) + (sq[2] + sq[3]));
+  const A sum = block_reduce<0, A>((acc[0] + acc[1]) + (acc[2] + acc[3]));
+  const double lo = block_reduce<1, A>(mn), hi = block_reduce<2, A>(mx);
+  const double len = static_cast<double>(end - begin);
+  double s1, q;
+  Moments m;
+  if (std::is_same_v<A, double> || float_safe(lo, hi)) {
+    const A mean = sum / static_cast<A>(end - begin);
+    centred_sums<A>(x, begin, end, mean, s1, q);
+    m = run_moments(len, mean, s1, q, lo, hi);
+  } else {
+    const double mean = chunk_sum<double>(x, begin, end) / len;
+    centred_sums<double>(x, begin, end, mean, s1, q);
+    m = run_moments(len, mean, s1, q, lo, hi);
+  }
   if (threadIdx.x == 0) {
-    partials[3 * chunk] = static_cast<double>(end - begin);
-    partials[3 * chunk + 1] = static_cast<double>(mean);
-    partials[3 * chunk + 2] = static_cast<double>(m2);
+    double* slot = partials + 5 * chunk;
+    slot[0] = m.n;
+    slot[1] = m.mean;
+    slot[2] = m.m2;
+    slot[3] = m.lo;
+    slot[4] = m.hi;
   }
 }
 
-template <typename T>
 __global__ void __launch_bounds__(kThreads)
     finalize_kernel(TableView table, const double* __restrict__ partials, double* __restrict__ finals, double eps,
                     double correction, const double* __restrict__ scale) {
-  __shared__ double s_n[kThreads], s_mean[kThreads], s_m2[kThreads];
+  __shared__ Moments s_m[kThreads];
   const int64_t t = blockIdx.x;
   const int64_t first = table.first_chunk(t), last = table.first_chunk(t + 1);
   // Thread j merges chunks j, j + kThreads, ... in order; then a fixed pairwise tree over the threads.
   Moments m;
   for (int64_t c = first + threadIdx.x; c < last; c += kThreads) {
-    m = merge(m, Moments{partials[3 * c], partials[3 * c + 1], partials[3 * c + 2]});
+    const double* slot = partials + 5 * c;
+    m = merge(m, Moments{slot[0], slot[1], slot[2], slot[3], slot[4]});
   }
-  s_n[threadIdx.x] = m.n;
-  s_mean[threadIdx.x] = m.mean;
-  s_m2[threadIdx.x] = m.m2;
+  s_m[threadIdx.x] = m;
   __syncthreads();
   for (int width = kThreads / 2; width > 0; width >>= 1) {
-    if (threadIdx.x < width) {
-      const Moments a{s_n[threadIdx.x], s_mean[threadIdx.x], s_m2[threadIdx.x]};
-      const Moments b{s_n[threadIdx.x + width], s_mean[threadIdx.x + width], s_m2[threadIdx.x + width]};
-      const Moments r = merge(a, b);
-      s_n[threadIdx.x] = r.n;
-      s_mean[threadIdx.x] = r.mean;
-      s_m2[threadIdx.x] = r.m2;
-    }
+    if (threadIdx.x < width) s_m[threadIdx.x] = merge(s_m[threadIdx.x], s_m[threadIdx.x + width]);
     __syncthreads();
   }
   if (threadIdx.x == 0) {
-    const Moments total{s_n[0], s_mean[0], s_m2[0]};
-    const T* x = reinterpret_cast<const T*>(table.ptr(t));
-    finals[3 * t] = static_cast<double>(to_acc(x[0]));
-    finals[3 * t + 1] = total.mean;
-    finals[3 * t + 2] = multiplier(total, eps, correction, scale);
+    const Final f = finalize(s_m[0], eps, correction, scale);
+    finals[3 * t] = f.mean;
+    finals[3 * t + 1] = f.inv;
+    finals[3 * t + 2] = f.wide ? 1.0 : 0.0;
   }
 }
 
@@ -166,14 +209,22 @@ __global__ void __launch_bounds__(kThreads) normalize_kernel(TableView table, co
   const int64_t begin = (chunk - table.first_chunk(t)) * kChunk;
   const int64_t n = table.numel(t);
   const int64_t end = begin + kChunk < n ? begin + kChunk : n;  // 64-bit throughout
-  const A shift = static_cast<A>(finals[3 * t]);
-  const A mean = static_cast<A>(finals[3 * t + 1]);
-  const A mult = static_cast<A>(finals[3 * t + 2]);
+  const double mean = finals[3 * t], inv = finals[3 * t + 1];
+  if (!std::is_same_v<A, double> && finals[3 * t + 2] != 0.0) {
+    for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
+      x[i] = static_cast<T>(static_cast<A>((static_cast<double>(to_acc(x[i])) - mean) * inv));
+    }
+    return;
+  }
+  // The mean as a pair hi + lo of A values: x - hi is exact near the mean, so the pair keeps its precision.
+  const A hi = static_cast<A>(mean);
+  const A lo = static_cast<A>(mean - static_cast<double>(hi));
+  const A mult = static_cast<A>(inv);
   for (int64_t base = begin + threadIdx.x; base < end; base += kUnroll * kThreads) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t i = base + u * kThreads;
-      if (i < end) x[i] = static_cast<T>(((to_acc(x[i]) - shift) - mean) * mult);
+      if (i < end) x[i] = static_cast<T>(((to_acc(x[i]) - hi) - lo) * mult);
     }
   }
 }
@@ -204,14 +255,14 @@ void launch(std::vector<Span>& spans, double eps, double correction, const doubl
     const std::lock_guard<std::mutex> lock(mutex);
     kept.push_back(host);
   }
-  const at::Tensor partials = at::empty({3 * chunks}, at::TensorOptions().dtype(at::kDouble).device(device));
+  const at::Tensor partials = at::empty({5 * chunks}, at::TensorOptions().dtype(at::kDouble).device(device));
   const at::Tensor finals = at::empty({3 * ntensors}, at::TensorOptions().dtype(at::kDouble).device(device));
   const TableView view{table.data_ptr<int64_t>(), ntensors};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index());
 
   stats_kernel<T><<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(view, partials.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  finalize_kernel<T><<<static_cast<unsigned>(ntensors), kThreads, 0, stream>>>(
+  finalize_kernel<<<static_cast<unsigned>(ntensors), kThreads, 0, stream>>>(
       view, partials.data_ptr<double>(), finals.data_ptr<double>(), eps, correction, scale);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   normalize_kernel<T><<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(view, finals.data_ptr<double>());
