@@ -61,7 +61,8 @@ setup-system:
 define MISSING_DEPS
 import importlib.util
 wanted = {"torch": "torch", "numpy": "numpy", "pytest": "pytest", "pytest_benchmark": "pytest-benchmark",
-          "ninja": "ninja", "tqdm": "tqdm", "matplotlib": "matplotlib", "torchvision": "torchvision"}
+          "ninja": "ninja", "tqdm": "tqdm", "matplotlib": "matplotlib", "torchvision": "torchvision",
+          "hypothesis": "hypothesis"}
 print(" ".join(pkg for mod, pkg in wanted.items() if importlib.util.find_spec(mod) is None))
 endef
 export MISSING_DEPS

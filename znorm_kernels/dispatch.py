@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .backends import triton_interpret
+from .backends import is_dense, triton_interpret
 
 __all__ = [
     "BACKENDS",
@@ -209,6 +209,8 @@ def collect_indices(
 
     None, empty and 1-element tensors are dropped. Sparse, complex or non-floating tensors raise TypeError
     naming the position (and the parameter's name when ``names`` gives it); nothing has been modified then.
+    The same memory given twice (the same tensor, or a view of exactly the same elements) is kept once, at its
+    first position; tensors that share only part of their memory raise ValueError naming both positions.
     """
     if isinstance(tensors, Tensor):
         tensors = [tensors]
@@ -217,7 +219,8 @@ def collect_indices(
     items = list(tensors)
     names = list(names) if names is not None else None
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    # The hot path reads five attributes per tensor; the reasons for a rejection are worked out only then.
+    spans: list[tuple] = []  # memory range of every tensor to normalize, for rule 11 (duplicates, overlaps)
+    # The hot path reads a few attributes per tensor; the reasons for a rejection are worked out only then.
     for i, t in enumerate(items):
         if t is None:
             continue
@@ -236,7 +239,76 @@ def collect_indices(
             groups[key] = [i]
         else:
             group.append(i)
+        extent = (
+            t.numel() if t.is_contiguous() else 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+        )
+        start = t.data_ptr()
+        spans.append((t.device.type, t.device.index, start, start + extent * t.element_size(), i))
+    if len(spans) > 1:
+        duplicates = _duplicates(items, spans, names, op)
+        if duplicates:
+            groups = {k: [i for i in idx if i not in duplicates] for k, idx in groups.items()}
     return items, groups
+
+
+def _extent(t: Tensor) -> int:
+    """Elements from t's first to its last in memory (numel for a dense tensor)."""
+    return 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+
+
+def _same_elements(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors of one dtype starting at one address are views of exactly the same elements."""
+    if a.numel() != b.numel():
+        return False
+    if a.shape == b.shape and a.stride() == b.stride():
+        return True
+    # Dense tensors fill [data_ptr, data_ptr + numel) whatever their shape and order.
+    return is_dense(a) and is_dense(b)
+
+
+def _unit_offsets(t: Tensor, base: int, unit: int) -> Tensor:
+    """The memory units (of ``unit`` bytes, counted from address ``base``) that t's elements occupy."""
+    elements = torch.arange(_extent(t), dtype=torch.int64).as_strided(t.shape, t.stride()).reshape(-1)
+    per = t.element_size() // unit
+    first = (t.data_ptr() - base) // unit + elements * per
+    return (first.unsqueeze(1) + torch.arange(per, dtype=torch.int64)).reshape(-1)
+
+
+def _share_memory(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors whose address ranges intersect have a byte in common (interleaved views such as
+    x[0::2] and x[1::2] do not). Dense tensors fill their range, so only other views are looked at closely."""
+    if is_dense(a) and is_dense(b):
+        return True
+    unit = math.gcd(a.element_size(), b.element_size())
+    base = min(a.data_ptr(), b.data_ptr())
+    ua, ub = _unit_offsets(a, base, unit), _unit_offsets(b, base, unit)
+    return bool(torch.isin(ub, ua).any())
+
+
+def _duplicates(items: list, spans: list[tuple], names: Sequence[str] | None, op: str) -> set[int]:
+    """Positions that repeat an earlier position's memory exactly (to be skipped); raises ValueError for two
+    tensors that share part of their memory. ``spans`` holds (device type, index, start, end, position)."""
+    spans.sort(key=lambda s: (s[0], s[1] if s[1] is not None else -1, s[2], s[3]))
+    duplicates: set[int] = set()
+    active: list[tuple] = []  # earlier spans on the same device that reach past the current start
+    for span in spans:
+        device, start = span[:2], span[2]
+        active = [a for a in active if a[:2] == device and a[3] > start]
+        if device[0] == "meta":  # no memory behind meta tensors
+            continue
+        for other in active:
+            i, j = sorted((other[4], span[4]))
+            a, b = items[i], items[j]
+            if a.dtype == b.dtype and a.data_ptr() == b.data_ptr() and _same_elements(a, b):
+                duplicates.add(j)
+            elif _share_memory(a, b):
+                raise ValueError(
+                    f"{op}: {_where(i, names)} and {_where(j, names)} share part of their memory; "
+                    "normalizing one would change the other (the same tensor twice is fine, a partial "
+                    "overlap is not)"
+                )
+        active.append(span)
+    return duplicates
 
 
 def collect(

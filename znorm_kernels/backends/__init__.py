@@ -12,10 +12,26 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["triton_interpret"]
+from torch import Tensor
+
+__all__ = ["is_dense", "triton_interpret"]
 
 
 def triton_interpret() -> bool:
     """Whether TRITON_INTERPRET=1 is set now. It decides whether Triton can serve without a GPU, and a process
     (or a test) may set it after importing this package, so callers read it at each call."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def is_dense(t: Tensor) -> bool:
+    """Non-overlapping and dense: its elements fill [data_ptr, data_ptr + numel) in some order."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda p: p[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import triton_interpret
+from . import is_dense, triton_interpret
 
 __all__ = ["group_fn", "serves", "statistics", "unavailable", "znorm_group_"]
 
@@ -148,20 +148,6 @@ def _plan_for(tensors: list[Tensor], block: int) -> Plan:
     return plan
 
 
-def _is_dense(t: Tensor) -> bool:
-    """Non-overlapping and dense: its elements fill [data_ptr, data_ptr + numel) in some order."""
-    if t.is_contiguous():
-        return True
-    expected = 1
-    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda p: p[1]):
-        if size == 1:
-            continue
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 @functools.cache
 def _triton_dtypes() -> dict[torch.dtype, tuple]:
     """torch dtype -> (Triton element type, Triton accumulation type); imports Triton on first use."""
@@ -248,7 +234,7 @@ def _dense_stand_ins(tensors: list[Tensor]) -> list[Tensor]:
     """The tensors themselves where dense, contiguous copies of non-dense views (checked in C first)."""
     if all(map(Tensor.is_contiguous, tensors)):
         return tensors
-    return [t if _is_dense(t) else t.contiguous() for t in tensors]
+    return [t if is_dense(t) else t.contiguous() for t in tensors]
 
 
 def _with_dense(tensors: list[Tensor], fn):
@@ -273,12 +259,12 @@ def bind(tensors: list[Tensor]):
     """A group function tied to these tensors' addresses, for callers that know the next lists sit at the
     same addresses with the same sizes (the hook's unchanged gradients): it skips the plan look-up. Lists of
     non-dense views are not bound (their stand-ins are new copies each call)."""
-    if not all(map(_is_dense, tensors)):
+    if not all(map(is_dense, tensors)):
         return znorm_group_
     plan = _plan_for(tensors, block_for(tensors[0].dtype))
 
     def run(tensors: list[Tensor], eps: float, correction: float, grad_scale: Tensor | None = None) -> None:
-        if all(map(Tensor.is_contiguous, tensors)) or all(map(_is_dense, tensors)):
+        if all(map(Tensor.is_contiguous, tensors)) or all(map(is_dense, tensors)):
             _launch(tensors, eps, correction, grad_scale, True, None, plan)
         else:
             znorm_group_(tensors, eps, correction, grad_scale)
