@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 import znorm_kernels
+from bench import adversarial
 from bench.alternatives import our_backends
 from bench.check import AccuracyError
 from bench.param_lists import get_list
@@ -278,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         "cases": copies,
         "rows": rows,
         "train_step": None,
+        "adversarial": None,
         "status": "running",
         "timeline": [],
     }
@@ -286,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
         payload["timeline"].append([label, round(time.monotonic() - start, 1)])
         derive(rows, copies)
         text = "# ZNorm benchmark\n\n" + header(env) + "\n" + markdown(rows, copies, device.type)
+        if payload["adversarial"]:
+            text += "\n## Accuracy on adversarial inputs (rules 3, 10)\n\n" + adversarial.markdown(
+                payload["adversarial"]
+            )
         if payload["train_step"]:
             text += "\n" + train_markdown(payload["train_step"])
         targets = targets_markdown(rows, payload["train_step"], device.type)
@@ -310,6 +316,16 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     try:
         if opts.check:
+            progress.step("adversarial inputs")
+            methods = {"eager loop": adversarial.eager_loop_}
+            for b in backends:
+                methods[b] = lambda ts, eps, b=b: znorm_kernels.znorm_(ts, eps=eps, backend=b)
+            payload["adversarial"] = adversarial.table(methods, device)
+            bad = [r for r in payload["adversarial"] if r["method"] != "eager loop" and not r["ratio"] <= 1]
+            if bad:
+                raise AccuracyError(
+                    f"backend {bad[0]['method']} breaks rule 10 on {bad[0]['case']}: {bad[0]}"
+                )
             for plist, dtype in cases:
                 run_case(plist, dtype, device, [], backends, opts, check_only=True)
                 progress.advance()

@@ -1,8 +1,9 @@
 """Accuracy against the float64 formula, as SPEC rule 10 states it, run before anything is timed.
 
 For each tensor, z = (x - mean(x)) / (std(x) + eps) is computed in float64 from the same input values; a
-result passes when |result - z| <= 1e-5 everywhere, plus, for float16 and bfloat16 results, half a unit in
-the last place of the result's dtype at that value (the rounding of z into that dtype).
+result passes when |result - z| <= 1e-5 where |z| <= 10 and <= 1e-6 |z| beyond (an outlier's own z-score),
+plus, for float16 and bfloat16 results, half a unit in the last place of the result's dtype at that value
+(the rounding of z into that dtype).
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ def half_ulp(values: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def allowed_error(expected: Tensor, got: Tensor, dtype: torch.dtype, atol: float = ABS_TOL) -> Tensor:
-    """SPEC rule 10's bound on |got - expected|, elementwise (float64 tensors of z-scores): ``atol``, plus for
-    float16 and bfloat16 results the rounding of the result into that dtype. The tests use it too."""
-    bound = torch.full_like(expected, atol)
+    """Rule 10's bound on |got - expected|, elementwise (float64 tensors of z-scores): ``atol`` up to |z| = 10
+    and ``atol`` / 10 relative beyond, plus for float16 and bfloat16 results the rounding of the result into
+    that dtype. The tests use it too."""
+    bound = atol * torch.clamp(expected.abs() / 10, min=1.0)
     if dtype in (torch.float16, torch.bfloat16):
         bound = bound + half_ulp(torch.maximum(expected.abs(), got.abs()), dtype)
     return bound

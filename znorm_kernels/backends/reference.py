@@ -2,8 +2,9 @@
 
 For each tensor g, independently: g <- (g - mean(g)) / (std(g) + eps), statistics over all of g's elements,
 written back into g itself (docs/contract.md). It is the simplest correct formula, not a fast path: the
-values are taken to float64 and the statistics are a plain two-pass there (the mean, then the sum of squared
-deviations from it), so no element can cost another its precision, whatever the magnitudes. A tensor whose
+values are taken to float64 and the statistics are a two-pass there (the mean, corrected by the mean of the
+deviations from it, then the sum of squared deviations), so no element can cost another its precision,
+whatever the magnitudes. A tensor whose
 minimum equals its maximum is constant: its centred values are taken as exactly 0 (an exact test, rather than
 trusting that a rounded mean of equal values equals them). Everything stays on the tensor's device: no
 host-device synchronization.
@@ -38,6 +39,7 @@ def znorm_tensor_(
     lo, hi = torch.aminmax(x)
     mean = x.mean()
     centred = x - mean
+    centred = centred - centred.mean()  # what rounding the mean cost (the corrected two-pass)
     var = centred.square().sum() / max(n - correction, 0.0)
     # Constant (an exact test; NaN never compares equal): centred values exactly 0, whatever eps is.
     constant = lo == hi

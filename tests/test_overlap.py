@@ -1,0 +1,89 @@
+"""Rule 11: the same memory given twice in one call (the same tensor, or a view of exactly its elements) is
+normalized once; tensors that share part of their memory raise ValueError naming both positions, with nothing
+modified. Interleaved views that share no byte are independent tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import znorm_kernels
+from tests.utils import assert_close_to_float64, backends_under_test, make_grad
+
+BACKENDS = backends_under_test()
+backend_device = pytest.mark.parametrize(
+    ("backend", "device"), BACKENDS, ids=[f"{b}-{d}" for b, d in BACKENDS]
+)
+
+
+@backend_device
+@pytest.mark.parametrize("twice", ["same", "view(-1)", "t()", "same view"])
+def test_rule11_same_memory_twice_is_normalized_once(backend, device, twice):
+    g = make_grad((40, 30), device=device)
+    x = g.clone()
+    other = {"same": g, "view(-1)": g.view(-1), "t()": g.t(), "same view": g[:, :]}[twice]
+    extra = make_grad((7,), device=device, seed=3)
+    znorm_kernels.znorm_([g, extra, other], backend=backend)
+    assert_close_to_float64(g, x)
+
+
+@backend_device
+def test_rule11_same_non_dense_view_twice(backend, device):
+    base = make_grad((50, 20), device=device)
+    x = base[:, ::2].clone()
+    znorm_kernels.znorm_([base[:, ::2], base[:, ::2]], backend=backend)
+    assert_close_to_float64(base[:, ::2], x)
+
+
+@backend_device
+@pytest.mark.parametrize(
+    "pair",
+    ["prefix and window", "whole and every other", "matrix and its columns", "window and its tail"],
+)
+def test_rule11_partial_overlap_raises_and_modifies_nothing(backend, device, pair):
+    a = make_grad((64,), device=device)
+    m = make_grad((8, 8), device=device, seed=1)
+    views = {
+        "prefix and window": (a[:40], a[20:60]),
+        "whole and every other": (a, a[::2]),
+        "matrix and its columns": (m, m[:, :3]),
+        "window and its tail": (a[0::2], a[8::4]),
+    }[pair]
+    keep = make_grad((9,), device=device, seed=2)
+    before = [a.clone(), m.clone(), keep.clone()]
+    with pytest.raises(ValueError, match=r"position 1 .*position 2|position 1.* and .*position 2"):
+        znorm_kernels.znorm_([keep, *views], backend=backend)
+    for t, b in zip((a, m, keep), before):
+        assert torch.equal(t, b), "nothing is modified when the input is rejected"
+
+
+def test_rule11_error_names_parameters():
+    a = torch.randn(30)
+    with pytest.raises(ValueError, match=r"'w'.*'w_window'"):
+        znorm_kernels.znorm_([a, a[5:20]], names=["w", "w_window"])
+
+
+@backend_device
+def test_interleaved_views_are_independent(backend, device):
+    a = make_grad((100,), device=device)
+    even, odd = a[0::2], a[1::2]
+    xe, xo = even.clone(), odd.clone()
+    znorm_kernels.znorm_([even, odd], backend=backend)
+    assert_close_to_float64(even, xe)
+    assert_close_to_float64(odd, xo)
+
+
+def test_hook_cached_path_does_not_recheck(monkeypatch):
+    """The check runs on the full path only: the hook's steps with unchanged gradients skip it."""
+    from znorm_kernels import dispatch
+
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    znorm_kernels.register(opt)
+    calls = []
+    real = dispatch._duplicates
+    monkeypatch.setattr(dispatch, "_duplicates", lambda *a: calls.append(1) or real(*a))
+    for _ in range(3):
+        model(torch.randn(5, 4)).sum().backward()
+        opt.step()
+    assert len(calls) == 1
