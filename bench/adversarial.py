@@ -65,7 +65,7 @@ def make_case(name: str, device: torch.device | str = "cpu") -> tuple[Tensor, fl
 
 
 def eager_loop_(tensors: list[Tensor], eps: float) -> None:
-    """The loop a user writes (the figure to beat in ../shared/PERF.md), float32 throughout."""
+    """The loop a user writes (the alternative the benchmark times as "eager"), float32 throughout."""
     for g in tensors:
         s, m = torch.std_mean(g, correction=0)
         g.sub_(m).div_(s + eps)

@@ -1,4 +1,4 @@
-"""Accuracy against the float64 formula, as SPEC rule 10 states it, run before anything is timed.
+"""Accuracy against the float64 formula, as contract rule 10 states it, run before anything is timed.
 
 For each tensor, z = (x - mean(x)) / (std(x) + eps) is computed in float64 from the same input values; a
 result passes when |result - z| <= 1e-5 where |z| <= 10 and <= 1e-6 |z| beyond (an outlier's own z-score),
@@ -17,7 +17,7 @@ ABS_TOL = 1e-5
 
 
 class AccuracyError(AssertionError):
-    """A backend of ours gave z-scores outside SPEC rule 10's tolerance."""
+    """A backend of ours gave z-scores outside contract rule 10's tolerance."""
 
 
 # Mantissa bits (without the implicit one): half an ulp of x is 2**(floor(log2|x|) - bits - 1).
@@ -49,7 +49,7 @@ def z_float64(x: Tensor, eps: float) -> Tensor:
 
 def z_error(results: list[Tensor], expected: list[Tensor]) -> tuple[float, float]:
     """(max abs error, max of error minus allowed error) of ``results`` against ``expected``, the float64
-    z-scores of the inputs (``z_float64``); the second is <= 0 when every element is within SPEC rule 10's
+    z-scores of the inputs (``z_float64``); the second is <= 0 when every element is within contract rule 10's
     tolerance."""
     worst = 0.0
     worst_excess = float("-inf")

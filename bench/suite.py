@@ -97,7 +97,7 @@ def run_case(
 ) -> list[dict]:
     """Rows for the alternatives ``methods`` and our ``backends`` on ``plist`` in ``dtype`` on ``device``.
 
-    Our backends are checked first (AccuracyError if one is outside SPEC rule 10's tolerance; with
+    Our backends are checked first (AccuracyError if one is outside contract rule 10's tolerance; with
     ``check_only`` nothing else is done); an alternative that fails to build (e.g. compilation) gets a row
     with its error instead of times. With ``copy_into``, a ``copy_`` of the same bytes between two buffers is
     timed alongside the methods (round-robin with them on the CPU) and its figures stored there.
@@ -135,7 +135,7 @@ def run_case(
             if not excess <= 0:
                 raise AccuracyError(
                     f"backend {name!r} on {plist.name} ({row['dtype']}, {device.type}): max abs z error "
-                    f"{err:.3g} exceeds SPEC rule 10's tolerance by {excess:.3g}"
+                    f"{err:.3g} exceeds contract rule 10's tolerance by {excess:.3g}"
                 )
         built.append((row, m))
     if check_only:

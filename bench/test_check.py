@@ -52,7 +52,7 @@ def test_check_allows_half_a_bfloat16_ulp_not_a_whole_one() -> None:
     expected = [torch.tensor([1.0, -1.0], dtype=torch.float64)]
     ulp = 2.0**-7  # bfloat16 at 1.0
     within = [torch.tensor([1.0 + 0.45 * ulp, -1.0], dtype=torch.float64).to(torch.bfloat16)]
-    # A bfloat16 holding 1 + ulp is one whole ulp off: beyond SPEC rule 10's half ulp plus 1e-5.
+    # A bfloat16 holding 1 + ulp is one whole ulp off: beyond contract rule 10's half ulp plus 1e-5.
     beyond = [torch.tensor([1.0 + ulp, -1.0], dtype=torch.bfloat16)]
     assert z_error(within, expected)[1] <= 0
     assert z_error(beyond, expected)[1] > 0

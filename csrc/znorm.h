@@ -113,7 +113,7 @@ struct Span {
 inline constexpr at::ScalarType kDtypes[4] = {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble};
 
 // The op's tensors as spans split by dtype, after checking that each is a strided tensor on `device` of a
-// supported dtype; tensors of fewer than 2 elements are left out (SPEC rule 2). The Python dispatcher passes
+// supported dtype; tensors of fewer than 2 elements are left out (contract rule 2). The Python dispatcher passes
 // one device and dtype per call, but the op accepts any mix of dtypes.
 inline std::array<std::vector<Span>, 4> spans_by_dtype(at::TensorList tensors, const c10::Device& device) {
   std::array<std::vector<Span>, 4> by_dtype;

@@ -1,4 +1,4 @@
-"""The native extension (csrc/, znorm_kernels._C): what the SPEC suite cannot see from outside.
+"""The native extension (csrc/, znorm_kernels._C): what the contract suite cannot see from outside.
 
 Chunk and batch boundaries of the C++ work split, determinism across thread counts, huge and many tensors,
 the op's schema (opcheck), the build (the CUDA kernel is compiled and registered whenever it should be), the

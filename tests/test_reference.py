@@ -1,4 +1,4 @@
-"""The reference itself: it is the oracle, so it gets checks of its own beyond the per-backend SPEC suite."""
+"""The reference itself: it is the oracle, so it gets checks of its own beyond the per-backend contract suite."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from znorm_kernels import reference
 
 
 def naive_znorm_(g: torch.Tensor, eps: float = 1e-10) -> None:
-    """What a user writes first; the SPEC rules are there because this fails them."""
+    """What a user writes first; the contract rules are there because this fails them."""
     g.copy_((g - g.mean()) / (g.std(correction=0) + eps))
 
 

@@ -1,5 +1,5 @@
 """The Triton backend's own paths: small-tensor items, chunked items, chunk-size classes, the plan cache, the
-single launch, the statistics stage, and 64-bit sizes on a GPU. (The SPEC rules run in test_znorm.py.)
+single launch, the statistics stage, and 64-bit sizes on a GPU. (The contract rules run in test_znorm.py.)
 
 On a CPU-only machine these run through TRITON_INTERPRET=1 (set by conftest.py), with small sizes."""
 

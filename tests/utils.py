@@ -1,4 +1,4 @@
-"""Shared test helpers: the float64 formula, SPEC rule 10 (its bound lives in bench/check.py, which the
+"""Shared test helpers: the float64 formula, contract rule 10 (its bound lives in bench/check.py, which the
 benchmark's accuracy gate shares), input makers, backends under test."""
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def known_backends() -> list[str]:
 
 
 def float64_znorm(x: Tensor, eps: float = 1e-10, correction: float = 0, scale: float | None = None) -> Tensor:
-    """SPEC's formula in float64 on the input's values (a separate computation from the reference's)."""
+    """The contract's formula in float64 on the input's values (a separate computation from the reference's)."""
     v = x.detach().to(torch.float64).cpu()
     if v.numel() < 2:
         return v.clone()
@@ -51,7 +51,7 @@ def float64_znorm(x: Tensor, eps: float = 1e-10, correction: float = 0, scale: f
 def assert_close_to_float64(
     out: Tensor, inp: Tensor, eps: float = 1e-10, correction: float = 0, scale: float | None = None, atol=1e-5
 ) -> None:
-    """SPEC rule 10: |z - z64| <= 1e-5 (times the scale when one is given), plus for float16/bfloat16 the
+    """contract rule 10: |z - z64| <= 1e-5 (times the scale when one is given), plus for float16/bfloat16 the
     rounding of the result into that dtype."""
     expected = float64_znorm(inp, eps, correction, scale)
     got = out.detach().to(torch.float64).cpu().reshape(expected.shape)

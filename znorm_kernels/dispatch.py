@@ -86,7 +86,7 @@ BACKENDS: dict[str, Backend] = {
     "reference": _module_backend("reference", "reference"),
 }
 
-# Which backends "auto" may choose for a device type, in order of preference (SPEC.md).
+# Which backends "auto" may choose for a device type, in order of preference (docs/contract.md).
 AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
 
 
