@@ -1,7 +1,7 @@
 """`python -m bench` (`make bench`): ZNorm throughput against the PyTorch alternatives, on the best device.
 
 First every backend of ours that can serve the device is checked against the float64 formula on every list
-to be timed (contract rule 10; the run stops with exit code 1 if one is off). Then, per parameter list and dtype,
+to be timed (rule 10; the run stops with exit code 1 if one is off). Then, per parameter list and dtype,
 every alternative (bench/alternatives.py) and every backend of ours is timed on the same gradients, the
 copy bandwidth of the same bytes is measured, and one ResNet-56 training step is timed with and without
 ZNorm. With a time budget (--budget-s) the compiled alternatives run last, so the budget drops them first.

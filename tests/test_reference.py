@@ -1,4 +1,4 @@
-"""The reference itself: it is the oracle, so it gets checks of its own beyond the per-backend contract suite."""
+"""The reference itself: it is the oracle, so it gets checks of its own beyond the per-backend rule suite."""
 
 from __future__ import annotations
 

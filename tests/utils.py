@@ -36,7 +36,7 @@ def known_backends() -> list[str]:
 
 
 def float64_znorm(x: Tensor, eps: float = 1e-10, correction: float = 0, scale: float | None = None) -> Tensor:
-    """The contract's formula in float64 on the input's values (a separate computation from the reference's)."""
+    """The formula in float64 on the input's values (a separate computation from the reference's)."""
     v = x.detach().to(torch.float64).cpu()
     if v.numel() < 2:
         return v.clone()

@@ -4,7 +4,7 @@ It is a step pre-hook, so it runs once per step, after any gradient accumulation
 wraps the closure and treats the gradients each closure call computes); under
 ``torch.amp.GradScaler`` with an ordinary optimizer it sees unscaled gradients and does not run on skipped
 steps. With a fused optimizer GradScaler leaves the gradients scaled by s and sets ``optimizer.grad_scale``;
-the hook then keeps them scaled (see docs/contract.md) and reads the scale as a device tensor, without synchronizing.
+the hook then keeps them scaled (docs/contract.md) and reads the scale as a device tensor, without syncing.
 
 ``register_grad_hook`` is the shared machinery (parameter selection, names, the scale) that the baselines'
 hooks (gradient centralization, clipping) use too.
