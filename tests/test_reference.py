@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.utils import assert_close_to_float64, float64_znorm, make_grad
-from znorm_kernels import reference
+from znorm_kernels import dispatch, reference
 
 
 def naive_znorm_(g: torch.Tensor, eps: float = 1e-10) -> None:
@@ -69,3 +69,12 @@ def test_correction_beyond_size_follows_the_formula():
     reference.znorm_([g], correction=3)
     torch.testing.assert_close(g.double(), float64_znorm(x, correction=3))
     assert torch.equal(g, torch.zeros(3))
+
+
+def test_public_reference_takes_a_plain_number_as_scale():
+    """reference.znorm_ has the public znorm_'s signature, grad_scale as a number included."""
+    x = torch.randn(50, dtype=torch.float64)
+    a, b = x.clone(), x.clone()
+    reference.znorm_([a], grad_scale=8.0)
+    dispatch.run_znorm_([b], 1e-10, 0, "reference", torch.tensor(8.0), None)
+    assert torch.equal(a, b)

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from .dispatch import available_backends, run_znorm_
+from .dispatch import as_scale, available_backends, run_znorm_
 from .ops import znorm_op
 
 __all__ = ["available_backends", "znorm_"]
@@ -37,11 +37,15 @@ def znorm_(
 
     Under torch.compile this is the custom op ``znorm_kernels::znorm_`` (no graph break).
     """
-    if grad_scale is not None and not isinstance(grad_scale, Tensor):
-        grad_scale = torch.tensor(float(grad_scale))
     if torch.compiler.is_compiling():
         if isinstance(tensors, Tensor):
             tensors = [tensors]
-        znorm_op([t for t in tensors if t is not None], float(eps), float(correction), backend, grad_scale)
+        znorm_op(
+            [t for t in tensors if t is not None],
+            float(eps),
+            float(correction),
+            backend,
+            as_scale(grad_scale),
+        )
         return
     run_znorm_(tensors, eps, correction, backend, grad_scale, names)

@@ -233,17 +233,15 @@ def collect_indices(
                 f"{op}: {_where(i, names)} has elements that share memory (e.g. made by expand()); "
                 "an in-place normalization needs distinct elements"
             )
-        key = (t.device, t.dtype)
+        device = t.device
+        key = (device, t.dtype)
         group = groups.get(key)
         if group is None:
             groups[key] = [i]
         else:
             group.append(i)
-        extent = (
-            t.numel() if t.is_contiguous() else 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
-        )
         start = t.data_ptr()
-        spans.append((t.device.type, t.device.index, start, start + extent * t.element_size(), i))
+        spans.append((device.type, device.index, start, start + _extent(t) * t.element_size(), i))
     if len(spans) > 1:
         duplicates = _duplicates(items, spans, names, op)
         if duplicates:
@@ -252,7 +250,9 @@ def collect_indices(
 
 
 def _extent(t: Tensor) -> int:
-    """Elements from t's first to its last in memory (numel for a dense tensor)."""
+    """Elements from t's first to its last in memory (numel for a contiguous tensor)."""
+    if t.is_contiguous():
+        return t.numel()
     return 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
 
 
@@ -328,16 +328,24 @@ def _plan(
     return items, [(_group_fn(resolve_backend(backend, device)), idx) for (device, _), idx in groups.items()]
 
 
+def as_scale(grad_scale: Tensor | float | None) -> Tensor | None:
+    """A GradScaler scale as the 0-d tensor the backends take (a plain number is accepted too)."""
+    if grad_scale is None or isinstance(grad_scale, Tensor):
+        return grad_scale
+    return torch.tensor(float(grad_scale))
+
+
 def run_znorm_(
     tensors: Tensor | Iterable[Tensor | None],
     eps: float,
     correction: float,
     backend: str,
-    grad_scale: Tensor | None,
+    grad_scale: Tensor | float | None,
     names: Iterable[str] | None,
 ) -> None:
     """The eager path of ``znorm_``: check, group, resolve every group's backend, then run them."""
     check_options(eps, correction, backend)
+    grad_scale = as_scale(grad_scale)
     items, plan = _plan(tensors, backend, names)
     for fn, idx in plan:
         fn([items[i] for i in idx], float(eps), float(correction), grad_scale)
