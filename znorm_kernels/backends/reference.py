@@ -4,10 +4,9 @@ For each tensor g, independently: g <- (g - mean(g)) / (std(g) + eps), statistic
 written back into g itself (docs/contract.md). It is the simplest correct formula, not a fast path: the
 values are taken to float64 and the statistics are a two-pass there (the mean, corrected by the mean of the
 deviations from it, then the sum of squared deviations), so no element can cost another its precision,
-whatever the magnitudes. A tensor whose
-minimum equals its maximum is constant: its centred values are taken as exactly 0 (an exact test, rather than
-trusting that a rounded mean of equal values equals them). Everything stays on the tensor's device: no
-host-device synchronization.
+whatever the magnitudes. A tensor whose minimum equals its maximum is constant: its centred values are taken
+as exactly 0 (an exact test, rather than trusting that a rounded mean of equal values equals them).
+Everything stays on the tensor's device: no host-device synchronization.
 """
 
 from __future__ import annotations
