@@ -317,11 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if opts.check:
             progress.step("adversarial inputs")
-            methods = {"eager loop": adversarial.eager_loop_}
-            for b in backends:
-                methods[b] = lambda ts, eps, b=b: znorm_kernels.znorm_(ts, eps=eps, backend=b)
-            payload["adversarial"] = adversarial.table(methods, device)
-            bad = [r for r in payload["adversarial"] if r["method"] != "eager loop" and not r["ratio"] <= 1]
+            payload["adversarial"] = adversarial.table(adversarial.methods_for(backends), device)
+            bad = adversarial.breaches(payload["adversarial"])
             if bad:
                 raise AccuracyError(
                     f"backend {bad[0]['method']} breaks rule 10 on {bad[0]['case']}: {bad[0]}"
