@@ -62,6 +62,13 @@ def _centred_sums(y, mask, m):
 
 
 @triton.jit
+def _corrected(m, s1, q, n):
+    """Mean and M2 (float64) from the sums s1 = sum(x - m) and q = sum((x - m)^2) around a rounded mean m."""
+    s1 = s1.to(tl.float64)
+    return m.to(tl.float64) + s1 / n, q.to(tl.float64) - s1 * (s1 / n)
+
+
+@triton.jit
 def _wide_moments(x_ptr, start, stop, n, ACC: tl.constexpr, SUB: tl.constexpr):
     """Mean and M2 of x[start:stop] in float64, SUB values at a time, read again from memory (L1/L2): the
     rare tiles whose float32 squares could overflow or underflow, kept out of the common path's registers."""
@@ -77,8 +84,7 @@ def _wide_moments(x_ptr, start, stop, n, ACC: tl.constexpr, SUB: tl.constexpr):
         d = tl.where(mask, y.to(tl.float64) - m, 0.0)
         acc += d
         acc2 += d * d
-    s1 = tl.sum(acc, axis=0)
-    return m + s1 / n, tl.sum(acc2, axis=0) - s1 * (s1 / n)
+    return _corrected(m, tl.sum(acc, axis=0), tl.sum(acc2, axis=0), n)
 
 
 @triton.jit
@@ -92,16 +98,13 @@ def _tile_moments(y, mask, x_ptr, start, stop, ACC: tl.constexpr, SUB: tl.conste
     if ACC == tl.float64:
         m = s / n
         s1, q = _centred_sums(y, mask, m)
-        mean = m + s1 / n
-        m2 = q - s1 * (s1 / n)
+        mean, m2 = _corrected(m, s1, q, n)
     else:
         spread = hi - lo
         if (tl.maximum(-lo, hi) <= FAST_MAX) & ((spread >= FAST_MIN_SPREAD) | (spread == 0.0)):
             m32 = tl.div_rn(s, count.to(tl.float32))
             s32, q32 = _centred_sums(y, mask, m32)
-            s1 = s32.to(tl.float64)
-            mean = m32.to(tl.float64) + s1 / n
-            m2 = q32.to(tl.float64) - s1 * (s1 / n)
+            mean, m2 = _corrected(m32, s32, q32, n)
         else:
             mean, m2 = _wide_moments(x_ptr, start, stop, n, ACC, SUB)
     # Exact for a constant tile; the correction above can only round M2 below 0, never above.
