@@ -1,28 +1,40 @@
 """The "triton" backend: host side of the single-launch multi-tensor ZNorm kernel (triton_kernels.py).
 
-Per (device, dtype) group it builds a plan: the int64 table of tensor addresses, sizes and the work items,
-and a workspace (chunk partials, per-tensor statistics, counters). Plans are cached while the tensors'
-addresses and sizes stay the same (an optimizer's gradients usually do from step to step), so a call costs a
-cache look-up and one launch. The table reaches the device through pinned memory without blocking; nothing
-synchronizes. Dense tensors in any layout (channels_last, permuted) are normalized where they lie, since mean
-and std do not depend on element order; non-dense views are gathered into a contiguous copy and written back.
+Per (device, dtype) group it builds a plan: the int64 table of work items (one 32-byte record each) and of
+tensor sizes, on the device. Plans are cached while the tensors' addresses and sizes stay the same (an
+optimizer's gradients usually do from step to step), so a call costs a cache look-up and one launch. The
+table reaches the device through pinned memory without blocking; nothing synchronizes. Dense tensors in any
+layout (channels_last, permuted) are normalized where they lie, since mean and std do not depend on element
+order; non-dense views are gathered into a contiguous copy and written back.
 
-Calls that reuse a plan must be ordered (one stream): the workspace counters are reset by each launch for the
-next one.
+Safe wherever PyTorch code runs (docs/contract.md, rule 12):
+- Device: every launch runs under its tensors' device, whichever device is current.
+- Streams: a launch's workspace (partials, statistics, counters) is mutable state that each launch leaves
+  zeroed for the next. A plan keeps one workspace per stream, allocated on that stream, so launches sharing
+  one are ordered on their stream, and the caching allocator frees it in that stream's order. The table is
+  read-only and recorded on every stream that uses it. A launch that raises drops its workspace. So the
+  counters are zero at every launch, and a wait that never ends cannot arise; ``set_spin_limit`` (or
+  ``ZNORM_SPIN_LIMIT``) turns a wait past a bound into an error, for debugging.
+- CUDA graphs: a launch during capture gets a fresh workspace from the graph's pool (zeroed by a captured
+  memset, so every replay starts clean), and the plan's table is kept for the life of the process, since the
+  graph reads it at every replay. A plan first needed during capture is built then: its pinned host table is
+  kept too (the captured copy reads it at each replay). Warm-up calls before capture (which PyTorch asks for
+  anyway) build the plans outside the graph.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from . import is_dense, triton_interpret
 
-__all__ = ["group_fn", "serves", "statistics", "unavailable", "znorm_group_"]
+__all__ = ["group_fn", "serves", "set_spin_limit", "statistics", "unavailable", "znorm_group_"]
 
 # Elements one program holds in registers: a tensor of at most BLOCK elements is a single small item.
 BLOCK = {torch.float64: 2048}
@@ -33,8 +45,24 @@ LARGE_CHUNK_TILES = 16
 PBLOCK = 1024  # partials merged per vector step
 SUB = 512  # values per step of the rare float64 paths (re-read from cache, few registers)
 PLAN_CACHE_SIZE = 16
-PROGRAMS_PER_SM = 2  # ptxas: 128 registers per thread at 8 warps for float32, so 2 programs fit an SM
 NUM_WARPS = 8
+ITEM = 4  # int64 fields per work item record
+ALIGNMENT = 16  # bytes: the vector width of the aligned specialization
+# Programs per SM until the compiled kernel says otherwise (its registers and shared memory): ptxas gives
+# float32 128 registers per thread at 8 warps, so 2 programs fit an SM.
+DEFAULT_PROGRAMS_PER_SM = 2
+
+_spin_limit = int(os.environ.get("ZNORM_SPIN_LIMIT", "0") or 0)
+
+
+def set_spin_limit(polls: int) -> None:
+    """Debug switch: with ``polls`` > 0, a program that waits more than that many polls for a tensor's
+    statistics gives up, and the launch raises RuntimeError naming the tensor (the host then synchronizes
+    after every launch to check). 0 (the default) waits as long as it takes, without synchronizing."""
+    global _spin_limit
+    if isinstance(polls, bool) or not isinstance(polls, int) or polls < 0:
+        raise ValueError(f"polls must be an int >= 0, got {polls!r}")
+    _spin_limit = polls
 
 
 def unavailable(name: str) -> str | None:
@@ -70,65 +98,87 @@ def chunk_for(numel: int, block: int) -> int:
 
 
 @dataclass
-class Plan:
-    """Everything a launch needs for one list of tensors, on their device."""
+class Workspace:
+    """A launch's mutable state, used on one stream only."""
 
-    meta: Tensor  # int64 table (see triton_kernels)
     partials: Tensor  # float64 [4 * S]: mean, M2, min, max per statistics chunk
     stats: Tensor  # float64 [T, 4]: mean, std, inv, wide per tensor
-    counters: Tensor  # int32 [2 + T]
+    counters: Tensor  # int32 [3 + T]: ticket, programs done, error flag, per-tensor chunk counters
+
+
+@dataclass(eq=False)
+class Plan:
+    """The read-only part of a launch for one list of tensors: the work item table, on their device."""
+
+    meta: Tensor  # int64 table (see triton_kernels)
+    device: torch.device
     num_tensors: int
     num_stats_items: int
     num_small_items: int
     block: int
-    programs: int
+    aligned: bool  # every data pointer is 16-byte aligned: the vector-access specialization
+    host: Tensor | None = None  # the pinned source of a table copied during graph capture
+    workspaces: dict[int, Workspace] = field(default_factory=dict)  # by stream (0 off CUDA)
+    captured: bool = False
+
+    @property
+    def num_items(self) -> int:
+        return 2 * self.num_stats_items + self.num_small_items
+
+    def new_workspace(self) -> Workspace:
+        s, t = self.num_stats_items, self.num_tensors
+        return Workspace(
+            partials=torch.empty(max(4 * s, 1), dtype=torch.float64, device=self.device),
+            stats=torch.zeros((t, 4), dtype=torch.float64, device=self.device),
+            counters=torch.zeros(3 + t, dtype=torch.int32, device=self.device),
+        )
 
 
 _plans: OrderedDict[tuple, Plan] = OrderedDict()
+_captured_plans: list[Plan] = []  # tables a captured graph reads: kept for the life of the process
 
 
-def _num_programs(device: torch.device, items: int) -> int:
-    if device.type != "cuda":
-        return 1  # the interpreter runs programs one by one: one program drains the queue
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(items, sms * PROGRAMS_PER_SM))
+def _table(addrs, numels, elsize: int, block: int) -> tuple[list[int], int, int]:
+    """The int64 table (layout in triton_kernels) and the numbers of statistics and small items."""
+    stats_items, small_items, norm_items, tensors = [], [], [], []
+    slot = 0
+    for t, (addr, n) in enumerate(zip(addrs, numels)):
+        if n <= block:
+            small_items += (addr, n, t, 0)
+            tensors += (n, 0, 0, 0)
+            continue
+        chunk = chunk_for(n, block)
+        nchunks = -(-n // chunk)
+        tensors += (n, chunk, slot, nchunks)
+        for c in range(nchunks):
+            start = c * chunk
+            count = min(chunk, n - start)
+            stats_items += (addr + start * elsize, count, t, slot + c)
+            norm_items += (addr + start * elsize, count, t, nchunks + 1)
+        slot += nchunks
+    table = stats_items + small_items + norm_items + tensors
+    return table, len(stats_items) // ITEM, len(small_items) // ITEM
 
 
 def _build_plan(addrs: tuple[int, ...], numels: tuple[int, ...], device: torch.device, dtype, block) -> Plan:
-    t = len(addrs)
-    table_addr, table_numel, table_chunk, table_first = [], [], [], []
-    stats_tensor, stats_chunk, small_tensor = [], [], []
-    for i, (addr, n) in enumerate(zip(addrs, numels)):
-        table_addr.append(addr)
-        table_numel.append(n)
-        if n <= block:
-            table_chunk.append(0)
-            table_first.append(0)
-            small_tensor.append(i)
-        else:
-            chunk = chunk_for(n, block)
-            nchunks = -(-n // chunk)
-            table_chunk.append(chunk)
-            table_first.append(len(stats_chunk))
-            stats_tensor.extend([i] * nchunks)
-            stats_chunk.extend(range(nchunks))
-    s, m = len(stats_chunk), len(small_tensor)
-    host = torch.tensor(
-        table_addr + table_numel + table_chunk + table_first + stats_tensor + small_tensor + stats_chunk,
-        dtype=torch.int64,
-    )
-    meta = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
-    items = s + m + s
+    elsize = torch.empty((), dtype=dtype).element_size()
+    table, s, m = _table(addrs, numels, elsize, block)
+    host = torch.tensor(table, dtype=torch.int64)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if device.type == "cuda":
+        host = host.pin_memory()
+        meta = host.to(device, non_blocking=True)
+    else:
+        meta = host
     return Plan(
         meta=meta,
-        partials=torch.empty(max(4 * s, 1), dtype=torch.float64, device=device),
-        stats=torch.zeros((t, 4), dtype=torch.float64, device=device),
-        counters=torch.zeros(2 + t, dtype=torch.int32, device=device),
-        num_tensors=t,
+        device=device,
+        num_tensors=len(addrs),
         num_stats_items=s,
         num_small_items=m,
         block=block,
-        programs=_num_programs(device, items),
+        aligned=all(a % ALIGNMENT == 0 for a in addrs),
+        host=host if capturing else None,
     )
 
 
@@ -148,6 +198,64 @@ def _plan_for(tensors: list[Tensor], block: int) -> Plan:
     return plan
 
 
+def occupancy(regs: int, shared: int, num_warps: int, props) -> int:
+    """Programs of a kernel that one SM holds at once, limited by registers (allocated per warp in units of
+    256), threads and shared memory; ``props`` has the fields of torch.cuda.get_device_properties."""
+    per_warp = -(-regs * 32 // 256) * 256
+    limits = [
+        props.regs_per_multiprocessor // max(1, per_warp * num_warps),
+        props.max_threads_per_multi_processor // (32 * num_warps),
+    ]
+    if shared:
+        limits.append(props.shared_memory_per_multiprocessor // shared)
+    return max(1, min(limits))
+
+
+_programs_per_sm: dict[tuple, int] = {}
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _learn_occupancy(key: tuple, kernel) -> None:
+    """Programs per SM from the kernel as compiled (registers, shared memory), for the launches after the
+    first: one register past 128 halves what fits, so it is read, not assumed."""
+    try:
+        regs, shared = int(kernel.n_regs), int(kernel.metadata.shared)
+    except (AttributeError, TypeError, ValueError):
+        regs = 0
+    _programs_per_sm[key] = (
+        occupancy(regs, shared, NUM_WARPS, torch.cuda.get_device_properties(key[0]))
+        if regs > 0
+        else DEFAULT_PROGRAMS_PER_SM
+    )
+
+
+def _num_programs(device: torch.device, items: int, key: tuple) -> int:
+    if device.type != "cuda":
+        return 1  # the interpreter runs programs one by one: one program drains the queue
+    per_sm = _programs_per_sm.get(key, DEFAULT_PROGRAMS_PER_SM)
+    return max(1, min(items, _sm_count(device.index) * per_sm))
+
+
+def _current_device() -> int:
+    return torch.cuda.current_device()
+
+
+def _device_context(index: int):
+    return torch.cuda.device(index)
+
+
+def _on_device(device: torch.device, fn):
+    """fn() with the tensors' device current: Triton launches on the current device and its stream."""
+    if device.type == "cuda" and device.index != _current_device():
+        with _device_context(device.index):
+            return fn()
+    return fn()
+
+
 @functools.cache
 def _triton_dtypes() -> dict[torch.dtype, tuple]:
     """torch dtype -> (Triton element type, Triton accumulation type); imports Triton on first use."""
@@ -161,26 +269,45 @@ def _triton_dtypes() -> dict[torch.dtype, tuple]:
     }
 
 
-def compile_for_target(dtype: torch.dtype, arch: int = 90, *, has_scale: bool = True, normalize: bool = True):
+@functools.cache
+def _constants(dtype, block: int, aligned: bool, has_scale: bool, normalize: bool, backoff: bool):
+    tl_dtype, tl_acc = _triton_dtypes()[dtype]
+    return {
+        "DTYPE": tl_dtype, "ACC": tl_acc, "BLOCK": block, "PBLOCK": PBLOCK, "SUB": SUB,
+        "VEC": ALIGNMENT // torch.empty((), dtype=dtype).element_size(), "ALIGNED": aligned,
+        "BACKOFF": backoff, "HAS_SCALE": has_scale, "NORMALIZE": normalize,
+    }  # fmt: skip
+
+
+# Compile options: no contraction of a multiply and an add into an FMA, so every operation rounds as it does
+# under the interpreter (numpy) and in the float64 reference (docs/contract.md, "GPU and interpreter").
+OPTIONS = {"num_warps": NUM_WARPS, "enable_fp_fusion": False}
+
+
+def compile_for_target(
+    dtype: torch.dtype,
+    arch: int = 90,
+    *,
+    has_scale: bool = True,
+    normalize: bool = True,
+    aligned: bool = True,
+):
     """Compile the kernel ahead of time for a CUDA architecture (e.g. 90 for H100), no GPU needed: lets CI
-    check that the kernel lowers to PTX and machine code, which the interpreter does not. Returns Triton's
-    compiled kernel (``.asm["ptx"]`` holds the PTX)."""
+    check that the kernel lowers to PTX and machine code, which the interpreter does not. ``aligned`` picks
+    the specialization that serves 16-byte aligned gradients (the usual case: the caching allocator aligns
+    every tensor to 512 bytes). Returns Triton's compiled kernel (``.asm["ptx"]`` holds the PTX)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from .triton_kernels import znorm_queue_kernel
 
-    tl_dtype, tl_acc = _triton_dtypes()[dtype]
     signature = {
         "meta_ptr": "*i64", "partial_ptr": "*fp64", "stats_ptr": "*fp64", "counter_ptr": "*i32",
         "scale_ptr": "*fp32", "eps": "fp32", "correction": "fp32", "T": "i32", "S": "i32", "M": "i32",
-        "NUM_PROGRAMS": "i32",
+        "NUM_PROGRAMS": "i32", "spin_limit": "i32",
     }  # fmt: skip
-    constants = {
-        "DTYPE": tl_dtype, "ACC": tl_acc, "BLOCK": block_for(dtype), "PBLOCK": PBLOCK, "SUB": SUB,
-        "HAS_SCALE": has_scale, "NORMALIZE": normalize,
-    }  # fmt: skip
+    constants = _constants(dtype, block_for(dtype), aligned, has_scale, normalize, backoff=True)
     signature.update(dict.fromkeys(constants, "constexpr"))
     names = list(signature)
     source = ASTSource(
@@ -188,46 +315,95 @@ def compile_for_target(dtype: torch.dtype, arch: int = 90, *, has_scale: bool = 
         signature=signature,
         constexprs={(names.index(k),): v for k, v in constants.items()},
     )
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": NUM_WARPS})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=OPTIONS)
+
+
+def _stream_of(device: torch.device) -> int:
+    return torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
+
+
+def _workspace(plan: Plan, stream: int) -> Workspace:
+    """The plan's workspace for this stream (made on first use), or a fresh one from the graph's pool while
+    the stream is being captured."""
+    if plan.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        if not plan.captured:  # the graph reads this table at every replay: never free it
+            plan.captured = True
+            _captured_plans.append(plan)
+        return plan.new_workspace()
+    ws = plan.workspaces.get(stream)
+    if ws is None:
+        ws = plan.workspaces[stream] = plan.new_workspace()
+        if plan.device.type == "cuda":
+            # The table may be freed (plan evicted) while this stream still reads it.
+            plan.meta.record_stream(torch.cuda.current_stream(plan.device))
+    return ws
+
+
+def _check_no_stall(ws: Workspace, device: torch.device, limit: int) -> None:
+    """Debug mode only (a spin limit is set): wait for the launch and raise if a program gave up waiting."""
+    flag = int(ws.counters[2])  # synchronizes
+    if flag:
+        ws.counters.zero_()
+        raise RuntimeError(
+            f"ZNorm's Triton kernel gave up after {limit} polls waiting for the statistics of tensor "
+            f"{flag - 1} of its group, which was left unchanged: the launch found its workspace counters "
+            "non-zero (shared by launches that were not ordered). Please report how the call was made."
+        )
 
 
 def _launch(
     tensors: list[Tensor], eps: float, correction: float, grad_scale, normalize: bool, block, plan=None
-) -> Plan:
+) -> Workspace:
+    device = tensors[0].device
+    return _on_device(
+        device, lambda: _launch_here(tensors, device, eps, correction, grad_scale, normalize, block, plan)
+    )
+
+
+def _launch_here(tensors, device, eps, correction, grad_scale, normalize, block, plan) -> Workspace:
     from . import triton_kernels  # the kernel module is imported once, then found in sys.modules
 
     dtype = tensors[0].dtype
     block = block or block_for(dtype)
     if plan is None:
         plan = _plan_for(tensors, block)
-    device = tensors[0].device
+    stream = _stream_of(device)
+    ws = _workspace(plan, stream)
     if grad_scale is not None:
         scale = grad_scale.to(device=device, dtype=torch.float32, non_blocking=True)
     else:
-        scale = plan.stats  # never read
-    tl_dtype, tl_acc = _triton_dtypes()[dtype]
-    triton_kernels.znorm_queue_kernel[(plan.programs,)](
-        plan.meta,
-        plan.partials,
-        plan.stats,
-        plan.counters,
-        scale,
-        eps,
-        correction,
-        plan.num_tensors,
-        plan.num_stats_items,
-        plan.num_small_items,
-        plan.programs,
-        DTYPE=tl_dtype,
-        ACC=tl_acc,
-        BLOCK=block,
-        PBLOCK=PBLOCK,
-        SUB=SUB,
-        HAS_SCALE=grad_scale is not None,
-        NORMALIZE=normalize,
-        num_warps=NUM_WARPS,
-    )
-    return plan
+        scale = ws.stats  # never read
+    has_scale = grad_scale is not None
+    on_gpu = device.type == "cuda"
+    items = plan.num_items if normalize else plan.num_stats_items + plan.num_small_items
+    key = (device.index, dtype, plan.aligned, has_scale, normalize)
+    programs = _num_programs(device, items, key)
+    limit = _spin_limit
+    try:
+        kernel = triton_kernels.znorm_queue_kernel[(programs,)](
+            plan.meta,
+            ws.partials,
+            ws.stats,
+            ws.counters,
+            scale,
+            eps,
+            correction,
+            plan.num_tensors,
+            plan.num_stats_items,
+            plan.num_small_items,
+            programs,
+            limit,
+            **_constants(dtype, block, plan.aligned, has_scale, normalize, backoff=on_gpu),
+            **OPTIONS,
+        )
+        if limit:
+            _check_no_stall(ws, device, limit)
+    except BaseException:
+        plan.workspaces.pop(stream, None)  # its counters may be left mid-launch: never reuse them
+        raise
+    if on_gpu and key not in _programs_per_sm:
+        _learn_occupancy(key, kernel)
+    return ws
 
 
 def _dense_stand_ins(tensors: list[Tensor]) -> list[Tensor]:
