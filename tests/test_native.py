@@ -72,6 +72,22 @@ def test_cuda_kernel_compiled_and_registered():
 
 
 @needs_ext
+def test_cuda_table_cache_stats_op_registered():
+    # The CUDA kernel's table cache reports its counters through a device-free op (csrc/znorm_cuda.cu).
+    if not _cuda_expected_in_build():
+        pytest.skip("torch without CUDA, no nvcc, or ZNORM_BUILD_CUDA=0")
+    stats = native_backend.table_cache_stats()
+    assert set(stats) == set(native_backend.TABLE_CACHE_FIELDS)
+    assert all(isinstance(v, int) and v >= 0 for v in stats.values())
+    assert stats["entries"] <= 16
+
+
+def test_table_cache_stats_without_the_cuda_kernel(monkeypatch):
+    monkeypatch.setattr(native_backend, "has_cuda_kernel", lambda: False)
+    assert native_backend.table_cache_stats() is None
+
+
+@needs_ext
 def test_schema_marks_the_list_mutated():
     schema = torch.ops.znorm_kernels_C.znorm_.default._schema
     assert str(schema) == (
@@ -401,28 +417,144 @@ def test_cuda_grad_scale_without_host_sync():
         assert_close_to_float64(g, x, scale=65536.0)
 
 
+def _cache_delta(before: dict[str, int]) -> dict[str, int]:
+    after = native_backend.table_cache_stats()
+    return {k: after[k] - before[k] for k in native_backend.TABLE_CACHE_FIELDS}
+
+
+def _check_against_reference(got, inputs):
+    expected = [x.clone() for x in inputs]
+    reference.znorm_(expected)
+    for g, e, x in zip(got, expected, inputs):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+        assert_close_to_float64(g, x)
+
+
 @needs_gpu
 @pytest.mark.cuda
-def test_cuda_graph_capture_and_replay():
-    # The table of addresses travels from pinned host memory; a captured graph replays that copy, so the
-    # buffer must outlive the capture (znorm_cuda.cu keeps it).
-    static = [make_grad((s,), device="cuda", seed=s) for s in (100, 3 * CUDA_CHUNK + 1)]
+def test_cuda_repeated_call_reuses_its_table():
+    # The second call with the same tensors finds the device table cached: no pinned allocation, no copy.
+    grads = [make_grad((s,), device="cuda", seed=s) for s in (100, 3 * CUDA_CHUNK + 1, 7)]
+    before = native_backend.table_cache_stats()
+    for seed in (1, 2):
+        fresh = [make_grad(tuple(g.shape), device="cuda", seed=seed * 10 + i) for i, g in enumerate(grads)]
+        for g, f in zip(grads, fresh):
+            g.copy_(f)
+        _op(grads)
+        _check_against_reference(grads, fresh)
+    delta = _cache_delta(before)
+    # The first call builds the table (or finds one of an earlier test's identical list); the second hits.
+    assert delta["hits"] >= 1 and delta["builds"] + delta["hits"] == 2, delta
+
+
+@needs_gpu
+@pytest.mark.cuda
+def test_cuda_table_cache_evicts_the_least_recently_used():
+    # Sizes no other test uses, so that no entry left by an earlier test matches.
+    lists = [[make_grad((1237 + 11 * k,), device="cuda", seed=k)] for k in range(20)]
+    inputs = [[g.clone() for g in gs] for gs in lists]
+    before = native_backend.table_cache_stats()
+    for gs in lists:
+        _op(gs)
+    delta = _cache_delta(before)
+    assert delta["builds"] == 20 and delta["evictions"] >= 4, delta
+    assert native_backend.table_cache_stats()["entries"] <= 16
+    for gs, xs in zip(lists, inputs):
+        _check_against_reference(gs, xs)
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_aligned_and_unaligned_tensors_bitwise_equal(dtype):
+    # 16-byte aligned tensors take 128-bit loads and stores, others element by element; every thread folds
+    # the same elements in the same order either way, so the bits do not depend on the address.
+    c = CUDA_CHUNK
+    # One 128-bit round of 256 threads is 4096 float32 elements (8192 halves, 2048 doubles): sizes around it.
+    for n in (2, 9, 1023, 2051, 4099, 6000, c - 1, c, c + 5, 3 * c + 17):
+        x = make_grad((n,), dtype, "cuda", seed=n)
+        aligned = x.clone()
+        holder = torch.empty(n + 1, dtype=dtype, device="cuda")
+        unaligned = holder[1:]
+        unaligned.copy_(x)
+        assert aligned.data_ptr() % 16 == 0 and unaligned.data_ptr() % 16 != 0
+        _op([aligned])
+        _op([unaligned])
+        assert torch.equal(aligned, unaligned), n
+        assert_close_to_float64(aligned, x)
+
+
+@needs_gpu
+@pytest.mark.cuda
+def test_cuda_two_streams_share_a_table_and_eviction_waits_for_them():
+    # A table built on the default stream, then read on a side stream held back by a long sleep; meanwhile
+    # the default stream evicts it and allocates small blocks that would reuse its memory. The side stream's
+    # storage record keeps the block from reuse until its kernels have read it.
+    grads = [make_grad((s,), device="cuda", seed=s) for s in (300, 2 * CUDA_CHUNK + 3)]
+    _op(grads)  # builds the table on the current stream
+    fresh = [make_grad(tuple(g.shape), device="cuda", seed=100 + i) for i, g in enumerate(grads)]
+    for g, f in zip(grads, fresh):
+        g.copy_(f)
+    before = native_backend.table_cache_stats()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        _op([g.clone() for g in static])  # warm-up outside the capture, as torch.cuda.graphs asks
+        torch.cuda._sleep(200_000_000)  # about 0.1 s: the kernels below start long after the host returns
+        _op(grads)
+    others = [[make_grad((20 + k,), device="cuda", seed=k)] for k in range(20)]
+    for gs in others:
+        _op(gs)  # evicts the shared table on the default stream
+    junk = [torch.full((3 * len(grads) + 1,), -1, dtype=torch.int64, device="cuda") for _ in range(64)]
     torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    del junk
+    delta = _cache_delta(before)
+    assert delta["hits"] >= 1 and delta["stream_records"] >= 1, delta
+    _check_against_reference(grads, fresh)
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("warm", [True, False], ids=["cached", "built_in_capture"])
+def test_cuda_graph_capture_and_replay(warm):
+    # A captured launch reads its table at every replay: a cached one is kept for good, and one built during
+    # capture copies from a pinned host buffer that is never freed (znorm_cuda.cu). Three replays with new
+    # gradients copied in between, other calls (which churn the cache and the allocator) in between too.
+    static = [make_grad((s,), device="cuda", seed=s + int(warm)) for s in (100, 3 * CUDA_CHUNK + 1, 4099)]
+    if warm:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            _op(static)  # warm-up outside the capture, as torch.cuda.graphs asks: the table gets cached
+        torch.cuda.current_stream().wait_stream(side)
+    before = native_backend.table_cache_stats()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         _op(static)
-    for seed in (1, 2):
-        _op([torch.randn(1000, device="cuda") for _ in range(3)])  # other calls in between reuse buffers
+    delta = _cache_delta(before)
+    assert delta["graph_tables"] == 1 and delta["graph_builds"] == (0 if warm else 1), delta
+    for seed in (1, 2, 3):
+        for k in range(20):
+            _op([make_grad((30 + k,), device="cuda", seed=k)])  # evicts every cached table
         fresh = [make_grad(tuple(g.shape), device="cuda", seed=seed * 100 + i) for i, g in enumerate(static)]
         for st, f in zip(static, fresh):
             st.copy_(f)
         graph.replay()
-        for st, f in zip(static, fresh):
-            assert_close_to_float64(st, f)
+        _check_against_reference(static, fresh)
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cuda_tensors_on_another_device_than_the_current_one():
+    torch.cuda.set_device(0)
+    grads = [make_grad((s,), device="cuda:1", seed=s) for s in (100, 2 * CUDA_CHUNK + 1)]
+    inputs = [g.clone() for g in grads]
+    _op(grads)
+    _op([make_grad((100,), device="cuda:0")])  # a list of the same shape on the current device
+    torch.cuda.synchronize(1)
+    assert torch.cuda.current_device() == 0
+    _check_against_reference(grads, inputs)
 
 
 def _gpu_memory() -> int:

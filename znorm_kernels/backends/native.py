@@ -5,6 +5,10 @@ Importing ``znorm_kernels._C`` registers the op ``torch.ops.znorm_kernels_C.znor
 and, when built with CUDA, a CUDA kernel; this module adds the op's fake (meta) implementation, so
 torch.compile sees an opaque in-place op. One call of the op normalizes a whole list of tensors.
 
+The CUDA kernel caches the device table of its tensors' addresses and sizes (16 lists, least recently used
+out), so an optimizer's step after step allocates and copies nothing but two small workspaces; tables used
+inside CUDA-graph capture are kept for the life of the process. ``table_cache_stats()`` reads its counters.
+
 This module always imports; when the extension is missing, ``unavailable`` says why and how to build it.
 """
 
@@ -18,7 +22,17 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-__all__ = ["BUILD_HINT", "OP_NAME", "group_fn", "has_cuda_kernel", "load", "serves", "unavailable"]
+__all__ = [
+    "BUILD_HINT",
+    "OP_NAME",
+    "TABLE_CACHE_FIELDS",
+    "group_fn",
+    "has_cuda_kernel",
+    "load",
+    "serves",
+    "table_cache_stats",
+    "unavailable",
+]
 
 OP_NAME = "znorm_kernels_C::znorm_"
 BUILD_HINT = (
@@ -65,6 +79,29 @@ def _register_fake() -> None:
 def has_cuda_kernel() -> bool:
     """Whether the built extension holds the CUDA kernel (it was compiled with CUDA)."""
     return _loaded()[0] is not None and torch._C._dispatch_has_kernel_for_dispatch_key(OP_NAME, "CUDA")
+
+
+# The counters of the CUDA kernel's table cache, in the order torch.ops.znorm_kernels_C.table_cache_stats()
+# returns them (csrc/znorm_cuda.cu): cache hits, tables built outside capture, evictions, tables cached now,
+# tables built during CUDA-graph capture, tables kept for captured graphs (never freed), and streams recorded
+# on cached tables besides the one each was built on.
+TABLE_CACHE_FIELDS = (
+    "hits",
+    "builds",
+    "evictions",
+    "entries",
+    "graph_builds",
+    "graph_tables",
+    "stream_records",
+)
+
+
+def table_cache_stats() -> dict[str, int] | None:
+    """The CUDA kernel's table cache counters (TABLE_CACHE_FIELDS), or None without the CUDA kernel. For tests
+    and debugging; reading them touches no device."""
+    if not has_cuda_kernel():
+        return None
+    return dict(zip(TABLE_CACHE_FIELDS, torch.ops.znorm_kernels_C.table_cache_stats(), strict=True))
 
 
 def unavailable(name: str) -> str | None:
