@@ -46,6 +46,7 @@ PBLOCK = 1024  # partials merged per vector step
 SUB = 512  # values per step of the rare float64 paths (re-read from cache, few registers)
 PLAN_CACHE_SIZE = 16
 NUM_WARPS = 8
+MAX_REGISTERS = 128
 ITEM = 4  # int64 fields per work item record
 ALIGNMENT = 16  # bytes: the vector width of the aligned specialization
 # Programs per SM until the compiled kernel says otherwise (its registers and shared memory): ptxas gives
@@ -280,8 +281,10 @@ def _constants(dtype, block: int, aligned: bool, has_scale: bool, normalize: boo
 
 
 # Compile options: no contraction of a multiply and an add into an FMA, so every operation rounds as it does
-# under the interpreter (numpy) and in the float64 reference (docs/contract.md, "GPU and interpreter").
-OPTIONS = {"num_warps": NUM_WARPS, "enable_fp_fusion": False}
+# under the interpreter (numpy) and in the float64 reference (docs/contract.md, "GPU and interpreter"); at
+# most MAX_REGISTERS registers per thread, so two programs of 8 warps fit an SM (ptxas otherwise picks 80 for
+# float64 and spills).
+OPTIONS = {"num_warps": NUM_WARPS, "enable_fp_fusion": False, "maxnreg": MAX_REGISTERS}
 
 
 def compile_for_target(
