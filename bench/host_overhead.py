@@ -41,8 +41,17 @@ def main() -> None:
     handle = znorm_kernels.register(opt, backend="triton")
     hook = opt._optimizer_step_pre_hooks[handle.id]
     grads = [p.grad for p in params]
+    # A second optimizer over the same shapes, every 10th gradient None (unused parameters, or
+    # zero_grad(set_to_none=True) before a step that does not reach them).
+    sparse_params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    for i, p in enumerate(sparse_params):
+        p.grad = None if i % 10 == 0 else torch.randn_like(p)
+    sparse_opt = torch.optim.SGD(sparse_params, lr=0.0)
+    sparse_handle = znorm_kernels.register(sparse_opt, backend="triton")
+    sparse_hook = sparse_opt._optimizer_step_pre_hooks[sparse_handle.id]
     rows = {
         "hook call (unchanged gradients)": lambda: hook(opt, (), {}),
+        "hook call (some gradients None)": lambda: sparse_hook(sparse_opt, (), {}),
         "znorm_(grads, backend='triton')": lambda: znorm_kernels.znorm_(grads, backend="triton"),
         "input checks and grouping alone": lambda: dispatch.collect_indices(grads),
     }

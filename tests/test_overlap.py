@@ -81,8 +81,8 @@ def test_hook_cached_path_does_not_recheck(monkeypatch):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     znorm_kernels.register(opt)
     calls = []
-    real = dispatch._duplicates
-    monkeypatch.setattr(dispatch, "_duplicates", lambda *a: calls.append(1) or real(*a))
+    real = dispatch.check_and_group
+    monkeypatch.setattr(dispatch, "check_and_group", lambda *a: calls.append(1) or real(*a))
     for _ in range(3):
         model(torch.randn(5, 4)).sum().backward()
         opt.step()

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import functools
 import importlib
+import itertools
 import math
 import numbers
+import operator
 import warnings
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -108,6 +112,7 @@ def _cache_clear() -> None:
     _unavailable_cached.cache_clear()
     _group_fn.cache_clear()
     _resolve_cached.cache_clear()
+    _checked.clear()
 
 
 def available_backends() -> list[str]:
@@ -201,6 +206,14 @@ def _rejection(i: int, t: object, names: Sequence[str] | None, op: str) -> TypeE
     return TypeError(f"{op}: {where} has dtype {t.dtype}; supported: float32, float16, bfloat16, float64")
 
 
+def _as_items(tensors: Tensor | Iterable[Tensor | None], op: str) -> list:
+    if isinstance(tensors, Tensor):
+        return [tensors]
+    if not isinstance(tensors, Iterable):
+        raise TypeError(f"{op}: expected an iterable of tensors, got {type(tensors).__name__}")
+    return list(tensors)
+
+
 def collect_indices(
     tensors: Tensor | Iterable[Tensor | None], names: Iterable[str] | None = None, *, op: str = "znorm_"
 ) -> tuple[list, dict[tuple[torch.device, torch.dtype], list[int]]]:
@@ -211,16 +224,122 @@ def collect_indices(
     naming the position (and the parameter's name when ``names`` gives it); nothing has been modified then.
     The same memory given twice (the same tensor, or a view of exactly the same elements) is kept once, at its
     first position; tensors that share only part of their memory raise ValueError naming both positions.
+
+    A call with the same tensor objects as a recent one, at the same addresses, with the same dtypes and
+    sizes, reuses that call's result (see ``_Checked``).
     """
-    if isinstance(tensors, Tensor):
-        tensors = [tensors]
-    elif not isinstance(tensors, Iterable):
-        raise TypeError(f"{op}: expected an iterable of tensors, got {type(tensors).__name__}")
-    items = list(tensors)
-    names = list(names) if names is not None else None
+    items = _as_items(tensors, op)
+    groups = _checked.get(items)
+    if groups is None:
+        groups = check_and_group(items, names, op)
+        _checked.put(items, groups)
+    return items, groups
+
+
+def check_and_group(items: list, names: Iterable[str] | None, op: str) -> dict[tuple, list[int]]:
+    """The checks and grouping of ``collect_indices``, without its cache: the fast path for the common case
+    (plain strided tensors of supported dtypes, in disjoint memory), else the exact one, which decides every
+    other case and raises the errors."""
+    groups = _fast_groups(items)
+    if groups is None:
+        groups = _exact_groups(items, list(names) if names is not None else None, op)
+    return groups
+
+
+_NoneType = type(None)
+_PLAIN = frozenset((Tensor, torch.nn.Parameter))  # no __torch_function__ of their own
+_data_ptr, _is_contiguous = Tensor.data_ptr, Tensor.is_contiguous
+_get_dtype, _get_nbytes = operator.attrgetter("dtype"), operator.attrgetter("nbytes")
+
+
+def _group_by_device_and_dtype(tensors: list[Tensor]) -> dict:
+    """{(device, dtype): positions in ascending order}, grouped in C (as torch's foreach optimizers do)."""
+    grouped = torch._C._group_tensors_by_device_and_dtype([tensors], True)
+    return {key: idx for key, (_, idx) in grouped.items()}
+
+
+if not hasattr(torch._C, "_group_tensors_by_device_and_dtype"):  # pragma: no cover (private torch API)
+
+    def _group_by_device_and_dtype(tensors: list[Tensor]) -> dict:
+        groups: dict = {}
+        for i, t in enumerate(tensors):
+            groups.setdefault((t.device, t.dtype), []).append(i)
+        return groups
+
+
+def _fast_groups(items: list) -> dict[tuple, list[int]] | None:
+    """The result of ``_exact_groups`` for the common case, or None when the exact path must decide.
+
+    It reads each attribute for all tensors in one C-level pass (a few tens of ns per tensor, where a Python
+    loop costs several times that) and leaves to the exact path: an entry that is not a plain tensor or None,
+    a tensor without storage (sparse), an unsupported dtype, a meta tensor, a non-contiguous tensor whose
+    elements share memory, and any two tensors whose address ranges intersect (a duplicate, a partial overlap,
+    interleaved views)."""
+    kinds = set(map(type, items))
+    positions = None
+    if _NoneType in kinds:
+        kinds.discard(_NoneType)
+        positions = [i for i, t in enumerate(items) if t is not None]
+        present = [items[i] for i in positions]
+    else:
+        present = items
+    if not kinds <= _PLAIN:
+        return None
+    if not present:
+        return {}
+    try:
+        starts = list(map(_data_ptr, present))  # raises for tensors without storage (sparse, mkldnn)
+        ends = list(map(_get_nbytes, present))  # made the ends of the address ranges below
+        contiguous = list(map(_is_contiguous, present))
+        grouped = _group_by_device_and_dtype(present)
+    except Exception:  # whatever it is, the exact path reports it
+        return None
+    keep = None
+    if min(ends) < 16:  # maybe fewer than 2 elements (16: two float64): those are dropped
+        keep = [n >= 16 or present[i].numel() >= 2 for i, n in enumerate(ends)]
+    if not all(contiguous):
+        for i in [i for i, c in enumerate(contiguous) if not c]:
+            t = present[i]
+            if torch._debug_has_internal_overlap(t) == 1:
+                return None
+            ends[i] = _extent(t) * t.element_size()  # bytes from its first element to its last
+    ends = list(map(operator.add, starts, ends))
+    groups: dict[tuple, list[int]] = {}
+    devices: dict[torch.device, list[int]] = {}  # positions per device, for the overlap check
+    for key, idx in sorted(grouped.items(), key=lambda kv: kv[1][0]):
+        device, dtype = key
+        if dtype not in _SUPPORTED or device.type == "meta":
+            return None
+        if keep is not None:
+            idx = list(itertools.compress(idx, map(keep.__getitem__, idx)))
+            if not idx:
+                continue
+        devices.setdefault(device, []).extend(idx)
+        groups[key] = idx if positions is None else list(map(positions.__getitem__, idx))
+    if len(devices) == 1 and keep is None:
+        if not _disjoint(starts, ends):
+            return None
+    else:
+        for idx in devices.values():
+            if not _disjoint(list(map(starts.__getitem__, idx)), list(map(ends.__getitem__, idx))):
+                return None
+        groups = dict(sorted(groups.items(), key=lambda kv: kv[1][0]))  # tiny ones dropped: re-sort
+    return groups
+
+
+def _disjoint(starts: list[int], ends: list[int]) -> bool:
+    """Whether the address ranges [start, end) (none empty) have no byte in common: with the starts and the
+    ends each sorted, the k-th end comes at or before the (k+1)-th start. (If so, at most one range holds any
+    address x: ranges started by x number k where S_k <= x < S_k+1, and at least k - 1 of them ended, as
+    E_k-1 <= S_k; conversely, disjoint ranges sorted by start are sorted by end too.)"""
+    return all(map(operator.le, sorted(ends), itertools.islice(sorted(starts), 1, None)))
+
+
+def _exact_groups(items: list, names: Sequence[str] | None, op: str) -> dict[tuple, list[int]]:
+    """Check every entry one by one, with the exact rule-11 analysis: the path that raises the errors."""
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     spans: list[tuple] = []  # memory range of every tensor to normalize, for rule 11 (duplicates, overlaps)
-    # The hot path reads a few attributes per tensor; the reasons for a rejection are worked out only then.
+    # The reasons for a rejection are worked out only once an entry is rejected.
     for i, t in enumerate(items):
         if t is None:
             continue
@@ -246,7 +365,105 @@ def collect_indices(
         duplicates = _duplicates(items, spans, names, op)
         if duplicates:
             groups = {k: [i for i in idx if i not in duplicates] for k, idx in groups.items()}
-    return items, groups
+    return groups
+
+
+class _Checked:
+    """The results of the last few successful checks, for calls that pass the same tensors again.
+
+    A result still holds when a call has the same entries (the same tensor objects, and None at the same
+    positions) at the same addresses with the same dtypes and sizes in bytes: that is what the checks read,
+    but for strides, which only an in-place ``as_strided_`` or ``set_`` at the same address and size changes
+    (the backends read the strides afresh, so that cannot make them touch other memory). A new tensor object
+    at a known address (a fresh view) is checked again: it may cover other elements.
+
+    The objects are compared by id while all of them live: each entry holds weak references whose callbacks
+    drop the entry when one of its tensors dies, before its id can be reused. Entries are found by (length,
+    id of the first entry); a hit costs a few C-level passes over the list, and nothing here keeps a tensor
+    alive.
+    """
+
+    SIZE = 8
+
+    def __init__(self) -> None:
+        self.entries: OrderedDict[tuple[int, int], tuple] = OrderedDict()
+
+    def get(self, items: list) -> dict[tuple, list[int]] | None:
+        entry = self.entries.get((len(items), id(items[0]))) if items else None
+        if entry is None:
+            return None
+        present_mask, absent_mask, ids, starts, indices, dtypes, sizes, groups, _ = entry
+        if present_mask is None:
+            present = items
+        else:
+            present = list(itertools.compress(items, present_mask))
+            if not all(map(operator.is_, itertools.compress(items, absent_mask), itertools.repeat(None))):
+                return None
+        if list(map(id, present)) != ids or not _ptrs_equal(present, starts, indices):
+            return None
+        if list(map(_get_dtype, present)) != dtypes or list(map(_get_nbytes, present)) != sizes:
+            return None
+        return {k: list(v) for k, v in groups.items()}
+
+    def put(self, items: list, groups: dict[tuple, list[int]]) -> None:
+        if not items or not groups:
+            return
+        present_mask = absent_mask = None
+        if _NoneType in set(map(type, items)):
+            present_mask = [t is not None for t in items]
+            absent_mask = [t is None for t in items]
+        present = items if present_mask is None else list(itertools.compress(items, present_mask))
+        key = (len(items), id(items[0]))
+        entries = self.entries
+        token = object()
+
+        def forget(_ref: weakref.ref) -> None:  # one of the entry's tensors died: its id may be reused now
+            entry = entries.get(key)
+            if entry is not None and entry[-1][1] is token:
+                entries.pop(key, None)
+
+        try:
+            refs = [weakref.ref(t, forget) for t in present]
+            starts = list(map(_data_ptr, present))
+        except (TypeError, RuntimeError):  # no weak references, or no storage: not cached
+            return
+        entry = (
+            present_mask,
+            absent_mask,
+            list(map(id, present)),
+            starts,
+            list(range(len(present))),
+            list(map(_get_dtype, present)),
+            list(map(_get_nbytes, present)),
+            {k: list(v) for k, v in groups.items()},
+            (refs, token),  # kept for their callbacks
+        )
+        entries[key] = entry
+        entries.move_to_end(key)
+        while len(entries) > self.SIZE:
+            entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
+def _ptrs_equal(tensors: list[Tensor], starts: list[int], indices: list[int]) -> bool:
+    """Whether tensors[i].data_ptr() == starts[i] for i in indices; False where one has no address."""
+    try:
+        return _ptrs_equal_c(tensors, starts, indices)
+    except (TypeError, RuntimeError):  # a None, or a tensor without storage
+        return False
+
+
+if hasattr(torch._C, "_tensors_data_ptrs_at_indices_equal"):  # private torch API (CUDA graph trees use it)
+    _ptrs_equal_c = torch._C._tensors_data_ptrs_at_indices_equal
+else:  # pragma: no cover
+
+    def _ptrs_equal_c(tensors: list, starts: list[int], indices: list[int]) -> bool:
+        return all(tensors[i].data_ptr() == starts[i] for i in indices)
+
+
+_checked = _Checked()
 
 
 def _extent(t: Tensor) -> int:
@@ -348,36 +565,81 @@ def run_znorm_(
     grad_scale = as_scale(grad_scale)
     items, plan = _plan(tensors, backend, names)
     for fn, idx in plan:
-        fn([items[i] for i in idx], float(eps), float(correction), grad_scale)
+        fn(_pick(items, idx), float(eps), float(correction), grad_scale)
+
+
+def _pick(items: list, idx: list[int]) -> list:
+    """items[i] for i in idx (ascending positions): the list itself when idx takes every entry."""
+    return items if len(idx) == len(items) else list(map(items.__getitem__, idx))
 
 
 class GradientGroups:
     """``znorm_`` for an optimizer's gradients, step after step, without re-validating unchanged lists.
 
     Gradients are pinned to their parameters' dtype, shape and device (autograd refuses any other .grad), so
-    when every gradient sits at the same address as at the previous call, last call's checks and grouping
-    still hold: this call costs one pass over the list reading addresses. Any change (a None, a sparse
+    when the same positions hold None and every other gradient sits at the same address as at the previous
+    call, last call's checks and grouping still hold: this call costs a pass over the list comparing
+    addresses (one C call), and a second one picking the present gradients where some are None (unused
+    parameters, ``zero_grad(set_to_none=True)``). Any change (a None appearing or disappearing, a sparse
     gradient, a new allocation) takes the full path of ``run_znorm_`` again.
     """
 
     def __init__(self, eps: float, correction: float, backend: str) -> None:
         check_options(eps, correction, backend)
         self.eps, self.correction, self.backend = float(eps), float(correction), backend
-        self.addresses: tuple[int, ...] | None = None
-        self.plan: list[tuple[GroupFn, list[int]]] = []
+        self.length = -1  # no valid cache: the next call takes the full path
+        self.present_mask: list[bool] | None = None  # which entries are tensors (None: all of them)
+        self.absent_mask: list[bool] | None = None  # which entries are None
+        self.starts: list[int] = []  # data_ptr of every present gradient, in order
+        self.indices: list[int] = []  # range(len(starts)), as _ptrs_equal takes it
+        # (group function, positions among the present gradients; None: all of them, in order)
+        self.plan: list[tuple[GroupFn, list[int] | None]] = []
+
+    def _present(self, grads: list[Tensor | None]) -> list[Tensor] | None:
+        """The present gradients if the cached checks still hold for ``grads``, else None."""
+        if len(grads) != self.length:
+            return None
+        if self.present_mask is None:
+            present = grads
+        else:
+            present = list(itertools.compress(grads, self.present_mask))
+            if not all(
+                map(operator.is_, itertools.compress(grads, self.absent_mask), itertools.repeat(None))
+            ):
+                return None
+        return present if _ptrs_equal(present, self.starts, self.indices) else None
+
+    def _check(self, grads: list[Tensor | None], names: list[str]) -> list[Tensor]:
+        """The full path: check and group (raising for bad gradients), bind the groups, cache the key."""
+        self.length = -1
+        _, plan = _plan(grads, self.backend, names)
+        positions = [i for i, g in enumerate(grads) if g is not None]
+        if len(positions) == len(grads):
+            present, self.present_mask, self.absent_mask = grads, None, None
+        else:
+            present = [grads[i] for i in positions]
+            self.present_mask = [g is not None for g in grads]
+            self.absent_mask = [g is None for g in grads]
+        rank = {p: k for k, p in enumerate(positions)}
+        self.plan = []
+        for fn, idx in plan:
+            tensors = [grads[i] for i in idx]
+            # A backend may bind its group function to these addresses (``fn.bind``): cheaper next calls.
+            bound = fn.bind(tensors) if hasattr(fn, "bind") else fn
+            self.plan.append((bound, None if len(idx) == len(present) else [rank[i] for i in idx]))
+        self.starts = list(map(_data_ptr, present))
+        self.indices = list(range(len(present)))
+        self.length = len(grads)
+        return present
 
     def znorm_(self, grads: list[Tensor | None], names: list[str], grad_scale: Tensor | None) -> None:
-        try:
-            addresses = tuple(map(Tensor.data_ptr, grads))
-        except (TypeError, RuntimeError):  # a None or a storage-less (sparse) gradient: full checks below
-            addresses = None
-        if addresses is None or addresses != self.addresses:
-            self.addresses = None
-            _, plan = _plan(grads, self.backend, names)
-            # A backend may bind its group function to these addresses (``fn.bind``): cheaper next calls.
-            self.plan = [
-                (fn.bind([grads[i] for i in idx]) if hasattr(fn, "bind") else fn, idx) for fn, idx in plan
-            ]
-            self.addresses = addresses
+        present = self._present(grads)
+        if present is None:
+            present = self._check(grads, names)
         for fn, idx in self.plan:
-            fn([grads[i] for i in idx], self.eps, self.correction, grad_scale)
+            fn(
+                present if idx is None else list(map(present.__getitem__, idx)),
+                self.eps,
+                self.correction,
+                grad_scale,
+            )

@@ -12,6 +12,8 @@ hooks (gradient centralization, clipping) use too.
 
 from __future__ import annotations
 
+import itertools
+import operator
 from collections.abc import Callable, Iterable
 
 import torch
@@ -66,13 +68,13 @@ class ParamSelector:
                         f"params[{i}] (shape {tuple(p.shape)}) is not a parameter of the optimizer"
                     )
             self.only = {id(p) for p in tensors}
-        self._key: tuple | None = None
+        self._key: list | None = None
         self.params: list[Tensor] = []
         self.names: list[str] = []
 
     def select(self) -> tuple[list[Tensor], list[str]]:
         groups = self.optimizer.param_groups
-        key = tuple((id(g["params"]), len(g["params"])) for g in groups)
+        key = [(id(g["params"]), len(g["params"])) for g in groups]
         if key != self._key:
             self.params, self.names = [], []
             for g in groups:
@@ -107,7 +109,7 @@ def register_grad_hook(
     def apply(opt: torch.optim.Optimizer) -> None:
         selected, names = selector.select()
         grads = [p.grad for p in selected]
-        if any(g is not None for g in grads):
+        if any(map(operator.is_not, grads, itertools.repeat(None))):
             transform(selected, grads, names, grad_scale_of(opt))
 
     def hook(opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
