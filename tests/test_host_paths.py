@@ -1,0 +1,250 @@
+"""The host's fast paths keep the exact checks' results: the one-pass check of plain lists against the
+per-tensor one, the overlap test against brute force, the cache of recent checks (same tensor objects only),
+and the hook's cache with None gradients (re-checked whenever a gradient appears, disappears or moves)."""
+
+from __future__ import annotations
+
+import gc
+import random
+
+import pytest
+import torch
+from torch import nn
+
+import znorm_kernels
+from tests.utils import assert_close_to_float64, make_grad
+from znorm_kernels import dispatch, reference
+
+
+def _pool(rng: random.Random) -> list:
+    """Entries of every kind the checks tell apart, many sharing memory with others."""
+    a = make_grad((64,), seed=rng.randrange(100))
+    m = make_grad((8, 8), seed=rng.randrange(100))
+    h = make_grad((30,), torch.float16, seed=rng.randrange(100))
+    d = make_grad((3, 4), torch.float64, seed=rng.randrange(100))
+    cl = make_grad((2, 3, 4, 5), seed=rng.randrange(100)).to(memory_format=torch.channels_last)
+    return [
+        a, a[:40], a[20:60], a[::2], a[1::2], a[8::4], a.view(8, 8), a[:1], a[5:7], a[40:],
+        m, m.t(), m[:, :3], m[:, ::2], m[2:4], m.view(-1),
+        h, h[5:], h.view(torch.bfloat16), d, d.t(), d[:, 1],
+        cl, cl.permute(0, 2, 3, 1), cl[:, :, :2],
+        torch.randn(1), torch.randn(0), torch.randn(()), torch.randn(5), torch.randn(3, 2).t(),
+        None, None,
+        torch.randn(3, 1).expand(3, 4), torch.arange(6), torch.randn(4, dtype=torch.complex64),
+        torch.randn(4, 4).to_sparse(), torch.empty(5, device="meta"), nn.Parameter(torch.randn(6)),
+    ]  # fmt: skip
+
+
+def _outcome(fn):
+    try:
+        return "ok", fn()
+    except (TypeError, ValueError) as err:
+        return type(err).__name__, str(err)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fast_checks_agree_with_the_exact_ones(seed):
+    rng = random.Random(seed)
+    fast_used = 0
+    for _ in range(150):
+        pool = _pool(rng)
+        items = [rng.choice(pool) for _ in range(rng.randint(1, 7))]
+        exact = _outcome(lambda: dispatch._exact_groups(items, None, "znorm_"))
+        fast = dispatch._fast_groups(items)
+        if fast is not None:
+            fast_used += 1
+            assert exact[0] == "ok", f"the fast path accepted what the exact one rejects: {exact}"
+            assert list(fast.items()) == list(exact[1].items())
+        assert _outcome(lambda: dispatch.check_and_group(items, None, "znorm_")) == exact
+        # and through the cache, twice (the second call may hit it)
+        for _ in range(2):
+            got = _outcome(lambda: dispatch.collect_indices(items)[1])
+            assert got[0] == exact[0] and (got[0] != "ok" or list(got[1].items()) == list(exact[1].items()))
+    assert fast_used > 20, "the fast path is exercised"
+
+
+def test_fast_path_takes_plain_lists_with_nones_and_tiny_tensors():
+    a, b = make_grad((5,)), make_grad((5,), torch.float16)
+    c, d = make_grad((6, 2)).t(), make_grad((2, 2), torch.float64)
+    items = [a, None, b, torch.randn(1), torch.randn(0), c, d, torch.randn(())]
+    fast = dispatch._fast_groups(items)
+    assert fast is not None
+    assert list(fast.items()) == list(dispatch._exact_groups(items, None, "znorm_").items())
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_disjoint_agrees_with_brute_force(seed):
+    rng = random.Random(seed)
+    for _ in range(400):
+        n = rng.randint(1, 6)
+        starts = [rng.randrange(0, 40) for _ in range(n)]
+        ends = [s + rng.randint(1, 12) for s in starts]
+        brute = all(ends[i] <= starts[j] or ends[j] <= starts[i] for i in range(n) for j in range(i + 1, n))
+        assert dispatch._disjoint(starts, ends) == brute, (starts, ends)
+
+
+@pytest.fixture
+def count_checks(monkeypatch):
+    dispatch._checked.clear()
+    calls = []
+    real = dispatch.check_and_group
+    monkeypatch.setattr(dispatch, "check_and_group", lambda *a: calls.append(1) or real(*a))
+    yield calls
+    dispatch._checked.clear()
+
+
+def test_direct_calls_with_the_same_tensors_are_checked_once(count_checks):
+    grads = [
+        make_grad((20, 3), seed=1),
+        None,
+        make_grad((7,), torch.float16, seed=2),
+        make_grad((9,), seed=3),
+    ]
+    for _ in range(3):
+        before = [g.clone() if g is not None else None for g in grads]
+        znorm_kernels.znorm_(grads, backend="reference")
+        for g, x in zip(grads, before):
+            if g is not None:
+                assert_close_to_float64(g, x)
+    assert len(count_checks) == 1
+    grads[1] = make_grad((4,), seed=4)  # a None became a tensor: checked again
+    znorm_kernels.znorm_(grads, backend="reference")
+    assert len(count_checks) == 2
+
+
+def test_a_new_view_at_a_known_address_is_checked_again(count_checks):
+    a = make_grad((64,))
+    znorm_kernels.znorm_([a[:10], a[20:30]], backend="reference")
+    for _ in range(3):  # fresh view objects (their ids may repeat the dead ones'): each call checks them
+        with pytest.raises(ValueError, match="position 0.*position 1"):
+            znorm_kernels.znorm_([a[:25], a[20:30]], backend="reference")
+    assert len(count_checks) == 4
+
+
+def test_in_place_changes_of_a_known_tensor_are_seen(count_checks):
+    a = make_grad((64,))
+    x, y = a[:10], a[20:30]
+    znorm_kernels.znorm_([x, y], backend="reference")
+    x.resize_(25)  # same object, same address, now reaching into y
+    with pytest.raises(ValueError, match="share part of their memory"):
+        znorm_kernels.znorm_([x, y], backend="reference")
+    u, v = make_grad((8,), seed=1), make_grad((8,), seed=2)
+    znorm_kernels.znorm_([u, v], backend="reference")
+    u.data = u.data.view(torch.int32)  # same object, same address, another dtype
+    with pytest.raises(TypeError, match="dtype torch.int32"):
+        znorm_kernels.znorm_([u, v], backend="reference")
+
+
+def test_the_cache_holds_no_tensor_and_forgets_dead_ones(count_checks):
+    grads = [make_grad((30,), seed=1), make_grad((30,), seed=2)]
+    znorm_kernels.znorm_(grads, backend="reference")
+    assert len(dispatch._checked.entries) == 1
+    ref = __import__("weakref").ref(grads[1])
+    del grads
+    gc.collect()
+    assert ref() is None, "the cache keeps no tensor alive"
+    assert len(dispatch._checked.entries) == 0, "an entry goes when one of its tensors dies"
+
+
+def test_rejected_lists_are_not_cached(count_checks):
+    bad = [make_grad((5,)), torch.randn(4, dtype=torch.complex64)]
+    for _ in range(2):
+        with pytest.raises(TypeError, match="complex"):
+            znorm_kernels.znorm_(bad)
+    assert len(count_checks) == 2
+
+
+def _net_with_unused_parts() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.ModuleDict({"used": nn.Linear(6, 5), "head": nn.Linear(5, 3), "unused": nn.Linear(4, 4)})
+
+
+def _loss(net: nn.ModuleDict, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(8, 6, generator=g)
+    return net["head"](torch.relu(net["used"](x))).square().mean()
+
+
+@pytest.mark.parametrize("set_to_none", [False, True])
+def test_hook_with_none_gradients_is_cached_and_rechecked_on_change(monkeypatch, set_to_none):
+    calls = []
+    real = dispatch.collect_indices
+    monkeypatch.setattr(dispatch, "collect_indices", lambda *a, **k: calls.append(1) or real(*a, **k))
+    net = _net_with_unused_parts()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    znorm_kernels.register(opt)
+
+    def step(seed: int) -> None:
+        opt.zero_grad(set_to_none=set_to_none)
+        _loss(net, seed).backward()
+        expected = {n: reference_z(p.grad) for n, p in net.named_parameters()}
+        opt.step()
+        for n, p in net.named_parameters():
+            if expected[n] is None:
+                assert p.grad is None
+            else:
+                torch.testing.assert_close(p.grad, expected[n], atol=1e-6, rtol=0)
+
+    for seed in range(3):
+        step(seed)
+    assert net["unused"].weight.grad is None
+    if not set_to_none:
+        assert len(calls) == 1, "unchanged gradients, some None: checked once"
+    # A gradient appears where there was None: checked again, and normalized.
+    unused = net["unused"].weight
+    step_calls = len(calls)
+    opt.zero_grad(set_to_none=set_to_none)
+    _loss(net, 9).backward()
+    unused.grad = make_grad((4, 4), seed=5)
+    expected_unused = reference_z(unused.grad)
+    opt.step()
+    assert len(calls) == step_calls + 1
+    torch.testing.assert_close(unused.grad, expected_unused, atol=1e-6, rtol=0)
+    # It disappears again, or moves: checked again.
+    unused.grad = None
+    opt.step()
+    assert len(calls) == step_calls + 2
+    head = net["head"].weight
+    head.grad = head.grad.clone()
+    expected_head = reference_z(head.grad)
+    opt.step()
+    assert len(calls) == step_calls + 3
+    torch.testing.assert_close(head.grad, expected_head, atol=1e-6, rtol=0)
+    # A sparse gradient where there was None is rejected, naming it.
+    unused.grad = make_grad((4, 4)).to_sparse()
+    with pytest.raises(TypeError, match="sparse"):
+        opt.step()
+
+
+def reference_z(g: torch.Tensor | None) -> torch.Tensor | None:
+    if g is None:
+        return None
+    out = g.clone()
+    reference.znorm_tensor_(out)
+    return out
+
+
+def test_hook_cached_path_with_none_and_several_groups_matches_reference():
+    """float32 and float64 parameters, some gradients None, a 1-element parameter: several groups whose
+    positions among the present gradients differ from their positions in the list."""
+    torch.manual_seed(0)
+    params = [
+        nn.Parameter(torch.randn(5, 3)),
+        nn.Parameter(torch.randn(4, dtype=torch.float64)),
+        nn.Parameter(torch.randn(1)),
+        nn.Parameter(torch.randn(6)),
+        nn.Parameter(torch.randn(2, 2, dtype=torch.float64)),
+        nn.Parameter(torch.randn(7)),
+    ]
+    opt = torch.optim.SGD(params, lr=0.0)
+    znorm_kernels.register(opt)
+    for seed in range(3):
+        for i, p in enumerate(params):
+            p.grad = None if i in (0, 3) and seed < 2 else make_grad(tuple(p.shape), p.dtype, seed=seed + i)
+        expected = [reference_z(p.grad) for p in params]
+        opt.step()
+        for p, e in zip(params, expected):
+            if e is None:
+                assert p.grad is None
+            else:
+                torch.testing.assert_close(p.grad, e, atol=1e-6, rtol=0)
