@@ -329,3 +329,30 @@ def test_rule12_hook_inside_a_captured_training_step(backend):
     torch.cuda.synchronize()
     for p, q in zip(net.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, atol=1e-4, rtol=1e-4)
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", gpu_backends())
+def test_rule12_compiled_with_cuda_graphs(backend):
+    # torch.compile(mode="reduce-overhead") records the step into CUDA graphs (after warm-up runs) and replays
+    # them: each replay must normalize the values the inputs hold then.
+    torch._dynamo.reset()
+    sizes = (7, 5000, 70_000)
+    grads = [make_grad((n,), device="cuda", seed=n) for n in sizes]
+
+    @torch.compile(mode="reduce-overhead")
+    def step(grads):
+        znorm_kernels.znorm_(grads, backend=backend)
+        return grads[0].sum()
+
+    try:
+        for k in range(6):
+            fresh = [make_grad((n,), device="cuda", seed=7 * k + n) * (k + 1) for n in sizes]
+            for g, f in zip(grads, fresh):
+                g.copy_(f)
+            step(grads)
+            torch.cuda.synchronize()
+            for g, e in zip(grads, expected_of(fresh)):
+                torch.testing.assert_close(g, e, atol=2e-6, rtol=0)
+    finally:
+        torch._dynamo.reset()
