@@ -54,6 +54,12 @@ def main() -> None:
         "hook call (some gradients None)": lambda: sparse_hook(sparse_opt, (), {}),
         "znorm_(grads, backend='triton')": lambda: znorm_kernels.znorm_(grads, backend="triton"),
         "input checks and grouping alone": lambda: dispatch.collect_indices(grads),
+        # the same without the cache of recent checks (new tensor objects each call, or a first call)
+        "znorm_(grads, backend='triton'), checks uncached": lambda: (
+            dispatch._checked.clear(),
+            znorm_kernels.znorm_(grads, backend="triton"),
+        ),
+        "input checks and grouping alone, uncached": lambda: dispatch.check_and_group(grads, None, "znorm_"),
     }
     for fn in rows.values():  # warm up: plans built, caches filled
         fn()

@@ -170,8 +170,24 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     return _resolve(backend, torch.device(device).type)
 
 
+# Options already accepted, as (type, value) pairs: the common call skips the checks (NaN never matches).
+_accepted_options: set[tuple] = set()
+
+
 def check_options(eps: float, correction: float, backend: str) -> None:
     """Reject bad scalar options with a clear error (before any tensor is touched)."""
+    key = (type(eps), eps, type(correction), correction, type(backend), backend)
+    try:
+        if key in _accepted_options:
+            return
+    except TypeError:  # unhashable: _check_options says what is wrong with it
+        key = None
+    _check_options(eps, correction, backend)
+    if key is not None and len(_accepted_options) < 64:
+        _accepted_options.add(key)
+
+
+def _check_options(eps: float, correction: float, backend: str) -> None:
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     if (
@@ -231,16 +247,19 @@ def collect_indices(
     items = _as_items(tensors, op)
     groups = _checked.get(items)
     if groups is None:
-        groups = check_and_group(items, names, op)
-        _checked.put(items, groups)
+        seen: list = []
+        groups = check_and_group(items, names, op, seen)
+        _checked.put(items, groups, *seen)
     return items, groups
 
 
-def check_and_group(items: list, names: Iterable[str] | None, op: str) -> dict[tuple, list[int]]:
+def check_and_group(
+    items: list, names: Iterable[str] | None, op: str, seen: list | None = None
+) -> dict[tuple, list[int]]:
     """The checks and grouping of ``collect_indices``, without its cache: the fast path for the common case
     (plain strided tensors of supported dtypes, in disjoint memory), else the exact one, which decides every
-    other case and raises the errors."""
-    groups = _fast_groups(items)
+    other case and raises the errors. The fast path appends to ``seen`` what it read that the cache keeps."""
+    groups = _fast_groups(items, seen)
     if groups is None:
         groups = _exact_groups(items, list(names) if names is not None else None, op)
     return groups
@@ -267,14 +286,15 @@ if not hasattr(torch._C, "_group_tensors_by_device_and_dtype"):  # pragma: no co
         return groups
 
 
-def _fast_groups(items: list) -> dict[tuple, list[int]] | None:
+def _fast_groups(items: list, seen: list | None = None) -> dict[tuple, list[int]] | None:
     """The result of ``_exact_groups`` for the common case, or None when the exact path must decide.
 
     It reads each attribute for all tensors in one C-level pass (a few tens of ns per tensor, where a Python
     loop costs several times that) and leaves to the exact path: an entry that is not a plain tensor or None,
     a tensor without storage (sparse), an unsupported dtype, a meta tensor, a non-contiguous tensor whose
     elements share memory, and any two tensors whose address ranges intersect (a duplicate, a partial overlap,
-    interleaved views)."""
+    interleaved views). ``seen``, when given, receives (present entries, their addresses, sizes in bytes and
+    dtypes) on success."""
     kinds = set(map(type, items))
     positions = None
     if _NoneType in kinds:
@@ -294,6 +314,15 @@ def _fast_groups(items: list) -> dict[tuple, list[int]] | None:
         grouped = _group_by_device_and_dtype(present)
     except Exception:  # whatever it is, the exact path reports it
         return None
+    if seen is not None:
+        if len(grouped) == 1:
+            dtypes = [next(iter(grouped))[1]] * len(present)
+        else:
+            dtypes = [None] * len(present)
+            for (_, dtype), idx in grouped.items():
+                for i in idx:
+                    dtypes[i] = dtype
+        fingerprint = (present, starts, list(ends), dtypes)
     keep = None
     if min(ends) < 16:  # maybe fewer than 2 elements (16: two float64): those are dropped
         keep = [n >= 16 or present[i].numel() >= 2 for i, n in enumerate(ends)]
@@ -324,6 +353,8 @@ def _fast_groups(items: list) -> dict[tuple, list[int]] | None:
             if not _disjoint(list(map(starts.__getitem__, idx)), list(map(ends.__getitem__, idx))):
                 return None
         groups = dict(sorted(groups.items(), key=lambda kv: kv[1][0]))  # tiny ones dropped: re-sort
+    if seen is not None:
+        seen.append(fingerprint)
     return groups
 
 
@@ -405,14 +436,27 @@ class _Checked:
             return None
         return {k: list(v) for k, v in groups.items()}
 
-    def put(self, items: list, groups: dict[tuple, list[int]]) -> None:
+    def put(self, items: list, groups: dict[tuple, list[int]], seen: tuple | None = None) -> None:
+        """Keep the result of checking ``items``; ``seen`` is what the fast path read (present entries,
+        addresses, sizes in bytes, dtypes), else it is read here."""
         if not items or not groups:
             return
         present_mask = absent_mask = None
-        if _NoneType in set(map(type, items)):
-            present_mask = [t is not None for t in items]
-            absent_mask = [t is None for t in items]
-        present = items if present_mask is None else list(itertools.compress(items, present_mask))
+        if seen is not None:
+            present, starts, sizes, dtypes = seen
+            if len(present) != len(items):
+                present_mask = [t is not None for t in items]
+                absent_mask = [t is None for t in items]
+        else:
+            if _NoneType in set(map(type, items)):
+                present_mask = [t is not None for t in items]
+                absent_mask = [t is None for t in items]
+            present = items if present_mask is None else list(itertools.compress(items, present_mask))
+            try:
+                starts = list(map(_data_ptr, present))
+            except (TypeError, RuntimeError):  # no storage: not cached
+                return
+            sizes, dtypes = list(map(_get_nbytes, present)), list(map(_get_dtype, present))
         key = (len(items), id(items[0]))
         entries = self.entries
         token = object()
@@ -423,9 +467,8 @@ class _Checked:
                 entries.pop(key, None)
 
         try:
-            refs = [weakref.ref(t, forget) for t in present]
-            starts = list(map(_data_ptr, present))
-        except (TypeError, RuntimeError):  # no weak references, or no storage: not cached
+            refs = list(map(weakref.ref, present, itertools.repeat(forget)))
+        except TypeError:  # an entry that cannot be referenced weakly: not cached
             return
         entry = (
             present_mask,
@@ -433,8 +476,8 @@ class _Checked:
             list(map(id, present)),
             starts,
             list(range(len(present))),
-            list(map(_get_dtype, present)),
-            list(map(_get_nbytes, present)),
+            dtypes,
+            sizes,
             {k: list(v) for k, v in groups.items()},
             (refs, token),  # kept for their callbacks
         )
@@ -542,7 +585,9 @@ def _plan(
     """Validate and group, then resolve every group's backend before any runs (so an unservable request
     modifies nothing): the entries and a list of (group function, positions)."""
     items, groups = collect_indices(tensors, names)
-    return items, [(_group_fn(resolve_backend(backend, device)), idx) for (device, _), idx in groups.items()]
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    return items, [(_group_fn(_resolve(backend, device.type)), idx) for (device, _), idx in groups.items()]
 
 
 def as_scale(grad_scale: Tensor | float | None) -> Tensor | None:
