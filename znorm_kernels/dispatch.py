@@ -268,7 +268,11 @@ def check_and_group(
 _NoneType = type(None)
 _PLAIN = frozenset((Tensor, torch.nn.Parameter))  # no __torch_function__ of their own
 _data_ptr, _is_contiguous = Tensor.data_ptr, Tensor.is_contiguous
-_get_dtype, _get_nbytes = operator.attrgetter("dtype"), operator.attrgetter("nbytes")
+_numel, _get_dtype, _get_itemsize = (
+    Tensor.numel,
+    operator.attrgetter("dtype"),
+    operator.attrgetter("itemsize"),
+)
 
 
 def _group_by_device_and_dtype(tensors: list[Tensor]) -> dict:
@@ -293,8 +297,8 @@ def _fast_groups(items: list, seen: list | None = None) -> dict[tuple, list[int]
     loop costs several times that) and leaves to the exact path: an entry that is not a plain tensor or None,
     a tensor without storage (sparse), an unsupported dtype, a meta tensor, a non-contiguous tensor whose
     elements share memory, and any two tensors whose address ranges intersect (a duplicate, a partial overlap,
-    interleaved views). ``seen``, when given, receives (present entries, their addresses, sizes in bytes and
-    dtypes) on success."""
+    interleaved views). ``seen``, when given, receives (present entries, their addresses, numbers of elements
+    and dtypes) on success."""
     kinds = set(map(type, items))
     positions = None
     if _NoneType in kinds:
@@ -309,30 +313,31 @@ def _fast_groups(items: list, seen: list | None = None) -> dict[tuple, list[int]
         return {}
     try:
         starts = list(map(_data_ptr, present))  # raises for tensors without storage (sparse, mkldnn)
-        ends = list(map(_get_nbytes, present))  # made the ends of the address ranges below
+        numels = list(map(_numel, present))
         contiguous = list(map(_is_contiguous, present))
         grouped = _group_by_device_and_dtype(present)
     except Exception:  # whatever it is, the exact path reports it
         return None
+    if len(grouped) == 1:
+        dtype = next(iter(grouped))[1]
+        dtypes = [dtype] * len(present)
+        itemsizes = itertools.repeat(dtype.itemsize)
+    else:
+        dtypes = [None] * len(present)
+        for (_, dtype), idx in grouped.items():
+            for i in idx:
+                dtypes[i] = dtype
+        itemsizes = map(_get_itemsize, dtypes)
     if seen is not None:
-        if len(grouped) == 1:
-            dtypes = [next(iter(grouped))[1]] * len(present)
-        else:
-            dtypes = [None] * len(present)
-            for (_, dtype), idx in grouped.items():
-                for i in idx:
-                    dtypes[i] = dtype
-        fingerprint = (present, starts, list(ends), dtypes)
-    keep = None
-    if min(ends) < 16:  # maybe fewer than 2 elements (16: two float64): those are dropped
-        keep = [n >= 16 or present[i].numel() >= 2 for i, n in enumerate(ends)]
+        fingerprint = (present, starts, list(numels), dtypes)
+    keep = [n >= 2 for n in numels] if min(numels) < 2 else None  # fewer than 2 elements: dropped
     if not all(contiguous):
         for i in [i for i, c in enumerate(contiguous) if not c]:
             t = present[i]
             if torch._debug_has_internal_overlap(t) == 1:
                 return None
-            ends[i] = _extent(t) * t.element_size()  # bytes from its first element to its last
-    ends = list(map(operator.add, starts, ends))
+            numels[i] = _extent(t)  # elements from its first in memory to its last
+    ends = list(map(operator.add, starts, map(operator.mul, numels, itemsizes)))
     groups: dict[tuple, list[int]] = {}
     devices: dict[torch.device, list[int]] = {}  # positions per device, for the overlap check
     for key, idx in sorted(grouped.items(), key=lambda kv: kv[1][0]):
@@ -403,10 +408,10 @@ class _Checked:
     """The results of the last few successful checks, for calls that pass the same tensors again.
 
     A result still holds when a call has the same entries (the same tensor objects, and None at the same
-    positions) at the same addresses with the same dtypes and sizes in bytes: that is what the checks read,
-    but for strides, which only an in-place ``as_strided_`` or ``set_`` at the same address and size changes
-    (the backends read the strides afresh, so that cannot make them touch other memory). A new tensor object
-    at a known address (a fresh view) is checked again: it may cover other elements.
+    positions) at the same addresses with the same dtypes and numbers of elements: that is what the checks
+    read, but for strides, which only an in-place ``as_strided_`` or ``set_`` at the same address and size
+    changes (the backends read the strides afresh, so that cannot make them touch other memory). A new tensor
+    object at a known address (a fresh view) is checked again: it may cover other elements.
 
     The objects are compared by id while all of them live: each entry holds weak references whose callbacks
     drop the entry when one of its tensors dies, before its id can be reused. Entries are found by (length,
@@ -432,13 +437,13 @@ class _Checked:
                 return None
         if list(map(id, present)) != ids or not _ptrs_equal(present, starts, indices):
             return None
-        if list(map(_get_dtype, present)) != dtypes or list(map(_get_nbytes, present)) != sizes:
+        if list(map(_get_dtype, present)) != dtypes or list(map(_numel, present)) != sizes:
             return None
         return {k: list(v) for k, v in groups.items()}
 
     def put(self, items: list, groups: dict[tuple, list[int]], seen: tuple | None = None) -> None:
         """Keep the result of checking ``items``; ``seen`` is what the fast path read (present entries,
-        addresses, sizes in bytes, dtypes), else it is read here."""
+        addresses, numbers of elements, dtypes), else it is read here."""
         if not items or not groups:
             return
         present_mask = absent_mask = None
@@ -456,7 +461,7 @@ class _Checked:
                 starts = list(map(_data_ptr, present))
             except (TypeError, RuntimeError):  # no storage: not cached
                 return
-            sizes, dtypes = list(map(_get_nbytes, present)), list(map(_get_dtype, present))
+            sizes, dtypes = list(map(_numel, present)), list(map(_get_dtype, present))
         key = (len(items), id(items[0]))
         entries = self.entries
         token = object()
