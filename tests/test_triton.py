@@ -275,3 +275,24 @@ def test_hook_steps_reuse_the_bound_plan(tb, launches, channels_last):
             torch.testing.assert_close(p.grad, e, atol=2e-6, rtol=0)
         assert len(launches) == step + 1
     assert len(tb._plans) == 1
+
+
+def test_bound_group_sees_a_new_dtype_at_the_old_addresses(tb, launches):
+    # model.half() with set_to_none gradients can put float16 gradients at the float32 ones' addresses; the
+    # bound plan's chunk addresses are in bytes of the old dtype, so the bound run must not use it then.
+    buf = torch.zeros(2 * 20_000 + 64, dtype=torch.float32, device=DEVICE)
+    old = [buf[:20_000], buf[20_032 : 20_032 + 100]]
+    for k, t in enumerate(old):
+        t.copy_(make_grad(t.shape, device=DEVICE, seed=k))
+    run = tb.bind(old)
+    half = buf.view(torch.float16)
+    new = [half[:20_000], half[40_064 : 40_064 + 100]]
+    assert [t.data_ptr() for t in new] == [t.data_ptr() for t in old]
+    for k, t in enumerate(new):
+        t.copy_(make_grad(t.shape, dtype=torch.float16, device=DEVICE, seed=10 + k))
+    inputs = [t.clone() for t in new]
+    between = half[20_000:40_064].view(torch.int16).clone()  # bits: old float32 bytes may read as NaN
+    run(new, 1e-10, 0, None)
+    for t, x in zip(new, inputs):
+        assert_close_to_float64(t, x)
+    assert torch.equal(half[20_000:40_064].view(torch.int16), between), "nothing written outside the new ones"

@@ -435,15 +435,19 @@ def znorm_group_(
 
 
 def bind(tensors: list[Tensor]):
-    """A group function tied to these tensors' addresses, for callers that know the next lists sit at the
-    same addresses with the same sizes (the hook's unchanged gradients): it skips the plan look-up. Lists of
-    non-dense views are not bound (their stand-ins are new copies each call)."""
+    """A group function tied to these tensors' addresses, for callers that know the next lists hold tensors
+    at the same addresses with the same sizes and layouts (the hook's unchanged gradients: autograd keeps a
+    gradient dense, with its parameter's shape, dtype and device): it skips the plan look-up and the layout
+    checks. The first tensor's dtype is still compared (``model.half()`` with ``set_to_none`` gradients can
+    put gradients of the new dtype at the old addresses, and the table's chunk addresses depend on it). Lists
+    of non-dense views are not bound (their stand-ins are new copies each call)."""
     if not all(map(is_dense, tensors)):
         return znorm_group_
-    plan = _plan_for(tensors, block_for(tensors[0].dtype))
+    dtype = tensors[0].dtype
+    plan = _plan_for(tensors, block_for(dtype))
 
     def run(tensors: list[Tensor], eps: float, correction: float, grad_scale: Tensor | None = None) -> None:
-        if all(map(Tensor.is_contiguous, tensors)) or all(map(is_dense, tensors)):
+        if tensors[0].dtype is dtype:
             _launch(tensors, eps, correction, grad_scale, True, None, plan)
         else:
             znorm_group_(tensors, eps, correction, grad_scale)
