@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .backends import is_dense, triton_interpret
+from .stats import StatsBuffer
 
 __all__ = [
     "BACKENDS",
@@ -634,9 +635,11 @@ class GradientGroups:
     gradient, a new allocation) takes the full path of ``run_znorm_`` again.
     """
 
-    def __init__(self, eps: float, correction: float, backend: str) -> None:
+    def __init__(self, eps: float, correction: float, backend: str, stats: StatsBuffer | None = None) -> None:
         check_options(eps, correction, backend)
         self.eps, self.correction, self.backend = float(eps), float(correction), backend
+        self.stats = stats  # receives every step's per-tensor mean and std, when given
+        self.stats_out: list[Tensor] = []  # per group of self.plan: its float64 [T, 2] statistics
         self.length = -1  # no valid cache: the next call takes the full path
         self.present_mask: list[bool] | None = None  # which entries are tensors (None: all of them)
         self.absent_mask: list[bool] | None = None  # which entries are None
@@ -671,6 +674,8 @@ class GradientGroups:
             self.present_mask = [g is not None for g in grads]
             self.absent_mask = [g is None for g in grads]
         rank = {p: k for k, p in enumerate(positions)}
+        if self.stats is not None:
+            self.stats_out = self.stats.reset(len(grads), [(idx, grads[idx[0]].device) for _, idx in plan])
         self.plan = []
         for fn, idx in plan:
             tensors = [grads[i] for i in idx]
@@ -686,10 +691,16 @@ class GradientGroups:
         present = self._present(grads)
         if present is None:
             present = self._check(grads, names)
-        for fn, idx in self.plan:
-            fn(
-                present if idx is None else list(map(present.__getitem__, idx)),
-                self.eps,
-                self.correction,
-                grad_scale,
-            )
+        if self.stats is None:
+            for fn, idx in self.plan:
+                fn(
+                    present if idx is None else list(map(present.__getitem__, idx)),
+                    self.eps,
+                    self.correction,
+                    grad_scale,
+                )
+            return
+        for (fn, idx), out in zip(self.plan, self.stats_out):
+            tensors = present if idx is None else list(map(present.__getitem__, idx))
+            fn(tensors, self.eps, self.correction, grad_scale, stats=out)
+        self.stats.unscale(grad_scale)

@@ -22,8 +22,9 @@ from torch.utils.hooks import RemovableHandle
 
 from .api import znorm_
 from .dispatch import GradientGroups
+from .stats import GradStats, StatsBuffer
 
-__all__ = ["GradTransform", "ParamSelector", "register", "register_grad_hook"]
+__all__ = ["GradTransform", "ParamSelector", "ZNormHandle", "register", "register_grad_hook"]
 
 # What a hook applies: (parameters, their grads (None where absent), their names, grad scale or None).
 GradTransform = Callable[[list[Tensor], list["Tensor | None"], list[str], "Tensor | None"], None]
@@ -102,9 +103,12 @@ def register_grad_hook(
     *,
     min_ndim: int = 1,
     params: Iterable | None = None,
+    selector: ParamSelector | None = None,
 ) -> RemovableHandle:
-    """Run ``transform`` on the selected parameters' gradients before every ``optimizer.step()``."""
-    selector = ParamSelector(optimizer, min_ndim, params)
+    """Run ``transform`` on the selected parameters' gradients before every ``optimizer.step()`` (those of
+    ``selector``, or of a new ``ParamSelector(optimizer, min_ndim, params)``)."""
+    if selector is None:
+        selector = ParamSelector(optimizer, min_ndim, params)
 
     def apply(opt: torch.optim.Optimizer) -> None:
         selected, names = selector.select()
@@ -134,6 +138,22 @@ def register_grad_hook(
     return optimizer.register_step_pre_hook(hook)
 
 
+class ZNormHandle(RemovableHandle):
+    """What ``register`` returns: ``.remove()`` uninstalls the hook; with ``track_stats=True``,
+    ``.grad_stats()`` gives the last step's per-parameter gradient mean and std (``GradStats``)."""
+
+    def __init__(self, inner: RemovableHandle, stats: StatsBuffer | None, names: Callable[[], list[str]]):
+        self.__dict__.update(inner.__dict__)  # the same hook id and dicts: remove() acts on the same entry
+        self._stats, self._names = stats, names
+
+    def grad_stats(self) -> GradStats | None:
+        """Mean and std of every gradient the hook treated at the last step, as device tensors, or None
+        before the first step. Requires ``register(..., track_stats=True)``."""
+        if self._stats is None:
+            raise RuntimeError("gradient statistics are kept only with register(..., track_stats=True)")
+        return self._stats.assemble(self._names())
+
+
 def register(
     optimizer: torch.optim.Optimizer,
     *,
@@ -142,7 +162,8 @@ def register(
     backend: str = "auto",
     min_ndim: int = 1,
     params: Iterable | None = None,
-) -> RemovableHandle:
+    track_stats: bool = False,
+) -> ZNormHandle:
     """Install ZNorm on ``optimizer``: each ``step()`` first normalizes the gradients it is about to use.
 
     Args:
@@ -151,11 +172,16 @@ def register(
         min_ndim: only gradients of parameters with at least this many dimensions (2 leaves biases and
             norm weights alone; 4 treats conv weights only).
         params: if given, only these parameters (or ``(name, parameter)`` pairs) of the optimizer.
+        track_stats: keep each step's per-gradient mean and std (computed by the normalization anyway) for
+            ``handle.grad_stats()``: two numbers copied per tensor, no pass over the gradients, no sync.
+            Eager steps only (not inside torch.compile).
 
     Returns:
-        a handle whose ``.remove()`` uninstalls the hook.
+        a ``ZNormHandle``: ``.remove()`` uninstalls the hook, ``.grad_stats()`` gives the statistics.
     """
-    groups = GradientGroups(eps, correction, backend)
+    stats = StatsBuffer() if track_stats else None
+    groups = GradientGroups(eps, correction, backend, stats)
+    selector = ParamSelector(optimizer, min_ndim, params)
 
     def transform(params: list[Tensor], grads: list[Tensor | None], names: list[str], scale) -> None:
         if torch.compiler.is_compiling():
@@ -163,4 +189,5 @@ def register(
         else:
             groups.znorm_(grads, names, scale)
 
-    return register_grad_hook(optimizer, transform, min_ndim=min_ndim, params=params)
+    inner = register_grad_hook(optimizer, transform, selector=selector)
+    return ZNormHandle(inner, stats, lambda: selector.select()[1])

@@ -23,13 +23,18 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def znorm_tensor_(
-    grad: Tensor, eps: float = 1e-10, correction: float = 0, grad_scale: Tensor | None = None
+    grad: Tensor,
+    eps: float = 1e-10,
+    correction: float = 0,
+    grad_scale: Tensor | None = None,
+    stats: Tensor | None = None,
 ) -> None:
     """Normalize one tensor in place (no validation; tensors of fewer than 2 elements are left alone).
 
     With ``grad_scale`` s (a fused optimizer's GradScaler scale, a 0-d tensor), ``grad`` holds s*g and
     becomes s * (s*g - mean(s*g)) / (std(s*g) + s*eps): the optimizer's own division by s then yields
-    exactly the z-scores of g.
+    exactly the z-scores of g. ``stats``, when given (a float64 tensor of 2 elements), receives the mean and
+    standard deviation of the values as given.
     """
     n = grad.numel()
     if n < 2:
@@ -44,6 +49,9 @@ def znorm_tensor_(
     constant = lo == hi
     centred = torch.where(constant, x - lo, centred)
     denom = var.sqrt()
+    if stats is not None:
+        stats[0] = torch.where(constant, lo, mean + (x - mean).mean())
+        stats[1] = torch.where(constant, 0.0, denom)
     if grad_scale is None:
         s = None
         denom = denom + eps
@@ -58,12 +66,18 @@ def znorm_tensor_(
 
 
 def znorm_group_(
-    tensors: list[Tensor], eps: float, correction: float, grad_scale: Tensor | None = None
+    tensors: list[Tensor],
+    eps: float,
+    correction: float,
+    grad_scale: Tensor | None = None,
+    *,
+    stats: Tensor | None = None,
 ) -> None:
-    """Backend entry point used by the dispatcher: normalize already-validated tensors, one by one."""
+    """Backend entry point used by the dispatcher: normalize already-validated tensors, one by one.
+    ``stats`` (float64 [T, 2], optional) receives each tensor's mean and standard deviation."""
     with torch.no_grad():
-        for t in tensors:
-            znorm_tensor_(t, eps, correction, grad_scale)
+        for i, t in enumerate(tensors):
+            znorm_tensor_(t, eps, correction, grad_scale, None if stats is None else stats[i])
 
 
 def unavailable(name: str) -> str | None:

@@ -428,10 +428,20 @@ def _with_dense(tensors: list[Tensor], fn):
 
 
 def znorm_group_(
-    tensors: list[Tensor], eps: float, correction: float, grad_scale: Tensor | None = None, *, block=None
+    tensors: list[Tensor],
+    eps: float,
+    correction: float,
+    grad_scale: Tensor | None = None,
+    *,
+    stats: Tensor | None = None,
+    block=None,
 ) -> None:
-    """Normalize a validated same-device, same-dtype list in place, in one kernel launch."""
-    _with_dense(tensors, lambda ts: _launch(ts, eps, correction, grad_scale, True, block))
+    """Normalize a validated same-device, same-dtype list in place, in one kernel launch. ``stats`` (float64
+    [T, 2] on their device, optional) receives each tensor's mean and standard deviation, which the kernel
+    computed anyway (a copy of 2 values per tensor, no pass over the data)."""
+    ws = _with_dense(tensors, lambda ts: _launch(ts, eps, correction, grad_scale, True, block))
+    if stats is not None:
+        stats.copy_(ws.stats[:, :2])
 
 
 def bind(tensors: list[Tensor]):
@@ -446,11 +456,19 @@ def bind(tensors: list[Tensor]):
     dtype = tensors[0].dtype
     plan = _plan_for(tensors, block_for(dtype))
 
-    def run(tensors: list[Tensor], eps: float, correction: float, grad_scale: Tensor | None = None) -> None:
-        if tensors[0].dtype is dtype:
-            _launch(tensors, eps, correction, grad_scale, True, None, plan)
-        else:
-            znorm_group_(tensors, eps, correction, grad_scale)
+    def run(
+        tensors: list[Tensor],
+        eps: float,
+        correction: float,
+        grad_scale: Tensor | None = None,
+        *,
+        stats: Tensor | None = None,
+    ) -> None:
+        if tensors[0].dtype is not dtype:
+            return znorm_group_(tensors, eps, correction, grad_scale, stats=stats)
+        ws = _launch(tensors, eps, correction, grad_scale, True, None, plan)
+        if stats is not None:
+            stats.copy_(ws.stats[:, :2])
 
     return run
 

@@ -1,0 +1,287 @@
+"""The ZNorm optimizers (znorm_kernels.optim): every option against ``register(torch optimizer)`` over
+several steps, checkpoints both ways with torch's optimizers, schedulers, closures, GradScaler, per-group
+switches, the raw gradient left alone, the statistics by-product, and bad input.
+
+Models have no conv bias in front of BatchNorm (that bias's gradient is rounding noise, which ZNorm scales to
+unit variance, so no two implementations agree on it)."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import znorm_kernels
+from znorm_kernels.optim import ZNormAdam, ZNormAdamW, ZNormSGD
+
+BACKENDS = [b for b in ("reference", "cpu", "triton") if b in znorm_kernels.available_backends()]
+DEVICE = "cpu"
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 6 * 6, 5),
+    )
+
+
+def batches(n: int = 4):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(6, 3, 8, 8, generator=g), torch.randint(0, 5, (6,), generator=g)) for _ in range(n)]
+
+
+def train(model, opt, data, scheduler=None):
+    for x, y in data:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+    return model
+
+
+def assert_same_params(a: nn.Module, b: nn.Module, atol: float = 0.0) -> None:
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, atol=atol, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def compare(znorm_cls, torch_cls, backend, steps=4, **kwargs):
+    ours, theirs = make_model(), make_model()
+    opt = znorm_cls(ours.parameters(), backend=backend, **kwargs)
+    ref = torch_cls(theirs.parameters(), **kwargs)
+    znorm_kernels.register(ref, backend=backend)
+    data = batches(steps)
+    train(ours, opt, data)
+    train(theirs, ref, data)
+    assert_same_params(ours, theirs)
+    for s_ours, s_ref in zip(opt.state.values(), ref.state.values()):
+        for key in s_ref:
+            torch.testing.assert_close(s_ours[key], s_ref[key], atol=0, rtol=0)
+    return opt
+
+
+SGD_OPTIONS = [
+    dict(lr=0.05, momentum=m, dampening=d, nesterov=n, weight_decay=w, maximize=mx, foreach=f)
+    for m, d, n, w, mx, f in itertools.product(
+        [0.0, 0.9], [0.0, 0.1], [False, True], [0.0, 1e-2], [False, True], [False, True]
+    )
+    if not (n and (m == 0 or d != 0))  # torch: nesterov needs momentum and no dampening
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("options", SGD_OPTIONS, ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items()))
+def test_sgd_matches_hook_on_torch_sgd(backend, options):
+    if backend == "triton" and (options["foreach"] or options["maximize"]):
+        pytest.skip("the interpreter is slow: a subset on triton")
+    compare(ZNormSGD, torch.optim.SGD, backend, **options)
+
+
+ADAM_OPTIONS = [
+    dict(lr=1e-2, weight_decay=w, amsgrad=a, maximize=mx, foreach=f)
+    for w, a, mx, f in itertools.product([0.0, 1e-2], [False, True], [False, True], [False, True])
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("adamw", [False, True], ids=["adam", "adamw"])
+@pytest.mark.parametrize("options", ADAM_OPTIONS, ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items()))
+def test_adam_matches_hook_on_torch_adam(backend, adamw, options):
+    if backend == "triton" and (options["foreach"] or options["maximize"]):
+        pytest.skip("the interpreter is slow: a subset on triton")
+    if adamw:
+        compare(ZNormAdamW, torch.optim.AdamW, backend, **options)
+    else:
+        compare(ZNormAdam, torch.optim.Adam, backend, betas=(0.8, 0.99), **options)
+
+
+@pytest.mark.parametrize(
+    "cls, torch_cls, kwargs",
+    [
+        (ZNormSGD, torch.optim.SGD, dict(lr=0.05, momentum=0.9)),
+        (ZNormAdam, torch.optim.Adam, dict(lr=1e-2)),
+        (ZNormAdamW, torch.optim.AdamW, dict(lr=1e-2, amsgrad=True)),
+    ],
+)
+def test_fused_torch_update_matches(cls, torch_cls, kwargs):
+    compare(cls, torch_cls, "auto", fused=True, **kwargs)
+
+
+def test_gradient_is_left_raw_by_default_and_normalized_on_request():
+    model = make_model()
+    opt = ZNormAdam(model.parameters(), lr=1e-2)
+    x, y = batches(1)[0]
+    nn.functional.cross_entropy(model(x), y).backward()
+    raw = [p.grad.clone() for p in model.parameters()]
+    grads = [p.grad for p in model.parameters()]
+    opt.step()
+    for p, g, r in zip(model.parameters(), grads, raw):
+        assert p.grad is g, "the same .grad tensor object afterwards"
+        assert torch.equal(p.grad, r), "and its values untouched"
+
+    model = make_model()
+    opt = ZNormAdam(model.parameters(), lr=1e-2, normalize_grad=True)
+    nn.functional.cross_entropy(model(x), y).backward()
+    raw = [p.grad.clone() for p in model.parameters()]
+    opt.step()
+    expected = [r.clone() for r in raw]
+    znorm_kernels.reference.znorm_(expected)
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, e, atol=1e-6, rtol=0)
+
+
+def test_state_dict_moves_to_torch_and_back():
+    data = batches(6)
+    ours = make_model()
+    opt = ZNormAdam(ours.parameters(), lr=1e-2, amsgrad=True)
+    train(ours, opt, data[:3])
+    saved = copy.deepcopy(opt.state_dict())
+    assert set(saved) == {"state", "param_groups"}
+
+    # Into torch's Adam (what a user who drops ZNorm does) and back into ZNormAdam.
+    plain = torch.optim.Adam(ours.parameters(), lr=1e-2, amsgrad=True)
+    plain.load_state_dict(saved)
+    back = ZNormAdam(ours.parameters(), lr=1.0)
+    back.load_state_dict(plain.state_dict())
+    assert back.param_groups[0]["lr"] == 1e-2 and back.param_groups[0]["amsgrad"] is True
+    assert back.param_groups[0]["znorm"] is True and back.param_groups[0]["min_ndim"] == 1
+
+    # Continuing from the reloaded state gives what continuing the original does.
+    twin = copy.deepcopy(ours)
+    opt_twin = ZNormAdam(twin.parameters(), lr=1.0)
+    opt_twin.load_state_dict(saved)
+    train(ours, opt, data[3:])
+    train(twin, opt_twin, data[3:])
+    assert_same_params(ours, twin)
+
+    # A checkpoint of torch's Adam (no ZNorm keys) loads into ZNormAdam, with the ZNorm defaults.
+    fresh = torch.optim.Adam(make_model().parameters(), lr=3e-3)
+    z = ZNormAdam(make_model().parameters(), min_ndim=2)
+    z.load_state_dict(fresh.state_dict())
+    assert z.param_groups[0]["min_ndim"] == 2 and z.param_groups[0]["lr"] == 3e-3
+
+
+def test_pickle_round_trip_keeps_znorm_options():
+    opt = ZNormSGD(
+        make_model().parameters(), lr=0.1, momentum=0.9, min_ndim=2, znorm_eps=1e-6, track_stats=True
+    )
+    twin = copy.deepcopy(opt)
+    assert twin._znorm == opt._znorm
+    assert twin.param_groups[0]["min_ndim"] == 2
+
+
+def test_scheduler_and_closure():
+    data = batches(4)
+    ours, theirs = make_model(), make_model()
+    opt = ZNormSGD(ours.parameters(), lr=0.1, momentum=0.9)
+    ref = torch.optim.SGD(theirs.parameters(), lr=0.1, momentum=0.9)
+    znorm_kernels.register(ref)
+    sched_a = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    sched_b = torch.optim.lr_scheduler.StepLR(ref, step_size=1, gamma=0.5)
+    train(ours, opt, data[:2], sched_a)
+    train(theirs, ref, data[:2], sched_b)
+    assert opt.param_groups[0]["lr"] == 0.025
+    for x, y in data[2:]:
+        for model, o in ((ours, opt), (theirs, ref)):
+
+            def closure(model=model, o=o, x=x, y=y):
+                o.zero_grad()
+                loss = nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+
+            assert o.step(closure) is not None
+    assert_same_params(ours, theirs)
+
+
+def test_per_group_switches():
+    model = make_model()
+    conv, bn, lin = model[0], model[1], model[4]
+    opt = ZNormSGD(
+        [
+            {"params": conv.parameters()},
+            {"params": bn.parameters(), "znorm": False},
+            {"params": lin.parameters(), "min_ndim": 2},
+        ],
+        lr=0.1,
+    )
+    x, y = batches(1)[0]
+    nn.functional.cross_entropy(model(x), y).backward()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    raw = {n: p.grad.clone() for n, p in model.named_parameters()}
+    opt.step()
+    for name, p in model.named_parameters():
+        z = raw[name].clone()
+        if name in ("0.weight", "4.weight"):  # normalized; bn (znorm=False) and the linear bias (1-D) are not
+            znorm_kernels.reference.znorm_([z])
+        torch.testing.assert_close(p, before[name] - 0.1 * z, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_stats_by_product(backend):
+    model = make_model()
+    params = list(model.named_parameters())
+    opt = ZNormSGD(params, lr=0.1, backend=backend, track_stats=True)
+    assert opt.grad_stats() is None
+    x, y = batches(1)[0]
+    nn.functional.cross_entropy(model(x), y).backward()
+    model[1].bias.grad = None  # a parameter without a gradient: NaN row
+    raw = {n: None if p.grad is None else p.grad.clone() for n, p in params}
+    opt.step()
+    stats = opt.grad_stats()
+    assert stats.names == [n for n, _ in params]
+    assert stats.values.dtype == torch.float64 and stats.values.shape == (len(params), 2)
+    for i, (name, _) in enumerate(params):
+        g = raw[name]
+        if g is None:
+            assert stats.values[i].isnan().all()
+            continue
+        g = g.double()
+        torch.testing.assert_close(stats.mean[i], g.mean(), atol=1e-7, rtol=1e-6)
+        torch.testing.assert_close(stats.std[i], g.std(correction=0), atol=1e-7, rtol=1e-6)
+    logged = stats.as_dict()
+    assert set(logged) == {f"grad_{k}/{n}" for n, _ in params for k in ("mean", "std")}
+
+
+def test_grad_stats_needs_track_stats():
+    opt = ZNormSGD(make_model().parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match="track_stats=True"):
+        opt.grad_stats()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(min_ndim=-1), "min_ndim"),
+        (dict(min_ndim=True), "min_ndim"),
+        (dict(znorm_eps=-1.0), "eps"),
+        (dict(backend="nope"), "backend"),
+    ],
+)
+def test_bad_options_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ZNormSGD(make_model().parameters(), lr=0.1, **kwargs)
+
+
+def test_bad_group_option_raises():
+    model = make_model()
+    opt = ZNormSGD(model[0].parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="min_ndim"):
+        opt.add_param_group({"params": model[4].parameters(), "min_ndim": "2"})
+
+
+def test_sparse_gradient_raises_naming_it_and_changes_nothing():
+    emb = nn.Embedding(10, 3, sparse=True)
+    opt = ZNormSGD(emb.named_parameters(), lr=0.1)
+    emb(torch.tensor([1, 2])).sum().backward()
+    before = emb.weight.detach().clone()
+    with pytest.raises(TypeError, match="weight"):
+        opt.step()
+    assert torch.equal(emb.weight, before)

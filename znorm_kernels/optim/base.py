@@ -1,0 +1,193 @@
+"""What the ZNorm optimizers share: the ZNorm options (per optimizer and per param group), the selection of
+the gradients to normalize, the z-scores, and the call into torch's own update.
+
+The step computes the z-scores of the selected gradients with the library's kernels (``GradientGroups``, the
+hook's cached path), then runs torch's update on them: the results are those of
+``register(torch_optimizer)``, for every option torch supports (foreach, fused, capturable, differentiable,
+GradScaler). By default the z-scores go to a scratch buffer per parameter that stands in for ``.grad`` during
+the update, so ``.grad`` keeps the raw gradient (gradient-norm logging sees what it expects);
+``normalize_grad=True`` writes them into ``.grad`` instead (no scratch memory, no copy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..dispatch import GradientGroups, check_options
+from ..hook import grad_scale_of
+from ..stats import GradStats, StatsBuffer
+
+__all__ = ["ZNormOptimizer"]
+
+# Param-group keys and their defaults (the optimizer's own arguments set the defaults).
+GROUP_KEYS = ("znorm", "min_ndim", "znorm_eps", "correction")
+
+
+def _unhooked(step: Callable) -> Callable:
+    """torch's step without the hook-running wrapper torch adds to a class's step on first use (our own step
+    is wrapped already: the hooks must run once)."""
+    while getattr(step, "hooked", False):
+        step = step.__wrapped__
+    return step
+
+
+def _check_min_ndim(min_ndim: Any) -> None:
+    if isinstance(min_ndim, bool) or not isinstance(min_ndim, int) or min_ndim < 0:
+        raise ValueError(f"min_ndim must be an int >= 0, got {min_ndim!r}")
+
+
+class ZNormOptimizer:
+    """Mixin placed before a torch optimizer class (``class ZNormSGD(ZNormOptimizer, torch.optim.SGD)``)."""
+
+    _torch_class: type[torch.optim.Optimizer]
+
+    def _init_znorm(
+        self,
+        znorm_eps: float,
+        correction: float,
+        min_ndim: int,
+        backend: str,
+        normalize_grad: bool,
+        track_stats: bool,
+    ) -> None:
+        """Called before torch's __init__ (which adds the param groups through add_param_group)."""
+        check_options(znorm_eps, correction, backend)
+        _check_min_ndim(min_ndim)
+        self._znorm = {
+            "defaults": {"znorm": True, "min_ndim": min_ndim, "znorm_eps": float(znorm_eps),
+                         "correction": float(correction)},
+            "backend": backend,
+            "normalize_grad": bool(normalize_grad),
+            "track_stats": bool(track_stats),
+        }  # fmt: skip
+        self._reset_znorm_caches()
+
+    def _reset_znorm_caches(self) -> None:
+        self._znorm_groups: dict[tuple[float, float], GradientGroups] = {}
+        self._znorm_scratch: dict[int, Tensor] = {}  # id(param) -> its z-scores' buffer
+
+    # --- param groups and pickling ---
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        for key, value in self._znorm["defaults"].items():
+            param_group.setdefault(key, value)
+        _check_min_ndim(param_group["min_ndim"])
+        check_options(param_group["znorm_eps"], param_group["correction"], self._znorm["backend"])
+        super().add_param_group(param_group)  # type: ignore[misc]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()  # type: ignore[misc]
+        state["_znorm"] = self._znorm
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        znorm = state.pop("_znorm", None)
+        if znorm is not None:
+            self._znorm = znorm
+        super().__setstate__(state)  # type: ignore[misc]
+        # Groups loaded from a torch optimizer's state_dict lack the ZNorm keys: the defaults apply.
+        for group in self.param_groups:  # type: ignore[attr-defined]
+            for key, value in self._znorm["defaults"].items():
+                group.setdefault(key, value)
+        self._reset_znorm_caches()
+
+    # --- the step ---
+
+    def _selected(self) -> dict[tuple[float, float], tuple[list[Tensor], list[str]]]:
+        """The parameters whose gradients are normalized, per (znorm_eps, correction), with their names."""
+        defaults = self._znorm["defaults"]
+        selected: dict[tuple[float, float], tuple[list[Tensor], list[str]]] = {}
+        for g, group in enumerate(self.param_groups):  # type: ignore[attr-defined]
+            if not group.get("znorm", defaults["znorm"]):
+                continue
+            min_ndim = group.get("min_ndim", defaults["min_ndim"])
+            key = (
+                group.get("znorm_eps", defaults["znorm_eps"]),
+                group.get("correction", defaults["correction"]),
+            )
+            params, names = selected.setdefault(key, ([], []))
+            group_names = group.get("param_names") or [
+                f"group{g}.param{k}" for k in range(len(group["params"]))
+            ]
+            for p, name in zip(group["params"], group_names):
+                if p.dim() >= min_ndim:
+                    params.append(p)
+                    names.append(name)
+        return selected
+
+    def _scratch_for(self, p: Tensor, grad: Tensor) -> Tensor:
+        z = self._znorm_scratch.get(id(p))
+        if (
+            z is None
+            or z.shape != grad.shape
+            or z.dtype != grad.dtype
+            or z.device != grad.device
+            or z.stride() != grad.stride()
+        ):
+            z = torch.empty_like(grad)  # the gradient's dense layout (torch's optimizers expect it)
+            self._znorm_scratch[id(p)] = z
+        return z
+
+    def _normalize_grads(self) -> list[tuple[Tensor, Tensor]]:
+        """Normalize the selected gradients (into scratch buffers that stand in for .grad, or into .grad);
+        returns the (parameter, raw gradient) pairs to put back after the update."""
+        scale = grad_scale_of(self)  # type: ignore[arg-type]
+        restore: list[tuple[Tensor, Tensor]] = []
+        for key, (params, names) in self._selected().items():
+            groups = self._znorm_groups.get(key)
+            if groups is None:
+                stats = StatsBuffer() if self._znorm["track_stats"] else None
+                groups = GradientGroups(key[0], key[1], self._znorm["backend"], stats)
+                groups.names = names
+                self._znorm_groups[key] = groups
+            groups.names = names
+            grads = [p.grad for p in params]
+            if not any(g is not None for g in grads):
+                continue
+            if not self._znorm["normalize_grad"]:
+                raw = [(p, g) for p, g in zip(params, grads) if g is not None]
+                zs = [self._scratch_for(p, g) for p, g in raw]
+                torch._foreach_copy_(zs, [g for _, g in raw])
+                it = iter(zs)
+                grads = [None if g is None else next(it) for g in grads]
+                for (p, _), z in zip(raw, zs):
+                    p.grad = z
+                restore.extend(raw)
+            groups.znorm_(grads, names, scale)
+        return restore
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Compute the loss with ``closure`` if given, then update with the z-scores of the gradients."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        restore = self._normalize_grads()
+        try:
+            _unhooked(self._torch_class.step)(self)
+        finally:
+            for p, g in restore:
+                p.grad = g
+        return loss
+
+    # --- statistics ---
+
+    def grad_stats(self) -> GradStats | None:
+        """Per treated parameter, the mean and std of its raw gradient at the last step (``GradStats``: one
+        stacked float64 device tensor and the names), or None before the first step. Requires
+        ``track_stats=True``."""
+        if not self._znorm["track_stats"]:
+            raise RuntimeError("gradient statistics are kept only with track_stats=True")
+        parts = [g.stats.assemble(g.names) for g in self._znorm_groups.values() if g.stats is not None]
+        parts = [p for p in parts if p is not None]
+        if not parts:
+            return None
+        if len(parts) == 1:
+            return parts[0]
+        device = parts[0].values.device
+        return GradStats([n for p in parts for n in p.names], torch.cat([p.values.to(device) for p in parts]))
