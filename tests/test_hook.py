@@ -329,3 +329,25 @@ def test_unchanged_gradients_skip_revalidation_and_changes_are_caught(monkeypatc
     net[7].weight.grad = net[7].weight.grad.to_sparse()
     with pytest.raises(TypeError, match="position"):
         opt.step()
+
+
+def test_hook_keeps_gradient_statistics_on_request():
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 7), torch.nn.ReLU(), torch.nn.Linear(7, 1))
+    opt = torch.optim.SGD(net.named_parameters(), lr=0.1)
+    handle = znorm_kernels.register(opt, backend="reference", track_stats=True, min_ndim=2)
+    assert handle.grad_stats() is None
+    net(torch.randn(4, 6)).sum().backward()
+    raw = {n: p.grad.double().clone() for n, p in net.named_parameters()}
+    opt.step()
+    stats = handle.grad_stats()
+    assert stats.names == ["0.weight", "2.weight"], "the treated parameters (min_ndim=2)"
+    for i, name in enumerate(stats.names):
+        torch.testing.assert_close(stats.mean[i], raw[name].mean(), atol=1e-12, rtol=1e-9)
+        torch.testing.assert_close(stats.std[i], raw[name].std(correction=0), atol=1e-12, rtol=1e-9)
+    handle.remove()
+    assert not opt._optimizer_step_pre_hooks, "remove() takes the hook out"
+    plain = znorm_kernels.register(opt)
+    with pytest.raises(RuntimeError, match="track_stats=True"):
+        plain.grad_stats()

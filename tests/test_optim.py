@@ -285,3 +285,27 @@ def test_sparse_gradient_raises_naming_it_and_changes_nothing():
     with pytest.raises(TypeError, match="weight"):
         opt.step()
     assert torch.equal(emb.weight, before)
+
+
+@pytest.mark.parametrize("cls, torch_cls", [(ZNormSGD, torch.optim.SGD), (ZNormAdam, torch.optim.Adam)])
+def test_grad_scaler_with_fused_update(cls, torch_cls):
+    # fused=True: GradScaler leaves the gradients scaled and hands the optimizer grad_scale and found_inf;
+    # the z-scores (and the statistics) are those of the unscaled gradients; no host sync on our side.
+    kwargs = dict(lr=0.05, momentum=0.9) if cls is ZNormSGD else dict(lr=1e-2)
+    ours, theirs = make_model(), make_model()
+    opt = cls(ours.parameters(), fused=True, track_stats=True, **kwargs)
+    ref = torch_cls(theirs.parameters(), fused=True, **kwargs)
+    znorm_kernels.register(ref)
+    data = batches(3)
+    for model, o in ((ours, opt), (theirs, ref)):
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        for x, y in data:
+            o.zero_grad()
+            scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+            raw = [p.grad / 1024.0 for p in model.parameters()]
+            scaler.step(o)
+            scaler.update()
+    assert_same_params(ours, theirs)
+    stats = opt.grad_stats()
+    for i, g in enumerate(raw):
+        torch.testing.assert_close(stats.std[i], g.double().std(correction=0), atol=1e-7, rtol=1e-5)
