@@ -332,7 +332,6 @@ def test_unchanged_gradients_skip_revalidation_and_changes_are_caught(monkeypatc
 
 
 def test_hook_keeps_gradient_statistics_on_request():
-
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(6, 7), torch.nn.ReLU(), torch.nn.Linear(7, 1))
     opt = torch.optim.SGD(net.named_parameters(), lr=0.1)
