@@ -390,3 +390,24 @@ def test_an_interrupted_epoch_is_all_that_is_lost(tmp_path, monkeypatch):
     monkeypatch.setattr(ctrain, "epoch_batches", original)
     assert without_timings(run(cfg, tmp_path / "cut", resume=True)) == without_timings(full)
     assert not list((tmp_path / "cut").glob("*.tmp"))
+
+
+@pytest.mark.parametrize("optimizer", ["sgdm", "adam"])
+def test_znorm_optimizer_trains_like_the_hook_and_logs_gradient_statistics(tmp_path, optimizer):
+    cfg = replace(
+        TINY, optimizer=optimizer, method="znorm", lr=0.01 if optimizer == "sgdm" else 1e-3, epochs=2
+    )
+    hook = run(cfg, tmp_path / "hook")
+    fused = run(replace(cfg, znorm_optimizer=True), tmp_path / "fused")
+    a = load_checkpoint(tmp_path / "hook" / "checkpoint.pt")["model"]
+    b = load_checkpoint(tmp_path / "fused" / "checkpoint.pt")["model"]
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    for m in hook + fused:
+        assert 0 < m["grad_std_min"] <= m["grad_std_median"] <= m["grad_std_max"]
+        assert np.isfinite(m["grad_mean_absmax"])
+    assert fused[0]["treatment_seconds"] == 0, "inside the step: not timed apart"
+    configs = [json.loads((tmp_path / d / "config.json").read_text()) for d in ("hook", "fused")]
+    names = {c["_resolved"]["treatment"] for c in configs}
+    torch_name = {"sgdm": "SGD", "adam": "Adam"}[optimizer]
+    assert names == {f"register(torch.optim.{torch_name})", f"znorm_kernels.optim.ZNorm{torch_name}"}

@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--clip-norm", type=float, default=d.clip_norm, help="clipping threshold for --method clip"
     )
     run.add_argument("--znorm-backend", default=d.znorm_backend, help="ZNorm backend (default auto: fastest)")
+    run.add_argument(
+        "--znorm-optimizer",
+        action="store_true",
+        help="with --method znorm: the fused ZNormSGD/ZNormAdam instead of the hook on torch's optimizer",
+    )
     run.add_argument("--fused", action="store_true", help="fused=True for torch's SGD/Adam")
     data = p.add_argument_group("data")
     data.add_argument("--dataset", choices=DATASETS, default=d.dataset)

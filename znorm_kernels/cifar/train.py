@@ -34,6 +34,7 @@ from torch import nn
 
 from .. import register, register_clip, register_gc
 from ..dispatch import resolve_backend
+from ..optim import ZNormAdam, ZNormSGD
 from .data import (
     DATASETS,
     DataError,
@@ -89,6 +90,7 @@ class Config:
     amp: str = "off"
     clip_norm: float = 0.1
     znorm_backend: str = "auto"
+    znorm_optimizer: bool = False  # method znorm: ZNormSGD/ZNormAdam instead of register(torch optimizer)
     fused: bool = False
     val_split: float = 0  # examples (>= 1) or fraction of the TRAIN set held out for choosing hyperparameters
     train_subset: int = 0  # 0: all (remaining) training examples; else a seeded subset of that many
@@ -187,14 +189,57 @@ def build_model(cfg: Config, data: DeviceData, device: torch.device, channels_la
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
+def uses_znorm_optimizer(cfg: Config) -> bool:
+    return cfg.method == "znorm" and cfg.znorm_optimizer
+
+
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """torch's SGD (momentum) or Adam; with ``znorm_optimizer`` (method znorm), the library's ZNormSGD or
+    ZNormAdam with the same arguments (ZNorm inside the step; gradient statistics kept)."""
     fused = True if cfg.fused else None
-    params = list(model.parameters())
+    params = list(model.named_parameters())
+    if uses_znorm_optimizer(cfg):
+        opts = dict(fused=fused, backend=cfg.znorm_backend, track_stats=True)
+        if cfg.optimizer == "sgdm":
+            return ZNormSGD(
+                params, lr=cfg.resolved_lr(), momentum=cfg.momentum, weight_decay=cfg.weight_decay, **opts
+            )
+        return ZNormAdam(params, lr=cfg.resolved_lr(), weight_decay=cfg.weight_decay, **opts)
     if cfg.optimizer == "sgdm":
         return torch.optim.SGD(
             params, lr=cfg.resolved_lr(), momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused
         )
     return torch.optim.Adam(params, lr=cfg.resolved_lr(), weight_decay=cfg.weight_decay, fused=fused)
+
+
+def treatment_name(cfg: Config) -> str:
+    """What ran, in words (recorded in config.json)."""
+    torch_name = {"sgdm": "torch.optim.SGD", "adam": "torch.optim.Adam"}[cfg.optimizer]
+    if uses_znorm_optimizer(cfg):
+        return {"sgdm": "znorm_kernels.optim.ZNormSGD", "adam": "znorm_kernels.optim.ZNormAdam"}[
+            cfg.optimizer
+        ]
+    hook = {"baseline": None, "gc": "register_gc", "clip": "register_clip", "znorm": "register"}[cfg.method]
+    return torch_name if hook is None else f"{hook}({torch_name})"
+
+
+def grad_stats_row(source) -> dict:
+    """Summary of the last step's per-parameter gradient statistics (ZNorm's by-product; no extra pass):
+    the smallest, median and largest gradient std over the parameters, and the largest |mean|."""
+    stats = source.grad_stats() if source is not None else None
+    if stats is None:
+        return {}
+    std, mean = stats.std, stats.mean
+    keep = ~std.isnan()
+    if not bool(keep.any()):
+        return {}
+    std, mean = std[keep], mean[keep]
+    return {
+        "grad_std_min": std.min().item(),
+        "grad_std_median": std.median().item(),
+        "grad_std_max": std.max().item(),
+        "grad_mean_absmax": mean.abs().max().item(),
+    }
 
 
 def build_scheduler(
@@ -245,8 +290,9 @@ class HookTimer:
 
 
 def install_treatment(cfg: Config, optimizer: torch.optim.Optimizer, timer: HookTimer) -> list:
-    """Register the method's pre-hook between the timer's two hooks; returns the handles."""
-    if cfg.method == "baseline":
+    """Register the method's pre-hook between the timer's two hooks; returns the handles. (Nothing with a
+    ZNorm optimizer: ZNorm runs inside its step and is not timed apart.)"""
+    if cfg.method == "baseline" or uses_znorm_optimizer(cfg):
         return []
     handles = [optimizer.register_step_pre_hook(timer.start)]
     if cfg.method == "gc":
@@ -254,7 +300,8 @@ def install_treatment(cfg: Config, optimizer: torch.optim.Optimizer, timer: Hook
     elif cfg.method == "clip":
         handles.append(register_clip(optimizer, max_norm=cfg.clip_norm))
     else:
-        handles.append(register(optimizer, backend=cfg.znorm_backend))  # the backend is checked by then
+        # The backend is checked by then; the statistics feed the metrics.
+        handles.append(register(optimizer, backend=cfg.znorm_backend, track_stats=True))
     handles.append(optimizer.register_step_pre_hook(timer.stop))
     return handles
 
@@ -404,7 +451,12 @@ def train(
     scheduler = build_scheduler(cfg, optimizer)
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
     timer = HookTimer(device)
-    install_treatment(cfg, optimizer, timer)
+    handles = install_treatment(cfg, optimizer, timer)
+    stats_source = (
+        optimizer
+        if uses_znorm_optimizer(cfg)
+        else next((h for h in handles if hasattr(h, "grad_stats")), None)
+    )
     torch.manual_seed(derived_seed("global", cfg.seed))
     random.seed(derived_seed("python", cfg.seed))
     np.random.seed(derived_seed("numpy", cfg.seed) % 2**32)
@@ -430,6 +482,7 @@ def train(
         "torch": torch.__version__,
         "cpu_threads": torch.get_num_threads(),
         "znorm_backend": znorm_backend,
+        "treatment": treatment_name(cfg),
         "data": data.info,
         "steps_per_epoch": steps,
         "last_batch": last_batch_note(len(data.train), cfg.batch_size, drop_last),
@@ -504,6 +557,7 @@ def train(
         row.update(
             lr=lr, seconds=seconds, treatment_seconds=timer.collect(), eval_seconds=time.perf_counter() - t1
         )
+        row.update(grad_stats_row(stats_source))
         metrics.append(row)
         save_atomic(
             {
