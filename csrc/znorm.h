@@ -8,13 +8,18 @@
 
 #include <array>
 #include <cmath>
+#include <optional>
 #include <vector>
 
 namespace znorm {
 
 // One op for both devices; the namespace keeps it apart from any Python-side `znorm_kernels::` op.
+// `stats`, when given, is a contiguous float64 [len(tensors), 2] tensor on the tensors' device: row i receives
+// tensor i's mean and standard deviation as the normalization used them (of the values as given, so scaled
+// ones under grad_scale; the std with `correction`, before eps; 0 for a constant tensor), computed on the way
+// at no extra pass over the data. Rows of tensors left unchanged (fewer than 2 elements) receive NaN.
 inline constexpr const char* kSchema =
-    "znorm_(Tensor(a!)[] tensors, float eps, float correction, Tensor? grad_scale) -> ()";
+    "znorm_(Tensor(a!)[] tensors, float eps, float correction, Tensor? grad_scale, Tensor(b!)? stats=None) -> ()";
 
 // (count, mean, M2, min, max) of a run of values. Partials are merged in double whatever the tensor dtype, so
 // that thousands of chunk partials of one huge tensor merge without the drift a float32 merge has.
@@ -66,10 +71,12 @@ C10_HOST_DEVICE inline Moments merge(const Moments& a, const Moments& b) {
 // s / (std + s * eps) under a GradScaler scale s (a fused optimizer divides by s afterwards); torch.var_mean's
 // denominator max(0, n - correction). A constant tensor (min == max) gets its value as mean and inv = 0, so
 // every result is exactly 0 (eps = 0 too); so does std + eps == 0. `wide`: the spread or the multiplier is
-// beyond float's comfortable range, so a float tensor is normalized in double.
+// beyond float's comfortable range, so a float tensor is normalized in double. `stdev`: the standard deviation
+// the multiplier came from (0 for a constant tensor), for the op's optional `stats` output.
 struct Final {
   double mean = 0.0;
   double inv = 0.0;
+  double stdev = 0.0;
   bool wide = false;
 };
 
@@ -82,6 +89,7 @@ C10_HOST_DEVICE inline Final finalize(const Moments& m, double eps, double corre
   Final f;
   f.mean = constant ? m.lo : m.mean;
   f.inv = constant || denom == 0.0 ? 0.0 : s / denom;
+  f.stdev = constant ? 0.0 : stdev;
   f.wide = m.hi - m.lo >= 0x1p100 || f.inv > 0x1p100 || (f.inv < 0x1p-100 && f.inv != 0.0);
   return f;
 }
@@ -95,8 +103,9 @@ struct Span {
   at::Tensor scratch;  // contiguous copy for a non-dense view, else undefined
   void* data = nullptr;
   int64_t numel = 0;
+  int64_t index = 0;  // its position in the op's list: its row of `stats`
 
-  explicit Span(const at::Tensor& t) : tensor(t), numel(t.numel()) {
+  Span(const at::Tensor& t, int64_t i) : tensor(t), numel(t.numel()), index(i) {
     if (t.is_non_overlapping_and_dense()) {
       data = t.data_ptr();
     } else {
@@ -126,9 +135,27 @@ inline std::array<std::vector<Span>, 4> spans_by_dtype(at::TensorList tensors, c
     while (k < 4 && kDtypes[k] != t.scalar_type()) ++k;
     TORCH_CHECK(k < 4, "znorm_: tensor ", i, " has dtype ", t.scalar_type(),
                 "; supported: float32, float16, bfloat16, float64");
-    by_dtype[k].emplace_back(t);
+    by_dtype[k].emplace_back(t, static_cast<int64_t>(i));
   }
   return by_dtype;
+}
+
+// Checks the op's optional `stats` output (see kSchema) before anything is written, and returns its data
+// (nullptr without it). `skipped`: whether some tensor of the list has fewer than 2 elements (its row gets NaN).
+inline double* check_stats(const std::optional<at::Tensor>& stats, at::TensorList tensors, const c10::Device& device,
+                           bool& skipped) {
+  skipped = false;
+  if (!stats.has_value() || !stats->defined()) return nullptr;
+  const at::Tensor& s = *stats;
+  const auto n = static_cast<int64_t>(tensors.size());
+  TORCH_CHECK(s.scalar_type() == at::kDouble, "znorm_: stats must be a float64 tensor, got ", s.scalar_type());
+  TORCH_CHECK(s.layout() == at::kStrided, "znorm_: stats must be a dense (strided) tensor");
+  TORCH_CHECK(s.dim() == 2 && s.size(0) == n && s.size(1) == 2, "znorm_: stats must have shape [", n,
+              ", 2] (one row of mean and std per tensor), got ", s.sizes());
+  TORCH_CHECK(s.device() == device, "znorm_: stats is on ", s.device(), ", expected the tensors' device ", device);
+  TORCH_CHECK(s.is_contiguous(), "znorm_: stats must be contiguous");
+  for (const at::Tensor& t : tensors) skipped = skipped || t.numel() < 2;
+  return s.data_ptr<double>();
 }
 
 }  // namespace znorm

@@ -16,6 +16,9 @@
 // and max, then sum(x - m) and sum((x - m)^2) around the run's rounded mean m (run_moments in znorm.h: no
 // element is used as a shift). Runs whose values are too large or too tightly spread for float squares take
 // double. Partials merge in double; a tensor whose min equals its max is constant and becomes exactly 0.
+//
+// The optional `stats` output (row = the tensor's position in the list: mean, std) is written where each
+// tensor's statistics are finalized (its batch item, or the serial merge of phase 2): no extra pass.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -136,7 +139,7 @@ bool use_avx2() {
 
 // The whole op for one dtype; K is the kernel namespace (baseline or AVX2), chosen once per call.
 template <typename T, typename K>
-void znorm_typed(std::vector<Span>& spans, double eps, double correction, const double* scale) {
+void znorm_typed(std::vector<Span>& spans, double eps, double correction, const double* scale, double* stats) {
   using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
   const Plan plan = make_plan(spans);
   int64_t total = 0;
@@ -166,6 +169,12 @@ void znorm_typed(std::vector<Span>& spans, double eps, double correction, const 
     const A lo = static_cast<A>(f.mean - static_cast<double>(hi));
     K::normalize_run(p, n, hi, lo, static_cast<A>(f.inv));
   };
+  // Tensor t's row of the stats output: each tensor's own row, so items on different threads never share one.
+  auto record = [&](int64_t t, const Final& f) {
+    if (stats == nullptr) return;
+    stats[2 * spans[t].index] = f.mean;
+    stats[2 * spans[t].index + 1] = f.stdev;
+  };
   // Phase 1: batches done completely; chunk partials into their slots.
   std::vector<Moments> partial(plan.items.size());
   run_items(static_cast<int64_t>(plan.items.size()), total, [&](int64_t i) {
@@ -177,7 +186,9 @@ void znorm_typed(std::vector<Span>& spans, double eps, double correction, const 
     for (int64_t t = item.first; t < item.last; ++t) {
       const int64_t n = spans[t].numel;
       if (n < 2) continue;
-      normalize(ptr(t), n, finalize(moments(ptr(t), n), eps, correction, scale));
+      const Final f = finalize(moments(ptr(t), n), eps, correction, scale);
+      record(t, f);
+      normalize(ptr(t), n, f);
     }
   });
   if (plan.big.empty()) return;
@@ -192,6 +203,7 @@ void znorm_typed(std::vector<Span>& spans, double eps, double correction, const 
       ++next_chunk;
     }
     finals[t] = finalize(m, eps, correction, scale);
+    record(t, finals[t]);
   }
 
   // Phase 3: normalize the chunks.
@@ -202,14 +214,16 @@ void znorm_typed(std::vector<Span>& spans, double eps, double correction, const 
 }
 
 template <typename T>
-void znorm_dispatch_isa(std::vector<Span>& spans, double eps, double correction, const double* scale) {
+void znorm_dispatch_isa(std::vector<Span>& spans, double eps, double correction, const double* scale,
+                        double* stats) {
 #ifdef ZNORM_HAVE_AVX2_COPY
-  if (use_avx2()) return znorm_typed<T, cpu_avx2::Kernels>(spans, eps, correction, scale);
+  if (use_avx2()) return znorm_typed<T, cpu_avx2::Kernels>(spans, eps, correction, scale, stats);
 #endif
-  znorm_typed<T, cpu_baseline::Kernels>(spans, eps, correction, scale);
+  znorm_typed<T, cpu_baseline::Kernels>(spans, eps, correction, scale, stats);
 }
 
-void znorm_cpu(at::TensorList tensors, double eps, double correction, const std::optional<at::Tensor>& grad_scale) {
+void znorm_cpu(at::TensorList tensors, double eps, double correction, const std::optional<at::Tensor>& grad_scale,
+               const std::optional<at::Tensor>& stats_out) {
   std::optional<double> scale_value;
   if (grad_scale.has_value() && grad_scale->defined()) {
     TORCH_CHECK(grad_scale->numel() == 1, "znorm_: grad_scale must hold one value, got ", grad_scale->numel());
@@ -217,11 +231,19 @@ void znorm_cpu(at::TensorList tensors, double eps, double correction, const std:
   }
   const double* scale = scale_value ? &*scale_value : nullptr;
 
-  auto by_dtype = spans_by_dtype(tensors, c10::Device(c10::kCPU));
+  const c10::Device cpu(c10::kCPU);
+  bool skipped = false;
+  double* stats = check_stats(stats_out, tensors, cpu, skipped);
+  auto by_dtype = spans_by_dtype(tensors, cpu);  // the last check: nothing is written before it passes
+  if (stats != nullptr && skipped) {
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      if (tensors[i].numel() < 2) stats[2 * i] = stats[2 * i + 1] = std::numeric_limits<double>::quiet_NaN();
+    }
+  }
   for (int k = 0; k < 4; ++k) {
     if (by_dtype[k].empty()) continue;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, kDtypes[k], "znorm_cpu", [&] {
-      znorm_dispatch_isa<scalar_t>(by_dtype[k], eps, correction, scale);
+      znorm_dispatch_isa<scalar_t>(by_dtype[k], eps, correction, scale, stats);
     });
     for (Span& s : by_dtype[k]) s.finish();
   }

@@ -10,7 +10,8 @@
 //                 sum((x - m)^2) in double around its rounded mean m; run_moments in znorm.h), no shift by
 //                 any element; chunks beyond float's safe range take double throughout;
 //   2. finalize:  one block per tensor merges that tensor's partials in double, in a fixed tree, and
-//                 publishes (mean, multiplier, wide) (finalize in znorm.h: min == max means constant -> 0);
+//                 publishes (mean, multiplier, wide) (finalize in znorm.h: min == max means constant -> 0),
+//                 and (mean, std) to the op's optional `stats` output when it is given;
 //   3. normalize: one block per chunk writes ((x - hi) - lo) * multiplier, the mean as a float pair hi + lo
 //                 (double arithmetic for "wide" tensors).
 // Tensors whose address is 16-byte aligned are read and written in 128-bit vectors (chunk starts are aligned
@@ -58,7 +59,9 @@ struct alignas(16) Pack {
 };
 static_assert((kChunk * 2) % 16 == 0, "chunk starts of 16-byte aligned tensors must stay aligned");
 
-// The table: ptr[t], numel[t], first_chunk[t] for t < ntensors, then first_chunk[ntensors] = total chunks.
+// The table: ptr[t], numel[t], first_chunk[t] for t < ntensors, then first_chunk[ntensors] = total chunks;
+// then, only when some tensor's position in the op's list differs from t (a mixed-dtype list, or one with
+// tensors of fewer than 2 elements), row[t], that position: its row of the `stats` output.
 struct TableView {
   const int64_t* base;
   int64_t ntensors;
@@ -265,9 +268,11 @@ __global__ void __launch_bounds__(kThreads, 5) stats_kernel(TableView table, dou
   }
 }
 
+// `stats` (nullptr: not asked for) receives (mean, std) at row rows[t], or row t when rows is nullptr.
 __global__ void __launch_bounds__(kThreads)
     finalize_kernel(TableView table, const double* __restrict__ partials, double* __restrict__ finals, double eps,
-                    double correction, const double* __restrict__ scale) {
+                    double correction, const double* __restrict__ scale, double* __restrict__ stats,
+                    const int64_t* __restrict__ rows) {
   __shared__ Moments s_m[kThreads];
   const int64_t t = blockIdx.x;
   const int64_t first = table.first_chunk(t), last = table.first_chunk(t + 1);
@@ -288,6 +293,11 @@ __global__ void __launch_bounds__(kThreads)
     finals[3 * t] = f.mean;
     finals[3 * t + 1] = f.inv;
     finals[3 * t + 2] = f.wide ? 1.0 : 0.0;
+    if (stats != nullptr) {
+      const int64_t row = rows == nullptr ? t : rows[t];
+      stats[2 * row] = f.mean;
+      stats[2 * row + 1] = f.stdev;
+    }
   }
 }
 
@@ -313,8 +323,9 @@ __global__ void __launch_bounds__(kThreads) normalize_kernel(TableView table, co
 // ---------------------------------------------------------------------------------------------------------
 // The table cache.
 //
-// A table depends only on its tensors' addresses and sizes, so it is cached under (device, dtype, addresses,
-// sizes), the least recently used of kTableCacheSize entries out first: a call with the same tensors as a
+// A table depends only on its tensors' addresses and sizes (and, in the rare lists that need them, their
+// positions in the list: the rows of `stats`), so it is cached under (device, dtype, addresses, sizes, rows),
+// the least recently used of kTableCacheSize entries out first: a call with the same tensors as a
 // recent one allocates no pinned memory and copies nothing. A cached table is read-only device memory.
 //
 // Streams: a table is allocated and filled on the stream current when it is built; it may then be read on
@@ -341,10 +352,12 @@ struct TableKey {
   c10::DeviceIndex device = 0;
   at::ScalarType dtype = at::kFloat;
   std::vector<int64_t> ptrs, numels;
+  std::vector<int64_t> rows;  // each tensor's position in the op's list; empty when it is its index here
   uint64_t hash = 0;
 
   bool operator==(const TableKey& o) const {
-    return hash == o.hash && device == o.device && dtype == o.dtype && ptrs == o.ptrs && numels == o.numels;
+    return hash == o.hash && device == o.device && dtype == o.dtype && ptrs == o.ptrs && numels == o.numels &&
+           rows == o.rows;
   }
 };
 
@@ -364,15 +377,26 @@ TableKey key_of(const std::vector<Span>& spans, c10::Device device, at::ScalarTy
     mix(static_cast<uint64_t>(key.ptrs.back()));
     mix(static_cast<uint64_t>(s.numel));
   }
+  const auto n = static_cast<int64_t>(spans.size());
+  bool identity = true;
+  for (int64_t t = 0; t < n && identity; ++t) identity = spans[t].index == t;
+  if (!identity) {
+    key.rows.reserve(spans.size());
+    for (const Span& s : spans) {
+      key.rows.push_back(s.index);
+      mix(static_cast<uint64_t>(s.index));
+    }
+  }
   key.hash = h;
   return key;
 }
 
 // What a launch needs of a table.
 struct Table {
-  at::Tensor data;  // int64 on the device: 3 * ntensors + 1 values (TableView)
+  at::Tensor data;  // int64 on the device: 3 * ntensors + 1 values (TableView), then the rows if has_rows
   int64_t ntensors = 0;
   int64_t chunks = 0;
+  bool has_rows = false;
 };
 
 int64_t count_chunks(const std::vector<Span>& spans) {
@@ -383,7 +407,7 @@ int64_t count_chunks(const std::vector<Span>& spans) {
   return chunks;
 }
 
-void fill_table(int64_t* h, const std::vector<Span>& spans) {
+void fill_table(int64_t* h, const std::vector<Span>& spans, bool has_rows) {
   const auto n = static_cast<int64_t>(spans.size());
   int64_t chunks = 0;
   for (int64_t t = 0; t < n; ++t) {
@@ -393,6 +417,9 @@ void fill_table(int64_t* h, const std::vector<Span>& spans) {
     chunks += (spans[t].numel + kChunk - 1) / kChunk;
   }
   h[3 * n] = chunks;
+  if (has_rows) {
+    for (int64_t t = 0; t < n; ++t) h[3 * n + 1 + t] = spans[t].index;
+  }
 }
 
 class TableCache {
@@ -422,8 +449,10 @@ class TableCache {
     }
     const auto n = static_cast<int64_t>(spans.size());
     TORCH_CHECK(n <= std::numeric_limits<int32_t>::max(), "znorm_: too many tensors for one call (", n, ")");
-    Table table{at::Tensor(), n, count_chunks(spans)};
-    const size_t bytes = static_cast<size_t>(3 * n + 1) * sizeof(int64_t);
+    const bool has_rows = !key.rows.empty();
+    Table table{at::Tensor(), n, count_chunks(spans), has_rows};
+    const int64_t len = 3 * n + 1 + (has_rows ? n : 0);
+    const size_t bytes = static_cast<size_t>(len) * sizeof(int64_t);
     if (capturing) {
       // Never freed: the captured copy reads this buffer at every replay (see above). Relaxed capture mode,
       // since cudaHostAlloc counts as unsafe in the default (global) one.
@@ -432,8 +461,8 @@ class TableCache {
         const c10::cuda::CUDAStreamCaptureModeGuard relaxed(cudaStreamCaptureModeRelaxed);
         C10_CUDA_CHECK(cudaHostAlloc(&host, bytes, cudaHostAllocPortable));
       }
-      fill_table(static_cast<int64_t*>(host), spans);
-      table.data = at::empty({3 * n + 1}, at::TensorOptions().dtype(at::kLong).device(device));  // graph's pool
+      fill_table(static_cast<int64_t*>(host), spans, has_rows);
+      table.data = at::empty({len}, at::TensorOptions().dtype(at::kLong).device(device));  // graph's pool
       C10_CUDA_CHECK(cudaMemcpyAsync(table.data.data_ptr(), host, bytes, cudaMemcpyHostToDevice, stream.stream()));
       graph_tables_.push_back(table.data);
       graph_host_.push_back(host);
@@ -442,8 +471,8 @@ class TableCache {
     }
     // Stream-ordered copy from pinned memory: no synchronization, and the caching host allocator keeps the
     // pinned block alive until the copy has run.
-    at::Tensor host = at::empty({3 * n + 1}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-    fill_table(host.data_ptr<int64_t>(), spans);
+    at::Tensor host = at::empty({len}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+    fill_table(host.data_ptr<int64_t>(), spans, has_rows);
     table.data = host.to(device, /*non_blocking=*/true);
     ++builds_;
     lru_.push_front(Entry{std::move(key), table, stream.id(), {}, false});
@@ -492,7 +521,7 @@ TableCache& table_cache() {
 
 template <typename T>
 void launch(const std::vector<Span>& spans, at::ScalarType dtype, double eps, double correction,
-            const double* scale, c10::Device device) {
+            const double* scale, double* stats, c10::Device device) {
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device.index());
   const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
   const Table table = table_cache().get(spans, device, dtype, stream, capturing);
@@ -505,16 +534,24 @@ void launch(const std::vector<Span>& spans, at::ScalarType dtype, double eps, do
       view, partials.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   finalize_kernel<<<static_cast<unsigned>(table.ntensors), kThreads, 0, stream.stream()>>>(
-      view, partials.data_ptr<double>(), finals.data_ptr<double>(), eps, correction, scale);
+      view, partials.data_ptr<double>(), finals.data_ptr<double>(), eps, correction, scale, stats,
+      table.has_rows ? view.base + 3 * table.ntensors + 1 : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   normalize_kernel<T><<<static_cast<unsigned>(table.chunks), kThreads, 0, stream.stream()>>>(
       view, finals.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void znorm_cuda(at::TensorList tensors, double eps, double correction, const std::optional<at::Tensor>& grad_scale) {
-  if (tensors.empty()) return;
+void znorm_cuda(at::TensorList tensors, double eps, double correction, const std::optional<at::Tensor>& grad_scale,
+                const std::optional<at::Tensor>& stats_out) {
+  bool skipped = false;
+  if (tensors.empty()) {
+    if (stats_out.has_value() && stats_out->defined()) check_stats(stats_out, tensors, stats_out->device(), skipped);
+    return;
+  }
   const c10::Device device = tensors[0].device();
+  // Before the guard: a CUDA stats tensor with CPU tensors lands here, and must get this error, not the guard's.
+  double* stats = check_stats(stats_out, tensors, device, skipped);
   const c10::cuda::CUDAGuard guard(device);  // every allocation and launch below runs on the tensors' device
 
   // The scale as a double on the device: converted there, read by the finalize kernel (no .item()).
@@ -525,11 +562,14 @@ void znorm_cuda(at::TensorList tensors, double eps, double correction, const std
   }
   const double* scale_ptr = scale.defined() ? scale.data_ptr<double>() : nullptr;
 
-  auto by_dtype = spans_by_dtype(tensors, device);
+  auto by_dtype = spans_by_dtype(tensors, device);  // the last check: nothing is written before it passes
+  // Rows of tensors left unchanged get NaN: one fill of the whole output, only in the lists that have them (the
+  // Python dispatcher never passes them); the finalize kernels then write the other rows.
+  if (stats != nullptr && skipped) stats_out->fill_(std::numeric_limits<double>::quiet_NaN());
   for (int k = 0; k < 4; ++k) {
     if (by_dtype[k].empty()) continue;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, kDtypes[k], "znorm_cuda", [&] {
-      launch<scalar_t>(by_dtype[k], kDtypes[k], eps, correction, scale_ptr, device);
+      launch<scalar_t>(by_dtype[k], kDtypes[k], eps, correction, scale_ptr, stats, device);
     });
     for (Span& s : by_dtype[k]) s.finish();
   }

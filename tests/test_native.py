@@ -35,8 +35,11 @@ needs_gpu = pytest.mark.skipif(
 )
 
 
-def _op(tensors, eps=1e-10, correction=0.0, grad_scale=None):
-    torch.ops.znorm_kernels_C.znorm_(tensors, eps, correction, grad_scale)
+def _op(tensors, eps=1e-10, correction=0.0, grad_scale=None, stats=None):
+    if stats is None:
+        torch.ops.znorm_kernels_C.znorm_(tensors, eps, correction, grad_scale)  # the old four-argument call
+    else:
+        torch.ops.znorm_kernels_C.znorm_(tensors, eps, correction, grad_scale, stats)
 
 
 def _cuda_expected_in_build() -> bool:
@@ -91,9 +94,12 @@ def test_table_cache_stats_without_the_cuda_kernel(monkeypatch):
 def test_schema_marks_the_list_mutated():
     schema = torch.ops.znorm_kernels_C.znorm_.default._schema
     assert str(schema) == (
-        "znorm_kernels_C::znorm_(Tensor(a!)[] tensors, float eps, float correction, Tensor? grad_scale) -> ()"
+        "znorm_kernels_C::znorm_(Tensor(a!)[] tensors, float eps, float correction, Tensor? grad_scale, "
+        "Tensor(b!)? stats=None) -> ()"
     )
     assert schema.arguments[0].alias_info.is_write
+    assert schema.arguments[4].alias_info.is_write
+    assert len(schema.returns) == 0
 
 
 @needs_ext
@@ -102,6 +108,15 @@ def test_opcheck(with_scale):
     tensors = [make_grad((5, 3)), make_grad((CPU_CHUNK + 7,), seed=1), make_grad((4, 2, 3, 3), torch.float64)]
     scale = torch.tensor(8.0) if with_scale else None
     torch.library.opcheck(torch.ops.znorm_kernels_C.znorm_.default, (tensors, 1e-10, 0.0, scale))
+
+
+@needs_ext
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_opcheck_with_stats(with_scale):
+    tensors = [make_grad((5, 3)), make_grad((CPU_CHUNK + 7,), seed=1), make_grad((4, 2, 3, 3), seed=2)]
+    scale = torch.tensor(8.0) if with_scale else None
+    stats = torch.zeros(3, 2, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.znorm_kernels_C.znorm_.default, (tensors, 1e-10, 0.0, scale, stats))
 
 
 @needs_ext
@@ -283,6 +298,166 @@ def test_bad_input_to_the_op_is_an_error():
         _op([torch.zeros(4, dtype=torch.int32)])
     with pytest.raises(RuntimeError, match="grad_scale"):
         _op([make_grad((4,))], grad_scale=torch.ones(2))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The optional stats output: (mean, std) per tensor, as the normalization used them
+
+
+def _float64_stats(x, correction):
+    v = x.detach().to(torch.float64).cpu().reshape(-1)
+    return v.mean().item(), v.std(correction=correction).item()
+
+
+def _check_stats(stats, inputs, correction, dtype):
+    # float32 accumulation (two passes per run, then a float64 merge): within 1e-6 of the spread; float64
+    # tensors within 1e-12. The float64 reference is of the same input values.
+    rel = 1e-12 if dtype == torch.float64 else 1e-6
+    got = stats.cpu()
+    for i, x in enumerate(inputs):
+        mean, std = _float64_stats(x, correction)
+        assert abs(got[i, 0].item() - mean) <= rel * std, (i, got[i].tolist(), mean, std)
+        assert abs(got[i, 1].item() - std) <= rel * std, (i, got[i].tolist(), mean, std)
+
+
+STATS_SIZES = [2, 3, 100, CPU_CHUNK - 1, CPU_CHUNK, CPU_CHUNK + 1, 2 * CPU_CHUNK + 5, CUDA_CHUNK + 1]
+
+
+@needs_ext
+@pytest.mark.parametrize("correction", [0, 1])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_stats_match_float64_and_leave_the_results_bitwise_unchanged(dtype, correction):
+    inputs = [make_grad((n,), dtype, seed=i) for i, n in enumerate(STATS_SIZES)]
+    inputs.append(make_grad((64, 40, 3, 3), dtype, seed=99).to(memory_format=torch.channels_last))
+    without = [x.clone() for x in inputs]
+    _op(without, correction=float(correction))
+    grads = [x.clone() for x in inputs]
+    stats = torch.full((len(grads), 2), -7.0, dtype=torch.float64)
+    _op(grads, correction=float(correction), stats=stats)
+    for g, w in zip(grads, without):
+        assert torch.equal(g, w)
+    _check_stats(stats, inputs, correction, dtype)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_stats_of_constant_tensors(dtype):
+    sizes = [2, 300, CPU_CHUNK, 3 * CPU_CHUNK + 11]
+    values = [0.1, -3.7, 1e4, 0.0]
+    grads = [torch.full((n,), v, dtype=dtype) for n, v in zip(sizes, values)]
+    exact = [g[0].double().item() for g in grads]  # the value as stored in the dtype
+    stats = torch.zeros(len(grads), 2, dtype=torch.float64)
+    _op(grads, correction=1.0, stats=stats)
+    assert stats[:, 0].tolist() == exact
+    assert stats[:, 1].tolist() == [0.0] * len(grads)
+    for g in grads:
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+@needs_ext
+def test_stats_rows_follow_the_list_with_mixed_dtypes_and_tiny_tensors():
+    # The dispatcher passes one dtype and no tiny tensors; the op takes any list, and row i is tensor i.
+    grads = [
+        make_grad((CPU_CHUNK + 9,), torch.float16, seed=1),
+        torch.tensor([5.0]),
+        make_grad((300,), seed=2),
+        torch.empty(0, dtype=torch.float64),
+        make_grad((2 * CPU_CHUNK + 1,), torch.float64, seed=3),
+        make_grad((7,), torch.bfloat16, seed=4),
+    ]
+    inputs = [g.clone() for g in grads]
+    stats = torch.zeros(len(grads), 2, dtype=torch.float64)
+    _op(grads, stats=stats)
+    for i in (1, 3):
+        assert stats[i].isnan().all()
+        assert torch.equal(grads[i], inputs[i])
+    for i in (0, 2, 4, 5):
+        _check_stats(stats[i : i + 1], inputs[i : i + 1], 0, inputs[i].dtype)
+        assert_close_to_float64(grads[i], inputs[i])
+
+
+@needs_ext
+def test_stats_with_grad_scale_are_of_the_scaled_values():
+    grads = [make_grad((n,), seed=n) * 4096 for n in (10, 2 * CPU_CHUNK + 1)]
+    inputs = [g.clone() for g in grads]
+    without = [g.clone() for g in grads]
+    scale = torch.tensor(4096.0)
+    _op(without, correction=1.0, grad_scale=scale)
+    stats = torch.zeros(2, 2, dtype=torch.float64)
+    _op(grads, correction=1.0, grad_scale=scale, stats=stats)
+    for g, w in zip(grads, without):
+        assert torch.equal(g, w)
+    _check_stats(stats, inputs, 1, torch.float32)  # not divided by the scale
+    assert stats[1, 1].item() > 1000
+
+
+@needs_ext
+def test_stats_of_non_finite_tensors_are_non_finite():
+    grads = [make_grad((2 * CPU_CHUNK + 3,)), make_grad((100,), seed=1), make_grad((50,), seed=2)]
+    grads[0][CPU_CHUNK + 5] = float("nan")
+    grads[2][3] = float("inf")
+    x1 = grads[1].clone()
+    stats = torch.zeros(3, 2, dtype=torch.float64)
+    _op(grads, stats=stats)
+    assert not stats[0].isfinite().any() and not stats[2, 1].isfinite()
+    _check_stats(stats[1:2], [x1], 0, torch.float32)
+
+
+@needs_ext
+def test_stats_on_the_parallel_path_equal_the_serial_ones():
+    shapes = [(CPU_PARALLEL_FROM + 5,), (3 * CPU_CHUNK + 17,), *[(n,) for n in range(2, 300, 13)]]
+    inputs = [make_grad(s, seed=i) for i, s in enumerate(shapes)]
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            stats = torch.zeros(len(inputs), 2, dtype=torch.float64)
+            _op([x.clone() for x in inputs], stats=stats)
+            runs.append(stats)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(runs[0], runs[1])
+    _check_stats(runs[0], inputs, 0, torch.float32)
+
+
+def _bad_stats_cases(n):
+    return {
+        "float32": (torch.zeros(n, 2), "float64"),
+        "wrong rows": (torch.zeros(n + 1, 2, dtype=torch.float64), "shape"),
+        "three columns": (torch.zeros(n, 3, dtype=torch.float64), "shape"),
+        "flat": (torch.zeros(2 * n, dtype=torch.float64), "shape"),
+        "transposed": (torch.zeros(2, n, dtype=torch.float64).t(), "contiguous"),
+    }
+
+
+@needs_ext
+def test_bad_stats_tensor_raises_and_modifies_nothing():
+    grads = [make_grad((5,)), torch.tensor([1.0]), make_grad((CPU_CHUNK + 1,), seed=1)]
+    inputs = [g.clone() for g in grads]
+    for name, (stats, match) in _bad_stats_cases(len(grads)).items():
+        stats.fill_(-1.0)
+        with pytest.raises(RuntimeError, match=match):
+            _op(grads, stats=stats)
+        assert (stats == -1.0).all(), name
+        for g, x in zip(grads, inputs):
+            assert torch.equal(g, x), name
+    with pytest.raises(RuntimeError, match="float64"):
+        _op([], stats=torch.zeros(0, 2))
+    _op([], stats=torch.zeros(0, 2, dtype=torch.float64))
+
+
+@needs_ext
+def test_group_fn_passes_stats_through():
+    fn = native_backend.group_fn("cpu")
+    grads = [make_grad((30,)), make_grad((CPU_CHUNK + 2,), seed=1)]
+    inputs = [g.clone() for g in grads]
+    stats = torch.zeros(2, 2, dtype=torch.float64)
+    fn(grads, 1e-10, 0.0, None, stats=stats)
+    _check_stats(stats, inputs, 0, torch.float32)
+    fn(grads, 1e-10, 0.0, None)  # without: the old call
+    with pytest.raises(TypeError):
+        fn(grads, 1e-10, 0.0, None, stats)  # keyword only
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -555,6 +730,94 @@ def test_cuda_tensors_on_another_device_than_the_current_one():
     torch.cuda.synchronize(1)
     assert torch.cuda.current_device() == 0
     _check_against_reference(grads, inputs)
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("correction", [0, 1])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_stats_match_float64_and_leave_the_results_bitwise_unchanged(dtype, correction):
+    c = CUDA_CHUNK
+    sizes = [2, 257, c - 1, c, c + 1, 2 * c + 1, 5 * c + 3]
+    inputs = [make_grad((n,), dtype, "cuda", seed=i) for i, n in enumerate(sizes)]
+    inputs.append(torch.full((3 * c + 5,), 0.1, dtype=dtype, device="cuda"))
+    without = [x.clone() for x in inputs]
+    _op(without, correction=float(correction))
+    grads = [x.clone() for x in inputs]
+    stats = torch.full((len(grads), 2), -7.0, dtype=torch.float64, device="cuda")
+    _op(grads, correction=float(correction), stats=stats)
+    for g, w in zip(grads, without):
+        assert torch.equal(g, w)
+    _check_stats(stats[:-1], inputs[:-1], correction, dtype)
+    assert stats[-1].tolist() == [inputs[-1][0].double().item(), 0.0]
+
+
+@needs_gpu
+@pytest.mark.cuda
+def test_cuda_stats_rows_of_a_mixed_list_without_host_sync():
+    grads = [
+        make_grad((CUDA_CHUNK + 9,), torch.float16, "cuda", seed=1),
+        torch.tensor([5.0], device="cuda"),
+        make_grad((300,), device="cuda", seed=2) * 65536,
+        make_grad((2 * CUDA_CHUNK + 1,), torch.float64, "cuda", seed=3),
+    ]
+    inputs = [g.clone() for g in grads]
+    stats = torch.zeros(len(grads), 2, dtype=torch.float64, device="cuda")
+    scale = torch.tensor(2.0, device="cuda")
+    for _ in range(2):  # the second call finds its table (with the rows) cached
+        for g, x in zip(grads, inputs):
+            g.copy_(x)
+        stats.zero_()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            _op(grads, grad_scale=scale, stats=stats)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert stats[1].isnan().all()
+        for i in (0, 2, 3):
+            _check_stats(stats[i : i + 1], inputs[i : i + 1], 0, inputs[i].dtype)
+
+
+@needs_gpu
+@pytest.mark.cuda
+def test_cuda_bad_stats_tensor_raises_and_modifies_nothing():
+    grads = [make_grad((5,), device="cuda"), make_grad((CUDA_CHUNK + 1,), device="cuda", seed=1)]
+    inputs = [g.clone() for g in grads]
+    cases = {k: (v.cuda(), m) for k, (v, m) in _bad_stats_cases(len(grads)).items()}
+    cases["on the CPU"] = (torch.zeros(len(grads), 2, dtype=torch.float64), "device")
+    for name, (stats, match) in cases.items():
+        stats.fill_(-1.0)
+        with pytest.raises(RuntimeError, match=match):
+            _op(grads, stats=stats)
+        assert (stats == -1.0).all(), name
+        for g, x in zip(grads, inputs):
+            assert torch.equal(g, x), name
+    cpu_grads = [make_grad((5,))]
+    with pytest.raises(RuntimeError, match="device"):
+        _op(cpu_grads, stats=torch.zeros(1, 2, dtype=torch.float64, device="cuda"))
+
+
+@needs_gpu
+@pytest.mark.cuda
+def test_cuda_stats_in_graph_capture_and_replay():
+    static = [make_grad((s,), device="cuda", seed=s) for s in (100, 3 * CUDA_CHUNK + 1)]
+    stats = torch.zeros(2, 2, dtype=torch.float64, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        _op(static, stats=stats)  # warm-up
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _op(static, stats=stats)
+    for seed in (1, 2):
+        fresh = [make_grad(tuple(g.shape), device="cuda", seed=seed * 100 + i) for i, g in enumerate(static)]
+        for st, f in zip(static, fresh):
+            st.copy_(f)
+        graph.replay()
+        _check_stats(stats, fresh, 0, torch.float32)
+        _check_against_reference(static, fresh)
 
 
 def _gpu_memory() -> int:

@@ -1,9 +1,17 @@
 """The "cpu" and "cuda" backends: the C++/CUDA extension ``znorm_kernels._C`` (sources in csrc/).
 
 Importing ``znorm_kernels._C`` registers the op ``torch.ops.znorm_kernels_C.znorm_`` (schema
-``znorm_(Tensor(a!)[] tensors, float eps, float correction, Tensor? grad_scale) -> ()``) with a CPU kernel
-and, when built with CUDA, a CUDA kernel; this module adds the op's fake (meta) implementation, so
-torch.compile sees an opaque in-place op. One call of the op normalizes a whole list of tensors.
+``znorm_(Tensor(a!)[] tensors, float eps, float correction, Tensor? grad_scale, Tensor(b!)? stats=None)
+-> ()``) with a CPU kernel and, when built with CUDA, a CUDA kernel; this module adds the op's fake (meta)
+implementation, so torch.compile sees an opaque in-place op. One call of the op normalizes a whole list of
+tensors.
+
+``stats``, when given, is a contiguous float64 tensor of shape ``[len(tensors), 2]`` on the tensors' device,
+written in place: row i receives tensor i's mean and standard deviation as the normalization used them (of
+the values as given, so of the scaled ones under ``grad_scale``; the standard deviation with ``correction``,
+before ``eps``; 0 for a constant tensor; non-finite for a tensor holding NaN or Inf). The kernels compute
+them anyway, so they cost no extra pass over the data. Rows of tensors of fewer than 2 elements (left
+unchanged) receive NaN. A bad ``stats`` tensor raises before anything is modified.
 
 The CUDA kernel caches the device table of its tensors' addresses and sizes (16 lists, least recently used
 out), so an optimizer's step after step allocates and copies nothing but two small workspaces; tables used
@@ -70,8 +78,14 @@ def _register_fake() -> None:
         return
 
     @torch.library.register_fake(OP_NAME)
-    def _(tensors: list[Tensor], eps: float, correction: float, grad_scale: Tensor | None) -> None:
-        return None  # in place: nothing to allocate, shapes unchanged
+    def _(
+        tensors: list[Tensor],
+        eps: float,
+        correction: float,
+        grad_scale: Tensor | None,
+        stats: Tensor | None = None,
+    ) -> None:
+        return None  # in place (the tensors, and stats when given): nothing to allocate, shapes unchanged
 
     _register_fake.done = True
 
@@ -127,16 +141,26 @@ def serves(name: str, device: torch.device) -> str | None:
     return None
 
 
-def _run(tensors: list[Tensor], eps: float, correction: float, grad_scale: Tensor | None) -> None:
+def _run(
+    tensors: list[Tensor],
+    eps: float,
+    correction: float,
+    grad_scale: Tensor | None,
+    *,
+    stats: Tensor | None = None,
+) -> None:
     if grad_scale is not None:
         # The op dispatches on every tensor argument: keep the scale on the tensors' device (no sync on CUDA,
         # and on the CPU a scale already there costs nothing).
         grad_scale = grad_scale.detach().to(tensors[0].device, non_blocking=True)
     with torch.no_grad():  # gradients and leaves that require grad are normalized in place like the reference
-        torch.ops.znorm_kernels_C.znorm_(tensors, eps, correction, grad_scale)
+        torch.ops.znorm_kernels_C.znorm_(tensors, eps, correction, grad_scale, stats)
 
 
-def group_fn(name: str) -> Callable[[list[Tensor], float, float, Tensor | None], None]:
-    """The function the dispatcher calls with a validated list of same-device, same-dtype tensors."""
+def group_fn(name: str) -> Callable[..., None]:
+    """The function the dispatcher calls with a validated list of same-device, same-dtype tensors:
+    ``fn(tensors, eps, correction, grad_scale, *, stats=None)``. ``stats``, when given, is a contiguous
+    float64 ``[len(tensors), 2]`` tensor on the tensors' device that receives each tensor's (mean, std), as
+    the op's ``stats`` argument does (see the module's docstring); it is not divided by ``grad_scale``."""
     load()
     return _run
