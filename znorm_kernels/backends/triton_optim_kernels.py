@@ -26,7 +26,6 @@ float32, as torch's kernels do with their double scalars.
 
 # Triton's JIT compiles a subset of Python: keep plain if/else blocks and `ACC == tl.x` comparisons (as
 # pyproject.toml allows for triton_kernels.py).
-# ruff: noqa: SIM108, SIM300
 
 from __future__ import annotations
 

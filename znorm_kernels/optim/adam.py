@@ -31,6 +31,7 @@ class ZNormAdam(ZNormOptimizer, torch.optim.Adam):
     )
 
     _torch_class = torch.optim.Adam
+    _fused_kind = "adam"
 
     def __init__(
         self,
@@ -79,6 +80,7 @@ class ZNormAdamW(ZNormOptimizer, torch.optim.AdamW):
     )
 
     _torch_class = torch.optim.AdamW
+    _fused_kind = "adamw"
 
     def __init__(
         self,

@@ -20,6 +20,7 @@ from torch import Tensor
 from ..dispatch import GradientGroups, check_options
 from ..hook import grad_scale_of
 from ..stats import GradStats, StatsBuffer
+from .fused import try_fused_step_
 
 __all__ = ["ZNormOptimizer"]
 
@@ -35,6 +36,11 @@ def _unhooked(step: Callable) -> Callable:
     return step
 
 
+def _param_names(group: dict[str, Any], index: int) -> list[str]:
+    """The group's parameter names (``param_names``, from named_parameters), else "group<i>.param<k>"."""
+    return group.get("param_names") or [f"group{index}.param{k}" for k in range(len(group["params"]))]
+
+
 def _check_min_ndim(min_ndim: Any) -> None:
     if isinstance(min_ndim, bool) or not isinstance(min_ndim, int) or min_ndim < 0:
         raise ValueError(f"min_ndim must be an int >= 0, got {min_ndim!r}")
@@ -44,6 +50,7 @@ class ZNormOptimizer:
     """Mixin placed before a torch optimizer class (``class ZNormSGD(ZNormOptimizer, torch.optim.SGD)``)."""
 
     _torch_class: type[torch.optim.Optimizer]
+    _fused_kind: str  # "sgd", "adam" or "adamw": the fused Triton update that serves it
 
     def _init_znorm(
         self,
@@ -97,12 +104,13 @@ class ZNormOptimizer:
 
     # --- the step ---
 
-    def _selected(self) -> dict[tuple[float, float], tuple[list[Tensor], list[str]]]:
-        """The parameters whose gradients are normalized, per (znorm_eps, correction), with their names."""
+    def _selected(self, skip: set[int]) -> dict[tuple[float, float], tuple[list[Tensor], list[str]]]:
+        """The parameters whose gradients are normalized, per (znorm_eps, correction), with their names (the
+        param groups in ``skip`` left out)."""
         defaults = self._znorm["defaults"]
         selected: dict[tuple[float, float], tuple[list[Tensor], list[str]]] = {}
         for g, group in enumerate(self.param_groups):  # type: ignore[attr-defined]
-            if not group.get("znorm", defaults["znorm"]):
+            if g in skip or not group.get("znorm", defaults["znorm"]):
                 continue
             min_ndim = group.get("min_ndim", defaults["min_ndim"])
             key = (
@@ -110,10 +118,7 @@ class ZNormOptimizer:
                 group.get("correction", defaults["correction"]),
             )
             params, names = selected.setdefault(key, ([], []))
-            group_names = group.get("param_names") or [
-                f"group{g}.param{k}" for k in range(len(group["params"]))
-            ]
-            for p, name in zip(group["params"], group_names):
+            for p, name in zip(group["params"], _param_names(group, g)):
                 if p.dim() >= min_ndim:
                     params.append(p)
                     names.append(name)
@@ -132,12 +137,12 @@ class ZNormOptimizer:
             self._znorm_scratch[id(p)] = z
         return z
 
-    def _normalize_grads(self) -> list[tuple[Tensor, Tensor]]:
+    def _normalize_grads(self, skip: set[int]) -> list[tuple[Tensor, Tensor]]:
         """Normalize the selected gradients (into scratch buffers that stand in for .grad, or into .grad);
         returns the (parameter, raw gradient) pairs to put back after the update."""
         scale = grad_scale_of(self)  # type: ignore[arg-type]
         restore: list[tuple[Tensor, Tensor]] = []
-        for key, (params, names) in self._selected().items():
+        for key, (params, names) in self._selected(skip).items():
             groups = self._znorm_groups.get(key)
             if groups is None:
                 stats = StatsBuffer() if self._znorm["track_stats"] else None
@@ -158,6 +163,8 @@ class ZNormOptimizer:
                     p.grad = z
                 restore.extend(raw)
             groups.znorm_(grads, names, scale)
+            if groups.stats is not None:
+                self._znorm_last_stats.append(lambda groups=groups: groups.stats.assemble(groups.names))
         return restore
 
     @torch.no_grad()
@@ -167,10 +174,24 @@ class ZNormOptimizer:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        restore = self._normalize_grads()
+        self._znorm_last_stats: list[Callable[[], GradStats | None]] = []
+        fused: set[int] = set()
+        sink: list[tuple[list[str], Tensor]] = []
+        for i, group in enumerate(self.param_groups):  # type: ignore[attr-defined]
+            if try_fused_step_(self, group, self._fused_kind, _param_names(group, i), sink):
+                fused.add(i)
+        for names, values in sink:
+            self._znorm_last_stats.append(lambda names=names, values=values: GradStats(names, values))
+        groups = self.param_groups  # type: ignore[attr-defined]
+        if len(fused) == len(groups):
+            return loss
+        restore = self._normalize_grads(fused)
         try:
+            # torch's update for the groups the fused step did not take (it reads self.param_groups).
+            self.param_groups = [g for i, g in enumerate(groups) if i not in fused]
             _unhooked(self._torch_class.step)(self)
         finally:
+            self.param_groups = groups
             for p, g in restore:
                 p.grad = g
         return loss
@@ -183,7 +204,7 @@ class ZNormOptimizer:
         ``track_stats=True``."""
         if not self._znorm["track_stats"]:
             raise RuntimeError("gradient statistics are kept only with track_stats=True")
-        parts = [g.stats.assemble(g.names) for g in self._znorm_groups.values() if g.stats is not None]
+        parts = [part() for part in getattr(self, "_znorm_last_stats", [])]
         parts = [p for p in parts if p is not None]
         if not parts:
             return None

@@ -24,6 +24,7 @@ class ZNormSGD(ZNormOptimizer, torch.optim.SGD):
     """
 
     _torch_class = torch.optim.SGD
+    _fused_kind = "sgd"
 
     def __init__(
         self,

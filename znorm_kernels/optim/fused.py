@@ -1,0 +1,216 @@
+"""The fused step of the ZNorm optimizers, on Triton: per (device, dtype) group of a param group, the
+statistics stage (one launch: each gradient read once) and one update launch that applies the z-scores as it
+loads the gradient (backends/triton_optim.py). The gradient is read twice and never written (unless
+``normalize_grad``), where the hook then torch's update read it three times and write it once.
+
+``try_fused_step_`` takes a param group when its options allow (Triton serves its devices; not
+``capturable``, ``differentiable`` or torch's own ``fused``; a plain float learning rate; no gradient scale)
+and returns False otherwise, for the caller's general path (the hook's kernel, then torch's update). The
+optimizer state is created and kept exactly as torch's SGD and Adam keep it, so checkpoints stay
+interchangeable.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import _get_scalar_dtype
+
+from ..dispatch import check_and_group, resolve_backend
+
+__all__ = ["try_fused_step_"]
+
+# A statistics row that makes the update kernel use the raw gradient: z = (g - 0) * 1.
+_NO_ZNORM_ROW = (0.0, 0.0, 1.0, 0.0)
+
+
+def _serves(opt, group: dict[str, Any], params: list[Tensor]) -> bool:
+    if group.get("differentiable") or group.get("capturable") or group.get("fused"):
+        return False
+    if isinstance(group["lr"], Tensor):
+        return False
+    if getattr(opt, "_step_supports_amp_scaling", False) and getattr(opt, "grad_scale", None) is not None:
+        return False
+    backend = opt._znorm["backend"]
+    if backend not in ("auto", "triton"):
+        return False
+    for device in {p.device for p in params}:
+        try:
+            if resolve_backend(backend, device) != "triton":
+                return False
+        except (RuntimeError, ValueError):
+            return False
+    return True
+
+
+def _statistics(grads: list[Tensor], treated: list[bool], eps: float, correction: float) -> Tensor:
+    """float64 [T, 4] rows for the update kernel: the statistics stage's for treated tensors, the raw
+    gradient's row elsewhere (tensors ZNorm skips or leaves alone)."""
+    from ..backends import triton_host
+
+    picked = [g for g, t in zip(grads, treated) if t]
+    stats = triton_host.statistics(picked, eps, correction) if picked else None
+    if stats is not None and len(picked) == len(grads):
+        return stats
+    device = grads[0].device
+    full = torch.tensor([_NO_ZNORM_ROW], dtype=torch.float64).to(device).repeat(len(grads), 1)
+    if stats is not None:
+        index = torch.tensor([i for i, t in enumerate(treated) if t], dtype=torch.long).to(device)
+        full.index_copy_(0, index, stats)
+    return full
+
+
+def try_fused_step_(opt, group: dict[str, Any], kind: str, names: list[str], stats_sink: list) -> bool:
+    """The fused step of one param group, or False (nothing done) when the fused path does not serve it.
+    ``kind``: "sgd", "adam" or "adamw"; ``names``: the group's parameter names. With ``track_stats``,
+    appends (names, float64 [k, 2] mean/std) for the group's treated parameters to ``stats_sink`` (NaN rows
+    where a parameter has no gradient or fewer than 2 elements)."""
+    params = [p for p in group["params"] if p.grad is not None]
+    if not params or not _serves(opt, group, params):
+        return False
+    defaults = opt._znorm["defaults"]
+    znorm = group.get("znorm", defaults["znorm"])
+    min_ndim = group.get("min_ndim", defaults["min_ndim"])
+    eps = group.get("znorm_eps", defaults["znorm_eps"])
+    correction = group.get("correction", defaults["correction"])
+    name_of = {id(p): n for p, n in zip(group["params"], names)}
+    grads = [p.grad for p in params]
+    # The contract's errors (sparse, complex, overlapping gradients), named.
+    check_and_group(grads, [name_of[id(p)] for p in params], f"{type(opt).__name__}.step")
+
+    buckets: dict[tuple, list[int]] = {}
+    for i, p in enumerate(params):
+        buckets.setdefault((p.device, p.dtype), []).append(i)
+    # Phase 1, nothing modified: statistics, the update's arguments, and the kernels' own checks, which raise
+    # NotImplementedError for what they do not serve (non-dense tensors, state of another layout): then the
+    # general path runs instead, from scratch.
+    prepare = _prepare_sgd if kind == "sgd" else _prepare_adam
+    launches = []
+    try:
+        for idx in buckets.values():
+            ps = [params[i] for i in idx]
+            gs = [grads[i] for i in idx]
+            treated = [znorm and p.dim() >= min_ndim and p.numel() >= 2 for p in ps]
+            stats = _statistics(gs, treated, eps, correction)
+            launches.append((ps, treated, stats, prepare(opt, group, ps, gs, stats, kind)))
+    except NotImplementedError:
+        return False
+    # Phase 2: the updates.
+    for _, _, _, launch in launches:
+        launch()
+    if opt._znorm["track_stats"] and znorm:
+        selected = [p for p in group["params"] if p.dim() >= min_ndim]
+        if selected:
+            stats_sink.append(_stats_rows(selected, name_of, launches))
+    return True
+
+
+def _stats_rows(selected: list[Tensor], name_of: dict[int, str], launches: list) -> tuple[list[str], Tensor]:
+    """(names, float64 [k, 2] mean and std) of the selected parameters, from the statistics rows."""
+    row_of = {id(p): k for k, p in enumerate(selected)}
+    device = launches[0][2].device
+    values = torch.full((len(selected), 2), float("nan"), dtype=torch.float64, device=device)
+    for ps, treated, stats, _ in launches:
+        rows = [i for i, t in enumerate(treated) if t]
+        if rows:
+            src = torch.tensor(rows, dtype=torch.long).to(stats.device)
+            dst = torch.tensor([row_of[id(ps[i])] for i in rows], dtype=torch.long).to(device)
+            values.index_copy_(0, dst, stats.index_select(0, src)[:, :2].to(device))
+    return [name_of[id(p)] for p in selected], values
+
+
+def _prepare_sgd(opt, group, params, grads, stats, kind):
+    """Check the SGD update of one bucket; returns the function that runs it and keeps its state."""
+    from ..backends import triton_optim
+
+    momentum = group["momentum"]
+    bufs, first = [], []
+    for p in params:
+        buf = opt.state[p].get("momentum_buffer")
+        if momentum != 0 and buf is None:
+            buf = torch.zeros_like(p, memory_format=torch.preserve_format)
+            first.append(True)
+        else:
+            first.append(False)
+        bufs.append(buf)
+    lists = [params, grads] + ([bufs] if momentum != 0 else [])
+    triton_optim._check(lists, ["params", "grads", "momentum_buffers"][: len(lists)], stats)
+
+    def run() -> None:
+        triton_optim.sgd_step_(
+            params,
+            grads,
+            bufs,
+            stats,
+            first=first,
+            lr=group["lr"],
+            momentum=momentum,
+            dampening=group["dampening"],
+            nesterov=group["nesterov"],
+            weight_decay=group["weight_decay"],
+            maximize=group["maximize"],
+            write_grad=opt._znorm["normalize_grad"],
+        )
+        if momentum != 0:  # torch keeps the buffer only with momentum
+            for p, buf in zip(params, bufs):
+                opt.state[p]["momentum_buffer"] = buf
+
+    return run
+
+
+def _prepare_adam(opt, group, params, grads, stats, kind):
+    """Check the Adam/AdamW update of one bucket; returns the function that runs it and counts the step."""
+    from ..backends import triton_optim
+
+    beta1, beta2 = group["betas"]
+    amsgrad = group["amsgrad"]
+    exp_avgs, exp_avg_sqs, max_sqs, steps = [], [], [], []
+    for p in params:
+        state = opt.state[p]
+        if len(state) == 0:  # as torch's Adam._init_group for a group neither capturable nor fused
+            state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if amsgrad:
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if state["step"].device.type != "cpu":
+            raise NotImplementedError("step counters on the device (a capturable or fused checkpoint)")
+        exp_avgs.append(state["exp_avg"])
+        exp_avg_sqs.append(state["exp_avg_sq"])
+        max_sqs.append(state.get("max_exp_avg_sq") if amsgrad else None)
+        steps.append(state["step"])
+    lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_sqs] if amsgrad else [])
+    names = ["params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"][: len(lists)]
+    triton_optim._check(lists, names, stats)
+    lr = group["lr"]
+    # torch's single-tensor Adam: the step counted first, then Python-float bias corrections.
+    counts = [float(s) + 1 for s in steps]  # CPU tensors: no device sync
+    step_size = [lr / (1 - beta1**c) for c in counts]
+    bc2_sqrt = [(1 - beta2**c) ** 0.5 for c in counts]
+
+    def run() -> None:
+        triton_optim.adam_step_(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            max_sqs,
+            stats,
+            step_size=step_size,
+            bias_correction2_sqrt=bc2_sqrt,
+            amsgrad=amsgrad,
+            beta1=beta1,
+            beta2=beta2,
+            lr=lr,
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=group["maximize"],
+            decoupled=kind == "adamw",
+            write_grad=opt._znorm["normalize_grad"],
+        )
+        for s in steps:
+            s += 1
+
+    return run
