@@ -170,6 +170,10 @@ class ZNormOptimizer:
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Compute the loss with ``closure`` if given, then update with the z-scores of the gradients."""
+        if self._fused_kind != "sgd":
+            # As torch's Adam: a step captured in a CUDA graph must be capturable (its step counters on the
+            # device); the fused path, which skips torch's step, must refuse it too.
+            self._accelerator_graph_capture_health_check()  # type: ignore[attr-defined]
         loss = None
         if closure is not None:
             with torch.enable_grad():
