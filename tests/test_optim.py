@@ -349,3 +349,56 @@ def test_triton_takes_the_fused_step_where_it_can(monkeypatch, cls, torch_cls):
     scratch_of = {id(p) for p in ours[4].parameters()}
     assert set(opt._znorm_scratch) == scratch_of, "scratch buffers only for the group torch updated"
     assert_same_params(ours, theirs, atol=2e-6, rtol=1e-5)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+@pytest.mark.parametrize(
+    "cls, torch_cls, kwargs",
+    [
+        (ZNormSGD, torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2)),
+        (ZNormAdam, torch.optim.Adam, dict(lr=1e-2, amsgrad=True, weight_decay=1e-2)),
+        (ZNormAdamW, torch.optim.AdamW, dict(lr=1e-2, maximize=True)),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_on_cuda_the_fused_step_matches_hook_on_torch(cls, torch_cls, kwargs, dtype):
+    ours, theirs = make_model().cuda().to(dtype), make_model().cuda().to(dtype)
+    opt = cls(ours.parameters(), **kwargs)
+    ref = torch_cls(theirs.parameters(), **kwargs)
+    znorm_kernels.register(ref)
+    data = [(x.cuda().to(dtype), y.cuda()) for x, y in batches(4)]
+    train(ours, opt, data)
+    train(theirs, ref, data)
+    tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    assert_same_params(ours, theirs, **tol)
+    assert not opt._znorm_scratch, "the fused step ran (no scratch copies)"
+
+
+@needs_cuda
+def test_on_cuda_a_captured_znorm_sgd_step_replays_like_eager():
+    model, twin = make_model().cuda(), make_model().cuda()
+    opt = ZNormSGD(model.parameters(), lr=0.05, momentum=0.9)
+    ref = ZNormSGD(twin.parameters(), lr=0.05, momentum=0.9)
+    data = [(x.cuda(), y.cuda()) for x, y in batches(6)]
+    static_x, static_y = data[0][0].clone(), data[0][1].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: momentum buffers, plans
+        train(model, opt, data[:2])
+    torch.cuda.current_stream().wait_stream(side)
+    train(twin, ref, data[:2])
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        nn.functional.cross_entropy(model(static_x), static_y).backward()
+        opt.step()
+    for x, y in data[2:]:
+        static_x.copy_(x)
+        static_y.copy_(y)
+        graph.replay()
+        train(twin, ref, [(x, y)])
+    torch.cuda.synchronize()
+    assert_same_params(model, twin, atol=1e-5, rtol=1e-5)
