@@ -53,7 +53,7 @@ from torch import Tensor
 from . import is_dense
 from .triton_host import _on_device, _stream_of, _triton_dtypes, serves
 
-__all__ = ["adam_step_", "compile_adam_for_target", "compile_sgd_for_target", "sgd_step_"]
+__all__ = ["adam_step_", "check", "compile_adam_for_target", "compile_sgd_for_target", "sgd_step_"]
 
 # Elements per tile (registers): float64 tiles are half as long, so every dtype holds the same bytes.
 BLOCK = {torch.float64: 1024}
@@ -97,6 +97,20 @@ class Plan:
 
 _plans: OrderedDict[tuple, Plan] = OrderedDict()
 _captured_plans: list[Plan] = []  # tables a captured graph reads: kept for the life of the process
+
+
+def _checked_group(lists: list[list], names: list[str], stats: Tensor) -> tuple[torch.device, torch.dtype]:
+    """(device, dtype) of lists the caller validated with ``check`` (lengths still compared: cheap)."""
+    n = len(lists[0])
+    for lst, name in zip(lists, names):
+        if len(lst) != n:
+            raise ValueError(f"{name} has {len(lst)} entries for {n} params")
+    return (lists[0][0].device, lists[0][0].dtype) if n else (None, None)
+
+
+def check(lists: list[list], names: list[str], stats: Tensor) -> tuple[torch.device, torch.dtype]:
+    """The validation the steps run (public, for callers that validate once and pass ``checked=True``)."""
+    return _check(lists, names, stats)
 
 
 def _check(lists: list[list], names: list[str], stats: Tensor) -> tuple[torch.device, torch.dtype]:
@@ -255,8 +269,10 @@ def sgd_step_(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     write_grad: bool = False,
+    checked: bool = False,
 ) -> None:
     """torch.optim.SGD's step on z-scores of the gradients (one (device, dtype) group, one launch).
+    ``checked=True``: the caller has validated these very lists with ``check`` (skips it).
 
     ``momentum_buffers[i]``: the parameter's momentum buffer (unused, may be None, when momentum is 0); where
     ``first[i]`` is True it is a buffer the caller just allocated, which becomes d as torch's first step
@@ -275,7 +291,7 @@ def sgd_step_(
     names = ["params", "grads"] + (["momentum_buffers"] if use_momentum else [])
     if len(first) != len(params):
         raise ValueError(f"first has {len(first)} entries for {len(params)} params")
-    device, dtype = _check(lists, names, stats)
+    device, dtype = _checked_group(lists, names, stats) if checked else _check(lists, names, stats)
     if device is None:
         return
     firsts = tuple(map(bool, first)) if use_momentum else (False,) * len(params)
@@ -320,12 +336,14 @@ def adam_step_(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     write_grad: bool = False,
+    checked: bool = False,
 ) -> None:
     """torch.optim.Adam's (``decoupled=False``) or AdamW's (``decoupled=True``) non-capturable step on
     z-scores of the gradients (one (device, dtype) group, one launch). The caller has incremented the step
     counters and passes, per tensor, ``step_size = lr / (1 - beta1**step)`` and ``bias_correction2_sqrt =
     (1 - beta2**step) ** 0.5`` in Python floats, as torch's single-tensor code computes them.
-    ``max_exp_avg_sqs`` is read only with amsgrad (entries may be None otherwise)."""
+    ``max_exp_avg_sqs`` is read only with amsgrad (entries may be None otherwise). ``checked``: as for
+    ``sgd_step_``."""
     beta1, beta2, lr, weight_decay, eps = (
         _scalar(k, v)
         for k, v in (
@@ -341,7 +359,7 @@ def adam_step_(
     n = len(params)
     if len(step_size) != n or len(bias_correction2_sqrt) != n:
         raise ValueError("step_size and bias_correction2_sqrt need one entry per param")
-    device, dtype = _check(lists, names, stats)
+    device, dtype = _checked_group(lists, names, stats) if checked else _check(lists, names, stats)
     if device is None:
         return
     if amsgrad:

@@ -121,6 +121,22 @@ def _stats_rows(selected: list[Tensor], name_of: dict[int, str], launches: list)
     return [name_of[id(p)] for p in selected], values
 
 
+def _validate(opt, lists: list[list[Tensor]], names: list[str], stats: Tensor) -> None:
+    """The update kernel's checks (NotImplementedError for what it does not serve), run once per set of
+    tensors: the addresses of every list are remembered, and unchanged ones (an optimizer's gradients and
+    state, step after step) are not checked again: their shapes, dtypes and layouts are their parameters'."""
+    from ..backends import triton_optim
+
+    key = tuple(t.data_ptr() if t is not None else 0 for lst in lists for t in lst)
+    seen = opt.__dict__.setdefault("_znorm_validated", set())
+    if key in seen:
+        return
+    triton_optim.check(lists, names, stats)
+    if len(seen) >= 64:
+        seen.clear()
+    seen.add(key)
+
+
 def _prepare_sgd(opt, group, params, grads, stats, kind):
     """Check the SGD update of one bucket; returns the function that runs it and keeps its state."""
     from ..backends import triton_optim
@@ -136,7 +152,7 @@ def _prepare_sgd(opt, group, params, grads, stats, kind):
             first.append(False)
         bufs.append(buf)
     lists = [params, grads] + ([bufs] if momentum != 0 else [])
-    triton_optim._check(lists, ["params", "grads", "momentum_buffers"][: len(lists)], stats)
+    _validate(opt, lists, ["params", "grads", "momentum_buffers"][: len(lists)], stats)
 
     def run() -> None:
         triton_optim.sgd_step_(
@@ -152,6 +168,7 @@ def _prepare_sgd(opt, group, params, grads, stats, kind):
             weight_decay=group["weight_decay"],
             maximize=group["maximize"],
             write_grad=opt._znorm["normalize_grad"],
+            checked=True,
         )
         if momentum != 0:  # torch keeps the buffer only with momentum
             for p, buf in zip(params, bufs):
@@ -183,7 +200,7 @@ def _prepare_adam(opt, group, params, grads, stats, kind):
         steps.append(state["step"])
     lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_sqs] if amsgrad else [])
     names = ["params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"][: len(lists)]
-    triton_optim._check(lists, names, stats)
+    _validate(opt, lists, names, stats)
     lr = group["lr"]
     # torch's single-tensor Adam: the step counted first, then Python-float bias corrections.
     counts = [float(s) + 1 for s in steps]  # CPU tensors: no device sync
@@ -209,8 +226,8 @@ def _prepare_adam(opt, group, params, grads, stats, kind):
             maximize=group["maximize"],
             decoupled=kind == "adamw",
             write_grad=opt._znorm["normalize_grad"],
+            checked=True,
         )
-        for s in steps:
-            s += 1
+        torch._foreach_add_(steps, 1)  # CPU tensors, as torch counts them
 
     return run
