@@ -161,16 +161,22 @@ def _table(addrs, numels, elsize: int, block: int) -> tuple[list[int], int, int]
     return table, len(stats_items) // ITEM, len(small_items) // ITEM
 
 
+def device_table(values: list[int], device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """An int64 table on ``device``, copied from pinned memory without blocking; and the pinned source when
+    the copy is being captured in a CUDA graph (each replay reads it again: the caller keeps it), else None.
+    """
+    host = torch.tensor(values, dtype=torch.int64)
+    if device.type != "cuda":
+        return host, None
+    capturing = torch.cuda.is_current_stream_capturing()
+    host = host.pin_memory()
+    return host.to(device, non_blocking=True), host if capturing else None
+
+
 def _build_plan(addrs: tuple[int, ...], numels: tuple[int, ...], device: torch.device, dtype, block) -> Plan:
     elsize = torch.empty((), dtype=dtype).element_size()
     table, s, m = _table(addrs, numels, elsize, block)
-    host = torch.tensor(table, dtype=torch.int64)
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if device.type == "cuda":
-        host = host.pin_memory()
-        meta = host.to(device, non_blocking=True)
-    else:
-        meta = host
+    meta, host = device_table(table, device)
     return Plan(
         meta=meta,
         device=device,
@@ -179,7 +185,7 @@ def _build_plan(addrs: tuple[int, ...], numels: tuple[int, ...], device: torch.d
         num_small_items=m,
         block=block,
         aligned=all(a % ALIGNMENT == 0 for a in addrs),
-        host=host if capturing else None,
+        host=host,
     )
 
 

@@ -51,7 +51,7 @@ import torch
 from torch import Tensor
 
 from . import is_dense
-from .triton_host import _on_device, _stream_of, _triton_dtypes, serves
+from .triton_host import _on_device, _stream_of, _triton_dtypes, device_table, serves
 
 __all__ = ["adam_step_", "check", "compile_adam_for_target", "compile_sgd_for_target", "sgd_step_"]
 
@@ -177,18 +177,12 @@ def _plan_for(device, dtype, addrs, numels, firsts, first_key) -> Plan:
         _plans.move_to_end(key)
         return plan
     table, num_items = _table(addrs, numels, firsts, block)
-    host = torch.tensor(table, dtype=torch.int64)
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if device.type == "cuda":
-        host = host.pin_memory()
-        meta = host.to(device, non_blocking=True)
-    else:
-        meta = host
+    meta, host = device_table(table, device)
     plan = Plan(
         meta=meta,
         num_items=num_items,
         aligned=all(x % ALIGNMENT == 0 for a in addrs for x in a),
-        host=host if capturing else None,
+        host=host,
     )
     _plans[key] = plan
     if len(_plans) > PLAN_CACHE_SIZE:
