@@ -39,7 +39,9 @@ def steppers(name: str, shapes, device, dtype, foreach: bool | None, fused: bool
         params, grads = make(shapes, device, dtype)
         opts = dict(kwargs, foreach=foreach, fused=fused)
         if label == "ZNorm optimizer":
-            opt = znorm_cls(params, **opts)
+            # Never torch's fused=True: that would route it through torch's fused update; its own fused step
+            # (Triton) serves where it can, else foreach.
+            opt = znorm_cls(params, **dict(kwargs, foreach=True))
         else:
             opt = torch_cls(params, **opts)
             if label == "hook + torch":
@@ -60,7 +62,9 @@ def main() -> None:
     parser.add_argument("--lists", default="resnet56,llm-d512")
     parser.add_argument("--optimizers", default="sgd-momentum,adam")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--fused", action="store_true", help="torch's fused kernels for its update")
+    parser.add_argument(
+        "--fused", action="store_true", help="torch's fused update (for torch alone and hook + torch)"
+    )
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--max-seconds", type=float, default=3.0)
     args = parser.parse_args()
