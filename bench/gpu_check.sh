@@ -133,17 +133,15 @@ if ((HAVE_GPU)); then
     run_step tests 120 "$PY" -m pytest tests/test_rule12.py tests/test_native.py tests/test_triton.py \
         tests/test_optim.py tests/test_triton_optim.py tests \
         -q -rs -p no:cacheprovider --durations=15
+    # The ZNorm optimizers (issue #12): their fused step against torch's fused Adam alone and the hook on it,
+    # on ResNet-56 and the 707 M LLM-shaped list (SGD: bench.optim_step --optimizers sgd-momentum).
+    run_step optim-bench 75 "$PY" -m bench.optim_step --device cuda --lists resnet56,llm --optimizers adam \
+        --fused --reps 10 --max-seconds 2
     # Every list (--full), the two of PERF.md's headline first; compiled alternatives last, not started
     # within 50 s of the step's limit; results saved after each case, so a timeout still leaves them.
     left=$(($(remaining) - 5))
     run_step bench 600 "$PY" -m bench --lists resnet56,llm,resnet110,resnet152,resnet50,plain100m \
         --no-progress --out "$OUT/bench" --budget-s $((left - 50)) ${BENCH_ARGS:-}
-    # The ZNorm optimizers (issue #12): their fused step against torch's fused Adam / foreach SGD alone and
-    # the hook on them, on the 707 M LLM-shaped list and ResNet-56.
-    run_step optim-bench 90 "$PY" -m bench.optim_step --device cuda --lists resnet56,llm --optimizers adam \
-        --fused --reps 10 --max-seconds 2
-    run_step optim-bench-sgd 60 "$PY" -m bench.optim_step --device cuda --lists llm --optimizers sgd-momentum \
-        --reps 10 --max-seconds 2
     run_step pytest-benchmark 60 "$PY" -m pytest bench -q -p no:cacheprovider \
         --benchmark-json "$OUT/pytest-benchmark.json"
 elif ((SMOKE)); then
