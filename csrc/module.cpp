@@ -11,6 +11,9 @@ TORCH_LIBRARY(znorm_kernels_C, m) {
   // Tensor(a!)[]: the list is mutated in place, so functionalization and torch.compile treat the op as an
   // opaque in-place op (its fake implementation is registered from Python, in native_backend.py).
   m.def(znorm::kSchema);
+  // The fused optimizer steps: CPU kernels only (znorm_cpu.cpp).
+  m.def(znorm::kSgdSchema);
+  m.def(znorm::kAdamSchema);
 }
 
 extern "C" {

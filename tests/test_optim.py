@@ -63,7 +63,7 @@ def compare(znorm_cls, torch_cls, backend, steps=4, **kwargs):
     # The same z-scores then torch's own update: bitwise equal. Triton's fused update computes the same
     # z-scores and torch's formulas, rounding each operation where torch's CPU kernels fuse a multiply-add:
     # float32 rounding apart.
-    tol = dict(atol=2e-6, rtol=1e-5) if backend == "triton" else dict(atol=0, rtol=0)
+    tol = dict(atol=2e-6, rtol=1e-5) if backend in ("triton", "cpu") else dict(atol=0, rtol=0)
     assert_same_params(ours, theirs, **tol)
     for s_ours, s_ref in zip(opt.state.values(), ref.state.values()):
         assert set(s_ours) == set(s_ref), "torch's state format"
@@ -204,7 +204,7 @@ def test_scheduler_and_closure():
                 return loss
 
             assert o.step(closure) is not None
-    assert_same_params(ours, theirs)
+    assert_same_params(ours, theirs, atol=2e-6, rtol=1e-5)  # the fused CPU step: float32 rounding apart
 
 
 def test_per_group_switches():

@@ -17,6 +17,14 @@ The CUDA kernel caches the device table of its tensors' addresses and sizes (16 
 out), so an optimizer's step after step allocates and copies nothing but two small workspaces; tables used
 inside CUDA-graph capture are kept for the life of the process. ``table_cache_stats()`` reads its counters.
 
+The fused optimizer steps (CPU kernels only): ``sgd_step_`` and ``adam_step_`` wrap the ops
+``znorm_kernels_C::znorm_sgd_step_`` and ``znorm_adam_step_``. One call per (dtype) group computes, per
+tensor, the statistics as ``znorm_`` does (bitwise the same mean and multiplier, so z is bitwise what the
+"cpu" backend writes into the gradient), then makes ONE pass over the gradient, the parameter and its states
+applying torch.optim.SGD's or Adam/AdamW's update to z, with the formulas (operation by operation, in float32,
+float64 for float64 tensors, no FMA, each stored value rounded once) of the fused Triton step
+(triton_optim.py). Parallel over tensors and chunks, deterministic.
+
 This module always imports; when the extension is missing, ``unavailable`` says why and how to build it.
 """
 
@@ -30,19 +38,29 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from . import is_dense
+
 __all__ = [
+    "ADAM_OP_NAME",
     "BUILD_HINT",
     "OP_NAME",
+    "SGD_OP_NAME",
     "TABLE_CACHE_FIELDS",
+    "adam_step_",
+    "check_step",
     "group_fn",
     "has_cuda_kernel",
+    "has_optim_kernels",
     "load",
     "serves",
+    "sgd_step_",
     "table_cache_stats",
     "unavailable",
 ]
 
 OP_NAME = "znorm_kernels_C::znorm_"
+SGD_OP_NAME = "znorm_kernels_C::znorm_sgd_step_"
+ADAM_OP_NAME = "znorm_kernels_C::znorm_adam_step_"
 BUILD_HINT = (
     "build it with `CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .` in the repository "
     "(set ZNORM_BUILD_CUDA=1 to insist on the CUDA kernel, ZNORM_CUDA_ARCHS to pick the GPU architectures)"
@@ -87,7 +105,31 @@ def _register_fake() -> None:
     ) -> None:
         return None  # in place (the tensors, and stats when given): nothing to allocate, shapes unchanged
 
+    if _has_cpu_kernel(SGD_OP_NAME):
+
+        @torch.library.register_fake(SGD_OP_NAME)
+        def _(params, grads, momentum_buffers, treated, first, *args, stats=None) -> None:
+            return None  # in place
+
+    if _has_cpu_kernel(ADAM_OP_NAME):
+
+        @torch.library.register_fake(ADAM_OP_NAME)
+        def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, treated, *args, stats=None) -> None:
+            return None  # in place
+
     _register_fake.done = True
+
+
+def _has_cpu_kernel(name: str) -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU")
+    except RuntimeError:  # an extension built before the op existed
+        return False
+
+
+def has_optim_kernels() -> bool:
+    """Whether the built extension holds the CPU kernels of the fused optimizer steps."""
+    return _loaded()[0] is not None and _has_cpu_kernel(SGD_OP_NAME) and _has_cpu_kernel(ADAM_OP_NAME)
 
 
 def has_cuda_kernel() -> bool:
@@ -164,3 +206,170 @@ def group_fn(name: str) -> Callable[..., None]:
     the op's ``stats`` argument does (see the module's docstring); it is not divided by ``grad_scale``."""
     load()
     return _run
+
+
+# --- the fused optimizer steps (CPU) ---
+
+_STEP_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _scalar(name: str, x) -> float:
+    if isinstance(x, Tensor):
+        if x.device.type != "cpu" or x.numel() != 1:
+            raise NotImplementedError(f"{name} as a device tensor is not supported by the native fused step")
+        return float(x)
+    return float(x)
+
+
+def check_step(lists: list[list], names: list[str]) -> None:
+    """Validate one group of a fused step without touching it: ValueError for malformed calls (list lengths,
+    non-tensors), NotImplementedError for what the native kernels do not serve (the caller's cue to take its
+    general path): tensors off the CPU, of another dtype than float32/float16/bfloat16/float64 or than their
+    param, non-strided or non-dense tensors, a gradient or state whose shape or strides differ from its
+    param's (the kernels pair elements by memory order). ``lists[0]`` are the params."""
+    params = lists[0]
+    n = len(params)
+    for lst, name in zip(lists, names):
+        if len(lst) != n:
+            raise ValueError(f"{name} has {len(lst)} entries for {n} params")
+    if not has_optim_kernels():
+        raise NotImplementedError(f"the native extension has no fused optimizer kernels; {BUILD_HINT}")
+    for i, p in enumerate(params):
+        for lst, name in zip(lists, names):
+            t = lst[i]
+            if not isinstance(t, Tensor):
+                raise ValueError(f"{name}[{i}] is {type(t).__name__}, not a tensor")
+            if t.device.type != "cpu":
+                raise NotImplementedError(
+                    f"{name}[{i}] is on {t.device}: the native fused step takes CPU tensors"
+                )
+            if t.dtype not in _STEP_DTYPES or t.dtype != p.dtype:
+                raise NotImplementedError(f"{name}[{i}] is {t.dtype}, its param {p.dtype}")
+            if t.layout != torch.strided:
+                raise NotImplementedError(f"{name}[{i}] is not a dense strided tensor ({t.layout})")
+            if t.shape != p.shape or t.stride() != p.stride():
+                raise NotImplementedError(
+                    f"{name}[{i}] has shape {tuple(t.shape)} and strides {t.stride()}, its param "
+                    f"{tuple(p.shape)} and {p.stride()}: the fused step pairs elements by memory order"
+                )
+        if not is_dense(p):
+            raise NotImplementedError(f"params[{i}] is not dense (a view with gaps or overlaps)")
+
+
+def _flags(name: str, flags, n: int) -> list[int]:
+    flags = [int(bool(f)) for f in flags]
+    if len(flags) != n:
+        raise ValueError(f"{name} has {len(flags)} entries for {n} params")
+    return flags
+
+
+def sgd_step_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    *,
+    treated: list[bool],
+    first: list[bool],
+    znorm_eps: float,
+    correction: float,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    maximize: bool,
+    write_grad: bool = False,
+    stats_out: Tensor | None = None,
+    checked: bool = False,
+) -> None:
+    """torch.optim.SGD's step on the z-scores of the gradients, for CPU tensors, in one op call (the arguments
+    of ``triton_optim.sgd_step_``, with ``treated``, ``znorm_eps`` and ``correction`` for its stats tensor).
+
+    ``treated[i]``: whether tensor i gets ZNorm (else, and for tensors of fewer than 2 elements, z = g).
+    ``momentum_buffers[i]`` is unused (may be None) when momentum is 0; where ``first[i]`` is True it is a
+    buffer the caller just allocated, which becomes d as torch's first step makes it. ``write_grad`` stores z
+    into the gradient. ``stats_out``: an optional float64 ``[len(params), 2]`` CPU tensor that receives each
+    treated tensor's (mean, std), as ``znorm_``'s ``stats`` (NaN rows elsewhere). ``checked=True``: the
+    caller has validated these very lists with ``check_step`` (skips it; the op checks them again in C++
+    before writing anything, raising RuntimeError)."""
+    lr, momentum, dampening, weight_decay = (
+        _scalar(k, v)
+        for k, v in (
+            ("lr", lr),
+            ("momentum", momentum),
+            ("dampening", dampening),
+            ("weight_decay", weight_decay),
+        )
+    )
+    use_momentum = momentum != 0
+    lists = [params, grads] + ([momentum_buffers] if use_momentum else [])
+    if not checked:
+        check_step(lists, ["params", "grads", "momentum_buffers"][: len(lists)])
+    n = len(params)
+    treated, first = _flags("treated", treated, n), _flags("first", first, n)
+    if n == 0:
+        return
+    with torch.no_grad():
+        torch.ops.znorm_kernels_C.znorm_sgd_step_(
+            params, grads, momentum_buffers if use_momentum else [], treated, first, float(znorm_eps),
+            float(correction), lr, momentum, dampening, bool(nesterov), weight_decay, bool(maximize),
+            bool(write_grad), stats_out,
+        )  # fmt: skip
+
+
+def adam_step_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor | None],
+    *,
+    treated: list[bool],
+    step_size: list[float],
+    bias_correction2_sqrt: list[float],
+    amsgrad: bool,
+    beta1: float,
+    beta2: float,
+    lr: float,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+    decoupled: bool,
+    znorm_eps: float,
+    correction: float,
+    write_grad: bool = False,
+    stats_out: Tensor | None = None,
+    checked: bool = False,
+) -> None:
+    """torch.optim.Adam's (``decoupled=False``) or AdamW's (``decoupled=True``) non-capturable step on the
+    z-scores of the gradients, for CPU tensors, in one op call (the arguments of ``triton_optim.adam_step_``,
+    with ``treated``, ``znorm_eps`` and ``correction`` for its stats tensor; ``eps`` is Adam's). The caller
+    has incremented the step counters and passes, per tensor, ``step_size = lr / (1 - beta1**step)`` and
+    ``bias_correction2_sqrt = (1 - beta2**step) ** 0.5``. ``max_exp_avg_sqs`` is read only with amsgrad.
+    ``treated``, ``write_grad``, ``stats_out`` and ``checked`` as for ``sgd_step_``."""
+    beta1, beta2, lr, weight_decay, eps = (
+        _scalar(k, v)
+        for k, v in (
+            ("beta1", beta1),
+            ("beta2", beta2),
+            ("lr", lr),
+            ("weight_decay", weight_decay),
+            ("eps", eps),
+        )
+    )
+    lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
+    if not checked:
+        check_step(lists, ["params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"][: len(lists)])
+    n = len(params)
+    treated = _flags("treated", treated, n)
+    if len(step_size) != n or len(bias_correction2_sqrt) != n:
+        raise ValueError("step_size and bias_correction2_sqrt need one entry per param")
+    if n == 0:
+        return
+    with torch.no_grad():
+        torch.ops.znorm_kernels_C.znorm_adam_step_(
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [], treated,
+            [float(x) for x in step_size], [float(x) for x in bias_correction2_sqrt], float(znorm_eps),
+            float(correction), bool(amsgrad), beta1, beta2, lr, weight_decay, eps, bool(maximize),
+            bool(decoupled), bool(write_grad), stats_out,
+        )  # fmt: skip

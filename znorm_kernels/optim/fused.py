@@ -1,13 +1,16 @@
-"""The fused step of the ZNorm optimizers, on Triton: per (device, dtype) group of a param group, the
+"""The fused step of the ZNorm optimizers. On Triton: per (device, dtype) group of a param group, the
 statistics stage (one launch: each gradient read once) and one update launch that applies the z-scores as it
 loads the gradient (backends/triton_optim.py). The gradient is read twice and never written (unless
-``normalize_grad``), where the hook then torch's update read it three times and write it once.
+``normalize_grad``), where the hook then torch's update read it three times and write it once. On the CPU
+(backend "cpu", or "auto" for CPU tensors): one call of the native op per dtype group (backends/native.py),
+which computes each tensor's statistics and then updates it in one pass (in cache for small tensors), with
+no scratch copy of the gradient.
 
-``try_fused_step_`` takes a param group when its options allow (Triton serves its devices; not
-``capturable``, ``differentiable`` or torch's own ``fused``; a plain float learning rate; no gradient scale)
-and returns False otherwise, for the caller's general path (the hook's kernel, then torch's update). The
-optimizer state is created and kept exactly as torch's SGD and Adam keep it, so checkpoints stay
-interchangeable.
+``try_fused_step_`` takes a param group when its options allow (Triton serves its devices, or every parameter
+is on the CPU and the backend resolves to "cpu"; not ``capturable``, ``differentiable`` or torch's own
+``fused``; a plain float learning rate; no gradient scale) and returns False otherwise, for the caller's
+general path (the hook's kernel, then torch's update). The optimizer state is created and kept exactly as
+torch's SGD and Adam keep it, so checkpoints stay interchangeable.
 """
 
 from __future__ import annotations
@@ -26,23 +29,28 @@ __all__ = ["try_fused_step_"]
 _NO_ZNORM_ROW = (0.0, 0.0, 1.0, 0.0)
 
 
-def _serves(opt, group: dict[str, Any], params: list[Tensor]) -> bool:
+def _fused_path(opt, group: dict[str, Any], params: list[Tensor]) -> str | None:
+    """The fused step that serves the group: "triton", "cpu" (the native CPU step), or None."""
     if group.get("differentiable") or group.get("capturable") or group.get("fused"):
-        return False
+        return None
     if isinstance(group["lr"], Tensor):
-        return False
+        return None
     if getattr(opt, "_step_supports_amp_scaling", False) and getattr(opt, "grad_scale", None) is not None:
-        return False
+        return None
     backend = opt._znorm["backend"]
-    if backend not in ("auto", "triton"):
-        return False
-    for device in {p.device for p in params}:
-        try:
-            if resolve_backend(backend, device) != "triton":
-                return False
-        except (RuntimeError, ValueError):
-            return False
-    return True
+    if backend not in ("auto", "triton", "cpu"):
+        return None
+    try:
+        resolved = {resolve_backend(backend, device) for device in {p.device for p in params}}
+    except (RuntimeError, ValueError):
+        return None
+    if resolved == {"triton"}:
+        return "triton"
+    if resolved == {"cpu"} and all(p.device.type == "cpu" for p in params):
+        from ..backends import native
+
+        return "cpu" if native.has_optim_kernels() else None
+    return None
 
 
 def _statistics(grads: list[Tensor], treated: list[bool], eps: float, correction: float) -> Tensor:
@@ -68,7 +76,10 @@ def try_fused_step_(opt, group: dict[str, Any], kind: str, names: list[str], sta
     appends (names, float64 [k, 2] mean/std) for the group's treated parameters to ``stats_sink`` (NaN rows
     where a parameter has no gradient or fewer than 2 elements)."""
     params = [p for p in group["params"] if p.grad is not None]
-    if not params or not _serves(opt, group, params):
+    if not params:
+        return False
+    path = _fused_path(opt, group, params)
+    if path is None:
         return False
     defaults = opt._znorm["defaults"]
     znorm = group.get("znorm", defaults["znorm"])
@@ -93,8 +104,15 @@ def try_fused_step_(opt, group: dict[str, Any], kind: str, names: list[str], sta
             ps = [params[i] for i in idx]
             gs = [grads[i] for i in idx]
             treated = [znorm and p.dim() >= min_ndim and p.numel() >= 2 for p in ps]
-            stats = _statistics(gs, treated, eps, correction)
-            launches.append((ps, treated, stats, prepare(opt, group, ps, gs, stats, kind)))
+            if path == "triton":
+                stats = _statistics(gs, treated, eps, correction)
+                engine = _triton_engine(stats)
+            else:  # the native op computes the statistics itself, and writes them here with track_stats
+                stats = None
+                if opt._znorm["track_stats"]:
+                    stats = torch.full((len(ps), 2), float("nan"), dtype=torch.float64)
+                engine = _native_engine(treated, eps, correction, stats)
+            launches.append((ps, treated, stats, prepare(opt, group, ps, gs, engine, kind)))
     except NotImplementedError:
         return False
     # Phase 2: the updates.
@@ -121,26 +139,55 @@ def _stats_rows(selected: list[Tensor], name_of: dict[int, str], launches: list)
     return [name_of[id(p)] for p in selected], values
 
 
-def _validate(opt, lists: list[list[Tensor]], names: list[str], stats: Tensor) -> None:
+class _Engine:
+    """One bucket's fused update: ``check(lists, names)`` (NotImplementedError for what it does not serve,
+    nothing touched), ``sgd(params, grads, bufs, **options)`` and ``adam(params, grads, exp_avgs, exp_avg_sqs,
+    max_exp_avg_sqs, **options)`` with the options of triton_optim's sgd_step_/adam_step_ (``checked=True``
+    included)."""
+
+    def __init__(self, name: str, check, sgd, adam) -> None:
+        self.name, self.check, self.sgd, self.adam = name, check, sgd, adam
+
+
+def _triton_engine(stats: Tensor) -> _Engine:
+    from ..backends import triton_optim
+
+    return _Engine(
+        "triton",
+        lambda lists, names: triton_optim.check(lists, names, stats),
+        lambda *lists, **kw: triton_optim.sgd_step_(*lists, stats, **kw),
+        lambda *lists, **kw: triton_optim.adam_step_(*lists, stats, **kw),
+    )
+
+
+def _native_engine(treated: list[bool], eps: float, correction: float, stats: Tensor | None) -> _Engine:
+    from ..backends import native
+
+    znorm = dict(treated=treated, znorm_eps=eps, correction=correction, stats_out=stats)
+    return _Engine(
+        "cpu",
+        native.check_step,
+        lambda *lists, **kw: native.sgd_step_(*lists, **znorm, **kw),
+        lambda *lists, **kw: native.adam_step_(*lists, **znorm, **kw),
+    )
+
+
+def _validate(opt, lists: list[list[Tensor]], names: list[str], engine: _Engine) -> None:
     """The update kernel's checks (NotImplementedError for what it does not serve), run once per set of
     tensors: the addresses of every list are remembered, and unchanged ones (an optimizer's gradients and
     state, step after step) are not checked again: their shapes, dtypes and layouts are their parameters'."""
-    from ..backends import triton_optim
-
-    key = tuple(t.data_ptr() if t is not None else 0 for lst in lists for t in lst)
+    key = (engine.name, *(t.data_ptr() if t is not None else 0 for lst in lists for t in lst))
     seen = opt.__dict__.setdefault("_znorm_validated", set())
     if key in seen:
         return
-    triton_optim.check(lists, names, stats)
+    engine.check(lists, names)
     if len(seen) >= 64:
         seen.clear()
     seen.add(key)
 
 
-def _prepare_sgd(opt, group, params, grads, stats, kind):
+def _prepare_sgd(opt, group, params, grads, engine: _Engine, kind: str):
     """Check the SGD update of one bucket; returns the function that runs it and keeps its state."""
-    from ..backends import triton_optim
-
     momentum = group["momentum"]
     bufs, first = [], []
     for p in params:
@@ -152,14 +199,13 @@ def _prepare_sgd(opt, group, params, grads, stats, kind):
             first.append(False)
         bufs.append(buf)
     lists = [params, grads] + ([bufs] if momentum != 0 else [])
-    _validate(opt, lists, ["params", "grads", "momentum_buffers"][: len(lists)], stats)
+    _validate(opt, lists, ["params", "grads", "momentum_buffers"][: len(lists)], engine)
 
     def run() -> None:
-        triton_optim.sgd_step_(
+        engine.sgd(
             params,
             grads,
             bufs,
-            stats,
             first=first,
             lr=group["lr"],
             momentum=momentum,
@@ -177,10 +223,8 @@ def _prepare_sgd(opt, group, params, grads, stats, kind):
     return run
 
 
-def _prepare_adam(opt, group, params, grads, stats, kind):
+def _prepare_adam(opt, group, params, grads, engine: _Engine, kind: str):
     """Check the Adam/AdamW update of one bucket; returns the function that runs it and counts the step."""
-    from ..backends import triton_optim
-
     beta1, beta2 = group["betas"]
     amsgrad = group["amsgrad"]
     exp_avgs, exp_avg_sqs, max_sqs, steps = [], [], [], []
@@ -200,7 +244,7 @@ def _prepare_adam(opt, group, params, grads, stats, kind):
         steps.append(state["step"])
     lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_sqs] if amsgrad else [])
     names = ["params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"][: len(lists)]
-    _validate(opt, lists, names, stats)
+    _validate(opt, lists, names, engine)
     lr = group["lr"]
     # torch's single-tensor Adam: the step counted first, then Python-float bias corrections.
     counts = [float(s) + 1 for s in steps]  # CPU tensors: no device sync
@@ -208,13 +252,12 @@ def _prepare_adam(opt, group, params, grads, stats, kind):
     bc2_sqrt = [(1 - beta2**c) ** 0.5 for c in counts]
 
     def run() -> None:
-        triton_optim.adam_step_(
+        engine.adam(
             params,
             grads,
             exp_avgs,
             exp_avg_sqs,
             max_sqs,
-            stats,
             step_size=step_size,
             bias_correction2_sqrt=bc2_sqrt,
             amsgrad=amsgrad,

@@ -1,0 +1,608 @@
+"""The native CPU fused optimizer steps (ops znorm_kernels_C::znorm_sgd_step_ / znorm_adam_step_, wrapped by
+znorm_kernels.backends.native.sgd_step_ / adam_step_) and the ZNorm optimizers' CPU path through them.
+
+Each step is checked three ways, over several steps:
+- against the same formulas written as separate torch ops on the z-scores of the "cpu" backend (each
+  operation rounded on its own, stored values rounded to the dtype where the kernel stores them): bitwise;
+- against torch.optim's functional sgd/adam (foreach=False) on those z-scores: within float32 rounding
+  (torch's CPU kernels fuse multiply-adds in add with alpha and lerp, and round bfloat16 intermediates to
+  bfloat16; the fused step never contracts and keeps them in float32);
+- the z-scores it writes with write_grad, and the statistics it writes, against the "cpu" backend: bitwise.
+Sizes cross the kernel's block (1024) and chunk (16384) boundaries; 1-element and untreated tensors take
+z = g."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch.optim.adam import adam as torch_adam
+from torch.optim.sgd import sgd as torch_sgd
+
+import znorm_kernels
+from tests.utils import make_grad
+from znorm_kernels.backends import native
+from znorm_kernels.optim import ZNormAdam, ZNormAdamW, ZNormSGD
+
+pytestmark = pytest.mark.skipif(
+    "cpu" not in znorm_kernels.available_backends() or not native.has_optim_kernels(),
+    reason="native extension with the fused optimizer kernels not built",
+)
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float64]
+SIZES = [1, 5, 1023, 1025, 16384, 16385, 40000]
+TREATED = [True, True, True, False, True, True, True]  # one untreated tensor among them
+TOL = {
+    torch.float32: dict(rtol=1e-5, atol=2e-6),
+    torch.bfloat16: dict(rtol=2e-2, atol=5e-2),  # a few bfloat16 ulps: torch rounds its intermediates
+    torch.float16: dict(rtol=3e-3, atol=3e-3),
+    torch.float64: dict(rtol=1e-12, atol=1e-12),
+}
+
+
+def params_of(dtype, sizes=SIZES, seed=0):
+    return [make_grad((n,), dtype, seed=1000 + seed + n, mean=0.5, std=1.0) for n in sizes]
+
+
+def grads_of(dtype, step, sizes=SIZES):
+    return [make_grad((n,), dtype, seed=7 * step + n) for n in sizes]
+
+
+def cpu_z(grads, treated, eps=1e-10, correction=0):
+    """The z-scores the "cpu" backend writes (tensors of < 2 elements left alone by it); z = g untreated."""
+    z = [g.clone() for g in grads]
+    znorm_kernels.znorm_(
+        [t for t, tr in zip(z, treated) if tr], eps=eps, correction=correction, backend="cpu"
+    )
+    return z
+
+
+def acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def assert_equal_lists(got, want, what):
+    for i, (a, b) in enumerate(zip(got, want)):
+        if not torch.equal(a, b):
+            diff = (a.double() - b.double()).abs().max().item()
+            raise AssertionError(f"{what}[{i}] ({a.dtype}, {a.numel()} elements) differs, max {diff}")
+
+
+def assert_close_lists(got, want, dtype, what):
+    for i, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, **TOL[dtype], msg=lambda m, i=i: f"{what}[{i}]: {m}")
+
+
+# --- the formulas, one torch op per kernel operation ---
+
+
+def formula_sgd(p, z, buf, first, *, lr, momentum, dampening, nesterov, weight_decay, maximize):
+    """(new p, new buf) of one tensor, each operation a separate torch op in the accumulation dtype."""
+    dtype, a = p.dtype, acc(p.dtype)
+    c = lambda x: torch.tensor(x, dtype=a)
+    pv = p.to(a)
+    d = -z.to(a) if maximize else z.to(a)
+    if weight_decay != 0:
+        d = d + c(weight_decay) * pv
+    new_buf = None
+    if momentum != 0:
+        nxt = d if first else buf.to(a) * c(momentum) + c(1 - dampening) * d
+        new_buf = nxt.to(dtype)
+        bv = new_buf.to(a)
+        d = d + c(momentum) * bv if nesterov else bv
+    return (pv - c(lr) * d).to(dtype), new_buf
+
+
+def formula_adam(p, z, m, v, vmax, *, step_size, bc2, amsgrad, beta1, beta2, lr, weight_decay, eps, maximize,
+                 decoupled):  # fmt: skip
+    dtype, a = p.dtype, acc(p.dtype)
+    c = lambda x: torch.tensor(x, dtype=a)
+    pv = p.to(a)
+    d = -z.to(a) if maximize else z.to(a)
+    if weight_decay != 0:
+        if decoupled:
+            pv = pv * c(1 - lr * weight_decay)
+        else:
+            d = d + c(weight_decay) * pv
+    w = 1 - beta1
+    mv = m.to(a)
+    new_m = mv + c(w) * (d - mv) if abs(w) < 0.5 else d - (d - mv) * (c(1.0) - c(w))  # torch.lerp's two
+    new_m = new_m.to(dtype)
+    new_v = (v.to(a) * c(beta2) + c(1 - beta2) * d * d).to(dtype)
+    vx = new_v.to(a)
+    new_vmax = None
+    if amsgrad:
+        vx = torch.maximum(vmax.to(a), vx)
+        new_vmax = vx.to(dtype)
+    # Correctly rounded square root (numpy's, the hardware's; torch's vectorized CPU sqrt is not, always).
+    denom = torch.from_numpy(np.sqrt(vx.numpy())) / c(bc2) + c(eps)
+    return (pv - (c(step_size) * new_m.to(a)) / denom).to(dtype), new_m, new_v, new_vmax
+
+
+# --- the kernels against the formulas and torch ---
+
+SGD_OPTIONS = [
+    dict(momentum=m, dampening=d, nesterov=n, weight_decay=wd, maximize=mx)
+    for m, d, n, wd, mx in itertools.product(
+        [0.0, 0.9], [0.0, 0.1], [False, True], [0.0, 0.01], [False, True]
+    )
+    if not (n and (m == 0 or d != 0))  # torch.optim.SGD refuses nesterov without momentum or with dampening
+    and not (m == 0 and d != 0)  # dampening is unused without momentum
+]
+
+
+def run_sgd(dtype, opts, steps=3, lr=0.1, sizes=SIZES, treated=TREATED):
+    params = params_of(dtype, sizes)
+    formula = [p.clone() for p in params]
+    want = [p.clone() for p in params]
+    bufs = [torch.zeros_like(p) for p in params]
+    formula_bufs = [None] * len(params)
+    want_bufs = [None] * len(params)
+    for step in range(steps):
+        grads = grads_of(dtype, step, sizes)
+        raw = [g.clone() for g in grads]
+        z = cpu_z(grads, treated)
+        first = [step == 0] * len(params)
+        native.sgd_step_(
+            params, grads, bufs, treated=treated, first=first, znorm_eps=1e-10, correction=0, lr=lr, **opts
+        )
+        assert_equal_lists(grads, raw, "grads (left raw)")
+        for i in range(len(params)):
+            formula[i], nb = formula_sgd(formula[i], z[i], formula_bufs[i], first[i], lr=lr, **opts)
+            formula_bufs[i] = nb
+        assert_equal_lists(params, formula, f"step {step} params")
+        torch_sgd(want, z, want_bufs, foreach=False, lr=lr, **opts)
+        assert_close_lists(params, want, dtype, f"step {step} params against torch")
+        if opts["momentum"]:
+            assert_equal_lists(bufs, formula_bufs, f"step {step} momentum_buffers")
+            assert_close_lists(bufs, want_bufs, dtype, f"step {step} momentum_buffers against torch")
+    return params
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("opts", SGD_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_sgd_matches_formulas_bitwise_and_torch(dtype, opts):
+    run_sgd(dtype, opts)
+
+
+def test_sgd_first_step_buffer_is_d_bitwise_as_torch():
+    # Without weight decay torch's first momentum buffer is clone(±z): the same operations, bit for bit.
+    dtype = torch.float32
+    params = params_of(dtype)
+    grads = grads_of(dtype, 0)
+    z = cpu_z(grads, TREATED)
+    bufs = [torch.full_like(p, float("nan")) for p in params]  # contents of a new buffer are not used
+    want_bufs = [None] * len(params)
+    opts = dict(momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=True)
+    native.sgd_step_(params, grads, bufs, treated=TREATED, first=[True] * 7, znorm_eps=1e-10, correction=0,
+                     lr=0.1, **opts)  # fmt: skip
+    torch_sgd([p.clone() for p in params], z, want_bufs, foreach=False, lr=0.1, **opts)
+    assert_equal_lists(bufs, want_bufs, "momentum_buffers")
+
+
+def test_sgd_momentum_buffers_new_at_later_steps():
+    # Parameters added to the optimizer later get their momentum buffer at a later step: per-tensor flags.
+    sizes = [5, 1025, 16385]
+    opts = dict(momentum=0.9, dampening=0.1, nesterov=False, weight_decay=0.01, maximize=False)
+    dtype = torch.float32
+    params = params_of(dtype, sizes)
+    formula = [p.clone() for p in params]
+    bufs = [torch.zeros_like(p) for p in params]
+    formula_bufs = [None] * 3
+    first_steps = [0, 1, 0]
+    for step in range(3):
+        grads = grads_of(dtype, step, sizes)
+        z = cpu_z(grads, [True] * 3)
+        idx = [i for i in range(3) if step >= first_steps[i]]
+        native.sgd_step_([params[i] for i in idx], [grads[i] for i in idx], [bufs[i] for i in idx],
+                         treated=[True] * len(idx), first=[first_steps[i] == step for i in idx],
+                         znorm_eps=1e-10, correction=0, lr=0.1, **opts)  # fmt: skip
+        for i in idx:
+            formula[i], formula_bufs[i] = formula_sgd(
+                formula[i], z[i], formula_bufs[i], first_steps[i] == step, lr=0.1, **opts
+            )
+        assert_equal_lists(params, formula, f"step {step} params")
+        assert_equal_lists([bufs[i] for i in idx], [formula_bufs[i] for i in idx], "buffers")
+
+
+ADAM_OPTIONS = [
+    dict(amsgrad=a, decoupled=dc, weight_decay=wd, maximize=mx)
+    for a, dc, wd, mx in itertools.product([False, True], [False, True], [0.0, 0.01], [False, True])
+    if not (dc and wd == 0)  # AdamW without weight decay is Adam
+]
+
+
+def run_adam(dtype, opts, steps=3, lr=0.01, betas=(0.9, 0.999), eps=1e-8, step0=None, sizes=SIZES,
+             treated=TREATED):  # fmt: skip
+    params = params_of(dtype, sizes)
+    n = len(params)
+    formula = [p.clone() for p in params]
+    want = [p.clone() for p in params]
+    states = [[torch.zeros_like(p) for p in params] for _ in range(3)]
+    formula_states = [[torch.zeros_like(p) for p in params] for _ in range(3)]
+    want_states = [[torch.zeros_like(p) for p in params] for _ in range(3)]
+    counts = list(step0) if step0 else [0] * n
+    want_steps = [torch.tensor(float(c)) for c in counts]
+    decoupled = opts["decoupled"]
+    torch_opts = {k: v for k, v in opts.items() if k != "decoupled"}
+    beta1, beta2 = betas
+    for step in range(steps):
+        grads = grads_of(dtype, step, sizes)
+        raw = [g.clone() for g in grads]
+        z = cpu_z(grads, treated)
+        counts = [c + 1 for c in counts]
+        step_size = [lr / (1 - beta1**c) for c in counts]
+        bc2 = [(1 - beta2**c) ** 0.5 for c in counts]
+        native.adam_step_(
+            params, grads, *states, treated=treated, step_size=step_size, bias_correction2_sqrt=bc2,
+            beta1=beta1, beta2=beta2, lr=lr, eps=eps, decoupled=decoupled, znorm_eps=1e-10, correction=0,
+            **torch_opts,
+        )  # fmt: skip
+        assert_equal_lists(grads, raw, "grads (left raw)")
+        for i in range(n):
+            p, m, v, vmax = formula_adam(
+                formula[i], z[i], formula_states[0][i], formula_states[1][i], formula_states[2][i],
+                step_size=step_size[i], bc2=bc2[i], beta1=beta1, beta2=beta2, lr=lr, eps=eps,
+                decoupled=decoupled, **torch_opts,
+            )  # fmt: skip
+            formula[i], formula_states[0][i], formula_states[1][i] = p, m, v
+            if vmax is not None:
+                formula_states[2][i] = vmax
+        assert_equal_lists(params, formula, f"step {step} params")
+        assert_equal_lists(states[0], formula_states[0], f"step {step} exp_avgs")
+        assert_equal_lists(states[1], formula_states[1], f"step {step} exp_avg_sqs")
+        if opts["amsgrad"]:
+            assert_equal_lists(states[2], formula_states[2], f"step {step} max_exp_avg_sqs")
+        torch_adam(
+            want, z, *want_states, want_steps, foreach=False, decoupled_weight_decay=decoupled,
+            beta1=beta1, beta2=beta2, lr=lr, eps=eps, **torch_opts,
+        )  # fmt: skip
+        assert_close_lists(params, want, dtype, f"step {step} params against torch")
+        assert_close_lists(states[0], want_states[0], dtype, f"step {step} exp_avgs against torch")
+        assert_close_lists(states[1], want_states[1], dtype, f"step {step} exp_avg_sqs against torch")
+        if opts["amsgrad"]:
+            assert_close_lists(states[2], want_states[2], dtype, f"step {step} max_exp_avg_sqs against torch")
+    return params
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("opts", ADAM_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_adam_matches_formulas_bitwise_and_torch(dtype, opts):
+    run_adam(dtype, opts)
+
+
+def test_adam_per_tensor_step_counts():
+    opts = dict(amsgrad=False, decoupled=True, weight_decay=0.01, maximize=False)
+    run_adam(torch.float32, opts, step0=[0, 3, 0, 7, 1, 2, 5])
+
+
+def test_adam_lerp_weight_above_half():
+    # beta1 < 0.5: torch.lerp's second formula, end - (end - start) * (1 - weight).
+    opts = dict(amsgrad=True, decoupled=False, weight_decay=0.0, maximize=False)
+    run_adam(torch.float32, opts, betas=(0.3, 0.99))
+
+
+def test_float16():
+    sizes = [1, 7, 1500, 17000]
+    treated = [True] * 4
+    opts = dict(momentum=0.9, dampening=0.1, nesterov=False, weight_decay=0.01, maximize=False)
+    run_sgd(torch.float16, opts, sizes=sizes, treated=treated)
+    # eps=1e-8 rounds to 0 in float16 where torch's unfused Adam computes its denominator: use 1e-3.
+    run_adam(torch.float16, dict(amsgrad=True, decoupled=True, weight_decay=0.01, maximize=False), eps=1e-3,
+             sizes=sizes, treated=treated)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_write_grad_stores_the_cpu_backends_z_and_stats_bit_for_bit(dtype, kind):
+    grads = grads_of(dtype, 0)
+    z = cpu_z(grads, TREATED)
+    want_stats = torch.full((len(grads), 2), float("nan"), dtype=torch.float64)
+    picked = [i for i, t in enumerate(TREATED) if t and grads[i].numel() >= 2]
+    expected = [grads[i].clone() for i in picked]
+    rows = torch.empty(len(picked), 2, dtype=torch.float64)
+    torch.ops.znorm_kernels_C.znorm_(expected, 1e-10, 0.0, None, rows)
+    want_stats[picked] = rows
+    params = params_of(dtype)
+    stats = torch.zeros(len(grads), 2, dtype=torch.float64)
+    if kind == "sgd":
+        native.sgd_step_(params, grads, [None] * 7, treated=TREATED, first=[True] * 7, znorm_eps=1e-10,
+                         correction=0, lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
+                         maximize=False, write_grad=True, stats_out=stats)  # fmt: skip
+    else:
+        states = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+        native.adam_step_(params, grads, *states, [None] * 7, treated=TREATED, step_size=[0.1] * 7,
+                          bias_correction2_sqrt=[0.05] * 7, amsgrad=False, beta1=0.9, beta2=0.999, lr=0.01,
+                          weight_decay=0.0, eps=1e-8, maximize=False, decoupled=False, znorm_eps=1e-10,
+                          correction=0, write_grad=True, stats_out=stats)  # fmt: skip
+    assert_equal_lists(grads, z, "grads (z)")
+    assert torch.equal(stats.isnan(), want_stats.isnan())
+    assert torch.equal(stats.nan_to_num(), want_stats.nan_to_num())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_wide_tensors_take_the_float64_z_bit_for_bit(dtype):
+    # Spreads beyond 2**100 and multipliers beyond 2**100: the statistics mark them "wide" and the normalize
+    # pass computes (g - mean) * inv in float64; the fused step must take the same values.
+    grads = [
+        make_grad((150,), dtype, seed=1, std=1e32),
+        make_grad((20000,), dtype, seed=2, mean=1e-33, std=1e-33),
+        make_grad((90,), dtype, seed=3),
+    ]
+    z = cpu_z(grads, [True] * 3, eps=0.0)
+    params = [torch.zeros_like(g) for g in grads]
+    native.sgd_step_(params, grads, [None] * 3, treated=[True] * 3, first=[True] * 3, znorm_eps=0.0,
+                     correction=0, lr=1.0, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
+                     maximize=True, write_grad=True)  # fmt: skip
+    assert_equal_lists(grads, z, "grads (z)")
+    assert_equal_lists(params, z, "params")
+
+
+def test_correction_and_eps_reach_the_statistics():
+    grads = grads_of(torch.float32, 0)
+    z = cpu_z(grads, TREATED, eps=0.5, correction=1)
+    params = params_of(torch.float32)
+    native.sgd_step_(params, grads, [None] * 7, treated=TREATED, first=[True] * 7, znorm_eps=0.5,
+                     correction=1, lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
+                     maximize=False, write_grad=True)  # fmt: skip
+    assert_equal_lists(grads, z, "grads (z)")
+
+
+def test_nan_gradient_spoils_only_its_own_tensor():
+    grads = grads_of(torch.float32, 0, sizes=[100, 20000, 300])
+    grads[1][17] = float("nan")
+    params = params_of(torch.float32, sizes=[100, 20000, 300])
+    before = [p.clone() for p in params]
+    native.sgd_step_(params, grads, [None] * 3, treated=[True] * 3, first=[True] * 3, znorm_eps=1e-10,
+                     correction=0, lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
+                     maximize=False)  # fmt: skip
+    assert params[1].isnan().all()
+    assert params[0].isfinite().all() and params[2].isfinite().all()
+    assert not torch.equal(params[0], before[0])
+
+
+def test_layouts_channels_last_and_empty():
+    # A dense layout is used in place (memory order); the result keeps the tensors' strides and equals the
+    # formulas on the "cpu" backend's z-scores of that same tensor (whose statistics sum in memory order too).
+    g = make_grad((8, 3, 5, 5), seed=4).to(memory_format=torch.channels_last)
+    p = make_grad((8, 3, 5, 5), seed=5).to(memory_format=torch.channels_last)
+    b = torch.zeros_like(p)
+    z = cpu_z([g], [True])[0]
+    opts = dict(lr=0.1, momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.01, maximize=False)
+    want_p, want_b = formula_sgd(p.clone(), z, None, True, **opts)
+    e = torch.empty(0)
+    native.sgd_step_([p, e], [g, e.clone()], [b, e.clone()], treated=[True, True], first=[True, True],
+                     znorm_eps=1e-10, correction=0, **opts)  # fmt: skip
+    assert p.stride() == g.stride() == b.stride()
+    assert torch.equal(p, want_p) and torch.equal(b, want_b)
+
+
+def test_threads_and_repeats_give_the_same_bits():
+    # A list of more than 4 M elements runs on the intra-op threads (items taken from a counter): the result
+    # does not depend on which thread ran which item, nor on the thread count.
+    sizes = [3, 2_500_000, 50, 1_800_001, 16384]
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (threads, 1, threads):
+            torch.set_num_threads(n_threads)
+            params = params_of(torch.float32, sizes)
+            grads = grads_of(torch.float32, 0, sizes)
+            states = [[torch.zeros_like(p) for p in params] for _ in range(3)]
+            stats = torch.empty(len(sizes), 2, dtype=torch.float64)
+            native.adam_step_(params, grads, *states, treated=[True] * 5, step_size=[0.1] * 5,
+                              bias_correction2_sqrt=[0.05] * 5, amsgrad=True, beta1=0.9, beta2=0.999, lr=0.01,
+                              weight_decay=0.01, eps=1e-8, maximize=False, decoupled=True, znorm_eps=1e-10,
+                              correction=0, write_grad=True, stats_out=stats)  # fmt: skip
+            results.append([*params, *grads, *states[0], *states[1], *states[2], stats])
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert_equal_lists(other, results[0], "run")
+
+
+_ISA_SCRIPT = """
+import sys, torch
+from znorm_kernels.backends import native
+from tests.utils import make_grad
+sizes = [1, 7, 1500, 3 * 16384 + 17]
+out = []
+for k, dtype in enumerate([torch.float32, torch.float16, torch.bfloat16, torch.float64]):
+    ps = [make_grad((n,), dtype, seed=k * 10 + n) for n in sizes]
+    gs = [make_grad((n,), dtype, seed=k * 10 + n + 1) for n in sizes]
+    bufs = [make_grad((n,), dtype, seed=k * 10 + n + 2) for n in sizes]
+    native.sgd_step_(ps, gs, bufs, treated=[True] * 4, first=[False] * 4, znorm_eps=1e-10, correction=0,
+                     lr=0.1, momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.01, maximize=False)
+    ms = [make_grad((n,), dtype, seed=k * 10 + n + 3) for n in sizes]
+    vs = [make_grad((n,), dtype, seed=k * 10 + n + 4).abs() for n in sizes]
+    vm = [make_grad((n,), dtype, seed=k * 10 + n + 5).abs() for n in sizes]
+    native.adam_step_(ps, gs, ms, vs, vm, treated=[True] * 4, step_size=[0.1] * 4,
+                      bias_correction2_sqrt=[0.3] * 4, amsgrad=True, beta1=0.9, beta2=0.999, lr=0.01,
+                      weight_decay=0.01, eps=1e-8, maximize=True, decoupled=False, znorm_eps=1e-10,
+                      correction=0, write_grad=True)
+    out += ps + gs + bufs + ms + vs + vm
+torch.save(out, sys.argv[1])
+"""
+
+
+@pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"), reason="no AVX2: one version only"
+)
+def test_baseline_and_avx2_loops_bitwise_equal(tmp_path):
+    results = []
+    for isa in ("baseline", "auto"):
+        env = {**os.environ, "ZNORM_CPU_ISA": isa}
+        path = tmp_path / f"{isa}.pt"
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(path)], env=env, cwd=root, check=True)
+        results.append(torch.load(path))
+    assert_equal_lists(results[1], results[0], "avx2 against baseline")
+
+
+# --- bad input: errors before anything is written ---
+
+
+def test_mismatched_state_layout_is_not_served_and_nothing_changes():
+    p = make_grad((4, 6), seed=1)
+    g = make_grad((4, 6), seed=2)
+    buf = torch.zeros(6, 4).t()  # same shape, other strides
+    before = [p.clone(), g.clone(), buf.clone()]
+    opts = dict(treated=[True], first=[False], znorm_eps=1e-10, correction=0, lr=0.1, momentum=0.9,
+                dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False)  # fmt: skip
+    with pytest.raises(NotImplementedError, match="strides"):
+        native.sgd_step_([p], [g], [buf], **opts)
+    with pytest.raises(RuntimeError, match="strides"):  # the op's own check (the Python one skipped)
+        native.sgd_step_([p], [g], [buf], checked=True, **opts)
+    assert all(torch.equal(a, b) for a, b in zip([p, g, buf], before))
+
+
+def test_non_dense_and_wrong_dtype_are_not_served():
+    base = make_grad((8, 8), seed=1)
+    p = base[:, ::2]
+    with pytest.raises(NotImplementedError, match="dense"):
+        native.check_step([[p], [base.clone()[:, ::2]]], ["params", "grads"])
+    with pytest.raises(NotImplementedError, match="float64"):
+        native.check_step([[base], [base.double()]], ["params", "grads"])
+    with pytest.raises(ValueError, match="entries"):
+        native.check_step([[base], []], ["params", "grads"])
+
+
+def test_bad_stats_out_raises_before_writing():
+    params, grads = params_of(torch.float32, [5, 7]), grads_of(torch.float32, 0, [5, 7])
+    before = [t.clone() for t in params + grads]
+    bad = torch.empty(3, 2, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="stats"):
+        native.sgd_step_(params, grads, [None] * 2, treated=[True] * 2, first=[True] * 2, znorm_eps=1e-10,
+                         correction=0, lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
+                         maximize=False, write_grad=True, stats_out=bad)  # fmt: skip
+    assert all(torch.equal(a, b) for a, b in zip(params + grads, before))
+
+
+# --- the ZNorm optimizers on the CPU take the native step ---
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, bias=False),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 6 * 6, 5),
+    )
+
+
+def batches(n=3):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(6, 3, 8, 8, generator=g), torch.randint(0, 5, (6,), generator=g)) for _ in range(n)]
+
+
+def train(model, opt, data):
+    for x, y in data:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    counts = {"sgd": 0, "adam": 0}
+    for name in counts:
+        real = getattr(native, f"{name}_step_")
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            counts[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(native, f"{name}_step_", spy)
+    return counts
+
+
+CASES = [
+    (ZNormSGD, torch.optim.SGD, "sgd", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2)),
+    (ZNormAdam, torch.optim.Adam, "adam", dict(lr=1e-2, amsgrad=True, weight_decay=1e-2)),
+    (ZNormAdamW, torch.optim.AdamW, "adam", dict(lr=1e-2, maximize=True)),
+]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "auto"])
+@pytest.mark.parametrize("cls,torch_cls,kind,kwargs", CASES, ids=lambda c: getattr(c, "__name__", None))
+def test_optimizer_takes_the_native_step_and_matches_the_hook(calls, backend, cls, torch_cls, kind, kwargs):
+    ours, theirs = make_model(), make_model()
+    groups = lambda m: [
+        {"params": [m[0].weight, m[4].weight]},
+        {"params": [m[1].weight, m[1].bias, m[4].bias], "min_ndim": 2},  # untreated 1-D tensors
+    ]
+    opt = cls(groups(ours), backend=backend, track_stats=True, **kwargs)
+    ref = torch_cls(groups(theirs), **kwargs)
+    treated = [theirs[0].weight, theirs[4].weight]
+    handle = znorm_kernels.register(ref, backend="cpu", params=treated, track_stats=True)
+    data = batches()
+    train(ours, opt, data)
+    train(theirs, ref, data)
+    assert calls[kind] == 2 * len(data)  # one call per group and step
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(p, q, atol=2e-6, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    for s_ours, s_ref in zip(opt.state.values(), ref.state.values()):
+        assert set(s_ours) == set(s_ref), "torch's state format"
+        for key in s_ref:
+            assert s_ours[key].dtype == s_ref[key].dtype and s_ours[key].device == s_ref[key].device
+            torch.testing.assert_close(s_ours[key], s_ref[key], atol=2e-6, rtol=1e-5)
+    ours_stats, ref_stats = opt.grad_stats(), handle.grad_stats()
+    treated = [k for k, n in enumerate(ours_stats.names) if n in ("group0.param0", "group0.param1")]
+    assert len(treated) == 2
+    # The statistics of the last step's gradients (close, not equal: the models have drifted by rounding).
+    torch.testing.assert_close(ours_stats.values[treated], ref_stats.values, rtol=1e-4, atol=1e-6)
+
+
+def test_optimizer_normalize_grad_writes_the_hooks_z(calls):
+    model = make_model()
+    opt = ZNormSGD(model.parameters(), lr=0.1, momentum=0.9, normalize_grad=True, backend="cpu")
+    x, y = batches(1)[0]
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    z = cpu_z([p.grad for p in model.parameters()], [True] * 5)
+    opt.step()
+    assert calls["sgd"] == 1
+    assert_equal_lists([p.grad for p in model.parameters()], z, "grads")
+
+
+def test_optimizer_falls_back_where_the_native_step_does_not_serve(calls):
+    # A momentum buffer of other strides (e.g. loaded from elsewhere): not served, the general path runs and
+    # gives the hook's result.
+    ours, theirs = make_model(), make_model()
+    opt = ZNormSGD(ours.parameters(), lr=0.1, momentum=0.9, backend="cpu")
+    ref = torch.optim.SGD(theirs.parameters(), lr=0.1, momentum=0.9)
+    znorm_kernels.register(ref, backend="cpu")
+    w, w_ref = ours[4].weight, theirs[4].weight
+    opt.state[w]["momentum_buffer"] = torch.zeros(w.shape[::-1]).t()
+    ref.state[w_ref]["momentum_buffer"] = torch.zeros(w.shape[::-1]).t()
+    data = batches(2)
+    train(ours, opt, data)
+    train(theirs, ref, data)
+    assert calls["sgd"] == 0
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_optimizer_mixed_dtypes_one_call_per_dtype(calls):
+    a = torch.nn.Parameter(make_grad((30,), torch.float32, seed=1))
+    b = torch.nn.Parameter(make_grad((40,), torch.float64, seed=2))
+    c = torch.nn.Parameter(make_grad((50,), torch.bfloat16, seed=3))
+    opt = ZNormAdam([a, b, c], lr=0.01, backend="cpu")
+    for t in (a, b, c):
+        t.grad = make_grad(t.shape, t.dtype, seed=4)
+    want = [t.detach().clone() for t in (a, b, c)]
+    z = [cpu_z([t.grad], [True])[0] for t in (a, b, c)]
+    opt.step()
+    assert calls["adam"] == 3
+    states = [[torch.zeros_like(t) for t in want] for _ in range(2)]
+    steps = [torch.tensor(0.0) for _ in want]
+    torch_adam(want, z, *states, [], steps, foreach=False, amsgrad=False, beta1=0.9, beta2=0.999, lr=0.01,
+               weight_decay=0.0, eps=1e-8, maximize=False)  # fmt: skip
+    for t, w in zip((a, b, c), want):
+        torch.testing.assert_close(t.detach(), w, **TOL[t.dtype])
