@@ -394,9 +394,9 @@ def test_an_interrupted_epoch_is_all_that_is_lost(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("optimizer", ["sgdm", "adam"])
 def test_znorm_optimizer_trains_like_the_hook_and_logs_gradient_statistics(tmp_path, optimizer):
-    cfg = replace(
-        TINY, optimizer=optimizer, method="znorm", lr=0.01 if optimizer == "sgdm" else 1e-3, epochs=2
-    )
+    # Small steps: at lr 0.01 the fake data is learned within the second epoch and a ReLU flipped by a
+    # rounding difference makes any two correct implementations part by 1e-4.
+    cfg = replace(TINY, optimizer=optimizer, method="znorm", lr=1e-3, epochs=2)
     hook = run(cfg, tmp_path / "hook")
     fused = run(replace(cfg, znorm_optimizer=True), tmp_path / "fused")
     a = load_checkpoint(tmp_path / "hook" / "checkpoint.pt")["model"]
