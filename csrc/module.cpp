@@ -11,7 +11,7 @@ TORCH_LIBRARY(znorm_kernels_C, m) {
   // Tensor(a!)[]: the list is mutated in place, so functionalization and torch.compile treat the op as an
   // opaque in-place op (its fake implementation is registered from Python, in native_backend.py).
   m.def(znorm::kSchema);
-  // The fused optimizer steps: CPU kernels only (znorm_cpu.cpp).
+  // The fused optimizer steps: CPU kernels (znorm_cpu.cpp) and, in a CUDA build, CUDA kernels (znorm_cuda.cu).
   m.def(znorm::kSgdSchema);
   m.def(znorm::kAdamSchema);
 }

@@ -9,7 +9,12 @@ Each step is checked three ways, over several steps:
   bfloat16; the fused step never contracts and keeps them in float32);
 - the z-scores it writes with write_grad, and the statistics it writes, against the "cpu" backend: bitwise.
 Sizes cross the kernel's block (1024) and chunk (16384) boundaries; 1-element and untreated tensors take
-z = g."""
+z = g.
+
+The CUDA kernels of the same ops (built in a CUDA build) are checked the same way where a GPU is present: the
+formulas on the "cuda" backend's z-scores (bitwise: every operation correctly rounded on its own, on either
+device), torch's functional step, and the "cuda" backend's z and statistics (bitwise). Without a GPU only the
+registration and the optimizers' choice of path run."""
 
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ from torch.optim.sgd import sgd as torch_sgd
 import znorm_kernels
 from tests.utils import make_grad
 from znorm_kernels.backends import native
-from znorm_kernels.optim import ZNormAdam, ZNormAdamW, ZNormSGD
+from znorm_kernels.optim import ZNormAdam, ZNormAdamW, ZNormSGD, fused
 
 pytestmark = pytest.mark.skipif(
     "cpu" not in znorm_kernels.available_backends() or not native.has_optim_kernels(),
@@ -54,12 +59,32 @@ def grads_of(dtype, step, sizes=SIZES):
 
 
 def cpu_z(grads, treated, eps=1e-10, correction=0):
-    """The z-scores the "cpu" backend writes (tensors of < 2 elements left alone by it); z = g untreated."""
+    """The z-scores the "cpu" backend writes (tensors of < 2 elements left alone by it); z = g untreated.
+    (The "cuda" backend's for CUDA tensors.)"""
     z = [g.clone() for g in grads]
+    backend = grads[0].device.type if grads else "cpu"
     znorm_kernels.znorm_(
-        [t for t, tr in zip(z, treated) if tr], eps=eps, correction=correction, backend="cpu"
+        [t for t, tr in zip(z, treated) if tr], eps=eps, correction=correction, backend=backend
     )
     return z
+
+
+def cpu(tensors):
+    return [t.cpu() if t is not None else None for t in tensors]
+
+
+def cpu_copy(tensors):
+    return [t.to("cpu", copy=True) for t in tensors]
+
+
+def to(tensors, device):
+    return [t.to(device) if t is not None else None for t in tensors]
+
+
+HAS_CUDA_STEP = torch.cuda.is_available() and native.has_optim_kernels("cuda")
+needs_cuda = pytest.mark.skipif(
+    not HAS_CUDA_STEP, reason="needs a GPU and the CUDA kernels of the fused steps"
+)
 
 
 def acc(dtype):
@@ -136,31 +161,32 @@ SGD_OPTIONS = [
 ]
 
 
-def run_sgd(dtype, opts, steps=3, lr=0.1, sizes=SIZES, treated=TREATED):
-    params = params_of(dtype, sizes)
-    formula = [p.clone() for p in params]
-    want = [p.clone() for p in params]
+def run_sgd(dtype, opts, steps=3, lr=0.1, sizes=SIZES, treated=TREATED, device="cpu"):
+    """The step on ``device``; the formulas and torch's step on the CPU, on that device's z-scores."""
+    params = to(params_of(dtype, sizes), device)
+    formula = cpu_copy(params)
+    want = cpu_copy(params)
     bufs = [torch.zeros_like(p) for p in params]
     formula_bufs = [None] * len(params)
     want_bufs = [None] * len(params)
     for step in range(steps):
-        grads = grads_of(dtype, step, sizes)
+        grads = to(grads_of(dtype, step, sizes), device)
         raw = [g.clone() for g in grads]
-        z = cpu_z(grads, treated)
+        z = cpu(cpu_z(grads, treated))
         first = [step == 0] * len(params)
         native.sgd_step_(
             params, grads, bufs, treated=treated, first=first, znorm_eps=1e-10, correction=0, lr=lr, **opts
         )
-        assert_equal_lists(grads, raw, "grads (left raw)")
+        assert_equal_lists(cpu(grads), cpu(raw), "grads (left raw)")
         for i in range(len(params)):
             formula[i], nb = formula_sgd(formula[i], z[i], formula_bufs[i], first[i], lr=lr, **opts)
             formula_bufs[i] = nb
-        assert_equal_lists(params, formula, f"step {step} params")
+        assert_equal_lists(cpu(params), formula, f"step {step} params")
         torch_sgd(want, z, want_bufs, foreach=False, lr=lr, **opts)
-        assert_close_lists(params, want, dtype, f"step {step} params against torch")
+        assert_close_lists(cpu(params), want, dtype, f"step {step} params against torch")
         if opts["momentum"]:
-            assert_equal_lists(bufs, formula_bufs, f"step {step} momentum_buffers")
-            assert_close_lists(bufs, want_bufs, dtype, f"step {step} momentum_buffers against torch")
+            assert_equal_lists(cpu(bufs), formula_bufs, f"step {step} momentum_buffers")
+            assert_close_lists(cpu(bufs), want_bufs, dtype, f"step {step} momentum_buffers against torch")
     return params
 
 
@@ -218,23 +244,23 @@ ADAM_OPTIONS = [
 
 
 def run_adam(dtype, opts, steps=3, lr=0.01, betas=(0.9, 0.999), eps=1e-8, step0=None, sizes=SIZES,
-             treated=TREATED):  # fmt: skip
-    params = params_of(dtype, sizes)
+             treated=TREATED, device="cpu"):  # fmt: skip
+    params = to(params_of(dtype, sizes), device)
     n = len(params)
-    formula = [p.clone() for p in params]
-    want = [p.clone() for p in params]
+    formula = cpu_copy(params)
+    want = cpu_copy(params)
     states = [[torch.zeros_like(p) for p in params] for _ in range(3)]
-    formula_states = [[torch.zeros_like(p) for p in params] for _ in range(3)]
-    want_states = [[torch.zeros_like(p) for p in params] for _ in range(3)]
+    formula_states = [[torch.zeros_like(p) for p in formula] for _ in range(3)]
+    want_states = [[torch.zeros_like(p) for p in formula] for _ in range(3)]
     counts = list(step0) if step0 else [0] * n
     want_steps = [torch.tensor(float(c)) for c in counts]
     decoupled = opts["decoupled"]
     torch_opts = {k: v for k, v in opts.items() if k != "decoupled"}
     beta1, beta2 = betas
     for step in range(steps):
-        grads = grads_of(dtype, step, sizes)
+        grads = to(grads_of(dtype, step, sizes), device)
         raw = [g.clone() for g in grads]
-        z = cpu_z(grads, treated)
+        z = cpu(cpu_z(grads, treated))
         counts = [c + 1 for c in counts]
         step_size = [lr / (1 - beta1**c) for c in counts]
         bc2 = [(1 - beta2**c) ** 0.5 for c in counts]
@@ -243,7 +269,7 @@ def run_adam(dtype, opts, steps=3, lr=0.01, betas=(0.9, 0.999), eps=1e-8, step0=
             beta1=beta1, beta2=beta2, lr=lr, eps=eps, decoupled=decoupled, znorm_eps=1e-10, correction=0,
             **torch_opts,
         )  # fmt: skip
-        assert_equal_lists(grads, raw, "grads (left raw)")
+        assert_equal_lists(cpu(grads), cpu(raw), "grads (left raw)")
         for i in range(n):
             p, m, v, vmax = formula_adam(
                 formula[i], z[i], formula_states[0][i], formula_states[1][i], formula_states[2][i],
@@ -253,20 +279,22 @@ def run_adam(dtype, opts, steps=3, lr=0.01, betas=(0.9, 0.999), eps=1e-8, step0=
             formula[i], formula_states[0][i], formula_states[1][i] = p, m, v
             if vmax is not None:
                 formula_states[2][i] = vmax
-        assert_equal_lists(params, formula, f"step {step} params")
-        assert_equal_lists(states[0], formula_states[0], f"step {step} exp_avgs")
-        assert_equal_lists(states[1], formula_states[1], f"step {step} exp_avg_sqs")
+        assert_equal_lists(cpu(params), formula, f"step {step} params")
+        assert_equal_lists(cpu(states[0]), formula_states[0], f"step {step} exp_avgs")
+        assert_equal_lists(cpu(states[1]), formula_states[1], f"step {step} exp_avg_sqs")
         if opts["amsgrad"]:
-            assert_equal_lists(states[2], formula_states[2], f"step {step} max_exp_avg_sqs")
+            assert_equal_lists(cpu(states[2]), formula_states[2], f"step {step} max_exp_avg_sqs")
         torch_adam(
             want, z, *want_states, want_steps, foreach=False, decoupled_weight_decay=decoupled,
             beta1=beta1, beta2=beta2, lr=lr, eps=eps, **torch_opts,
         )  # fmt: skip
-        assert_close_lists(params, want, dtype, f"step {step} params against torch")
-        assert_close_lists(states[0], want_states[0], dtype, f"step {step} exp_avgs against torch")
-        assert_close_lists(states[1], want_states[1], dtype, f"step {step} exp_avg_sqs against torch")
+        assert_close_lists(cpu(params), want, dtype, f"step {step} params against torch")
+        assert_close_lists(cpu(states[0]), want_states[0], dtype, f"step {step} exp_avgs against torch")
+        assert_close_lists(cpu(states[1]), want_states[1], dtype, f"step {step} exp_avg_sqs against torch")
         if opts["amsgrad"]:
-            assert_close_lists(states[2], want_states[2], dtype, f"step {step} max_exp_avg_sqs against torch")
+            assert_close_lists(
+                cpu(states[2]), want_states[2], dtype, f"step {step} max_exp_avg_sqs against torch"
+            )
     return params
 
 
@@ -606,3 +634,203 @@ def test_optimizer_mixed_dtypes_one_call_per_dtype(calls):
                weight_decay=0.0, eps=1e-8, maximize=False)  # fmt: skip
     for t, w in zip((a, b, c), want):
         torch.testing.assert_close(t.detach(), w, **TOL[t.dtype])
+
+
+# --- the CUDA kernels of the same ops ---
+
+
+def test_cuda_kernels_registered_with_the_cuda_build():
+    # CPU-runnable: a CUDA build registers the CUDA kernels of both steps, and has_optim_kernels says so.
+    has = [
+        torch._C._dispatch_has_kernel_for_dispatch_key(n, "CUDA")
+        for n in (native.SGD_OP_NAME, native.ADAM_OP_NAME)
+    ]
+    assert has == [native.has_cuda_kernel()] * 2
+    assert native.has_optim_kernels("cuda") == native.has_cuda_kernel()
+    assert native.has_optim_kernels("cpu") and not native.has_optim_kernels("meta")
+
+
+def test_check_step_wants_one_device():
+    p = make_grad((4, 6), seed=1)
+    with pytest.raises(NotImplementedError, match="one device"):
+        native.check_step([[p], [torch.empty(4, 6, device="meta")]], ["params", "grads"])
+    with pytest.raises(NotImplementedError, match="meta"):
+        native.check_step([[torch.empty(3, device="meta")]], ["params"])
+
+
+@pytest.mark.parametrize("backend", ["cuda", "auto", "cpu"])
+def test_fused_path_picks_cuda_where_the_backend_resolves_to_it(monkeypatch, backend):
+    # CPU-runnable: stand-ins on a CUDA device and a resolver without Triton ("auto" -> "cuda").
+    def resolve(name, device):
+        kind = torch.device(device).type
+        if name in ("auto", kind):
+            return kind
+        raise RuntimeError(f"the {name!r} backend does not serve {kind}")
+
+    monkeypatch.setattr(fused, "resolve_backend", resolve)
+    opt = type("Opt", (), {"_znorm": {"backend": backend}})()
+    params = [type("P", (), {"device": torch.device("cuda", 0)})()]
+    want = "cuda" if backend != "cpu" and native.has_optim_kernels("cuda") else None
+    assert fused._fused_path(opt, {"lr": 0.1}, params) == want
+    assert fused._fused_path(opt, {"lr": 0.1, "capturable": True}, params) is None
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("opts", SGD_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_cuda_sgd_matches_formulas_bitwise_and_torch(dtype, opts):
+    run_sgd(dtype, opts, device="cuda")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("opts", ADAM_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_cuda_adam_matches_formulas_bitwise_and_torch(dtype, opts):
+    run_adam(dtype, opts, device="cuda")
+
+
+@needs_cuda
+def test_cuda_adam_per_tensor_step_counts_and_lerp_weight():
+    # Different step counts per tensor: the per-call array of step sizes (not the uniform kernel arguments).
+    run_adam(torch.float32, dict(amsgrad=False, decoupled=True, weight_decay=0.01, maximize=False),
+             step0=[0, 3, 0, 7, 1, 2, 5], device="cuda")  # fmt: skip
+    run_adam(torch.float32, dict(amsgrad=True, decoupled=False, weight_decay=0.0, maximize=False),
+             betas=(0.3, 0.99), device="cuda")  # fmt: skip
+
+
+@needs_cuda
+def test_cuda_float16_and_unaligned_tensors():
+    sizes = [1, 7, 1500, 17000]
+    opts = dict(momentum=0.9, dampening=0.1, nesterov=False, weight_decay=0.01, maximize=False)
+    run_sgd(torch.float16, opts, sizes=sizes, treated=[True] * 4, device="cuda")
+    run_adam(torch.float16, dict(amsgrad=True, decoupled=True, weight_decay=0.01, maximize=False), eps=1e-3,
+             sizes=sizes, treated=[True] * 4, device="cuda")  # fmt: skip
+    # Unaligned: views at an odd element offset take the element-by-element path, with the same bits.
+    base = [make_grad((n + 1,), seed=n) for n in (9000, 20001)]
+    for aligned in (True, False):
+        ps = [(b[1:] if not aligned else b[:-1]).clone().cuda() for b in base]
+        ps = [torch.cat([p[:1], p])[1:] if not aligned else p for p in ps]
+        gs = [make_grad(p.shape, seed=3).cuda() for p in ps]
+        if not aligned:
+            gs = [torch.cat([g[:1], g])[1:] for g in gs]
+        bufs = [torch.zeros_like(p) for p in ps]
+        z = cpu(cpu_z(gs, [True, True]))
+        want = [formula_sgd(p.cpu(), zz, None, True, lr=0.1, **opts) for p, zz in zip(ps, z)]
+        native.sgd_step_(ps, gs, bufs, treated=[True, True], first=[True, True], znorm_eps=1e-10,
+                         correction=0, lr=0.1, **opts)  # fmt: skip
+        assert_equal_lists(cpu(ps), [w[0] for w in want], f"params (aligned={aligned})")
+        assert_equal_lists(cpu(bufs), [w[1] for w in want], f"buffers (aligned={aligned})")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_cuda_write_grad_stores_the_cuda_backends_z_and_stats_bit_for_bit(dtype, kind):
+    grads = to(grads_of(dtype, 0), "cuda")
+    z = cpu_z(grads, TREATED)
+    want_stats = torch.full((len(grads), 2), float("nan"), dtype=torch.float64, device="cuda")
+    picked = [i for i, t in enumerate(TREATED) if t and grads[i].numel() >= 2]
+    expected = [grads[i].clone() for i in picked]
+    rows = torch.empty(len(picked), 2, dtype=torch.float64, device="cuda")
+    torch.ops.znorm_kernels_C.znorm_(expected, 1e-10, 0.0, None, rows)
+    want_stats[picked] = rows
+    params = to(params_of(dtype), "cuda")
+    stats = torch.zeros(len(grads), 2, dtype=torch.float64, device="cuda")
+    if kind == "sgd":
+        native.sgd_step_(params, grads, [None] * 7, treated=TREATED, first=[True] * 7, znorm_eps=1e-10,
+                         correction=0, lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
+                         maximize=False, write_grad=True, stats_out=stats)  # fmt: skip
+    else:
+        states = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+        native.adam_step_(params, grads, *states, [None] * 7, treated=TREATED, step_size=[0.1] * 7,
+                          bias_correction2_sqrt=[0.05] * 7, amsgrad=False, beta1=0.9, beta2=0.999, lr=0.01,
+                          weight_decay=0.0, eps=1e-8, maximize=False, decoupled=False, znorm_eps=1e-10,
+                          correction=0, write_grad=True, stats_out=stats)  # fmt: skip
+    assert_equal_lists(cpu(grads), cpu(z), "grads (z)")
+    assert torch.equal(stats.isnan(), want_stats.isnan())
+    assert torch.equal(stats.nan_to_num(), want_stats.nan_to_num())
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_wide_tensors_and_correction(dtype):
+    grads = to([
+        make_grad((150,), dtype, seed=1, std=1e32),
+        make_grad((20000,), dtype, seed=2, mean=1e-33, std=1e-33),
+        make_grad((90,), dtype, seed=3),
+    ], "cuda")  # fmt: skip
+    for eps, correction in ((0.0, 0), (0.5, 1)):
+        gs = [g.clone() for g in grads]
+        z = cpu_z(gs, [True] * 3, eps=eps, correction=correction)
+        params = [torch.zeros_like(g) for g in gs]
+        native.sgd_step_(params, gs, [None] * 3, treated=[True] * 3, first=[True] * 3, znorm_eps=eps,
+                         correction=correction, lr=1.0, momentum=0.0, dampening=0.0, nesterov=False,
+                         weight_decay=0.0, maximize=True, write_grad=True)  # fmt: skip
+        assert_equal_lists(cpu(gs), cpu(z), "grads (z)")
+        assert_equal_lists(cpu(params), cpu(z), "params")
+
+
+@needs_cuda
+def test_cuda_nan_empty_repeats_and_capture():
+    sizes = [3, 100, 0, 20000, 1, 300_001]
+    grads = to(grads_of(torch.float32, 0, sizes), "cuda")
+    grads[1][17] = float("nan")
+    results = []
+    for _ in range(2):
+        params = to(params_of(torch.float32, sizes), "cuda")
+        gs = [g.clone() for g in grads]
+        states = [[torch.zeros_like(p) for p in params] for _ in range(3)]
+        stats = torch.zeros(len(sizes), 2, dtype=torch.float64, device="cuda")
+        native.adam_step_(params, gs, *states, treated=[True] * 6, step_size=[0.1, 0.2] * 3,
+                          bias_correction2_sqrt=[0.05] * 6, amsgrad=True, beta1=0.9, beta2=0.999, lr=0.01,
+                          weight_decay=0.01, eps=1e-8, maximize=False, decoupled=True, znorm_eps=1e-10,
+                          correction=0, write_grad=True, stats_out=stats)  # fmt: skip
+        results.append(cpu([*params, *gs, *states[0], *states[1], *states[2], stats]))
+    assert_equal_lists(results[1], results[0], "repeat")
+    params = results[0][: len(sizes)]
+    assert params[1].isnan().all() and params[0].isfinite().all() and params[3].isfinite().all()
+    stats = results[0][-1]
+    assert stats[[2, 4]].isnan().all() and stats[[0, 3, 5]].isfinite().all()
+
+    # A captured SGD step replays like the eager one (the table and its flags kept for the graph).
+    p = to(params_of(torch.float32, [5000, 70]), "cuda")
+    g = to(grads_of(torch.float32, 1, [5000, 70]), "cuda")
+    b = [torch.zeros_like(t) for t in p]
+    ref_p, ref_b = [t.clone() for t in p], [t.clone() for t in b]
+    opts = dict(treated=[True, True], first=[False, False], znorm_eps=1e-10, correction=0, lr=0.1,
+                momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.01, maximize=False)  # fmt: skip
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        native.sgd_step_(p, g, b, **opts)  # warm-up: builds the table
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        native.sgd_step_(p, g, b, **opts)
+    for _ in range(3):
+        native.sgd_step_(ref_p, g, ref_b, **opts)
+    graph.replay()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_equal_lists(cpu(p), cpu(ref_p), "captured params")
+    assert_equal_lists(cpu(b), cpu(ref_b), "captured buffers")
+
+
+def _cuda_model(seed=0):
+    return make_model(seed).cuda()
+
+
+@needs_cuda
+@pytest.mark.parametrize("cls,torch_cls,kind,kwargs", CASES, ids=lambda c: getattr(c, "__name__", None))
+def test_cuda_optimizer_takes_the_native_step_and_matches_the_hook(calls, cls, torch_cls, kind, kwargs):
+    ours, theirs = _cuda_model(), _cuda_model()
+    opt = cls(ours.parameters(), backend="cuda", track_stats=True, **kwargs)
+    ref = torch_cls(theirs.parameters(), **kwargs)
+    znorm_kernels.register(ref, backend="cuda")
+    data = [(x.cuda(), y.cuda()) for x, y in batches()]
+    train(ours, opt, data)
+    train(theirs, ref, data)
+    assert calls[kind] == len(data)
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(p, q, atol=2e-6, rtol=1e-5)
+    assert opt.grad_stats().values.device.type == "cuda"

@@ -17,13 +17,17 @@ The CUDA kernel caches the device table of its tensors' addresses and sizes (16 
 out), so an optimizer's step after step allocates and copies nothing but two small workspaces; tables used
 inside CUDA-graph capture are kept for the life of the process. ``table_cache_stats()`` reads its counters.
 
-The fused optimizer steps (CPU kernels only): ``sgd_step_`` and ``adam_step_`` wrap the ops
-``znorm_kernels_C::znorm_sgd_step_`` and ``znorm_adam_step_``. One call per (dtype) group computes, per
-tensor, the statistics as ``znorm_`` does (bitwise the same mean and multiplier, so z is bitwise what the
-"cpu" backend writes into the gradient), then makes ONE pass over the gradient, the parameter and its states
-applying torch.optim.SGD's or Adam/AdamW's update to z, with the formulas (operation by operation, in float32,
-float64 for float64 tensors, no FMA, each stored value rounded once) of the fused Triton step
-(triton_optim.py). Parallel over tensors and chunks, deterministic.
+The fused optimizer steps (CPU kernels, and CUDA kernels in a CUDA build): ``sgd_step_`` and ``adam_step_``
+wrap the ops ``znorm_kernels_C::znorm_sgd_step_`` and ``znorm_adam_step_``. One call per (dtype) group
+computes, per tensor, the statistics as ``znorm_`` does on that device (bitwise the same mean and multiplier,
+so z is bitwise what the "cpu" or "cuda" backend writes into the gradient), then makes ONE pass over the
+gradient, the parameter and its states applying torch.optim.SGD's or Adam/AdamW's update to z, with the
+formulas (operation by operation, in float32, float64 for float64 tensors, no FMA, correctly rounded division
+and square root, each stored value rounded once) of the fused Triton step (triton_optim.py). On the CPU
+parallel over tensors and chunks; on CUDA three launches per dtype (znorm_'s statistics and finalize kernels
+over a cached table, then one update kernel), no host synchronization, on the current stream. Both
+deterministic. Under CUDA-graph capture the host values of the call (learning rate, Adam's per-tensor step
+sizes) are captured: a replay repeats the captured step's values, as any captured kernel argument.
 
 This module always imports; when the extension is missing, ``unavailable`` says why and how to build it.
 """
@@ -121,15 +125,26 @@ def _register_fake() -> None:
 
 
 def _has_cpu_kernel(name: str) -> bool:
+    return _has_kernel(name, "CPU")
+
+
+def _has_kernel(name: str, key: str) -> bool:
     try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU")
+        return torch._C._dispatch_has_kernel_for_dispatch_key(name, key)
     except RuntimeError:  # an extension built before the op existed
         return False
 
 
-def has_optim_kernels() -> bool:
-    """Whether the built extension holds the CPU kernels of the fused optimizer steps."""
-    return _loaded()[0] is not None and _has_cpu_kernel(SGD_OP_NAME) and _has_cpu_kernel(ADAM_OP_NAME)
+def has_optim_kernels(device: str = "cpu") -> bool:
+    """Whether the built extension holds the kernels of the fused optimizer steps for ``device`` ("cpu" or
+    "cuda", or a torch.device of that type)."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
+    return (
+        key is not None
+        and _loaded()[0] is not None
+        and _has_kernel(SGD_OP_NAME, key)
+        and _has_kernel(ADAM_OP_NAME, key)
+    )
 
 
 def has_cuda_kernel() -> bool:
@@ -208,7 +223,7 @@ def group_fn(name: str) -> Callable[..., None]:
     return _run
 
 
-# --- the fused optimizer steps (CPU) ---
+# --- the fused optimizer steps (CPU and CUDA) ---
 
 _STEP_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -224,24 +239,29 @@ def _scalar(name: str, x) -> float:
 def check_step(lists: list[list], names: list[str]) -> None:
     """Validate one group of a fused step without touching it: ValueError for malformed calls (list lengths,
     non-tensors), NotImplementedError for what the native kernels do not serve (the caller's cue to take its
-    general path): tensors off the CPU, of another dtype than float32/float16/bfloat16/float64 or than their
-    param, non-strided or non-dense tensors, a gradient or state whose shape or strides differ from its
+    general path): tensors on another device than the first param (which must be a CPU tensor, or a CUDA
+    tensor in a build with the CUDA kernels), of another dtype than float32/float16/bfloat16/float64 or than
+    their param, non-strided or non-dense tensors, a gradient or state whose shape or strides differ from its
     param's (the kernels pair elements by memory order). ``lists[0]`` are the params."""
     params = lists[0]
     n = len(params)
     for lst, name in zip(lists, names):
         if len(lst) != n:
             raise ValueError(f"{name} has {len(lst)} entries for {n} params")
-    if not has_optim_kernels():
-        raise NotImplementedError(f"the native extension has no fused optimizer kernels; {BUILD_HINT}")
+    device = params[0].device if n and isinstance(params[0], Tensor) else torch.device("cpu")
+    if not has_optim_kernels(device.type):
+        raise NotImplementedError(
+            f"the native extension has no fused optimizer kernels for {device.type} tensors; {BUILD_HINT}"
+        )
     for i, p in enumerate(params):
         for lst, name in zip(lists, names):
             t = lst[i]
             if not isinstance(t, Tensor):
                 raise ValueError(f"{name}[{i}] is {type(t).__name__}, not a tensor")
-            if t.device.type != "cpu":
+            if t.device != device:
                 raise NotImplementedError(
-                    f"{name}[{i}] is on {t.device}: the native fused step takes CPU tensors"
+                    f"{name}[{i}] is on {t.device}: the native fused step takes the tensors of one device "
+                    f"({device}, as params[0])"
                 )
             if t.dtype not in _STEP_DTYPES or t.dtype != p.dtype:
                 raise NotImplementedError(f"{name}[{i}] is {t.dtype}, its param {p.dtype}")
@@ -282,13 +302,15 @@ def sgd_step_(
     stats_out: Tensor | None = None,
     checked: bool = False,
 ) -> None:
-    """torch.optim.SGD's step on the z-scores of the gradients, for CPU tensors, in one op call (the arguments
-    of ``triton_optim.sgd_step_``, with ``treated``, ``znorm_eps`` and ``correction`` for its stats tensor).
+    """torch.optim.SGD's step on the z-scores of the gradients, for CPU or CUDA tensors, in one op call (the
+    arguments of ``triton_optim.sgd_step_``, with ``treated``, ``znorm_eps`` and ``correction`` for its stats
+    tensor).
 
     ``treated[i]``: whether tensor i gets ZNorm (else, and for tensors of fewer than 2 elements, z = g).
     ``momentum_buffers[i]`` is unused (may be None) when momentum is 0; where ``first[i]`` is True it is a
     buffer the caller just allocated, which becomes d as torch's first step makes it. ``write_grad`` stores z
-    into the gradient. ``stats_out``: an optional float64 ``[len(params), 2]`` CPU tensor that receives each
+    into the gradient. ``stats_out``: an optional float64 ``[len(params), 2]`` tensor on the tensors' device
+    (contiguous) that receives each
     treated tensor's (mean, std), as ``znorm_``'s ``stats`` (NaN rows elsewhere). ``checked=True``: the
     caller has validated these very lists with ``check_step`` (skips it; the op checks them again in C++
     before writing anything, raising RuntimeError)."""
@@ -342,8 +364,9 @@ def adam_step_(
     checked: bool = False,
 ) -> None:
     """torch.optim.Adam's (``decoupled=False``) or AdamW's (``decoupled=True``) non-capturable step on the
-    z-scores of the gradients, for CPU tensors, in one op call (the arguments of ``triton_optim.adam_step_``,
-    with ``treated``, ``znorm_eps`` and ``correction`` for its stats tensor; ``eps`` is Adam's). The caller
+    z-scores of the gradients, for CPU or CUDA tensors, in one op call (the arguments of
+    ``triton_optim.adam_step_``, with ``treated``, ``znorm_eps`` and ``correction`` for its stats tensor;
+    ``eps`` is Adam's). The caller
     has incremented the step counters and passes, per tensor, ``step_size = lr / (1 - beta1**step)`` and
     ``bias_correction2_sqrt = (1 - beta2**step) ** 0.5``. ``max_exp_avg_sqs`` is read only with amsgrad.
     ``treated``, ``write_grad``, ``stats_out`` and ``checked`` as for ``sgd_step_``."""

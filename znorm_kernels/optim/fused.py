@@ -7,10 +7,12 @@ which computes each tensor's statistics and then updates it in one pass (in cach
 no scratch copy of the gradient.
 
 ``try_fused_step_`` takes a param group when its options allow (Triton serves its devices, or every parameter
-is on the CPU and the backend resolves to "cpu"; not ``capturable``, ``differentiable`` or torch's own
-``fused``; a plain float learning rate; no gradient scale) and returns False otherwise, for the caller's
-general path (the hook's kernel, then torch's update). The optimizer state is created and kept exactly as
-torch's SGD and Adam keep it, so checkpoints stay interchangeable.
+is on the CPU and the backend resolves to "cpu", or every parameter is on CUDA and it resolves to "cuda"; not
+``capturable``, ``differentiable`` or torch's own ``fused``; a plain float learning rate; no gradient scale)
+and returns False otherwise, for the caller's general path (the hook's kernel, then torch's update). On CUDA
+without Triton (backend "cuda", or "auto" resolving to it) the same native op's CUDA kernels serve the group
+(znorm_'s statistics kernels, then one update kernel), with the statistics output on the device. The optimizer
+state is created and kept exactly as torch's SGD and Adam keep it, so checkpoints stay interchangeable.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ _NO_ZNORM_ROW = (0.0, 0.0, 1.0, 0.0)
 
 
 def _fused_path(opt, group: dict[str, Any], params: list[Tensor]) -> str | None:
-    """The fused step that serves the group: "triton", "cpu" (the native CPU step), or None."""
+    """The fused step that serves the group: "triton", "cpu" or "cuda" (the native step), or None."""
     if group.get("differentiable") or group.get("capturable") or group.get("fused"):
         return None
     if isinstance(group["lr"], Tensor):
@@ -38,7 +40,7 @@ def _fused_path(opt, group: dict[str, Any], params: list[Tensor]) -> str | None:
     if getattr(opt, "_step_supports_amp_scaling", False) and getattr(opt, "grad_scale", None) is not None:
         return None
     backend = opt._znorm["backend"]
-    if backend not in ("auto", "triton", "cpu"):
+    if backend not in ("auto", "triton", "cpu", "cuda"):
         return None
     try:
         resolved = {resolve_backend(backend, device) for device in {p.device for p in params}}
@@ -46,10 +48,11 @@ def _fused_path(opt, group: dict[str, Any], params: list[Tensor]) -> str | None:
         return None
     if resolved == {"triton"}:
         return "triton"
-    if resolved == {"cpu"} and all(p.device.type == "cpu" for p in params):
-        from ..backends import native
+    for name in ("cpu", "cuda"):
+        if resolved == {name} and all(p.device.type == name for p in params):
+            from ..backends import native
 
-        return "cpu" if native.has_optim_kernels() else None
+            return name if native.has_optim_kernels(name) else None
     return None
 
 
@@ -110,8 +113,8 @@ def try_fused_step_(opt, group: dict[str, Any], kind: str, names: list[str], sta
             else:  # the native op computes the statistics itself, and writes them here with track_stats
                 stats = None
                 if opt._znorm["track_stats"]:
-                    stats = torch.full((len(ps), 2), float("nan"), dtype=torch.float64)
-                engine = _native_engine(treated, eps, correction, stats)
+                    stats = torch.full((len(ps), 2), float("nan"), dtype=torch.float64, device=ps[0].device)
+                engine = _native_engine(path, treated, eps, correction, stats)
             launches.append((ps, treated, stats, prepare(opt, group, ps, gs, engine, kind)))
     except NotImplementedError:
         return False
@@ -160,12 +163,15 @@ def _triton_engine(stats: Tensor) -> _Engine:
     )
 
 
-def _native_engine(treated: list[bool], eps: float, correction: float, stats: Tensor | None) -> _Engine:
+def _native_engine(
+    name: str, treated: list[bool], eps: float, correction: float, stats: Tensor | None
+) -> _Engine:
+    """The native op's step ("cpu" or "cuda": the device of the bucket's tensors)."""
     from ..backends import native
 
     znorm = dict(treated=treated, znorm_eps=eps, correction=correction, stats_out=stats)
     return _Engine(
-        "cpu",
+        name,
         native.check_step,
         lambda *lists, **kw: native.sgd_step_(*lists, **znorm, **kw),
         lambda *lists, **kw: native.adam_step_(*lists, **znorm, **kw),
