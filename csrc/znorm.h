@@ -27,7 +27,8 @@ inline constexpr const char* kSchema =
 // where `treated` is 0, and for tensors of fewer than 2 elements). Updates in float32 (float64 for float64
 // tensors), each operation rounded on its own (no FMA), each stored value rounded once to the tensor's
 // dtype, as the Triton kernels of backends/triton_optim_kernels.py. `momentum_buffers` is empty when
-// momentum is 0; where `first` is nonzero the buffer becomes d (its contents are not used). `max_exp_avg_sqs` is empty unless amsgrad. `step_size`
+// momentum is 0; where `first` is nonzero the buffer becomes d (its contents are not used).
+// `max_exp_avg_sqs` is empty unless amsgrad. `step_size`
 // (lr / (1 - beta1**step)) and `bias_correction2_sqrt` ((1 - beta2**step) ** 0.5) are per tensor. `grads`
 // is written (z, in its dtype) only with write_grad. `stats` as for znorm_; NaN rows for untreated tensors.
 inline constexpr const char* kSgdSchema =
