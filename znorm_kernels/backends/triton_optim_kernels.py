@@ -124,6 +124,25 @@ def _z(
 
 
 @triton.jit
+def _direction(
+    g_ptr, p_ptr, rem, mean, inv, wide, scale,
+    DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr, ALIGNED: tl.constexpr,
+    HAS_SCALE: tl.constexpr, WRITE_GRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+):  # fmt: skip
+    """What both updates start from, for one tile: d = z (-z with MAXIMIZE), z stored into the gradient
+    with WRITE_GRAD, and the parameter tile."""
+    z = _z(g_ptr, rem, mean, inv, wide, scale, DTYPE, ACC, BLOCK, VEC, ALIGNED, HAS_SCALE)
+    if WRITE_GRAD:
+        _store(g_ptr, _to_output(z, DTYPE), rem, BLOCK, VEC, ALIGNED)
+    p, _ = _load(p_ptr, rem, ACC, BLOCK, VEC, ALIGNED)
+    if MAXIMIZE:
+        d = -z
+    else:
+        d = z
+    return d, p
+
+
+@triton.jit
 def _skip(found_inf_ptr, HAS_FOUND_INF: tl.constexpr):
     if HAS_FOUND_INF:
         return tl.load(found_inf_ptr).to(tl.float32) != 0.0
@@ -177,14 +196,10 @@ def znorm_sgd_kernel(
         b_ptr = _base(rec, 2, start, DTYPE, ALIGNED)
         for tile in range(0, count, BLOCK):
             rem = count - tile
-            z = _z(g_ptr + tile, rem, mean, inv, wide, scale, DTYPE, ACC, BLOCK, VEC, ALIGNED, HAS_SCALE)
-            if WRITE_GRAD:
-                _store(g_ptr + tile, _to_output(z, DTYPE), rem, BLOCK, VEC, ALIGNED)
-            p, _ = _load(p_ptr + tile, rem, ACC, BLOCK, VEC, ALIGNED)
-            if MAXIMIZE:
-                d = -z
-            else:
-                d = z
+            d, p = _direction(
+                g_ptr + tile, p_ptr + tile, rem, mean, inv, wide, scale,
+                DTYPE, ACC, BLOCK, VEC, ALIGNED, HAS_SCALE, WRITE_GRAD, MAXIMIZE,
+            )  # fmt: skip
             if WEIGHT_DECAY:
                 d = d + weight_decay * p
             if MOMENTUM:
@@ -263,14 +278,10 @@ def znorm_adam_kernel(
         vmax_ptr = _base(rec, 4, start, DTYPE, ALIGNED)
         for tile in range(0, count, BLOCK):
             rem = count - tile
-            z = _z(g_ptr + tile, rem, mean, inv, wide, scale, DTYPE, ACC, BLOCK, VEC, ALIGNED, HAS_SCALE)
-            if WRITE_GRAD:
-                _store(g_ptr + tile, _to_output(z, DTYPE), rem, BLOCK, VEC, ALIGNED)
-            p, _ = _load(p_ptr + tile, rem, ACC, BLOCK, VEC, ALIGNED)
-            if MAXIMIZE:
-                d = -z
-            else:
-                d = z
+            d, p = _direction(
+                g_ptr + tile, p_ptr + tile, rem, mean, inv, wide, scale,
+                DTYPE, ACC, BLOCK, VEC, ALIGNED, HAS_SCALE, WRITE_GRAD, MAXIMIZE,
+            )  # fmt: skip
             if WEIGHT_DECAY:
                 if DECOUPLED:
                     p = p * decay_factor
