@@ -43,6 +43,7 @@ between tensors, travel in a small per-call table and raise NotImplementedError 
 from __future__ import annotations
 
 import functools
+import itertools
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -213,6 +214,10 @@ def _device_scalar(x: Tensor | None, device: torch.device, name: str, dtype=None
     return x.to(device=device, dtype=dtype or x.dtype, non_blocking=True)
 
 
+def _zeros(n: int):
+    return itertools.repeat(0, n)
+
+
 @functools.cache
 def _vec(dtype: torch.dtype) -> int:
     return ALIGNMENT // torch.empty((), dtype=dtype).element_size()
@@ -288,12 +293,13 @@ def sgd_step_(
     device, dtype = _checked_group(lists, names, stats) if checked else _check(lists, names, stats)
     if device is None:
         return
-    firsts = tuple(map(bool, first)) if use_momentum else (False,) * len(params)
+    n = len(params)
+    firsts = tuple(map(bool, first)) if use_momentum else (False,) * n
     mode = 1 if all(firsts) else 0 if not any(firsts) else 2
     if use_momentum:
-        addrs = tuple((p.data_ptr(), g.data_ptr(), b.data_ptr(), 0, 0) for p, g, b in zip(*lists))
+        addrs = tuple(zip(*(map(Tensor.data_ptr, lst) for lst in lists), _zeros(n), _zeros(n)))
     else:
-        addrs = tuple((p.data_ptr(), g.data_ptr(), 0, 0, 0) for p, g in zip(params, grads))
+        addrs = tuple(zip(*(map(Tensor.data_ptr, lst) for lst in lists), _zeros(n), _zeros(n), _zeros(n)))
     numels = tuple(p.numel() for p in params)
     plan = _plan_for(device, dtype, addrs, numels, firsts, firsts if mode == 2 else mode)
     if plan.num_items == 0:
@@ -357,9 +363,9 @@ def adam_step_(
     if device is None:
         return
     if amsgrad:
-        addrs = tuple(tuple(t.data_ptr() for t in ts) for ts in zip(*lists))
+        addrs = tuple(zip(*(map(Tensor.data_ptr, lst) for lst in lists)))
     else:
-        addrs = tuple((*(t.data_ptr() for t in ts), 0) for ts in zip(*lists))
+        addrs = tuple(zip(*(map(Tensor.data_ptr, lst) for lst in lists), _zeros(n)))
     numels = tuple(p.numel() for p in params)
     plan = _plan_for(device, dtype, addrs, numels, (False,) * n, 0)
     if plan.num_items == 0:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
-from ..dispatch import check_and_group, resolve_backend
+from ..dispatch import _ptrs_equal, check_and_group, resolve_backend
 
 __all__ = ["try_fused_step_"]
 
@@ -182,14 +182,16 @@ def _validate(opt, lists: list[list[Tensor]], names: list[str], engine: _Engine)
     """The update kernel's checks (NotImplementedError for what it does not serve), run once per set of
     tensors: the addresses of every list are remembered, and unchanged ones (an optimizer's gradients and
     state, step after step) are not checked again: their shapes, dtypes and layouts are their parameters'."""
-    key = (engine.name, *(t.data_ptr() if t is not None else 0 for lst in lists for t in lst))
-    seen = opt.__dict__.setdefault("_znorm_validated", set())
-    if key in seen:
+    flat = [t for lst in lists for t in lst if t is not None]
+    seen = opt.__dict__.setdefault("_znorm_validated", {})
+    key = (engine.name, id(lists[0][0]) if lists[0] else 0, len(flat), tuple(map(len, lists)))
+    starts = seen.get(key)
+    if starts is not None and _ptrs_equal(flat, starts, list(range(len(flat)))):
         return
     engine.check(lists, names)
     if len(seen) >= 64:
         seen.clear()
-    seen.add(key)
+    seen[key] = list(map(Tensor.data_ptr, flat))
 
 
 def _prepare_sgd(opt, group, params, grads, engine: _Engine, kind: str):
