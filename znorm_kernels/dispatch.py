@@ -15,6 +15,7 @@ import itertools
 import math
 import numbers
 import operator
+import sys
 import warnings
 import weakref
 from collections import OrderedDict
@@ -614,9 +615,61 @@ def run_znorm_(
     """The eager path of ``znorm_``: check, group, resolve every group's backend, then run them."""
     check_options(eps, correction, backend)
     grad_scale = as_scale(grad_scale)
+    if _DTENSOR_MODULE in sys.modules:  # DTensors may exist: they go to znorm_kernels.distributed
+        tensors = _as_items(tensors, "znorm_")
+        dtensors = _dtensor_positions(tensors)
+        if dtensors:
+            _run_with_dtensors_(tensors, dtensors, eps, correction, backend, grad_scale, names)
+            return
     items, plan = _plan(tensors, backend, names)
     for fn, idx in plan:
         fn(_pick(items, idx), float(eps), float(correction), grad_scale)
+
+
+# --- DTensor routing (FSDP2, tensor parallelism): the one place DTensors leave the single-tensor path. ---
+# A DTensor's statistics span ranks, so DTensor entries are split off before the checks and normalized by
+# znorm_kernels.distributed.znorm_dtensors_ (one collective per process group); the other entries take the
+# normal path. DTensors exist only once torch.distributed.tensor is imported: until then the cost is one
+# dict lookup, and after it one set of types per call.
+_DTENSOR_MODULE = "torch.distributed.tensor"
+
+
+def _dtensor_positions(items: list) -> list[int] | None:
+    """The positions of DTensor entries in ``items``, or None when there are none."""
+    dtensor = getattr(sys.modules.get(_DTENSOR_MODULE), "DTensor", None)
+    if dtensor is None or not any(issubclass(k, dtensor) for k in set(map(type, items))):
+        return None
+    return [i for i, t in enumerate(items) if isinstance(t, dtensor)]
+
+
+def _run_with_dtensors_(
+    items: list,
+    dtensors: list[int],
+    eps: float,
+    correction: float,
+    backend: str,
+    grad_scale: Tensor | None,
+    names: Iterable[str] | None,
+) -> None:
+    """Every entry is checked before any is modified: the plain ones here, the DTensors by znorm_dtensors_
+    (which checks them all before it communicates or writes); then the DTensors, then the plain groups."""
+    from .distributed import znorm_dtensors_
+
+    names = list(names) if names is not None else None
+    skip = set(dtensors)
+    rest = [None if i in skip else t for i, t in enumerate(items)]
+    _, plan = _plan(rest, backend, names)
+    znorm_dtensors_(
+        [items[i] for i in dtensors],
+        float(eps),
+        float(correction),
+        backend,
+        grad_scale,
+        names=names,
+        positions=dtensors,
+    )
+    for fn, idx in plan:
+        fn(_pick(rest, idx), float(eps), float(correction), grad_scale)
 
 
 def _pick(items: list, idx: list[int]) -> list:
@@ -690,6 +743,10 @@ class GradientGroups:
     def znorm_(self, grads: list[Tensor | None], names: list[str], grad_scale: Tensor | None) -> None:
         present = self._present(grads)
         if present is None:
+            if _DTENSOR_MODULE in sys.modules and _dtensor_positions(grads):
+                # DTensor gradients (FSDP2): uncached, through run_znorm_ (their statistics cross ranks).
+                run_znorm_(grads, self.eps, self.correction, self.backend, grad_scale, names)
+                return
             present = self._check(grads, names)
         if self.stats is None:
             for fn, idx in self.plan:

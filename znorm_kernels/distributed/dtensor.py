@@ -1,0 +1,178 @@
+"""ZNorm of DTensor gradients (FSDP2's ``fully_shard``, tensor parallelism): exact per WHOLE tensor.
+
+A DTensor's statistics run over the global tensor, whose elements are spread over ranks. Each rank computes,
+for its local shard, (count, mean, M2, min, max) in float64 (a corrected two-pass, as the reference backend
+does); the few floats per tensor of all tensors that share a process group travel in ONE all_gather per group
+(never the gradients); every rank merges them with Chan's formula in rank order, so the merged statistics are
+deterministic and bitwise the same on every rank; then each rank normalizes its own shard with the global
+mean and standard deviation, exactly as the reference backend applies them (constant tensors, detected by the
+exact test global min == global max, become exactly 0; NaN and Inf propagate; ``grad_scale`` semantics).
+
+Placements: ``Shard(d)`` (and FSDP2+TP's strided shards) over a mesh dimension -> statistics combined over
+that mesh dimension's process group; ``Replicate`` -> nothing to combine; ``Partial`` -> ValueError (the
+gradient is not reduced yet: reduce it first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.placement_types import Replicate
+
+__all__ = ["local_statistics", "merge_statistics", "znorm_dtensors_"]
+
+_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+# Columns of a statistics row: count, mean, M2 (sum of squared deviations from the mean), min, max.
+_N, _MEAN, _M2, _MIN, _MAX = range(5)
+
+
+def _where(position: int, names: Sequence[str] | None) -> str:
+    if names is not None and position < len(names) and names[position]:
+        return f"DTensor at position {position} (parameter {names[position]!r})"
+    return f"DTensor at position {position}"
+
+
+def _sharded_mesh_dims(t: DTensor, position: int, names: Sequence[str] | None) -> tuple[int, ...]:
+    """The mesh dimensions over which ``t``'s elements are split (statistics are combined over those)."""
+    dims = []
+    for mesh_dim, placement in enumerate(t.placements):
+        if placement.is_partial():
+            raise ValueError(
+                f"znorm_: {_where(position, names)} has a Partial placement on mesh dimension {mesh_dim} "
+                f"({placement}): its values are unreduced partial sums, whose z-scores mean nothing; reduce "
+                "the gradient first (e.g. .redistribute(placements=[Replicate() or Shard(d)])) and then "
+                "normalize it"
+            )
+        if isinstance(placement, Replicate) or placement.is_replicate():
+            continue
+        # Shard(d), and strided shards (FSDP2 + tensor parallelism): each rank holds a disjoint part.
+        dims.append(mesh_dim)
+    return tuple(dims)
+
+
+def local_statistics(local: Tensor) -> Tensor:
+    """float64 [5] (count, mean, M2, min, max) of a local shard, on its device, without synchronization.
+
+    The reference backend's corrected two-pass: mean, then the mean of the deviations from it added back, and
+    M2 as the sum of the squared corrected deviations. An empty shard gives (0, 0, 0, +inf, -inf)."""
+    n = local.numel()
+    if n == 0:
+        return torch.tensor(
+            [0.0, 0.0, 0.0, float("inf"), float("-inf")], dtype=torch.float64, device=local.device
+        )
+    x = local.detach().reshape(-1).to(torch.float64)
+    lo, hi = torch.aminmax(x)
+    mean = x.mean()
+    centred = x - mean
+    shift = centred.mean()  # what rounding the mean cost (the corrected two-pass)
+    m2 = (centred - shift).square().sum()
+    count = torch.tensor(float(n), dtype=torch.float64, device=x.device)
+    return torch.stack([count, mean + shift, m2, lo, hi])
+
+
+def merge_statistics(gathered: Tensor) -> Tensor:
+    """Merge per-rank statistics, float64 [R, T, 5], into [T, 5] with Chan's formula, in rank order.
+
+    Ranks with an empty shard (count 0) contribute nothing, exactly. Every rank that merges the same gathered
+    tensor gets bitwise the same result (a fixed sequence of elementwise float64 operations)."""
+    acc = gathered[0].clone()
+    for r in range(1, gathered.shape[0]):
+        b = gathered[r]
+        na, nb = acc[:, _N], b[:, _N]
+        n = na + nb
+        safe_n = torch.where(n > 0, n, 1.0)
+        delta = b[:, _MEAN] - acc[:, _MEAN]
+        mean = acc[:, _MEAN] + delta * (nb / safe_n)
+        m2 = acc[:, _M2] + b[:, _M2] + delta.square() * (na * nb / safe_n)
+        # One side empty: the other side's statistics exactly (no rounding through delta, no 0 * inf).
+        mean = torch.where(na == 0, b[:, _MEAN], torch.where(nb == 0, acc[:, _MEAN], mean))
+        m2 = torch.where(na == 0, b[:, _M2], torch.where(nb == 0, acc[:, _M2], m2))
+        acc = torch.stack(
+            [n, mean, m2, torch.minimum(acc[:, _MIN], b[:, _MIN]), torch.maximum(acc[:, _MAX], b[:, _MAX])],
+            dim=1,
+        )
+    return acc
+
+
+def _combine(stats: Tensor, group: dist.ProcessGroup) -> Tensor:
+    """All ranks' [T, 5] statistics of ``group``, merged in rank order (one all_gather)."""
+    size = dist.get_world_size(group)
+    if size == 1:
+        return stats
+    parts = [torch.empty_like(stats) for _ in range(size)]
+    dist.all_gather(parts, stats.contiguous(), group=group)
+    return merge_statistics(torch.stack(parts))
+
+
+def _normalize_local_(
+    local: Tensor, stats: Tensor, eps: float, correction: float, grad_scale: Tensor | None
+) -> None:
+    """Normalize a local shard in place with the global statistics ``stats`` (float64 [5]), as the reference
+    backend's ``znorm_tensor_`` applies its own."""
+    if local.numel() == 0:
+        return
+    x = local.detach().reshape(-1).to(torch.float64)
+    n, mean, m2, lo, hi = stats.to(x.device).unbind()
+    var = m2 / torch.clamp(n - correction, min=0.0)
+    constant = lo == hi  # exact; NaN never compares equal
+    centred = torch.where(constant, x - lo, x - mean)
+    denom = var.sqrt()
+    if grad_scale is None:
+        s = None
+        denom = denom + eps
+    else:
+        s = grad_scale.detach().to(device=x.device, dtype=torch.float64, non_blocking=True)
+        denom = denom + s * eps
+    denom = denom.masked_fill(denom == 0, float("inf"))  # constant with eps=0: the exact zeros stay 0
+    z = centred / denom if s is None else centred * (s / denom)
+    local.copy_(z.view(local.shape))
+
+
+def znorm_dtensors_(
+    tensors: Sequence[DTensor],
+    eps: float = 1e-10,
+    correction: float = 0,
+    backend: str = "auto",
+    grad_scale: Tensor | None = None,
+    *,
+    names: Sequence[str] | None = None,
+    positions: Sequence[int] | None = None,
+) -> None:
+    """Normalize DTensors in place, each over its WHOLE (global) tensor.
+
+    Every rank of each DTensor's mesh must call this with the same DTensors in the same order (as an
+    optimizer step does). ``names``/``positions`` only serve error messages. ``backend`` is accepted for
+    symmetry with ``znorm_``: the local statistics and the normalization of a shard run in float64 PyTorch
+    ops (the reference's arithmetic), whatever it names. Raises ValueError for a Partial placement and
+    TypeError for an unsupported dtype, before anything is modified or communicated.
+    """
+    pos = list(positions) if positions is not None else list(range(len(tensors)))
+    # Check everything first (nothing modified on bad input); the same DTensor twice is normalized once.
+    plan: dict[tuple, list[DTensor]] = {}
+    seen: set[int] = set()
+    for i, t in zip(pos, tensors):
+        if t.dtype not in _SUPPORTED:
+            raise TypeError(
+                f"znorm_: {_where(i, names)} has dtype {t.dtype}; supported: float32, float16, bfloat16, "
+                "float64"
+            )
+        dims = _sharded_mesh_dims(t, i, names)
+        local = t._local_tensor
+        if t.numel() < 2 or id(local) in seen:  # global size < 2: left unchanged (rule 2)
+            continue
+        seen.add(id(local))
+        mesh = t.device_mesh
+        plan.setdefault((id(mesh), dims), [mesh]).append(t)
+    with torch.no_grad():
+        for (_, dims), (mesh, *items) in plan.items():
+            locals_ = [t._local_tensor for t in items]
+            stats = torch.stack([local_statistics(x) for x in locals_])  # [T, 5]
+            for mesh_dim in dims:  # one all_gather per sharded mesh dimension (its process group)
+                stats = _combine(stats, mesh.get_group(mesh_dim))
+            for x, row in zip(locals_, stats):
+                _normalize_local_(x, row, eps, correction, grad_scale)
