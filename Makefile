@@ -62,7 +62,8 @@ define MISSING_DEPS
 import importlib.util
 wanted = {"torch": "torch", "numpy": "numpy", "pytest": "pytest", "pytest_benchmark": "pytest-benchmark",
           "ninja": "ninja", "tqdm": "tqdm", "matplotlib": "matplotlib", "torchvision": "torchvision",
-          "hypothesis": "hypothesis"}
+          "hypothesis": "hypothesis", "lightning": "lightning", "transformers": "transformers",
+          "accelerate": "accelerate"}
 print(" ".join(pkg for mod, pkg in wanted.items() if importlib.util.find_spec(mod) is None))
 endef
 export MISSING_DEPS

@@ -22,6 +22,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .api import znorm_
 from .dispatch import GradientGroups
+from .integrations.deepspeed import check_not_deepspeed_zero
 from .stats import GradStats, StatsBuffer
 
 __all__ = ["GradTransform", "ParamSelector", "ZNormHandle", "register", "register_grad_hook"]
@@ -179,6 +180,7 @@ def register(
     Returns:
         a ``ZNormHandle``: ``.remove()`` uninstalls the hook, ``.grad_stats()`` gives the statistics.
     """
+    check_not_deepspeed_zero(optimizer)  # flat ZeRO partitions: per-tensor ZNorm would be silently wrong
     stats = StatsBuffer() if track_stats else None
     groups = GradientGroups(eps, correction, backend, stats)
     selector = ParamSelector(optimizer, min_ndim, params)
