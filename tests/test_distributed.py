@@ -206,3 +206,25 @@ def test_plain_path_unchanged_without_dtensors() -> None:
     for t, w in zip(ts, want):
         if t is not None:
             torch.testing.assert_close(t, w, rtol=0, atol=1e-6)
+
+
+def nccl_worker(rank: int, store: str) -> None:
+    dist.init_process_group("nccl", init_method=f"file://{store}", rank=rank, world_size=1)
+    try:
+        torch.cuda.set_device(0)
+        mesh = init_device_mesh("cuda", (1,))
+        full = torch.randn(37, 5, device="cuda") * 3 + 1
+        grad = distribute_tensor(full.clone(), mesh, [Shard(0)])
+        znorm_kernels.znorm_([grad])
+        want = full.clone()
+        reference.znorm_([want])
+        assert_rule10(grad.full_tensor(), want)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or not dist.is_nccl_available(), reason="needs a CUDA device and NCCL"
+)
+def test_dtensor_path_runs_on_cuda_with_one_nccl_rank(tmp_path) -> None:
+    torch.multiprocessing.spawn(nccl_worker, args=(str(tmp_path / "store"),), nprocs=1, join=True)
