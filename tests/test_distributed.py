@@ -126,9 +126,16 @@ def batches(steps: int = 3, size: int = 12):
     return [(torch.randn(size, 5, generator=g), torch.randn(size, 2, generator=g)) for _ in range(steps)]
 
 
-def train(model: nn.Module, data, rank: int | None = None, world: int = 1) -> nn.Module:
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    znorm_kernels.register(opt)
+def train(
+    model: nn.Module, data, rank: int | None = None, world: int = 1, znorm_optimizer: bool = False
+) -> nn.Module:
+    if znorm_optimizer:
+        from znorm_kernels.optim import ZNormSGD
+
+        opt = ZNormSGD(model.parameters(), lr=0.1, momentum=0.9)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        znorm_kernels.register(opt)
     for x, y in data:
         if rank is not None:  # this rank's part of the batch
             x, y = x.chunk(world)[rank], y.chunk(world)[rank]
@@ -160,6 +167,17 @@ def check_training(rank: int, world: int) -> list[str]:
     fully_shard(model, mesh=mesh)
     assert all(isinstance(p, DTensor) for p in model.parameters())
     train(model, data, rank, world)
+    for p, w in zip(model.parameters(), want):
+        torch.testing.assert_close(p.full_tensor().detach(), w, rtol=1e-5, atol=1e-5)
+
+    # The ZNorm optimizer on FSDP2 parameters: DTensor gradients take its general path (the hook's DTensor
+    # route, then torch's update), which equals the hook on torch's SGD.
+    model = make_model()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    train(model, data, rank, world, znorm_optimizer=True)
     for p, w in zip(model.parameters(), want):
         torch.testing.assert_close(p.full_tensor().detach(), w, rtol=1e-5, atol=1e-5)
     return notes

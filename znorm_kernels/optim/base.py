@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..dispatch import GradientGroups, check_options
+from ..dispatch import GradientGroups, _dtensor_positions, check_options
 from ..hook import grad_scale_of
 from ..stats import GradStats, StatsBuffer
 from .fused import try_fused_step_
@@ -156,7 +156,12 @@ class ZNormOptimizer:
             if not self._znorm["normalize_grad"]:
                 raw = [(p, g) for p, g in zip(params, grads) if g is not None]
                 zs = [self._scratch_for(p, g) for p, g in raw]
-                torch._foreach_copy_(zs, [g for _, g in raw])
+                sources = [g for _, g in raw]
+                if _dtensor_positions(sources) is None:
+                    torch._foreach_copy_(zs, sources)
+                else:  # DTensor has no foreach copy
+                    for z, g in zip(zs, sources):
+                        z.copy_(g)
                 it = iter(zs)
                 grads = [None if g is None else next(it) for g in grads]
                 for (p, _), z in zip(raw, zs):

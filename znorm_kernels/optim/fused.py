@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
-from ..dispatch import _ptrs_equal, check_and_group, resolve_backend
+from ..dispatch import _dtensor_positions, _ptrs_equal, check_and_group, resolve_backend
 
 __all__ = ["try_fused_step_"]
 
@@ -36,6 +36,8 @@ def _fused_path(opt, group: dict[str, Any], params: list[Tensor]) -> str | None:
     if group.get("differentiable") or group.get("capturable") or group.get("fused"):
         return None
     if isinstance(group["lr"], Tensor):
+        return None
+    if _dtensor_positions(params) is not None:  # FSDP2: the general path normalizes over whole tensors
         return None
     if getattr(opt, "_step_supports_amp_scaling", False) and getattr(opt, "grad_scale", None) is not None:
         return None
