@@ -130,8 +130,9 @@ if ((HAVE_GPU)); then
     run_step build 130 build
     # The GPU-only checks first (rule 12: streams, graph capture; the backends' own paths), so that they run
     # even if the whole suite outlasts its share of the budget (pytest drops the repeated paths).
+    # test_triton_optim.py compiles a kernel variant per option combination: left to the general run.
     run_step tests 120 "$PY" -m pytest tests/test_rule12.py tests/test_native.py tests/test_triton.py \
-        tests/test_optim.py tests/test_triton_optim.py tests \
+        tests/test_optim.py tests/test_native_optim.py tests/test_distributed.py tests \
         -q -rs -p no:cacheprovider --durations=15
     # The ZNorm optimizers (issue #12): their fused step against torch's fused Adam alone and the hook on it,
     # on ResNet-56 and the 707 M LLM-shaped list (SGD: bench.optim_step --optimizers sgd-momentum).
