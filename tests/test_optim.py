@@ -402,3 +402,45 @@ def test_on_cuda_a_captured_znorm_sgd_step_replays_like_eager():
         train(twin, ref, [(x, y)])
     torch.cuda.synchronize()
     assert_same_params(model, twin, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_fused_step_layout_follows_changes_between_steps(backend):
+    # The fused step keeps what it derived from a group's parameters while they and their gradients'
+    # addresses stay the same; a changed min_ndim, a gradient that disappears and a new gradient tensor must
+    # each be seen. Reference: torch's SGD on gradients the library normalizes first (>= min_ndim dims).
+    ours, theirs = make_model(), make_model()
+    opt = ZNormSGD(ours.parameters(), lr=0.05, momentum=0.9, backend=backend)
+    ref = torch.optim.SGD(theirs.parameters(), lr=0.05, momentum=0.9)
+    min_ndim = 1
+    for step, (x, y) in enumerate(batches(5)):
+        for model, o in ((ours, opt), (theirs, ref)):
+            o.zero_grad(set_to_none=False)  # the same gradient tensors, at the same addresses
+            nn.functional.cross_entropy(model(x), y).backward()
+            if step == 3:
+                model[1].bias.grad = None  # a gradient that disappears
+            if step == 4:
+                model[4].weight.grad = model[4].weight.grad.clone()  # a new tensor at another address
+        if step == 2:
+            min_ndim = opt.param_groups[0]["min_ndim"] = 2
+        opt.step()
+        grads = [p.grad for p in theirs.parameters() if p.grad is not None and p.dim() >= min_ndim]
+        znorm_kernels.znorm_(grads, backend=backend)
+        ref.step()
+        assert_same_params(ours, theirs, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_fused_step_checks_again_when_a_gradient_moves(backend):
+    # Rule 11 on the fused step: gradients that come to share part of their memory are refused, nothing
+    # modified, even after earlier steps with the same parameters.
+    a, b = nn.Parameter(torch.randn(8)), nn.Parameter(torch.randn(8))
+    opt = ZNormSGD([a, b], lr=0.1, backend=backend)
+    a.grad, b.grad = torch.randn(8), torch.randn(8)
+    opt.step()
+    buf = torch.randn(12)
+    a.grad, b.grad = buf[:8], buf[4:]
+    before = (a.detach().clone(), b.detach().clone())
+    with pytest.raises(ValueError, match="share part of their memory"):
+        opt.step()
+    assert torch.equal(a, before[0]) and torch.equal(b, before[1])

@@ -17,6 +17,7 @@ state is created and kept exactly as torch's SGD and Adam keep it, so checkpoint
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,31 +32,82 @@ __all__ = ["try_fused_step_"]
 _NO_ZNORM_ROW = (0.0, 0.0, 1.0, 0.0)
 
 
-def _fused_path(opt, group: dict[str, Any], params: list[Tensor]) -> str | None:
-    """The fused step that serves the group: "triton", "cpu" or "cuda" (the native step), or None."""
+def _options_allow(opt, group: dict[str, Any]) -> bool:
+    """Whether the group's options allow a fused step (checked every step: they may change)."""
     if group.get("differentiable") or group.get("capturable") or group.get("fused"):
-        return None
+        return False
     if isinstance(group["lr"], Tensor):
-        return None
+        return False
+    if getattr(opt, "_step_supports_amp_scaling", False) and getattr(opt, "grad_scale", None) is not None:
+        return False
+    return opt._znorm["backend"] in ("auto", "triton", "cpu", "cuda")
+
+
+def _fused_path(opt, params: list[Tensor]) -> str | None:
+    """The fused step that serves these parameters: "triton", "cpu" or "cuda" (the native steps), or None."""
     if _dtensor_positions(params) is not None:  # FSDP2: the general path normalizes over whole tensors
         return None
-    if getattr(opt, "_step_supports_amp_scaling", False) and getattr(opt, "grad_scale", None) is not None:
-        return None
     backend = opt._znorm["backend"]
-    if backend not in ("auto", "triton", "cpu", "cuda"):
-        return None
     try:
         resolved = {resolve_backend(backend, device) for device in {p.device for p in params}}
     except (RuntimeError, ValueError):
         return None
     if resolved == {"triton"}:
         return "triton"
-    for name in ("cpu", "cuda"):
-        if resolved == {name} and all(p.device.type == name for p in params):
-            from ..backends import native
+    from ..backends import native
 
-            return name if native.has_optim_kernels(name) else None
+    if resolved == {"cpu"} and all(p.device.type == "cpu" for p in params):
+        return "cpu" if native.has_optim_kernels() else None
+    if resolved == {"cuda"} and all(p.device.type == "cuda" for p in params):
+        return "cuda" if native.has_optim_kernels("cuda") else None
     return None
+
+
+@dataclass(eq=False)
+class _Layout:
+    """What a param group's fused step derives from its parameters, kept while they and their gradients'
+    addresses stay the same (an optimizer's step after step; autograd keeps a gradient's shape, dtype and
+    layout those of its parameter): the path, the checks' verdict, the (device, dtype) buckets."""
+
+    ids: list[int]  # id of every parameter with a gradient, in group order
+    starts: list[int]  # their gradients' addresses
+    options: tuple  # (znorm, min_ndim) the treated flags were made for
+    path: str | None
+    name_of: dict[int, str]
+    buckets: list[tuple[list[int], list[bool]]] = field(default_factory=list)  # positions, treated
+
+
+def _layout(opt, group: dict[str, Any], params: list[Tensor], names: list[str], options: tuple) -> _Layout:
+    cache = opt.__dict__.setdefault("_znorm_layouts", {})
+    grads = [p.grad for p in params]
+    layout = cache.get(id(group))
+    if (
+        layout is not None
+        and layout.options == options
+        and len(layout.ids) == len(params)
+        and list(map(id, params)) == layout.ids
+        and _ptrs_equal(grads, layout.starts, list(range(len(grads))))
+    ):
+        return layout
+    name_of = {id(p): n for p, n in zip(group["params"], names)}
+    path = _fused_path(opt, params)
+    if path is None:  # not cached: the general path checks (and reports) for itself
+        return _Layout([], [], options, None, name_of)
+    # The contract's errors (sparse, complex, overlapping gradients), named, before any address is read.
+    check_and_group(grads, [name_of[id(p)] for p in params], f"{type(opt).__name__}.step")
+    layout = _Layout(list(map(id, params)), list(map(Tensor.data_ptr, grads)), options, path, name_of)
+    znorm, min_ndim = options
+    positions: dict[tuple, list[int]] = {}
+    for i, p in enumerate(params):
+        positions.setdefault((p.device, p.dtype), []).append(i)
+    layout.buckets = [
+        (idx, [znorm and params[i].dim() >= min_ndim and params[i].numel() >= 2 for i in idx])
+        for idx in positions.values()
+    ]
+    if len(cache) >= 64:
+        cache.clear()
+    cache[id(group)] = layout
+    return layout
 
 
 def _statistics(grads: list[Tensor], treated: list[bool], eps: float, correction: float) -> Tensor:
@@ -81,34 +133,27 @@ def try_fused_step_(opt, group: dict[str, Any], kind: str, names: list[str], sta
     appends (names, float64 [k, 2] mean/std) for the group's treated parameters to ``stats_sink`` (NaN rows
     where a parameter has no gradient or fewer than 2 elements)."""
     params = [p for p in group["params"] if p.grad is not None]
-    if not params:
-        return False
-    path = _fused_path(opt, group, params)
-    if path is None:
+    if not params or not _options_allow(opt, group):
         return False
     defaults = opt._znorm["defaults"]
     znorm = group.get("znorm", defaults["znorm"])
     min_ndim = group.get("min_ndim", defaults["min_ndim"])
     eps = group.get("znorm_eps", defaults["znorm_eps"])
     correction = group.get("correction", defaults["correction"])
-    name_of = {id(p): n for p, n in zip(group["params"], names)}
+    layout = _layout(opt, group, params, names, (znorm, min_ndim))
+    path, name_of = layout.path, layout.name_of
+    if path is None:
+        return False
     grads = [p.grad for p in params]
-    # The contract's errors (sparse, complex, overlapping gradients), named.
-    check_and_group(grads, [name_of[id(p)] for p in params], f"{type(opt).__name__}.step")
-
-    buckets: dict[tuple, list[int]] = {}
-    for i, p in enumerate(params):
-        buckets.setdefault((p.device, p.dtype), []).append(i)
     # Phase 1, nothing modified: statistics, the update's arguments, and the kernels' own checks, which raise
     # NotImplementedError for what they do not serve (non-dense tensors, state of another layout): then the
     # general path runs instead, from scratch.
     prepare = _prepare_sgd if kind == "sgd" else _prepare_adam
     launches = []
     try:
-        for idx in buckets.values():
+        for idx, treated in layout.buckets:
             ps = [params[i] for i in idx]
             gs = [grads[i] for i in idx]
-            treated = [znorm and p.dim() >= min_ndim and p.numel() >= 2 for p in ps]
             if path == "triton":
                 stats = _statistics(gs, treated, eps, correction)
                 engine = _triton_engine(stats)
