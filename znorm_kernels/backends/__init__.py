@@ -2,7 +2,9 @@
 
 - ``reference``: the pure-PyTorch oracle (float64 statistics, one tensor at a time);
 - ``triton_host`` + ``triton_kernels``: the "triton" backend, one launch per (device, dtype) group;
-- ``native``: the "cpu" and "cuda" backends, the loader of the C++/CUDA extension ``znorm_kernels._C``.
+- ``native``: the "cpu" and "cuda" backends, the loader of the C++/CUDA extension ``znorm_kernels._C``;
+- ``triton_optim`` + ``triton_optim_kernels``: the fused optimizer step on Triton (``native`` has the CPU and
+  CUDA one); ``optim_steps``: what the two fused steps' host sides share.
 
 Each backend module provides ``unavailable(name)``, ``serves(name, device)`` and ``group_fn(name)`` (see
 ``znorm_kernels.dispatch``). This package imports nothing heavy itself.

@@ -42,7 +42,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from . import is_dense
+from . import optim_steps
 
 __all__ = [
     "ADAM_OP_NAME",
@@ -225,55 +225,21 @@ def group_fn(name: str) -> Callable[..., None]:
 
 # --- the fused optimizer steps (CPU and CUDA) ---
 
-_STEP_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def _scalar(name: str, x) -> float:
-    if isinstance(x, Tensor):
-        if x.device.type != "cpu" or x.numel() != 1:
-            raise NotImplementedError(f"{name} as a device tensor is not supported by the native fused step")
-        return float(x)
-    return float(x)
-
 
 def check_step(lists: list[list], names: list[str]) -> None:
-    """Validate one group of a fused step without touching it: ValueError for malformed calls (list lengths,
-    non-tensors), NotImplementedError for what the native kernels do not serve (the caller's cue to take its
-    general path): tensors on another device than the first param (which must be a CPU tensor, or a CUDA
-    tensor in a build with the CUDA kernels), of another dtype than float32/float16/bfloat16/float64 or than
-    their param, non-strided or non-dense tensors, a gradient or state whose shape or strides differ from its
-    param's (the kernels pair elements by memory order). ``lists[0]`` are the params."""
+    """Validate one group of a fused step without touching it (``lists[0]`` are the params): ValueError for
+    malformed calls, NotImplementedError for what the native kernels do not serve (the caller's cue to take
+    its general path): a first param on a device without native step kernels (CPU always; CUDA in a build
+    with them), and what ``optim_steps.check_tensors`` refuses (another device, dtype, shape or strides than
+    the param's; non-dense params)."""
+    n = optim_steps.check_lengths(lists, names)
     params = lists[0]
-    n = len(params)
-    for lst, name in zip(lists, names):
-        if len(lst) != n:
-            raise ValueError(f"{name} has {len(lst)} entries for {n} params")
     device = params[0].device if n and isinstance(params[0], Tensor) else torch.device("cpu")
     if not has_optim_kernels(device.type):
         raise NotImplementedError(
             f"the native extension has no fused optimizer kernels for {device.type} tensors; {BUILD_HINT}"
         )
-    for i, p in enumerate(params):
-        for lst, name in zip(lists, names):
-            t = lst[i]
-            if not isinstance(t, Tensor):
-                raise ValueError(f"{name}[{i}] is {type(t).__name__}, not a tensor")
-            if t.device != device:
-                raise NotImplementedError(
-                    f"{name}[{i}] is on {t.device}: the native fused step takes the tensors of one device "
-                    f"({device}, as params[0])"
-                )
-            if t.dtype not in _STEP_DTYPES or t.dtype != p.dtype:
-                raise NotImplementedError(f"{name}[{i}] is {t.dtype}, its param {p.dtype}")
-            if t.layout != torch.strided:
-                raise NotImplementedError(f"{name}[{i}] is not a dense strided tensor ({t.layout})")
-            if t.shape != p.shape or t.stride() != p.stride():
-                raise NotImplementedError(
-                    f"{name}[{i}] has shape {tuple(t.shape)} and strides {t.stride()}, its param "
-                    f"{tuple(p.shape)} and {p.stride()}: the fused step pairs elements by memory order"
-                )
-        if not is_dense(p):
-            raise NotImplementedError(f"params[{i}] is not dense (a view with gaps or overlaps)")
+    optim_steps.check_tensors(lists, names, device, "native fused step")
 
 
 def _flags(name: str, flags, n: int) -> list[int]:
@@ -314,14 +280,8 @@ def sgd_step_(
     treated tensor's (mean, std), as ``znorm_``'s ``stats`` (NaN rows elsewhere). ``checked=True``: the
     caller has validated these very lists with ``check_step`` (skips it; the op checks them again in C++
     before writing anything, raising RuntimeError)."""
-    lr, momentum, dampening, weight_decay = (
-        _scalar(k, v)
-        for k, v in (
-            ("lr", lr),
-            ("momentum", momentum),
-            ("dampening", dampening),
-            ("weight_decay", weight_decay),
-        )
+    lr, momentum, dampening, weight_decay = optim_steps.scalars(
+        "native fused step", lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay
     )
     use_momentum = momentum != 0
     lists = [params, grads] + ([momentum_buffers] if use_momentum else [])
@@ -370,15 +330,8 @@ def adam_step_(
     has incremented the step counters and passes, per tensor, ``step_size = lr / (1 - beta1**step)`` and
     ``bias_correction2_sqrt = (1 - beta2**step) ** 0.5``. ``max_exp_avg_sqs`` is read only with amsgrad.
     ``treated``, ``write_grad``, ``stats_out`` and ``checked`` as for ``sgd_step_``."""
-    beta1, beta2, lr, weight_decay, eps = (
-        _scalar(k, v)
-        for k, v in (
-            ("beta1", beta1),
-            ("beta2", beta2),
-            ("lr", lr),
-            ("weight_decay", weight_decay),
-            ("eps", eps),
-        )
+    beta1, beta2, lr, weight_decay, eps = optim_steps.scalars(
+        "native fused step", beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps
     )
     lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
     if not checked:

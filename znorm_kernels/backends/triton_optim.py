@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from . import is_dense
+from . import optim_steps
 from .triton_host import _on_device, _stream_of, _triton_dtypes, device_table, serves
 
 __all__ = ["adam_step_", "check", "compile_adam_for_target", "compile_sgd_for_target", "sgd_step_"]
@@ -78,14 +78,6 @@ def _bits(x: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
-def _scalar(name: str, x) -> float:
-    if isinstance(x, Tensor):
-        if x.device.type != "cpu" or x.numel() != 1:
-            raise NotImplementedError(f"{name} as a device tensor is not supported by the fused Triton step")
-        return float(x)
-    return float(x)
-
-
 @dataclass(eq=False)
 class Plan:
     meta: Tensor  # int64 table (layout in triton_optim_kernels)
@@ -102,10 +94,7 @@ _captured_plans: list[Plan] = []  # tables a captured graph reads: kept for the 
 
 def _checked_group(lists: list[list], names: list[str], stats: Tensor) -> tuple[torch.device, torch.dtype]:
     """(device, dtype) of lists the caller validated with ``check`` (lengths still compared: cheap)."""
-    n = len(lists[0])
-    for lst, name in zip(lists, names):
-        if len(lst) != n:
-            raise ValueError(f"{name} has {len(lst)} entries for {n} params")
+    n = optim_steps.check_lengths(lists, names)
     return (lists[0][0].device, lists[0][0].dtype) if n else (None, None)
 
 
@@ -116,15 +105,13 @@ def check(lists: list[list], names: list[str], stats: Tensor) -> tuple[torch.dev
 
 def _check(lists: list[list], names: list[str], stats: Tensor) -> tuple[torch.device, torch.dtype]:
     """Validate one group: ValueError for malformed calls, NotImplementedError for what the kernel does not
-    serve. ``lists[0]`` are the params; entries of the other lists may be None only where unused (the caller
-    passes None lists for unused states)."""
-    params = lists[0]
-    n = len(params)
-    for lst, name in zip(lists, names):
-        if len(lst) != n:
-            raise ValueError(f"{name} has {len(lst)} entries for {n} params")
+    serve (a device or dtype Triton does not serve, and what ``optim_steps.check_tensors`` refuses).
+    ``lists[0]`` are the params; entries of the other lists may be None only where unused (the caller passes
+    None lists for unused states)."""
+    n = optim_steps.check_lengths(lists, names)
     if n == 0:
         return None, None
+    params = lists[0]
     device, dtype = params[0].device, params[0].dtype
     if dtype not in _triton_dtypes():
         raise NotImplementedError(f"the fused Triton step does not serve {dtype} tensors")
@@ -135,25 +122,10 @@ def _check(lists: list[list], names: list[str], stats: Tensor) -> tuple[torch.de
         raise ValueError(f"stats must be the float64 [{n}, 4] tensor of triton_host.statistics for the list")
     if stats.device != device or not stats.is_contiguous():
         raise ValueError("stats must be a contiguous tensor on the params' device")
+    optim_steps.check_tensors(lists, names, device, "fused Triton step")
     for i, p in enumerate(params):
-        shape, strides = p.shape, p.stride()
-        for lst, name in zip(lists, names):
-            t = lst[i]
-            if not isinstance(t, Tensor):
-                raise ValueError(f"{name}[{i}] is {type(t).__name__}, not a tensor")
-            if t.device != device or t.dtype != dtype:
-                raise NotImplementedError(
-                    f"{name}[{i}] is {t.dtype} on {t.device}; the group is {dtype} on {device}"
-                )
-            if t.layout != torch.strided:
-                raise NotImplementedError(f"{name}[{i}] is not a dense strided tensor ({t.layout})")
-            if t.shape != shape or t.stride() != strides:
-                raise NotImplementedError(
-                    f"{name}[{i}] has shape {tuple(t.shape)} and strides {t.stride()}, its param "
-                    f"{tuple(shape)} and {strides}: the fused step pairs elements by memory order"
-                )
-        if not is_dense(p):
-            raise NotImplementedError(f"params[{i}] is not dense (a view with gaps or overlaps)")
+        if p.dtype != dtype:
+            raise NotImplementedError(f"params[{i}] is {p.dtype}; the group is {dtype}")
     return device, dtype
 
 
@@ -276,14 +248,8 @@ def sgd_step_(
     ``momentum_buffers[i]``: the parameter's momentum buffer (unused, may be None, when momentum is 0); where
     ``first[i]`` is True it is a buffer the caller just allocated, which becomes d as torch's first step
     makes it (its old contents are not read)."""
-    lr, momentum, dampening, weight_decay = (
-        _scalar(k, v)
-        for k, v in (
-            ("lr", lr),
-            ("momentum", momentum),
-            ("dampening", dampening),
-            ("weight_decay", weight_decay),
-        )
+    lr, momentum, dampening, weight_decay = optim_steps.scalars(
+        "fused Triton step", lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay
     )
     use_momentum = momentum != 0
     lists = [params, grads] + ([momentum_buffers] if use_momentum else [])
@@ -344,15 +310,8 @@ def adam_step_(
     (1 - beta2**step) ** 0.5`` in Python floats, as torch's single-tensor code computes them.
     ``max_exp_avg_sqs`` is read only with amsgrad (entries may be None otherwise). ``checked``: as for
     ``sgd_step_``."""
-    beta1, beta2, lr, weight_decay, eps = (
-        _scalar(k, v)
-        for k, v in (
-            ("beta1", beta1),
-            ("beta2", beta2),
-            ("lr", lr),
-            ("weight_decay", weight_decay),
-            ("eps", eps),
-        )
+    beta1, beta2, lr, weight_decay, eps = optim_steps.scalars(
+        "fused Triton step", beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps
     )
     lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
     names = ["params", "grads", "exp_avgs", "exp_avg_sqs"] + (["max_exp_avg_sqs"] if amsgrad else [])
