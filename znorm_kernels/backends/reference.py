@@ -14,7 +14,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["accumulation_dtype", "group_fn", "serves", "unavailable", "znorm_group_", "znorm_tensor_"]
+__all__ = [
+    "accumulation_dtype", "group_fn", "serves", "unavailable", "write_z_", "znorm_group_", "znorm_tensor_",
+]  # fmt: skip
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -52,12 +54,18 @@ def znorm_tensor_(
     if stats is not None:
         stats[0] = torch.where(constant, lo, mean + (x - mean).mean())
         stats[1] = torch.where(constant, 0.0, denom)
+    write_z_(grad, centred, denom, eps, grad_scale)
+
+
+def write_z_(grad: Tensor, centred: Tensor, std: Tensor, eps: float, grad_scale: Tensor | None) -> None:
+    """grad <- centred / (std + eps), or centred * s / (std + s*eps) with a grad scale s; ``centred`` is the
+    flat float64 x - mean (exact zeros for a constant tensor), ``std`` a float64 0-d tensor."""
     if grad_scale is None:
         s = None
-        denom = denom + eps
+        denom = std + eps
     else:
-        s = grad_scale.detach().to(device=x.device, dtype=torch.float64, non_blocking=True)
-        denom = denom + s * eps
+        s = grad_scale.detach().to(device=centred.device, dtype=torch.float64, non_blocking=True)
+        denom = std + s * eps
     # std + eps is 0 only for a constant tensor with eps=0: its exact-zero centred values stay 0 (0/0 would be
     # NaN). NaN and Inf still propagate, since only an exact 0 is replaced.
     denom = denom.masked_fill(denom == 0, float("inf"))

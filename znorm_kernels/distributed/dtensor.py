@@ -23,6 +23,8 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.placement_types import Replicate
 
+from ..backends.reference import write_z_
+
 __all__ = ["local_statistics", "merge_statistics", "znorm_dtensors_"]
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -121,16 +123,7 @@ def _normalize_local_(
     var = m2 / torch.clamp(n - correction, min=0.0)
     constant = lo == hi  # exact; NaN never compares equal
     centred = torch.where(constant, x - lo, x - mean)
-    denom = var.sqrt()
-    if grad_scale is None:
-        s = None
-        denom = denom + eps
-    else:
-        s = grad_scale.detach().to(device=x.device, dtype=torch.float64, non_blocking=True)
-        denom = denom + s * eps
-    denom = denom.masked_fill(denom == 0, float("inf"))  # constant with eps=0: the exact zeros stay 0
-    z = centred / denom if s is None else centred * (s / denom)
-    local.copy_(z.view(local.shape))
+    write_z_(local, centred, var.sqrt(), eps, grad_scale)
 
 
 def znorm_dtensors_(
