@@ -305,10 +305,6 @@ def compile_for_target(
     check that the kernel lowers to PTX and machine code, which the interpreter does not. ``aligned`` picks
     the specialization that serves 16-byte aligned gradients (the usual case: the caching allocator aligns
     every tensor to 512 bytes). Returns Triton's compiled kernel (``.asm["ptx"]`` holds the PTX)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from .triton_kernels import znorm_queue_kernel
 
     signature = {
@@ -317,14 +313,22 @@ def compile_for_target(
         "NUM_PROGRAMS": "i32", "spin_limit": "i32",
     }  # fmt: skip
     constants = _constants(dtype, block_for(dtype), aligned, has_scale, normalize, backoff=True)
-    signature.update(dict.fromkeys(constants, "constexpr"))
+    return compile_ahead(znorm_queue_kernel, signature, constants, arch, OPTIONS)
+
+
+def compile_ahead(fn, signature: dict, constants: dict, arch: int, options: dict):
+    """A Triton kernel compiled ahead of time for CUDA architecture ``arch``: ``signature`` types its runtime
+    arguments (in order), ``constants`` its constexpr ones (after them)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {**signature, **dict.fromkeys(constants, "constexpr")}
     names = list(signature)
     source = ASTSource(
-        fn=znorm_queue_kernel,
-        signature=signature,
-        constexprs={(names.index(k),): v for k, v in constants.items()},
+        fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constants.items()}
     )
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=OPTIONS)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def _stream_of(device: torch.device) -> int:

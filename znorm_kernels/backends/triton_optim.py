@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 
 from . import optim_steps
-from .triton_host import _on_device, _stream_of, _triton_dtypes, device_table, serves
+from .triton_host import _on_device, _stream_of, _triton_dtypes, compile_ahead, device_table, serves
 
 __all__ = ["adam_step_", "check", "compile_adam_for_target", "compile_sgd_for_target", "sgd_step_"]
 
@@ -360,20 +360,6 @@ def adam_step_(
 _COMMON_SIGNATURE = {"meta_ptr": "*i64", "stats_ptr": "*fp64", "scale_ptr": "*fp32", "found_inf_ptr": "*fp32"}
 
 
-def _compile(fn, signature: dict, constants: dict, arch: int):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    signature = dict(signature)
-    signature.update(dict.fromkeys(constants, "constexpr"))
-    names = list(signature)
-    source = ASTSource(
-        fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constants.items()}
-    )
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=OPTIONS)
-
-
 def compile_sgd_for_target(
     dtype: torch.dtype,
     arch: int = 90,
@@ -400,7 +386,7 @@ def compile_sgd_for_target(
         dtype, aligned, has_scale, has_found_inf, maximize, weight_decay, write_grad
     )
     constants.update(MOMENTUM=momentum, NESTEROV=nesterov, FIRST=first)
-    return _compile(znorm_sgd_kernel, signature, constants, arch)
+    return compile_ahead(znorm_sgd_kernel, signature, constants, arch, OPTIONS)
 
 
 def compile_adam_for_target(
@@ -432,4 +418,4 @@ def compile_adam_for_target(
         dtype, aligned, has_scale, has_found_inf, maximize, weight_decay, write_grad
     )
     constants.update(DECOUPLED=decoupled, AMSGRAD=amsgrad, PER_TENSOR=per_tensor)
-    return _compile(znorm_adam_kernel, signature, constants, arch)
+    return compile_ahead(znorm_adam_kernel, signature, constants, arch, OPTIONS)
