@@ -24,12 +24,10 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
+from ..backends.triton_host import device_table
 from ..dispatch import _dtensor_positions, _ptrs_equal, check_and_group, resolve_backend
 
 __all__ = ["try_fused_step_"]
-
-# A statistics row that makes the update kernel use the raw gradient: z = (g - 0) * 1.
-_NO_ZNORM_ROW = (0.0, 0.0, 1.0, 0.0)
 
 
 def _options_allow(opt, group: dict[str, Any]) -> bool:
@@ -75,6 +73,16 @@ class _Layout:
     path: str | None
     name_of: dict[int, str]
     buckets: list[tuple[list[int], list[bool]]] = field(default_factory=list)  # positions, treated
+    indices: dict[tuple, tuple[Tensor, Tensor | None]] = field(default_factory=dict)
+
+    def index(self, rows: list[int], device: torch.device) -> Tensor:
+        """``rows`` as an index tensor on ``device``, made once per layout, through pinned memory without
+        blocking (a plain copy of a list to a GPU would wait for the device, on every step)."""
+        key = (tuple(rows), device)
+        entry = self.indices.get(key)
+        if entry is None:
+            entry = self.indices[key] = device_table(rows, device)  # (tensor, pinned source kept in capture)
+        return entry[0]
 
 
 def _layout(opt, group: dict[str, Any], params: list[Tensor], names: list[str], options: tuple) -> _Layout:
@@ -110,9 +118,11 @@ def _layout(opt, group: dict[str, Any], params: list[Tensor], names: list[str], 
     return layout
 
 
-def _statistics(grads: list[Tensor], treated: list[bool], eps: float, correction: float) -> Tensor:
+def _statistics(
+    grads: list[Tensor], treated: list[bool], eps: float, correction: float, layout: _Layout
+) -> Tensor:
     """float64 [T, 4] rows for the update kernel: the statistics stage's for treated tensors, the raw
-    gradient's row elsewhere (tensors ZNorm skips or leaves alone)."""
+    gradient's row elsewhere (tensors ZNorm skips or leaves alone): (0, 0, 1, 0), z = (g - 0) * 1."""
     from ..backends import triton_host
 
     picked = [g for g, t in zip(grads, treated) if t]
@@ -120,10 +130,10 @@ def _statistics(grads: list[Tensor], treated: list[bool], eps: float, correction
     if stats is not None and len(picked) == len(grads):
         return stats
     device = grads[0].device
-    full = torch.tensor([_NO_ZNORM_ROW], dtype=torch.float64).to(device).repeat(len(grads), 1)
+    full = torch.zeros((len(grads), 4), dtype=torch.float64, device=device)
+    full[:, 2] = 1.0
     if stats is not None:
-        index = torch.tensor([i for i, t in enumerate(treated) if t], dtype=torch.long).to(device)
-        full.index_copy_(0, index, stats)
+        full.index_copy_(0, layout.index([i for i, t in enumerate(treated) if t], device), stats)
     return full
 
 
@@ -141,7 +151,7 @@ def try_fused_step_(opt, group: dict[str, Any], kind: str, names: list[str], sta
     eps = group.get("znorm_eps", defaults["znorm_eps"])
     correction = group.get("correction", defaults["correction"])
     layout = _layout(opt, group, params, names, (znorm, min_ndim))
-    path, name_of = layout.path, layout.name_of
+    path = layout.path
     if path is None:
         return False
     grads = [p.grad for p in params]
@@ -155,7 +165,7 @@ def try_fused_step_(opt, group: dict[str, Any], kind: str, names: list[str], sta
             ps = [params[i] for i in idx]
             gs = [grads[i] for i in idx]
             if path == "triton":
-                stats = _statistics(gs, treated, eps, correction)
+                stats = _statistics(gs, treated, eps, correction, layout)
                 engine = _triton_engine(stats)
             else:  # the native op computes the statistics itself, and writes them here with track_stats
                 stats = None
@@ -171,11 +181,11 @@ def try_fused_step_(opt, group: dict[str, Any], kind: str, names: list[str], sta
     if opt._znorm["track_stats"] and znorm:
         selected = [p for p in group["params"] if p.dim() >= min_ndim]
         if selected:
-            stats_sink.append(_stats_rows(selected, name_of, launches))
+            stats_sink.append(_stats_rows(selected, layout, launches))
     return True
 
 
-def _stats_rows(selected: list[Tensor], name_of: dict[int, str], launches: list) -> tuple[list[str], Tensor]:
+def _stats_rows(selected: list[Tensor], layout: _Layout, launches: list) -> tuple[list[str], Tensor]:
     """(names, float64 [k, 2] mean and std) of the selected parameters, from the statistics rows."""
     row_of = {id(p): k for k, p in enumerate(selected)}
     device = launches[0][2].device
@@ -183,10 +193,10 @@ def _stats_rows(selected: list[Tensor], name_of: dict[int, str], launches: list)
     for ps, treated, stats, _ in launches:
         rows = [i for i, t in enumerate(treated) if t]
         if rows:
-            src = torch.tensor(rows, dtype=torch.long).to(stats.device)
-            dst = torch.tensor([row_of[id(ps[i])] for i in rows], dtype=torch.long).to(device)
+            src = layout.index(rows, stats.device)
+            dst = layout.index([row_of[id(ps[i])] for i in rows], device)
             values.index_copy_(0, dst, stats.index_select(0, src)[:, :2].to(device))
-    return [name_of[id(p)] for p in selected], values
+    return [layout.name_of[id(p)] for p in selected], values
 
 
 class _Engine:
