@@ -63,17 +63,17 @@ def local_statistics(local: Tensor) -> Tensor:
     The reference backend's corrected two-pass: mean, then the mean of the deviations from it added back, and
     M2 as the sum of the squared corrected deviations. An empty shard gives (0, 0, 0, +inf, -inf)."""
     n = local.numel()
-    if n == 0:
-        return torch.tensor(
-            [0.0, 0.0, 0.0, float("inf"), float("-inf")], dtype=torch.float64, device=local.device
-        )
+    if n == 0:  # filled on the device: a Python list copied to a GPU would wait for it
+        empty = torch.zeros(5, dtype=torch.float64, device=local.device)
+        empty[3], empty[4] = float("inf"), float("-inf")
+        return empty
     x = local.detach().reshape(-1).to(torch.float64)
     lo, hi = torch.aminmax(x)
     mean = x.mean()
     centred = x - mean
     shift = centred.mean()  # what rounding the mean cost (the corrected two-pass)
     m2 = (centred - shift).square().sum()
-    count = torch.tensor(float(n), dtype=torch.float64, device=x.device)
+    count = torch.full((), float(n), dtype=torch.float64, device=x.device)
     return torch.stack([count, mean + shift, m2, lo, hi])
 
 
