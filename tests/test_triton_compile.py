@@ -6,15 +6,12 @@ programs per SM the launch assumes (ptxas, where it is installed)."""
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import shutil
-import subprocess
-import sys
 import textwrap
 
 import pytest
+
+from tests.utils import compiled_ptx, ptxas_usage
 
 pytest.importorskip("triton")
 
@@ -47,17 +44,7 @@ VECTOR = {"float32": "v4.b32", "float16": "v4.b32", "bfloat16": "v4.b32", "float
 
 @pytest.fixture(scope="module")
 def ptx():
-    # A fresh interpreter without TRITON_INTERPRET, so the kernel is a real JIT function.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, json.dumps(CASES)], capture_output=True, text=True, env=env, cwd=root
-    )
-    if done.returncode != 0:
-        if "ptxas" in done.stderr and "not found" in done.stderr.lower():
-            pytest.skip("Triton's ptxas is not available")
-        raise AssertionError(done.stderr[-4000:])
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return compiled_ptx(SCRIPT, CASES)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
@@ -101,22 +88,10 @@ def test_no_fma_contraction_and_correctly_rounded_scalars(ptx, case):
 def test_registers_leave_two_programs_per_sm(ptx, case, tmp_path):
     # 8 warps at <= 128 registers per thread: two programs per SM (the launch reads the figure from the
     # compiled kernel on a GPU; this keeps the kernel from growing past it unnoticed). Aligned: no spills.
-    ptxas = shutil.which("ptxas") or "/usr/local/cuda/bin/ptxas"
-    if not os.path.exists(ptxas):
-        pytest.skip("ptxas not installed")
-    src = tmp_path / "k.ptx"
-    src.write_text(ptx["-".join(map(str, case))])
-    done = subprocess.run(
-        [ptxas, "-arch=sm_90a", "-v", str(src), "-o", str(tmp_path / "k.cubin")],
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    regs = int(re.search(r"Used (\d+) registers", done.stderr).group(1))
-    spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", done.stderr)]
+    regs, spills, report = ptxas_usage(ptx["-".join(map(str, case))], tmp_path)
     assert regs <= 128, f"{regs} registers: fewer programs fit an SM"
     if case[4]:
-        assert not any(spills), done.stderr
+        assert not any(spills), report
     else:  # the element-wise variant (unaligned views, rare) may spill a few registers at the cap (24 bytes
         # for bfloat16 with Triton 3.6)
-        assert max(spills, default=0) <= 64, done.stderr
+        assert max(spills, default=0) <= 64, report

@@ -8,12 +8,7 @@ On a CPU-only machine these run through TRITON_INTERPRET=1 (set by conftest.py),
 from __future__ import annotations
 
 import itertools
-import json
-import os
 import re
-import shutil
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -23,7 +18,7 @@ from torch.optim.sgd import sgd as torch_sgd
 
 import znorm_kernels
 import znorm_kernels.reference as reference
-from tests.utils import make_grad
+from tests.utils import compiled_ptx, make_grad, ptxas_usage
 
 pytestmark = pytest.mark.skipif(
     "triton" not in znorm_kernels.available_backends(), reason="Triton backend not available"
@@ -442,20 +437,7 @@ VECTOR = {"float32": "v4.b32", "float16": "v4.b32", "bfloat16": "v4.b32", "float
 
 @pytest.fixture(scope="module")
 def ptx():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run(
-        [sys.executable, "-c", COMPILE_SCRIPT, json.dumps(COMPILE_CASES)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=root,
-    )
-    if done.returncode != 0:
-        if "ptxas" in done.stderr and "not found" in done.stderr.lower():
-            pytest.skip("Triton's ptxas is not available")
-        raise AssertionError(done.stderr[-4000:])
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return compiled_ptx(COMPILE_SCRIPT, COMPILE_CASES)
 
 
 @pytest.mark.parametrize("case", COMPILE_CASES, ids=lambda c: "-".join(map(str, c)))
@@ -470,18 +452,6 @@ def test_optim_kernels_lower_for_sm90(ptx, case, tmp_path):
         assert VECTOR[dtype] in loads, "aligned full tiles move 16 bytes per instruction"
     else:
         assert not loads
-    ptxas = shutil.which("ptxas") or "/usr/local/cuda/bin/ptxas"
-    if not os.path.exists(ptxas):
-        pytest.skip("ptxas not installed")
-    src = tmp_path / "k.ptx"
-    src.write_text(code)
-    done = subprocess.run(
-        [ptxas, "-arch=sm_90a", "-v", str(src), "-o", str(tmp_path / "k.cubin")],
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    regs = int(re.search(r"Used (\d+) registers", done.stderr).group(1))
-    spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", done.stderr)]
+    regs, spills, report = ptxas_usage(code, tmp_path)
     assert regs <= 64, f"{regs} registers: fewer than 4 programs of 8 warps fit an SM"
-    assert not any(spills), done.stderr
+    assert not any(spills), report

@@ -3,6 +3,14 @@ benchmark's accuracy gate shares), input makers, backends under test."""
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
 import torch
 from torch import Tensor
 
@@ -96,3 +104,35 @@ def layouts(shape: tuple[int, ...], dtype: torch.dtype, device: str, seed: int =
     view.copy_(base)
     out["strided_view"] = view
     return out
+
+
+def compiled_ptx(script: str, cases: list) -> dict[str, str]:
+    """The PTX ``script`` prints (a JSON dict) for ``cases`` (passed as its JSON argument), run in a fresh
+    interpreter without TRITON_INTERPRET so the kernels are real JIT functions; skips where Triton's ptxas is
+    missing."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(cases)], capture_output=True, text=True, env=env, cwd=root
+    )
+    if done.returncode != 0:
+        if "ptxas" in done.stderr and "not found" in done.stderr.lower():
+            pytest.skip("Triton's ptxas is not available")
+        raise AssertionError(done.stderr[-4000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def ptxas_usage(ptx: str, tmp_path) -> tuple[int, list[int], str]:
+    """(registers per thread, spill byte counts, ptxas's report) of ``ptx`` assembled for sm_90a; skips where
+    ptxas is not installed."""
+    ptxas = shutil.which("ptxas") or "/usr/local/cuda/bin/ptxas"
+    if not os.path.exists(ptxas):
+        pytest.skip("ptxas not installed")
+    src = tmp_path / "k.ptx"
+    src.write_text(ptx)
+    command = [ptxas, "-arch=sm_90a", "-v", str(src), "-o", str(tmp_path / "k.cubin")]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    regs = int(re.search(r"Used (\d+) registers", done.stderr).group(1))
+    spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", done.stderr)]
+    return regs, spills, done.stderr
