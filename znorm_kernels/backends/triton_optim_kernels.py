@@ -124,6 +124,20 @@ def _z(
 
 
 @triton.jit
+def _item(meta_ptr, num_items, stats_ptr, scale_ptr, ACC: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """What both updates read first for this program's item: its record, first element and length, its
+    tensor's statistics row and (mean, inv, wide), and the gradient scale (1 without one)."""
+    rec, start, count = _record(meta_ptr, num_items)
+    row = tl.load(rec + 7)
+    mean, inv, wide = _z_stats(rec, stats_ptr, row)
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr).to(ACC)
+    else:
+        scale = tl.cast(1.0, ACC)
+    return rec, start, count, row, mean, inv, wide, scale
+
+
+@triton.jit
 def _direction(
     g_ptr, p_ptr, rem, mean, inv, wide, scale,
     DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr, ALIGNED: tl.constexpr,
@@ -176,13 +190,9 @@ def znorm_sgd_kernel(
     WRITE_GRAD: tl.constexpr,
 ):
     if not _skip(found_inf_ptr, HAS_FOUND_INF):
-        rec, start, count = _record(meta_ptr, num_items)
-        row = tl.load(rec + 7)
-        mean, inv, wide = _z_stats(rec, stats_ptr, row)
-        if HAS_SCALE:
-            scale = tl.load(scale_ptr).to(ACC)
-        else:
-            scale = tl.cast(1.0, ACC)
+        rec, start, count, _row, mean, inv, wide, scale = _item(
+            meta_ptr, num_items, stats_ptr, scale_ptr, ACC, HAS_SCALE
+        )
         lr = _f64(lr_bits).to(ACC)
         momentum = _f64(momentum_bits).to(ACC)
         one_minus_dampening = _f64(one_minus_dampening_bits).to(ACC)
@@ -249,13 +259,9 @@ def znorm_adam_kernel(
     WRITE_GRAD: tl.constexpr,
 ):
     if not _skip(found_inf_ptr, HAS_FOUND_INF):
-        rec, start, count = _record(meta_ptr, num_items)
-        row = tl.load(rec + 7)
-        mean, inv, wide = _z_stats(rec, stats_ptr, row)
-        if HAS_SCALE:
-            scale = tl.load(scale_ptr).to(ACC)
-        else:
-            scale = tl.cast(1.0, ACC)
+        rec, start, count, row, mean, inv, wide, scale = _item(
+            meta_ptr, num_items, stats_ptr, scale_ptr, ACC, HAS_SCALE
+        )
         weight = _f64(lerp_weight_bits)
         small_weight = tl.abs(weight) < 0.5  # torch.lerp's two formulas
         weight = weight.to(ACC)
