@@ -110,6 +110,14 @@ HAVE_GPU=0
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1 && HAVE_GPU=1
 
 build() {
+    # A carried prebuilt extension (built elsewhere against this very torch version, e.g. to save the device
+    # machine's time): used as it is when it loads, else the normal build.
+    if [[ -n "${ZNORM_PREBUILT_SO:-}" ]]; then
+        cp "$ZNORM_PREBUILT_SO" znorm_kernels/_C.abi3.so &&
+            "$PY" -c "import torch; from znorm_kernels.backends import native; native.load(); print('prebuilt extension loads:', native.has_cuda_kernel())" &&
+            return 0
+        echo "the prebuilt extension $ZNORM_PREBUILT_SO does not load: building"
+    fi
     if command -v make >/dev/null; then
         make setup-system PYTHON="$PY"
     else
