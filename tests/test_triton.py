@@ -84,11 +84,11 @@ def test_default_block_boundaries(tb):
 
 
 def test_one_launch_per_group_whatever_the_count(tb, launches):
-    grads = [make_grad((n % 50 + 2,), seed=n) for n in range(300)]
-    grads += [make_grad((200,), seed=1), make_grad((5000,), seed=2)]
+    grads = [make_grad((n % 50 + 2,), seed=n, device=DEVICE) for n in range(300)]
+    grads += [make_grad((200,), seed=1, device=DEVICE), make_grad((5000,), seed=2, device=DEVICE)]
     znorm_kernels.znorm_(grads, backend="triton")
     assert len(launches) == 1
-    mixed = [*grads, make_grad((9,), torch.bfloat16), make_grad((9,), torch.float16)]
+    mixed = [*grads, make_grad((9,), torch.bfloat16, DEVICE), make_grad((9,), torch.float16, DEVICE)]
     launches.clear()
     znorm_kernels.znorm_(mixed, backend="triton")
     assert len(launches) == 3  # float32, bfloat16, float16
@@ -193,11 +193,12 @@ def test_auto_picks_triton_for_cuda():
 def test_no_host_sync_on_cuda(tb):
     grads = [make_grad((n,), device="cuda", seed=n) for n in (3, 5000, 300_000)]
     tb.znorm_group_(grads, 1e-10, 0, None)  # build the plan (its table copy may synchronize once)
+    scale = torch.tensor(8.0, device="cuda")  # made before: a copy from a Python number synchronizes
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         znorm_kernels.znorm_(grads, backend="triton")
-        znorm_kernels.znorm_(grads, backend="triton", grad_scale=torch.tensor(8.0, device="cuda"))
+        znorm_kernels.znorm_(grads, backend="triton", grad_scale=scale)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
