@@ -11,7 +11,11 @@
 # and later steps run whatever an earlier one did. OUT/summary.md lists the steps; OUT/logs/ has each step's
 # output; OUT/bench/ the benchmark's results.md, results.json and chart.png. Exit code: 0 when every step
 # passed, 1 when one failed or timed out, 2 when there is no GPU (without --smoke).
-# Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S, BENCH_ARGS (extra arguments for python -m bench).
+# Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S, BENCH_ARGS (extra arguments for python -m bench),
+# ZNORM_PREBUILT_SO (a carried extension built against the same torch: no build there), GPU_CHECK_COMMIT (the
+# commit sent, when the copied .git is stale), GPU_CHECK_TEST_WORKERS (pytest-xdist workers, default 8).
+# Through the device tool, which brings back at most 8 files: OUT elsewhere, then pack it, e.g.
+#   bash bench/gpu_check.sh /tmp/gc; tar czf $OUT/gc.tgz -C /tmp gc; cp /tmp/gc/summary.md $OUT/
 
 set -u
 
@@ -54,7 +58,8 @@ run_step() {
     echo "== $name (limit ${limit}s): $*"
     t0=$(date +%s%N)
     # bash -c, so that a shell function (exported) can be a step too
-    timeout --signal=TERM --kill-after=10 "$limit" bash -c '"$@"' step "$@" >"$OUT/logs/$name.log" 2>&1
+    # SIGINT first: pytest then still prints its summary of failures, and Python programs unwind.
+    timeout --signal=INT --kill-after=15 "$limit" bash -c '"$@"' step "$@" >"$OUT/logs/$name.log" 2>&1
     rc=$?
     ms=$((($(date +%s%N) - t0) / 1000000))
     wall="$((ms / 1000)).$(((ms % 1000) / 100))"
@@ -76,7 +81,11 @@ skip_step() {
 versions() {
     echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
     echo "host: $(hostname); $(nproc) CPU cores"
-    echo "commit: $(git rev-parse HEAD 2>/dev/null || echo 'unknown (no git)')"
+    # The device tool copies the working tree; its .git can be older than the tree (seen on the first GPU
+    # run), so the caller can say which commit it sent.
+    local head
+    head="$(git rev-parse HEAD 2>/dev/null || echo unknown) (read from the copied .git)"
+    echo "commit: ${GPU_CHECK_COMMIT:-$head}"
     nvidia-smi || echo "nvidia-smi: not available"
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
     command -v nvcc >/dev/null && nvcc --version | tail -n 2
@@ -139,13 +148,19 @@ if ((HAVE_GPU)); then
     # The GPU-only checks first (rule 12: streams, graph capture; the backends' own paths), so that they run
     # even if the whole suite outlasts its share of the budget (pytest drops the repeated paths).
     # test_triton_optim.py compiles a kernel variant per option combination: left to the general run.
-    run_step tests 120 "$PY" -m pytest tests/test_rule12.py tests/test_native.py tests/test_triton.py \
-        tests/test_optim.py tests/test_native_optim.py tests/test_distributed.py tests \
-        -q -rs -p no:cacheprovider --durations=15
+    # Parallel workers where pytest-xdist is installed (compiling Triton variants dominates: serially the
+    # first GPU run got through 140 tests in 120 s), one line per test (-v) so that a run cut short still
+    # says what passed and failed, and a per-test limit where pytest-timeout is installed.
+    PYTEST_PAR=()
+    "$PY" -c "import xdist" 2>/dev/null && PYTEST_PAR+=(-n "${GPU_CHECK_TEST_WORKERS:-8}")
+    "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_PAR+=(--timeout 120)
+    run_step tests 150 "$PY" -m pytest tests/test_rule12.py tests/test_native.py tests/test_triton.py \
+        tests/test_optim.py tests/test_native_optim.py tests/test_triton_optim.py tests/test_distributed.py \
+        tests/test_compile.py tests "${PYTEST_PAR[@]}" -v -rfEs --tb=short -p no:cacheprovider --durations=15
     # The ZNorm optimizers (issue #12): their fused step against torch's fused Adam alone and the hook on it,
     # on ResNet-56 and the 707 M LLM-shaped list (SGD: bench.optim_step --optimizers sgd-momentum).
-    run_step optim-bench 75 "$PY" -m bench.optim_step --device cuda --lists resnet56,llm --optimizers adam \
-        --fused --reps 10 --max-seconds 2
+    run_step optim-bench 100 "$PY" -m bench.optim_step --device cuda --lists resnet56,llm \
+        --optimizers adam,sgd-momentum --fused --reps 10 --max-seconds 2
     # Every list (--full), the two of PERF.md's headline first; compiled alternatives last, not started
     # within 50 s of the step's limit; results saved after each case, so a timeout still leaves them.
     left=$(($(remaining) - 5))
