@@ -58,6 +58,11 @@ class CaseOptions:
     progress: Callable[[str], None] = field(default=lambda text: None)
     checked: dict = field(default_factory=dict)  # (list, dtype, backend) -> max abs error of the check pass
     deadline: float | None = None  # time.monotonic() after which optional (compiled) methods are skipped
+    # Count launches inside each case (torch.profiler). On CUDA the bench counts them in a last pass instead
+    # (run_case(count_only=True)): once the profiler has traced CUDA, Kineto keeps CUPTI subscribed for the
+    # life of the process (pytorch/pytorch#144455), which slows every later launch, so host times and the
+    # training step measured after it would be inflated.
+    count_launches: bool = True
 
 
 def _row(plist: ParamList, dtype: torch.dtype, device: torch.device, method: str, ours: bool) -> dict:
@@ -94,13 +99,15 @@ def run_case(
     opts: CaseOptions,
     check_only: bool = False,
     copy_into: dict | None = None,
+    count_only: bool = False,
 ) -> list[dict]:
     """Rows for the alternatives ``methods`` and our ``backends`` on ``plist`` in ``dtype`` on ``device``.
 
     Our backends are checked first (AccuracyError if one is outside contract rule 10's tolerance; with
     ``check_only`` nothing else is done); an alternative that fails to build (e.g. compilation) gets a row
     with its error instead of times. With ``copy_into``, a ``copy_`` of the same bytes between two buffers is
-    timed alongside the methods (round-robin with them on the CPU) and its figures stored there.
+    timed alongside the methods (round-robin with them on the CPU) and its figures stored there. With
+    ``count_only`` the methods are built (not checked, not timed) and only their launches counted.
     """
     inputs = make_grads(plist.shapes, device, dtype, opts.seed)
     grads = [x.clone() for x in inputs]
@@ -125,7 +132,7 @@ def run_case(
         row = _row(plist, dtype, device, name, True)
         m = our_method(name, grads)
         row["max_err"] = opts.checked.get((plist.name, dtype_name, name))
-        if opts.check and row["max_err"] is None:
+        if opts.check and row["max_err"] is None and not count_only:
             opts.progress(f"{plist.name} {row['dtype']} check {name}")
             restore()
             m.run()
@@ -153,7 +160,8 @@ def run_case(
             restore()
             m.run()
             sync(device)
-            row["max_err"] = error_of_result()[0]
+            if not count_only:
+                row["max_err"] = error_of_result()[0]
         except Exception as err:
             row["error"] = _error_text(err)
             continue
@@ -162,6 +170,10 @@ def run_case(
     expected.clear()  # free the float64 copies before timing
 
     if not built:
+        return rows
+    if count_only:
+        for row, m in built:
+            row["launches"], row["launches_what"] = count_launches(m.run, device, warm=False)
         return rows
     opts.progress(f"{plist.name} {dtype_name} time {', '.join(row['method'] for row, _ in built)}")
     fns = [m.run for _, m in built]
@@ -194,8 +206,9 @@ def run_case(
     built = [(row, m) for row, m in built if not row["error"]]
     if not built:
         return rows
-    for row, m in built:
-        row["launches"], row["launches_what"] = count_launches(m.run, device, warm=False)
+    if opts.count_launches:
+        for row, m in built:
+            row["launches"], row["launches_what"] = count_launches(m.run, device, warm=False)
     opts.progress(f"{plist.name} {dtype_name} host time through the hook")
     params = [torch.nn.Parameter(torch.empty_like(x), requires_grad=True) for x in inputs]
     for p, g in zip(params, grads):

@@ -205,3 +205,23 @@ def test_cuda_report_and_targets() -> None:
     assert "40 µs" not in targets and "85%" not in targets  # the cuda backend's targets: no cuda rows here
     assert "LLM 707 M float32: >= 90% of the copy bandwidth | triton | 91% | yes" in targets
     assert "< 1% overhead" in targets
+
+
+def test_launches_counted_in_a_last_pass_when_asked() -> None:
+    # On CUDA the bench times every case first and counts launches last (the profiler would slow every later
+    # launch): a timing pass without counts, then a count_only pass that times nothing.
+    from bench.suite import CaseOptions, run_case
+
+    plist, device = get_list("resnet20"), torch.device("cpu")
+    timed = run_case(
+        plist,
+        torch.float32,
+        device,
+        ["eager"],
+        ["reference"],
+        CaseOptions(reps=3, max_s=0.05, count_launches=False),
+    )
+    assert all(r["launches"] is None and r["device_us"] is not None for r in timed)
+    counted = run_case(plist, torch.float32, device, ["eager"], ["reference"], CaseOptions(), count_only=True)
+    assert {r["method"] for r in counted} == {r["method"] for r in timed}
+    assert all(r["launches"] and r["device_us"] is None and r["hook_host_us"] is None for r in counted)
