@@ -1,0 +1,85 @@
+"""Launching a Triton kernel again without Triton's per-call argument binding.
+
+``kernel[grid](*args, **constexprs)`` makes Triton bind every argument, derive its specialization (a tensor's
+dtype and 16-byte alignment, an integer's width and value class), build a cache key and look the compiled
+kernel up, on every call: on the first H100 run that was about 60 µs of the hook's 101 µs of host time
+(bench/RESULTS.md, "First GPU run"). ``DirectLauncher`` lets the first call of each specialization go through
+Triton (which compiles the kernel), keeps the ``CompiledKernel`` it returns, and launches it directly through
+its own launcher (``compiled[grid](*all_args, stream=...)``, the call Triton's ``run`` ends with) while the
+specialization stays the same.
+
+The key is at least as fine as Triton's own specialization of the runtime arguments, so a kept kernel is only
+reused where Triton would pick the same one: per tensor its dtype and whether its address is 16-byte aligned;
+per integer whether it fits 32 bits, needs unsigned 64, equals 1 or is divisible by 16 (the value classes
+Triton specializes on where ``do_not_specialize`` does not drop them); per other value its type. Constexprs
+and compile options are the caller's part of the key. ``ZNORM_TRITON_DIRECT_LAUNCH=0`` turns it off (every
+launch through Triton), and so does any error of the direct call, once, with a warning.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Hashable, Sequence
+
+import torch
+
+__all__ = ["DirectLauncher", "spec_key"]
+
+_enabled = os.environ.get("ZNORM_TRITON_DIRECT_LAUNCH", "1") != "0"
+
+
+def spec_key(args: Sequence[object]) -> tuple:
+    """What Triton specializes a launch on, for the runtime (non-constexpr) arguments ``args``."""
+    out: list[object] = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            out.append((a.dtype, a.data_ptr() % 16 == 0))
+        elif isinstance(a, bool):
+            out.append(("bool", a))
+        elif isinstance(a, int):
+            out.append(("int", -(2**31) <= a < 2**31, a >= 2**63, a == 1, a % 16 == 0))
+        else:
+            out.append(type(a))
+    return tuple(out)
+
+
+class DirectLauncher:
+    """Launches ``fn`` (a ``triton.jit`` function) with runtime arguments ``args`` (its leading parameters,
+    in order) and keyword constexprs and options; see the module docstring."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+        self.kept: dict[tuple, tuple[object, tuple]] = {}
+
+    def __call__(self, grid: tuple[int, ...], stream: int, args: Sequence[object], key: Hashable, **kwargs):
+        """Launch on the current device and ``stream`` (a raw CUDA stream handle); ``key`` must identify the
+        constexprs, options and device. Returns Triton's ``CompiledKernel``."""
+        global _enabled
+        if not _enabled:
+            return self.fn[grid](*args, **kwargs)
+        full_key = (key, spec_key(args))
+        kept = self.kept.get(full_key)
+        if kept is None:
+            compiled = self.fn[grid](*args, **kwargs)
+            # The constexprs follow the runtime arguments in the kernel's signature: Triton's launcher takes
+            # every parameter in order (it skips the constexprs itself).
+            names = self.fn.arg_names[len(args) :]
+            if compiled is not None and all(n in kwargs for n in names):
+                self.kept[full_key] = (compiled, tuple(kwargs[n] for n in names))
+            return compiled
+        compiled, constexprs = kept
+        try:
+            compiled[tuple(grid) + (1,) * (3 - len(grid))](*args, *constexprs, stream=stream)
+        except (TypeError, AttributeError, ValueError) as err:
+            # A Triton whose CompiledKernel is called differently: raised before any launch.
+            _enabled = False
+            self.kept.clear()
+            warnings.warn(
+                f"znorm_kernels: launching the kept Triton kernel directly failed ({type(err).__name__}: "
+                f"{err}); every launch now goes through Triton's own binding",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return self.fn[grid](*args, **kwargs)
+        return compiled
