@@ -53,6 +53,7 @@ from torch import Tensor
 
 from . import optim_steps
 from .triton_host import _on_device, _stream_of, _triton_dtypes, compile_ahead, device_table, serves
+from .triton_launch import DirectLauncher
 
 __all__ = ["adam_step_", "check", "compile_adam_for_target", "compile_sgd_for_target", "sgd_step_"]
 
@@ -204,12 +205,15 @@ def _common_constants(dtype, aligned, has_scale, has_found_inf, maximize, weight
     }  # fmt: skip
 
 
+_launchers: dict[object, DirectLauncher] = {}
+
+
 def _launch(kernel, device, plan, stats, grad_scale, found_inf, pre: tuple, scalars: tuple, constants: dict):
     def go():
         _prepare(plan, device)
         scale = _device_scalar(grad_scale, device, "grad_scale", torch.float32)
         inf = _device_scalar(found_inf, device, "found_inf")
-        kernel[(plan.num_items,)](
+        args = (
             plan.meta,
             stats,
             stats if scale is None else scale,
@@ -217,9 +221,11 @@ def _launch(kernel, device, plan, stats, grad_scale, found_inf, pre: tuple, scal
             *pre,
             plan.num_items,
             *map(_bits, scalars),
-            **constants,
-            **OPTIONS,
         )
+        launcher = _launchers.get(kernel) or _launchers.setdefault(kernel, DirectLauncher(kernel))
+        # Triton's binding of ~20 arguments per step is host time the fused step exists to save.
+        key = (device.index, tuple(constants.items()))
+        launcher((plan.num_items,), _stream_of(device), args, key, **constants, **OPTIONS)
 
     _on_device(device, go)
 
