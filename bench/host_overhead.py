@@ -4,6 +4,13 @@
 the backend serves CPU tensors, and the launch is stubbed out), so the library's own host work per hook call
 (parameter selection, checks, grouping, plan look-up) can be tracked where no GPU is at hand. Triton's own
 launch cost comes on top; on a GPU, `python -m bench` measures the whole of it ("hook host µs").
+
+The "training path" rows give the hook NEW gradient objects before every call, as a training loop with
+``opt.zero_grad(set_to_none=True)`` does: at the same addresses (the caching allocator hands the same blocks
+back), cycling between two sets of addresses, or at addresses not seen in the last 64 calls. Assigning the
+``.grad`` attributes costs time of its own: those rows are (assignment + hook) minus the assignment alone,
+measured round-robin. The "cpu backend" rows run the native backend's Python path with the C++ op replaced by
+a no-op (its kernel runs synchronously on the CPU, and would swamp the host cost).
 """
 
 from __future__ import annotations
@@ -17,14 +24,66 @@ import torch
 
 import znorm_kernels
 from bench.param_lists import get_list
-from bench.timing import host_time
+from bench.timing import host_time, host_times
 from znorm_kernels import dispatch
-from znorm_kernels.backends import triton_kernels
+from znorm_kernels.backends import native, triton_kernels
 
 
 class _NoLaunch:
     def __getitem__(self, grid):
         return lambda *args, **kwargs: None
+
+
+class _Feed:
+    """New gradient objects for ``params`` at every call: aliases of one of ``sets`` (lists of storages, one
+    per parameter), taken in turn; each call makes new tensor objects, like autograd after
+    ``zero_grad(set_to_none=True)``."""
+
+    def __init__(self, params: list[torch.nn.Parameter], sets: list[list[torch.Tensor]]) -> None:
+        self.params, self.sets, self.calls = params, sets, 0
+
+    def __call__(self) -> None:
+        source = self.sets[self.calls % len(self.sets)]
+        self.calls += 1
+        for p, g in zip(self.params, source):
+            p.grad = g.detach()  # a new tensor object at g's address, with g's sizes and strides
+
+
+def _shifted_sets(shapes: list, count: int) -> list[list[torch.Tensor]]:
+    """``count`` sets of gradients, each set at addresses no other set uses: views of one flat buffer
+    at offsets shifted by 512 bytes per set (the allocator's alignment)."""
+    sizes = [max(1, torch.Size(s).numel()) for s in shapes]
+    padded = [-(-n // 128) * 128 for n in sizes]  # 512-byte aligned slots
+    total = sum(padded)
+    flat = torch.randn(total + 128 * count)
+    sets = []
+    for k in range(count):
+        offset, views = 128 * k, []
+        for s, n, pad in zip(shapes, sizes, padded):
+            views.append(flat[offset : offset + n].view(s))
+            offset += pad
+        sets.append(views)
+    return sets
+
+
+def _training_rows(shapes: list, backend: str) -> dict:
+    """(feed, feed + hook) pairs: the hook on new gradient objects every call (see the module docstring)."""
+    rows = {}
+    for name, count in (("same addresses", 1), ("2 sets of addresses in turn", 2), ("new addresses", 64)):
+        params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+        opt = torch.optim.SGD(params, lr=0.0)
+        handle = znorm_kernels.register(opt, backend=backend)
+        hook = opt._optimizer_step_pre_hooks[handle.id]
+        sets = _shifted_sets(shapes, count)
+        feed = _Feed(params, sets)
+        feed_then_hook = _Feed(params, sets)  # its own turn of the sets (the two calls alternate)
+
+        def both(feed=feed_then_hook, hook=hook, opt=opt):
+            feed()
+            hook(opt, (), {})
+
+        rows[f"hook call, {backend}, new gradient objects: {name}"] = (feed, both)
+    return rows
 
 
 def main() -> None:
@@ -61,6 +120,14 @@ def main() -> None:
         ),
         "input checks and grouping alone, uncached": lambda: dispatch.check_and_group(grads, None, "znorm_"),
     }
+    # The native CPU backend's Python path, its C++ op replaced by a no-op (see the module docstring).
+    native._run = lambda tensors, eps, correction, grad_scale, *, stats=None: None
+    cpu_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(s)) for s in shapes], lr=0.0)
+    for p in cpu_opt.param_groups[0]["params"]:
+        p.grad = torch.randn_like(p)
+    cpu_hook = cpu_opt._optimizer_step_pre_hooks[znorm_kernels.register(cpu_opt, backend="cpu").id]
+    rows["hook call, cpu (unchanged gradients)"] = lambda: cpu_hook(cpu_opt, (), {})
+    training = {**_training_rows(shapes, "triton"), **_training_rows(shapes, "cpu")}
     for fn in rows.values():  # warm up: plans built, caches filled
         fn()
     print(f"{args.list}: {len(params)} tensors; torch {torch.__version__}; median of {args.repeats} calls")
@@ -68,6 +135,12 @@ def main() -> None:
     for name, fn in rows.items():
         seconds, _ = host_time(fn, "cpu", reps=args.repeats, max_s=float("inf"))
         print(f"| {name} | {seconds * 1e6:.1f} |")
+    for name, (feed, both) in training.items():
+        for _ in range(3):  # warm up: plans built for the first sets
+            both()
+        (feed_s, _), (both_s, _) = host_times([feed, both], "cpu", reps=args.repeats, max_s=float("inf"))
+        print(f"| {name} | {(both_s - feed_s) * 1e6:.1f} |")
+    print(f"| (assigning the .grad of {len(shapes)} parameters, subtracted above) | {feed_s * 1e6:.1f} |")
 
 
 if __name__ == "__main__":
