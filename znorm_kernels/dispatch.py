@@ -677,15 +677,67 @@ def _pick(items: list, idx: list[int]) -> list:
     return items if len(idx) == len(items) else list(map(items.__getitem__, idx))
 
 
+def _signature(t: Tensor) -> tuple:
+    return (type(t), t.dtype, t.device, t.layout, t.shape, t.stride(), t.requires_grad, t.is_neg())
+
+
+class _PythonGuard:
+    """What ``TensorGuards`` checks, in Python (for a torch without it): slower, the same answers."""
+
+    def __init__(self, *tensors: Tensor) -> None:
+        self.signatures = list(map(_signature, tensors))
+
+    def check(self, *tensors: Tensor) -> bool:
+        try:
+            return list(map(_signature, tensors)) == self.signatures
+        except (AttributeError, TypeError, RuntimeError):  # not a tensor, or one without strides
+            return False
+
+
+def layout_guard(tensors: list[Tensor]):
+    """An object whose ``.check(*others)`` says, in one C call, whether ``others`` match ``tensors`` now in
+    everything but their addresses: Python type, dtype, device, dispatch keys (layout, sparse, conj/neg
+    views), requires_grad, sizes and strides. ``others`` must have the same length. It is torch's own check
+    of a compiled graph's tensor inputs (dynamo's ``TensorGuards``, about 65 ns a tensor); its dispatch keys
+    are read under the thread's dispatch state, so a call under another mode (autocast, inference mode) only
+    fails to match, it never matches wrongly."""
+    if _TensorGuards is not None:
+        try:
+            return _TensorGuards(
+                *tensors,
+                dynamic_dims_sizes=[list(t.shape) for t in tensors],
+                dynamic_dims_strides=[list(t.stride()) for t in tensors],
+            )
+        except Exception:  # pragma: no cover (a private torch API that changed): the Python check decides
+            pass
+    return _PythonGuard(*tensors)
+
+
+try:  # private torch API, in torch since 2.0
+    from torch._C._dynamo.guards import TensorGuards as _TensorGuards
+except ImportError:  # pragma: no cover
+    _TensorGuards = None
+
+
 class GradientGroups:
     """``znorm_`` for an optimizer's gradients, step after step, without re-validating unchanged lists.
 
-    Gradients are pinned to their parameters' dtype, shape and device (autograd refuses any other .grad), so
-    when the same positions hold None and every other gradient sits at the same address as at the previous
-    call, last call's checks and grouping still hold: this call costs a pass over the list comparing
-    addresses (one C call), and a second one picking the present gradients where some are None (unused
-    parameters, ``zero_grad(set_to_none=True)``). Any change (a None appearing or disappearing, a sparse
-    gradient, a new allocation) takes the full path of ``run_znorm_`` again.
+    A step's gradients are usually new tensor objects (``zero_grad(set_to_none=True)``), at the same
+    addresses as the step before (the caching allocator hands the same blocks back) or at others. What the
+    checks and grouping decide depends only on each present gradient's Python type, dtype, device, layout,
+    sizes and strides (which ``layout_guard`` compares in one C call) and its address. Autograd keeps a
+    gradient to its parameter's shape, dtype and device, but ``.grad`` can be assigned by hand (a view, a
+    transposed tensor) and a parameter's ``.data`` replaced, so nothing is assumed: each call compares all of
+    it against the last full check. Then:
+
+    - the same None positions, layouts and addresses: last call's checks, grouping and bound group functions
+      hold as they are (a guard call and a pass reading the addresses);
+    - the same layouts at other addresses: everything but rule 11 still holds, and where the last check kept
+      every tensor of 2 elements or more (no duplicate dropped), disjoint address ranges on each device (each
+      range from its tensor's first byte to its last) show there is still no duplicate and no overlap; the
+      group functions are bound again to the new addresses (``bound.rebind``, without re-reading layouts);
+    - anything else (a None appearing or disappearing, another stride or dtype, ranges that meet): the full
+      path of ``run_znorm_``, which raises for bad gradients.
     """
 
     def __init__(self, eps: float, correction: float, backend: str, stats: StatsBuffer | None = None) -> None:
@@ -696,13 +748,20 @@ class GradientGroups:
         self.length = -1  # no valid cache: the next call takes the full path
         self.present_mask: list[bool] | None = None  # which entries are tensors (None: all of them)
         self.absent_mask: list[bool] | None = None  # which entries are None
+        self.guard = None  # layout_guard of the present gradients at the last full check
         self.starts: list[int] = []  # data_ptr of every present gradient, in order
-        self.indices: list[int] = []  # range(len(starts)), as _ptrs_equal takes it
-        # (group function, positions among the present gradients; None: all of them, in order)
-        self.plan: list[tuple[GroupFn, list[int] | None]] = []
+        # Rule 11 for gradients that moved: per device, the positions (among the present gradients) of the
+        # normalized ones, and every present gradient's span in bytes; None where the last check dropped a
+        # duplicate (a move then takes the full path).
+        self.by_device: list[list[int]] | None = None
+        self.spans: list[int] = []
+        # (group function, the function bound to the present gradients' addresses, positions among the
+        # present gradients; None: all of them, in order)
+        self.plan: list[tuple[GroupFn, GroupFn, list[int] | None]] = []
 
     def _present(self, grads: list[Tensor | None]) -> list[Tensor] | None:
-        """The present gradients if the cached checks still hold for ``grads``, else None."""
+        """The present gradients if the cached checks still hold for ``grads`` (binding the groups again if
+        they moved), else None."""
         if len(grads) != self.length:
             return None
         if self.present_mask is None:
@@ -713,7 +772,33 @@ class GradientGroups:
                 map(operator.is_, itertools.compress(grads, self.absent_mask), itertools.repeat(None))
             ):
                 return None
-        return present if _ptrs_equal(present, self.starts, self.indices) else None
+        try:
+            if not self.guard.check(*present):
+                return None
+            starts = list(map(_data_ptr, present))
+        except (TypeError, RuntimeError):  # not a tensor, or no storage: the full path says what is wrong
+            return None
+        if starts == self.starts:
+            return present
+        return present if self._moved(present, starts) else None
+
+    def _moved(self, present: list[Tensor], starts: list[int]) -> bool:
+        """The same layouts at new addresses: whether rule 11 still holds (then the groups are bound to the
+        new addresses and True returned), else False."""
+        if self.by_device is None:
+            return False
+        ends = list(map(operator.add, starts, self.spans))
+        for idx in self.by_device:
+            if not _disjoint(list(map(starts.__getitem__, idx)), list(map(ends.__getitem__, idx))):
+                return False
+        plan = []
+        for fn, bound, idx in self.plan:
+            rebind = getattr(bound, "rebind", None)
+            if rebind is not None:
+                bound = rebind(present if idx is None else list(map(present.__getitem__, idx)))
+            plan.append((fn, bound, idx))
+        self.plan, self.starts = plan, starts
+        return True
 
     def _check(self, grads: list[Tensor | None], names: list[str]) -> list[Tensor]:
         """The full path: check and group (raising for bad gradients), bind the groups, cache the key."""
@@ -730,13 +815,18 @@ class GradientGroups:
         if self.stats is not None:
             self.stats_out = self.stats.reset(len(grads), [(idx, grads[idx[0]].device) for _, idx in plan])
         self.plan = []
+        by_device: dict[torch.device, list[int]] = {}
         for fn, idx in plan:
             tensors = [grads[i] for i in idx]
             # A backend may bind its group function to these addresses (``fn.bind``): cheaper next calls.
             bound = fn.bind(tensors) if hasattr(fn, "bind") else fn
-            self.plan.append((bound, None if len(idx) == len(present) else [rank[i] for i in idx]))
+            self.plan.append((fn, bound, None if len(idx) == len(present) else [rank[i] for i in idx]))
+            by_device.setdefault(tensors[0].device, []).extend(rank[i] for i in idx)
+        kept = sum(map(len, by_device.values()))
+        self.by_device = list(by_device.values()) if kept == sum(_numel(g) >= 2 for g in present) else None
+        self.spans = [_extent(g) * g.element_size() if _numel(g) >= 2 else 0 for g in present]
+        self.guard = layout_guard(present)
         self.starts = list(map(_data_ptr, present))
-        self.indices = list(range(len(present)))
         self.length = len(grads)
         return present
 
@@ -749,7 +839,7 @@ class GradientGroups:
                 return
             present = self._check(grads, names)
         if self.stats is None:
-            for fn, idx in self.plan:
+            for _, fn, idx in self.plan:
                 fn(
                     present if idx is None else list(map(present.__getitem__, idx)),
                     self.eps,
@@ -757,7 +847,7 @@ class GradientGroups:
                     grad_scale,
                 )
             return
-        for (fn, idx), out in zip(self.plan, self.stats_out):
+        for (_, fn, idx), out in zip(self.plan, self.stats_out):
             tensors = present if idx is None else list(map(present.__getitem__, idx))
             fn(tensors, self.eps, self.correction, grad_scale, stats=out)
         self.stats.unscale(grad_scale)

@@ -25,6 +25,7 @@ Safe wherever PyTorch code runs (docs/contract.md, rule 12):
 from __future__ import annotations
 
 import functools
+import operator
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -118,6 +119,7 @@ class Plan:
     num_small_items: int
     block: int
     aligned: bool  # every data pointer is 16-byte aligned: the vector-access specialization
+    numels: tuple[int, ...]  # the tensors' numbers of elements
     host: Tensor | None = None  # the pinned source of a table copied during graph capture
     workspaces: dict[int, Workspace] = field(default_factory=dict)  # by stream (0 off CUDA)
     captured: bool = False
@@ -161,11 +163,12 @@ def _table(addrs, numels, elsize: int, block: int) -> tuple[list[int], int, int]
     return table, len(stats_items) // ITEM, len(small_items) // ITEM
 
 
-def device_table(values: list[int], device: torch.device) -> tuple[Tensor, Tensor | None]:
-    """An int64 table on ``device``, copied from pinned memory without blocking; and the pinned source when
-    the copy is being captured in a CUDA graph (each replay reads it again: the caller keeps it), else None.
+def device_table(values: list[int] | Tensor, device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """An int64 table (a list, or a CPU tensor this takes over) on ``device``, copied from pinned memory
+    without blocking; and the pinned source when the copy is being captured in a CUDA graph (each replay
+    reads it again: the caller keeps it), else None.
     """
-    host = torch.tensor(values, dtype=torch.int64)
+    host = values if isinstance(values, Tensor) else torch.tensor(values, dtype=torch.int64)
     if device.type != "cuda":
         return host, None
     capturing = torch.cuda.is_current_stream_capturing()
@@ -173,25 +176,71 @@ def device_table(values: list[int], device: torch.device) -> tuple[Tensor, Tenso
     return host.to(device, non_blocking=True), host if capturing else None
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """What a plan's table owes to its tensors' sizes alone: the table of tensors at address 0 (each item's
+    address is then its byte offset within its tensor), its owners, and its numbers of items."""
+
+    template: Tensor  # int64 [rows, ITEM], CPU
+    items: int  # the first rows are work items (address, count, tensor, slot); the rest are tensors
+    num_stats_items: int
+    num_small_items: int
+
+
+_layouts: OrderedDict[tuple, _Layout] = OrderedDict()
+
+
+def _layout_for(numels: tuple[int, ...], elsize: int, block: int) -> _Layout:
+    key = (numels, elsize, block)
+    layout = _layouts.get(key)
+    if layout is None:
+        table, s, m = _table([0] * len(numels), numels, elsize, block)
+        template = torch.tensor(table, dtype=torch.int64).view(-1, ITEM)
+        layout = _layouts[key] = _Layout(template, 2 * s + m, s, m)
+        if len(_layouts) > PLAN_CACHE_SIZE:
+            _layouts.popitem(last=False)
+    else:
+        _layouts.move_to_end(key)
+    return layout
+
+
+def _table_at(layout: _Layout, addrs: tuple[int, ...]) -> Tensor:
+    """``_table(addrs, ...)`` as an int64 CPU tensor, from the layout: each work item's address is its
+    tensor's address (picked by the item's tensor column) plus its offset. A few vector operations, where
+    building the table in Python costs a few µs per chunk (gradients that move every step need a new one)."""
+    table = layout.template.clone()
+    items = table[: layout.items]
+    items[:, 0] += torch.tensor(addrs, dtype=torch.int64)[items[:, 2]]
+    return table.view(-1)
+
+
 def _build_plan(addrs: tuple[int, ...], numels: tuple[int, ...], device: torch.device, dtype, block) -> Plan:
-    elsize = torch.empty((), dtype=dtype).element_size()
-    table, s, m = _table(addrs, numels, elsize, block)
-    meta, host = device_table(table, device)
+    layout = _layout_for(numels, _element_size(dtype), block)
+    meta, host = device_table(_table_at(layout, addrs), device)
     return Plan(
         meta=meta,
         device=device,
         num_tensors=len(addrs),
-        num_stats_items=s,
-        num_small_items=m,
+        num_stats_items=layout.num_stats_items,
+        num_small_items=layout.num_small_items,
         block=block,
-        aligned=all(a % ALIGNMENT == 0 for a in addrs),
+        # every address a multiple of ALIGNMENT: then so is their bitwise or (one C-level pass)
+        aligned=functools.reduce(operator.or_, addrs, 0) % ALIGNMENT == 0,
+        numels=numels,
         host=host,
     )
 
 
-def _plan_for(tensors: list[Tensor], block: int) -> Plan:
+@functools.cache
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _plan_for(tensors: list[Tensor], block: int, numels: tuple[int, ...] | None = None) -> Plan:
+    """The cached plan for these tensors' addresses and sizes (``numels`` when the caller knows them)."""
     addrs = tuple(map(Tensor.data_ptr, tensors))
-    numels = tuple(map(Tensor.numel, tensors))
+    if numels is None:
+        numels = tuple(map(Tensor.numel, tensors))
     first = tensors[0]
     key = (first.device, first.dtype, block, addrs, numels)
     plan = _plans.get(key)
@@ -456,15 +505,21 @@ def znorm_group_(
 
 def bind(tensors: list[Tensor]):
     """A group function tied to these tensors' addresses, for callers that know the next lists hold tensors
-    at the same addresses with the same sizes and layouts (the hook's unchanged gradients: autograd keeps a
-    gradient dense, with its parameter's shape, dtype and device): it skips the plan look-up and the layout
-    checks. The first tensor's dtype is still compared (``model.half()`` with ``set_to_none`` gradients can
-    put gradients of the new dtype at the old addresses, and the table's chunk addresses depend on it). Lists
-    of non-dense views are not bound (their stand-ins are new copies each call)."""
+    at the same addresses with the same sizes and layouts (the hook checks that each step): it skips the plan
+    look-up and the layout checks. The first tensor's dtype is still compared (``model.half()`` with
+    ``set_to_none`` gradients can put gradients of the new dtype at the old addresses, and the table's chunk
+    addresses depend on it). Lists of non-dense views are not bound (their stand-ins are new copies each
+    call). The bound function's ``rebind(others)`` binds tensors with the same types, dtypes, devices, sizes
+    and strides as these (the caller has checked that) at other addresses, without reading layouts again."""
     if not all(map(is_dense, tensors)):
         return znorm_group_
+    return _bound(tensors)
+
+
+def _bound(tensors: list[Tensor], numels: tuple[int, ...] | None = None):
     dtype = tensors[0].dtype
-    plan = _plan_for(tensors, block_for(dtype))
+    plan = _plan_for(tensors, block_for(dtype), numels)
+    numels = plan.numels
 
     def run(
         tensors: list[Tensor],
@@ -480,6 +535,8 @@ def bind(tensors: list[Tensor]):
         if stats is not None:
             stats.copy_(ws.stats[:, :2])
 
+    # The same layouts, all dense: only the plan (the addresses) changes; the sizes are these.
+    run.rebind = lambda others: _bound(others, numels)
     return run
 
 
