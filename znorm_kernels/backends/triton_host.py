@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from . import is_dense, triton_interpret
+from .triton_launch import DirectLauncher
 
 __all__ = ["group_fn", "serves", "set_spin_limit", "statistics", "unavailable", "znorm_group_"]
 
@@ -422,6 +423,13 @@ def _launch(
     )
 
 
+@functools.cache
+def _launcher(kernel) -> DirectLauncher:
+    """One DirectLauncher per kernel function: after a specialization's first launch, Triton's per-call
+    binding of the arguments (most of a hook call's host time on a GPU host) is skipped."""
+    return DirectLauncher(kernel)
+
+
 def _launch_here(tensors, device, eps, correction, grad_scale, normalize, block, plan) -> Workspace:
     from . import triton_kernels  # the kernel module is imported once, then found in sys.modules
 
@@ -442,7 +450,7 @@ def _launch_here(tensors, device, eps, correction, grad_scale, normalize, block,
     programs = _num_programs(device, items, key)
     limit = _spin_limit
     try:
-        kernel = triton_kernels.znorm_queue_kernel[(programs,)](
+        args = (
             plan.meta,
             ws.partials,
             ws.stats,
@@ -455,6 +463,12 @@ def _launch_here(tensors, device, eps, correction, grad_scale, normalize, block,
             plan.num_small_items,
             programs,
             limit,
+        )
+        kernel = _launcher(triton_kernels.znorm_queue_kernel)(
+            (programs,),
+            stream,
+            args,
+            (key, block, on_gpu),  # with device, dtype, alignment, scale and stage: every constexpr
             **_constants(dtype, block, plan.aligned, has_scale, normalize, backoff=on_gpu),
             **OPTIONS,
         )

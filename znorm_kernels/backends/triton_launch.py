@@ -62,10 +62,12 @@ class DirectLauncher:
         kept = self.kept.get(full_key)
         if kept is None:
             compiled = self.fn[grid](*args, **kwargs)
+            if compiled is None:  # e.g. under TRITON_INTERPRET=1: nothing to keep
+                return None
             # The constexprs follow the runtime arguments in the kernel's signature: Triton's launcher takes
             # every parameter in order (it skips the constexprs itself).
             names = self.fn.arg_names[len(args) :]
-            if compiled is not None and all(n in kwargs for n in names):
+            if all(n in kwargs for n in names):
                 self.kept[full_key] = (compiled, tuple(kwargs[n] for n in names))
             return compiled
         compiled, constexprs = kept
