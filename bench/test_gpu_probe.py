@@ -1,0 +1,94 @@
+"""The GPU probe's rehearsal on the CPU (bench/gpu_probe.py under TRITON_INTERPRET=1, timings meaningless):
+the sweep runs end to end, a faulty variant is reported and not timed, the patches are undone, the
+Nsight Compute driver mode runs, and bench/gpu_profile.sh parses and prints its ncu commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Runs in a fresh interpreter (TRITON_INTERPRET must be set before the kernel module is imported). The block
+# 2048 variant corrupts its output after the real launch: the probe must refuse to time it.
+REHEARSAL = r"""
+import json, sys
+from znorm_kernels.backends import triton_host, triton_kernels
+from bench import gpu_probe
+
+real_group, real_np = triton_host.znorm_group_, triton_host._num_programs
+real_kernel = triton_kernels.znorm_queue_kernel
+
+def faulty(tensors, *args, block=None, **kwargs):
+    real_group(tensors, *args, block=block, **kwargs)
+    if block == 2048:
+        tensors[0].mul_(2)
+
+triton_host.znorm_group_ = faulty
+rc = gpu_probe.main(sys.argv[1:])
+restored = triton_host._num_programs is real_np and triton_kernels.znorm_queue_kernel is real_kernel
+triton_host.znorm_group_ = real_group
+rc_ncu = gpu_probe.main(["--device", "cpu", "--ncu-target", "resnet8", "float32", "triton",
+                         "--ncu-warmup", "1", "--ncu-calls", "1"])
+print("RESULT", json.dumps({"rc": rc, "rc_ncu": rc_ncu, "restored": restored}))
+"""
+
+
+def test_probe_rehearsal_refuses_a_faulty_variant(tmp_path: Path) -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    argv = [
+        "--device", "cpu", "--lists", "resnet8", "--dtypes", "float32", "--blocks", "2048,4096",
+        "--per-sm", "1", "--programs=", "--reps", "1", "--max-seconds", "0", "--budget-s", "60",
+        "--out", str(tmp_path),
+    ]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", REHEARSAL, *argv],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    assert result == {"rc": 1, "rc_ncu": 0, "restored": True}  # rc 1: a check failed, the rest ran
+
+    doc = json.loads((tmp_path / "gpu_probe.json").read_text())
+    rows = {r["variant"]: r for r in doc["rows"]}
+    assert set(rows) >= {"copy", "triton shipped", "triton b4096 p2", "triton b2048 p2"}
+    bad = rows["triton b2048 p2"]
+    assert bad["status"] == "FAILED CHECK" and bad["do_bench_us"] is None and bad["backlog_us"] is None
+    for name in ("copy", "triton shipped", "triton b4096 p2"):
+        assert rows[name]["status"] == "ok" and rows[name]["do_bench_us"] > 0, rows[name]
+    good = rows["triton b4096 p2"]
+    assert good["programs"] == 2 and good["extra"]["grid_seen"][0] == 2  # the patched count was launched
+    assert good["max_err"] < 1e-5
+    assert rows["triton shipped"]["programs"] == 1  # the CPU host runs one program
+    md = (tmp_path / "gpu_probe.md").read_text()
+    assert "| triton b2048 p2 |" in md and "FAILED CHECK" in md
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_profile_script_parses_and_dry_runs(tmp_path: Path) -> None:
+    script = ROOT / "bench" / "gpu_profile.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True, timeout=30)
+    proc = subprocess.run(
+        ["bash", str(script), str(tmp_path), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    commands = [line for line in proc.stdout.splitlines() if line.startswith("ncu ")]
+    assert len(commands) == 4
+    for line in commands:
+        assert "--clock-control none" in line and "--launch-count" in line and "--ncu-target" in line
+    assert "--ncu-target resnet56 float32 triton" in proc.stdout
+    assert "--ncu-target llm bfloat16 cuda" in proc.stdout
+    assert len(list(tmp_path.iterdir())) <= 4
