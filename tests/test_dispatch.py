@@ -157,3 +157,38 @@ def test_mixed_devices_one_unservable_modifies_nothing():
 def test_empty_inputs():
     znorm_kernels.znorm_([])
     znorm_kernels.znorm_([None, None])
+
+
+@pytest.mark.parametrize(
+    "triton_version, numpy_version, broken",
+    [
+        ("3.6.0", "2.4.6", True),
+        ("3.6.0", "2.3.5", False),
+        ("3.7.1", "2.4.6", False),
+        ("3.10.0", "3.0.0", False),
+    ],
+)
+def test_triton_interpreter_known_broken_with_numpy_2_4_before_triton_3_7(
+    monkeypatch, triton_version, numpy_version, broken
+):
+    triton = pytest.importorskip("triton")
+    import numpy
+
+    from znorm_kernels.backends import triton_host
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    triton_host._interpreter_broken.cache_clear()
+    dispatch._cache_clear()
+    try:
+        why = dispatch._unavailable("triton")
+        assert (why is not None) == broken
+        if broken:
+            assert "numpy<2.4 or triton>=3.7" in why
+            assert "triton" not in znorm_kernels.available_backends()
+            with pytest.raises(RuntimeError, match=r"numpy<2\.4"):
+                znorm_kernels.znorm_([torch.randn(5)], backend="triton")
+    finally:
+        triton_host._interpreter_broken.cache_clear()
+        dispatch._cache_clear()

@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import operator
 import os
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -75,6 +76,30 @@ def unavailable(name: str) -> str | None:
         return "Triton is not installed (pip install triton)"
     if not torch.cuda.is_available() and not triton_interpret():
         return "no CUDA device (CPU tensors run through Triton only under TRITON_INTERPRET=1)"
+    if triton_interpret():
+        return _interpreter_broken()
+    return None
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    parts = re.match(r"(\d+)\.(\d+)", version)
+    return (int(parts[1]), int(parts[2])) if parts else (0, 0)
+
+
+@functools.cache
+def _interpreter_broken() -> str | None:
+    """Why Triton's interpreter cannot run here, or None. Triton before 3.7 interprets ``range()`` bounds
+    loaded from memory by converting 1-element arrays to Python ints, which numpy 2.4 made an error ("only
+    0-dimensional arrays can be converted to Python scalars"): every kernel with such a loop fails (seen with
+    Triton 3.6.0 and numpy 2.4.6; Triton 3.7.1 and 3.8.0 with numpy 2.4, and 3.6.0 with numpy 2.3, work)."""
+    import numpy
+    import triton
+
+    if _major_minor(triton.__version__) < (3, 7) and _major_minor(numpy.__version__) >= (2, 4):
+        return (
+            f"Triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) fails with numpy "
+            f"{numpy.__version__}: use numpy<2.4 or triton>=3.7 (on a GPU the interpreter is not used)"
+        )
     return None
 
 
