@@ -461,3 +461,29 @@ def test_fused_step_checks_again_when_a_gradient_moves(backend):
     with pytest.raises(ValueError, match="share part of their memory"):
         opt.step()
     assert torch.equal(a, before[0]) and torch.equal(b, before[1])
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("cls, torch_cls", [(ZNormSGD, torch.optim.SGD), (ZNormAdam, torch.optim.Adam)])
+def test_fused_step_sees_a_new_layout_at_the_same_address(backend, cls, torch_cls):
+    # A .grad assigned by hand as a transposed view of the same memory keeps every address the fused step
+    # remembered: only its strides tell. Reading it as the old contiguous gradient would apply it transposed.
+    device = DEVICE_OF[backend]
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(6, 6, generator=gen).to(device)
+    ours, theirs = nn.Parameter(w.clone()), nn.Parameter(w.clone())
+    kwargs = dict(lr=0.1, momentum=0.9) if cls is ZNormSGD else dict(lr=1e-2)
+    opt = cls([ours], backend=backend, **kwargs)
+    ref = torch_cls([theirs], **kwargs)
+    znorm_kernels.register(ref, backend=backend)
+    for step in range(3):
+        g = torch.randn(6, 6, generator=gen).to(device)
+        if step < 2:
+            ours.grad, theirs.grad = g.clone(), g.clone()
+        else:  # the same memory as the last step's gradient, now read transposed
+            ours.grad.copy_(g)
+            theirs.grad.copy_(g)
+            ours.grad, theirs.grad = ours.grad.t(), theirs.grad.t()
+        opt.step()
+        ref.step()
+        torch.testing.assert_close(ours, theirs, **FUSED_TOL[device])

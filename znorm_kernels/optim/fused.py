@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
 from ..backends.triton_host import device_table
-from ..dispatch import _dtensor_positions, _ptrs_equal, check_and_group, resolve_backend
+from ..dispatch import _dtensor_positions, _ptrs_equal, check_and_group, layout_guard, resolve_backend
 
 __all__ = ["try_fused_step_"]
 
@@ -72,6 +72,7 @@ class _Layout:
     options: tuple  # (znorm, min_ndim) the treated flags were made for
     path: str | None
     name_of: dict[int, str]
+    guard: Any = None  # layout_guard of the gradients and parameters the layout was made for
     buckets: list[tuple[list[int], list[bool]]] = field(default_factory=list)  # positions, treated
     indices: dict[tuple, tuple[Tensor, Tensor | None]] = field(default_factory=dict)
 
@@ -95,6 +96,9 @@ def _layout(opt, group: dict[str, Any], params: list[Tensor], names: list[str], 
         and len(layout.ids) == len(params)
         and list(map(id, params)) == layout.ids
         and _ptrs_equal(grads, layout.starts, list(range(len(grads))))
+        # Same addresses are not enough: a .grad assigned by hand (a transposed or strided view, another
+        # dtype) or a parameter's .data replaced can keep an address with another layout.
+        and (layout.guard is None or layout.guard.check(*grads, *params))
     ):
         return layout
     name_of = {id(p): n for p, n in zip(group["params"], names)}
@@ -104,6 +108,7 @@ def _layout(opt, group: dict[str, Any], params: list[Tensor], names: list[str], 
     # The contract's errors (sparse, complex, overlapping gradients), named, before any address is read.
     check_and_group(grads, [name_of[id(p)] for p in params], f"{type(opt).__name__}.step")
     layout = _Layout(list(map(id, params)), list(map(Tensor.data_ptr, grads)), options, path, name_of)
+    layout.guard = layout_guard([*grads, *params])
     znorm, min_ndim = options
     positions: dict[tuple, list[int]] = {}
     for i, p in enumerate(params):
@@ -237,18 +242,18 @@ def _native_engine(
 
 def _validate(opt, lists: list[list[Tensor]], names: list[str], engine: _Engine) -> None:
     """The update kernel's checks (NotImplementedError for what it does not serve), run once per set of
-    tensors: the addresses of every list are remembered, and unchanged ones (an optimizer's gradients and
-    state, step after step) are not checked again: their shapes, dtypes and layouts are their parameters'."""
+    tensors: the addresses and layouts (dtype, device, sizes, strides, ...) of every list are remembered, and
+    unchanged ones (an optimizer's gradients and state, step after step) are not checked again."""
     flat = [t for lst in lists for t in lst if t is not None]
     seen = opt.__dict__.setdefault("_znorm_validated", {})
     key = (engine.name, id(lists[0][0]) if lists[0] else 0, len(flat), tuple(map(len, lists)))
-    starts = seen.get(key)
-    if starts is not None and _ptrs_equal(flat, starts, list(range(len(flat)))):
+    entry = seen.get(key)
+    if entry is not None and _ptrs_equal(flat, entry[0], list(range(len(flat)))) and entry[1].check(*flat):
         return
     engine.check(lists, names)
     if len(seen) >= 64:
         seen.clear()
-    seen[key] = list(map(Tensor.data_ptr, flat))
+    seen[key] = (list(map(Tensor.data_ptr, flat)), layout_guard(flat))
 
 
 def _prepare_sgd(opt, group, params, grads, engine: _Engine, kind: str):
