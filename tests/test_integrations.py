@@ -110,6 +110,7 @@ def lightning_run(callback, accumulate: int, fused: bool | None = None, **traine
 
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_lightning_callback_once_per_step_equals_register(spy, accumulate):
+    pytest.importorskip("lightning.pytorch")  # before importing the callback, which needs it
     from znorm_kernels.integrations.lightning import ZNormCallback
 
     weights = lightning_run(ZNormCallback(), accumulate)
@@ -124,6 +125,7 @@ def test_lightning_callback_once_per_step_equals_register(spy, accumulate):
 def test_lightning_callback_runs_before_clipping(spy):
     """Lightning clips after the callback: ZNorm sees the unclipped gradients, and the clipping then acts on
     the z-scores (the weights differ from an unclipped run)."""
+    pytest.importorskip("lightning.pytorch")  # before importing the callback, which needs it
     from znorm_kernels.integrations.lightning import ZNormCallback
 
     weights = lightning_run(ZNormCallback(), 1, gradient_clip_val=1e-3)

@@ -76,18 +76,26 @@ class ParamSelector:
 
     def select(self) -> tuple[list[Tensor], list[str]]:
         groups = self.optimizer.param_groups
+        if torch.compiler.is_compiling():
+            # Traced once into the graph, the cache has nothing to save, and torch 2.11's dynamo cannot
+            # trace id() of a list (the key below).
+            return self._selected(groups)
         key = [(id(g["params"]), len(g["params"])) for g in groups]
         if key != self._key:
-            self.params, self.names = [], []
-            for g in groups:
-                group_names = g.get("param_names") or [""] * len(g["params"])
-                for p, name in zip(g["params"], group_names):
-                    if p.dim() < self.min_ndim or (self.only is not None and id(p) not in self.only):
-                        continue
-                    self.params.append(p)
-                    self.names.append(self.given_names.get(id(p), name))
+            self.params, self.names = self._selected(groups)
             self._key = key
         return self.params, self.names
+
+    def _selected(self, groups: list[dict]) -> tuple[list[Tensor], list[str]]:
+        params, names = [], []
+        for g in groups:
+            group_names = g.get("param_names") or [""] * len(g["params"])
+            for p, name in zip(g["params"], group_names):
+                if p.dim() < self.min_ndim or (self.only is not None and id(p) not in self.only):
+                    continue
+                params.append(p)
+                names.append(self.given_names.get(id(p), name))
+        return params, names
 
 
 def grad_scale_of(optimizer: torch.optim.Optimizer) -> Tensor | None:
