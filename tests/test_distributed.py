@@ -1,9 +1,12 @@
 """ZNorm under torch.distributed, on the CPU with gloo, in spawned processes (2 and 3 ranks: uneven shards).
 
 DTensor gradients (sharded on dim 0 and dim 1, replicated, uneven and empty local shards, constant, outlier,
-NaN, half precision, grad_scale, mixed with plain tensors) against the reference on the full tensor; a small
-model under FSDP2 (``fully_shard``) and under DDP, each with ``znorm_kernels.register``, against one process
-training on the full batch. One spawn per world size runs every case.
+NaN, half precision, grad_scale, mixed with plain tensors) against the reference on the full tensor, once with
+the local statistics in float64 PyTorch ops ("auto" on the CPU: the native extension has no statistics-only
+mode) and once from the Triton statistics stage (backend="triton", under TRITON_INTERPRET=1 here; a spy checks
+it really ran); a small model under FSDP2 (``fully_shard``) and under DDP, each with
+``znorm_kernels.register``, against one process training on the full batch. One spawn per world size runs
+every case.
 """
 
 from __future__ import annotations
@@ -62,28 +65,74 @@ def full_inputs() -> dict[str, tuple[torch.Tensor, list]]:
         "offset_mean": (1 + 1e-3 * torch.randn(10, 10, generator=g), [Shard(1)]),
         "bf16": (torch.randn(9, 5, generator=g).to(torch.bfloat16), [Shard(0)]),
         "scalar_like": (torch.randn(1, generator=g), [Shard(0)]),  # 1 element: unchanged
+        "float64": (torch.randn(11, 3, generator=g, dtype=torch.float64) * 1e3 + 5e6, [Shard(0)]),
+        "fp16": (torch.randn(5, 7, generator=g).to(torch.float16), [Shard(1)]),
+        # Every shard constant, but not with the same value (2 ranks: 1.0 | 2.0): not a constant tensor.
+        "constant_per_shard": (torch.cat([torch.full((4, 3), 1.0), torch.full((4, 3), 2.0)]), [Shard(0)]),
+        # Constant with an empty shard (3 ranks), and constant with 1-element shards (statistics in torch ops
+        # beside the stage's rows): still exactly 0.
+        "constant_empty_shard": (torch.full((2, 9), -7.25), [Shard(0)]),
+        "constant_tiny_shards": (torch.full((3,), 0.1), [Shard(0)]),
+        # Constant shards of different values, one of them a single element: [4, 4 | 5] or [4 | 4 | 5].
+        "tiny_shard_differs": (torch.tensor([4.0, 4.0, 5.0]), [Shard(0)]),
+        # More than one Triton tile per shard (chunked statistics merged in the kernel), outliers on 2 ranks.
+        "large_outliers": (_large_outliers(g), [Shard(0)]),
     }
 
 
-def check_dtensor_cases(rank: int, world: int) -> None:
-    mesh = init_device_mesh("cpu", (world,))
+def _large_outliers(g: torch.Generator) -> torch.Tensor:
+    x = 3 + 1e-2 * torch.randn(10_000, generator=g)
+    x[7] = -2e4
+    x[9_990] = 5e4
+    return x
+
+
+class StageSpy:
+    """Counts the calls of the Triton statistics stage (triton_host.statistics) and checks their arguments."""
+
+    def __init__(self) -> None:
+        from znorm_kernels.backends import triton_host
+
+        self.module, self.real, self.calls = triton_host, triton_host.statistics, []
+
+    def __call__(self, tensors, *args, **kwargs):
+        assert all(type(t) is torch.Tensor and t.numel() >= 2 for t in tensors)  # local shards, not DTensors
+        assert len({(t.device, t.dtype) for t in tensors}) == 1
+        self.calls.append([t.dtype for t in tensors])
+        return self.real(tensors, *args, **kwargs)
+
+    def __enter__(self) -> StageSpy:
+        self.module.statistics = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.module.statistics = self.real
+
+
+def normalize_cases(mesh, world: int, rank: int, backend: str) -> dict[str, torch.Tensor]:
+    """Every case normalized as DTensors in one call with ``backend``; checked against the reference on the
+    full tensor (rule 10; constant tensors exactly 0; NaN propagated). Returns the full results."""
     inputs = full_inputs()
     dts = {k: distribute_tensor(x.clone(), mesh, p) for k, (x, p) in inputs.items()}
     if world == 3:
         assert dts["empty_shards"].to_local().numel() == (0 if rank == 2 else 9)
+        assert dts["constant_empty_shard"].to_local().numel() == (0 if rank == 2 else 9)
     plain = torch.randn(4, 4, generator=torch.Generator().manual_seed(rank))
     plain_want = plain.clone()
     reference.znorm_([plain_want])
     # One call: DTensors of every kind, None, and a plain (rank-local) tensor.
-    znorm_kernels.znorm_([*dts.values(), None, plain])
+    znorm_kernels.znorm_([*dts.values(), None, plain], backend=backend)
     torch.testing.assert_close(plain, plain_want, rtol=0, atol=1e-6)
+    results = {}
     for k, (x, _) in inputs.items():
         want = x.clone()
         reference.znorm_([want])
-        got = dts[k].full_tensor()
-        assert_rule10(got, want, half=x.dtype != torch.float32)
-        if k == "constant":
-            assert bool((got == 0).all())
+        got = results[k] = dts[k].full_tensor()
+        assert_rule10(got, want, half=x.dtype in (torch.float16, torch.bfloat16))
+        if k.startswith("constant") and k != "constant_per_shard":
+            assert bool((got == 0).all()), k
+        if k in ("constant_per_shard", "tiny_shard_differs"):
+            assert bool((got != 0).all()), k
         if k == "nan":
             assert not bool(got.isfinite().any())
     # Replicated results are bitwise identical across ranks.
@@ -91,28 +140,68 @@ def check_dtensor_cases(rank: int, world: int) -> None:
     parts = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(parts, local)
     assert all(torch.equal(p, parts[0]) for p in parts)
+    return results
 
-    # correction=1, eps=0, and grad_scale (a fused optimizer's scale: s*g -> s * z(g)).
-    x = torch.randn(7, 6, generator=torch.Generator().manual_seed(5))
-    dt = distribute_tensor(x.clone(), mesh, [Shard(1)])
-    znorm_kernels.znorm_([dt], eps=0.0, correction=1)
-    want = x.clone()
-    reference.znorm_([want], eps=0.0, correction=1)
-    assert_rule10(dt.full_tensor(), want)
-    s = torch.tensor(1024.0)
-    dt = distribute_tensor(x * s, mesh, [Shard(0)])
-    znorm_kernels.znorm_([dt], grad_scale=s)
-    want = x * s
-    reference.znorm_([want], grad_scale=s)
-    assert_rule10(dt.full_tensor() / s, want / s)
+
+def stage_cases(mesh) -> list:
+    """The DTensors of full_inputs whose local shard the Triton statistics stage takes (at least 2 elements
+    there, and in the whole tensor)."""
+    dts = [distribute_tensor(x, mesh, p) for x, p in full_inputs().values() if x.numel() >= 2]
+    return [t for t in dts if t.to_local().numel() >= 2]
+
+
+def check_dtensor_cases(rank: int, world: int) -> None:
+    mesh = init_device_mesh("cpu", (world,))
+    spy = StageSpy()
+    with spy:
+        torch_path = normalize_cases(mesh, world, rank, "auto")  # CPU: float64 torch ops, not the stage
+    assert spy.calls == []
+    if "triton" in znorm_kernels.available_backends():  # the interpreter (conftest sets TRITON_INTERPRET=1)
+        with spy:
+            stage_path = normalize_cases(mesh, world, rank, "triton")
+        # Every local shard of at least 2 elements (of a DTensor of at least 2) went through the stage, one
+        # launch per (placement group, dtype); every dtype was served.
+        want = [t.to_local() for t in stage_cases(mesh)]
+        assert sum(map(len, spy.calls)) == len(want), spy.calls
+        assert {d for c in spy.calls for d in c} == {t.dtype for t in want}
+        for k, got in stage_path.items():  # the two local statistics agree far inside rule 10
+            torch.testing.assert_close(got, torch_path[k], rtol=0, atol=1e-5, equal_nan=True)
+        # Deterministic: the same inputs give bitwise the same results.
+        again = normalize_cases(mesh, world, rank, "triton")
+        for k, got in stage_path.items():
+            assert torch.equal(got.nan_to_num(7.0), again[k].nan_to_num(7.0)), k
+
+    # correction=1, eps=0 (constant included), and grad_scale (a fused optimizer's scale: s*g -> s * z(g)),
+    # with both local statistics.
+    for backend in ["auto", *(["triton"] if "triton" in znorm_kernels.available_backends() else [])]:
+        x = torch.randn(7, 6, generator=torch.Generator().manual_seed(5))
+        dt = distribute_tensor(x.clone(), mesh, [Shard(1)])
+        const = distribute_tensor(torch.full((5, 3), 2.5), mesh, [Shard(0)])
+        znorm_kernels.znorm_([dt, const], eps=0.0, correction=1, backend=backend)
+        want = x.clone()
+        reference.znorm_([want], eps=0.0, correction=1)
+        assert_rule10(dt.full_tensor(), want)
+        assert bool((const.full_tensor() == 0).all())
+        s = torch.tensor(1024.0)
+        dt = distribute_tensor(x * s, mesh, [Shard(0)])
+        znorm_kernels.znorm_([dt], grad_scale=s, backend=backend)
+        want = x * s
+        reference.znorm_([want], grad_scale=s)
+        assert_rule10(dt.full_tensor() / s, want / s)
 
     # Partial: a clear error, and nothing modified (the plain tensor and the other DTensor included).
+    plain = torch.randn(4, 4)
     partial = DTensor.from_local(torch.randn(3, 4), mesh, [Partial()])
     ok = distribute_tensor(torch.randn(5, 4), mesh, [Shard(0)])
     before, before_plain = ok.to_local().clone(), plain.clone()
     with pytest.raises(ValueError, match="Partial"):
         znorm_kernels.znorm_([plain, ok, partial])
     assert torch.equal(ok.to_local(), before) and torch.equal(plain, before_plain)
+    # A named backend that cannot serve the shards' device: the same error as for plain tensors, nothing
+    # modified, nothing communicated.
+    with pytest.raises(RuntimeError, match="cannot serve"):
+        znorm_kernels.znorm_([ok], backend="cuda")
+    assert torch.equal(ok.to_local(), before)
 
 
 def make_model(seed: int = 0) -> nn.Module:
@@ -212,6 +301,41 @@ def test_merge_statistics_matches_whole() -> None:
     assert math.isclose(m2, ((x - x.mean()) ** 2).sum().item(), rel_tol=1e-12)
 
 
+@pytest.mark.skipif("triton" not in znorm_kernels.available_backends(), reason="Triton cannot run here")
+def test_stage_rows_match_torch_rows() -> None:
+    """The Triton statistics stage's rows (converted to count, mean, M2 and the constant-only bounds) agree
+    with the float64 torch rows, merge like them, and keep the exact constant test, outliers included."""
+    from znorm_kernels.distributed import merge_statistics, shard_statistics
+
+    g = torch.Generator().manual_seed(3)
+    x = 5 + 1e-3 * torch.randn(9_000, generator=g)
+    x[17], x[8_500] = 3e4, -1e3
+    parts = [x[:4_500], x[4_500:4_500], x[4_500:4_501], x[4_501:]]  # a large part, empty, 1 element, large
+    stage = shard_statistics(parts, "triton")
+    exact = shard_statistics(parts, "torch")
+    assert torch.equal(stage[:, 0], exact[:, 0])
+    std = (
+        exact[:, 2] / exact[:, 0].clamp(min=1)
+    ).sqrt()  # the means agree relative to the spread (float32 sums)
+    assert bool(((stage[:, 1] - exact[:, 1]).abs() <= 1e-7 * std).all())
+    torch.testing.assert_close(stage[:, 2], exact[:, 2], rtol=1e-6, atol=0)
+    # Not constant: (-inf, +inf) for the stage's rows; the torch rows of the empty and 1-element parts stay.
+    assert stage[[0, 3], 3].isneginf().all() and stage[[0, 3], 4].isposinf().all()
+    assert torch.equal(stage[1:3, 3:], exact[1:3, 3:])
+    merged = merge_statistics(stage.unsqueeze(1))[0]
+    whole = shard_statistics([x], "torch")[0]
+    torch.testing.assert_close(merged[:3], whole[:3], rtol=1e-6, atol=0)
+    # Constant parts: their exact value as min and max; equal constants merge into a constant, others do not.
+    c = [torch.full((6_000,), 0.1), torch.full((3,), 0.1), torch.full((2,), 0.1, dtype=torch.float64)]
+    rows = shard_statistics(c, "triton")
+    assert torch.equal(rows[:2, 3], rows[:2, 4]) and bool((rows[:2, 2] == 0).all())
+    merged = merge_statistics(rows[:2].unsqueeze(1))[0]
+    assert merged[3] == merged[4] == torch.tensor(0.1).double() and merged[2] == 0
+    other = shard_statistics([torch.full((4,), 0.2)], "triton")
+    merged = merge_statistics(torch.stack([rows[:1], other]))[0]
+    assert merged[3] < merged[4]
+
+
 def test_plain_path_unchanged_without_dtensors() -> None:
     """Plain tensors still take the normal path (and DTensor routing is not triggered by them)."""
     from znorm_kernels.dispatch import _dtensor_positions
@@ -233,7 +357,9 @@ def nccl_worker(rank: int, store: str) -> None:
         mesh = init_device_mesh("cuda", (1,))
         full = torch.randn(37, 5, device="cuda") * 3 + 1
         grad = distribute_tensor(full.clone(), mesh, [Shard(0)])
-        znorm_kernels.znorm_([grad])
+        with StageSpy() as spy:  # "auto" on CUDA: the Triton statistics stage where Triton is available
+            znorm_kernels.znorm_([grad])
+        assert len(spy.calls) == (1 if "triton" in znorm_kernels.available_backends() else 0)
         want = full.clone()
         reference.znorm_([want])
         assert_rule10(grad.full_tensor(), want)

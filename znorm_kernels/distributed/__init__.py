@@ -5,6 +5,6 @@
 gradients are plain tensors, already averaged over ranks when the optimizer steps.
 """
 
-from .dtensor import local_statistics, merge_statistics, znorm_dtensors_
+from .dtensor import local_statistics, merge_statistics, shard_statistics, znorm_dtensors_
 
-__all__ = ["local_statistics", "merge_statistics", "znorm_dtensors_"]
+__all__ = ["local_statistics", "merge_statistics", "shard_statistics", "znorm_dtensors_"]

@@ -1,12 +1,28 @@
 """ZNorm of DTensor gradients (FSDP2's ``fully_shard``, tensor parallelism): exact per WHOLE tensor.
 
 A DTensor's statistics run over the global tensor, whose elements are spread over ranks. Each rank computes,
-for its local shard, (count, mean, M2, min, max) in float64 (a corrected two-pass, as the reference backend
-does); the few floats per tensor of all tensors that share a process group travel in ONE all_gather per group
-(never the gradients); every rank merges them with Chan's formula in rank order, so the merged statistics are
-deterministic and bitwise the same on every rank; then each rank normalizes its own shard with the global
-mean and standard deviation, exactly as the reference backend applies them (constant tensors, detected by the
-exact test global min == global max, become exactly 0; NaN and Inf propagate; ``grad_scale`` semantics).
+for its local shards, a float64 row (count, mean, M2, min, max) each (``shard_statistics``); the few floats
+per tensor of all tensors that share a process group travel in ONE all_gather per group (never the gradients);
+every rank merges them with Chan's formula in rank order, so the merged statistics are deterministic and
+bitwise the same on every rank; then each rank normalizes its own shard with the global mean and standard
+deviation, exactly as the reference backend applies them (``reference.write_z_``, float64: constant tensors,
+detected by the exact test global min == global max, become exactly 0; NaN and Inf propagate; ``grad_scale``
+semantics).
+
+Where the local statistics come from (the backend ``znorm_`` resolves for the shards' device):
+- "triton" (what "auto" picks for CUDA shards; CPU shards under TRITON_INTERPRET=1 when named): the Triton
+  kernel's statistics stage, ``triton_host.statistics``, one launch per (device, dtype) group of shards of at
+  least 2 elements, float32 accumulation (float64 for float64 shards), the contract's corrected tile sums and
+  exact constant test. It returns (mean, std, inv, wide) per tensor; called with correction=0 and eps=1 the
+  row converts as count = n, mean = mean, M2 = std**2 * n (std = sqrt(M2 / n), correctly rounded: the square
+  costs at most a few float64 ulps of M2, far below the stage's own float32 rounding), and the shard is
+  constant (the kernel's exact min == max test) exactly where inv == 0 and std == 0 (with eps=1, inv = 0 means
+  constant, or std = inf). The stage does not return the shard's min and max, so its rows carry (c, c) for a
+  constant shard of value c and (-inf, +inf) otherwise: the merged min equals the merged max exactly where
+  every non-empty shard is constant with the same value, which is the global exact test.
+- every other backend ("cpu", "cuda", "reference"; the native extension has no statistics-only mode and no
+  apply-with-given-statistics mode): ``local_statistics``, a corrected two-pass in float64 PyTorch ops with
+  the true min and max. So are shards of fewer than 2 elements (the stage takes tensors of at least 2).
 
 Placements: ``Shard(d)`` (and FSDP2+TP's strided shards) over a mesh dimension -> statistics combined over
 that mesh dimension's process group; ``Replicate`` -> nothing to combine; ``Partial`` -> ValueError (the
@@ -24,8 +40,9 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.placement_types import Replicate
 
 from ..backends.reference import write_z_
+from ..dispatch import resolve_backend
 
-__all__ = ["local_statistics", "merge_statistics", "znorm_dtensors_"]
+__all__ = ["local_statistics", "merge_statistics", "shard_statistics", "znorm_dtensors_"]
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -75,6 +92,50 @@ def local_statistics(local: Tensor) -> Tensor:
     m2 = (centred - shift).square().sum()
     count = torch.full((), float(n), dtype=torch.float64, device=x.device)
     return torch.stack([count, mean + shift, m2, lo, hi])
+
+
+def _triton_rows(shards: list[Tensor]) -> Tensor:
+    """float64 [T, 5] rows (count, mean, M2, min, max) of same-device, same-dtype shards of at least 2
+    elements, from one launch of the Triton statistics stage (see the module's docstring for the
+    conversion; min and max are (c, c) for a constant shard of value c, else (-inf, +inf))."""
+    from ..backends import triton_host
+
+    device = shards[0].device
+    stage = triton_host.statistics(shards, 1.0, 0)  # [T, 4]: mean, std, inv, wide (eps=1, correction=0)
+    mean, std, inv = stage[:, 0], stage[:, 1], stage[:, 2]
+    # The counts reach a GPU through pinned memory without blocking (a list copied there would wait).
+    count, _ = triton_host.device_table(
+        torch.tensor([float(x.numel()) for x in shards], dtype=torch.float64), device
+    )
+    constant = (inv == 0) & (std == 0)
+    lo = torch.where(constant, mean, float("-inf"))
+    hi = torch.where(constant, mean, float("inf"))
+    return torch.stack([count, mean, std.square() * count, lo, hi], dim=1)
+
+
+def shard_statistics(shards: Sequence[Tensor], stage: str = "torch") -> Tensor:
+    """float64 [T, 5] (count, mean, M2, min, max) of local shards, on their device, without synchronization.
+
+    ``stage="triton"``: the Triton statistics stage for every (device, dtype) group of shards of at least 2
+    elements (one launch each); ``"torch"`` (and shards of fewer than 2 elements): ``local_statistics``."""
+    rows: list[Tensor | None] = [None] * len(shards)
+    groups: dict[tuple, list[int]] = {}
+    for i, x in enumerate(shards):
+        if stage == "triton" and x.numel() >= 2:
+            groups.setdefault((x.device, x.dtype), []).append(i)
+        else:
+            rows[i] = local_statistics(x)
+    for idx in groups.values():
+        for i, row in zip(idx, _triton_rows([shards[i].detach() for i in idx]).unbind()):
+            rows[i] = row
+    return torch.stack(rows)
+
+
+def _stage_for(backend: str, device: torch.device) -> str:
+    """Which local statistics serve shards on ``device`` for ``backend``: "triton" where it resolves to the
+    Triton backend, else "torch" (the native extension has no statistics-only mode). Raises as ``znorm_``
+    does for an unknown backend or one that cannot serve the device."""
+    return "triton" if resolve_backend(backend, device) == "triton" else "torch"
 
 
 def merge_statistics(gathered: Tensor) -> Tensor:
@@ -139,10 +200,12 @@ def znorm_dtensors_(
     """Normalize DTensors in place, each over its WHOLE (global) tensor.
 
     Every rank of each DTensor's mesh must call this with the same DTensors in the same order (as an
-    optimizer step does). ``names``/``positions`` only serve error messages. ``backend`` is accepted for
-    symmetry with ``znorm_``: the local statistics and the normalization of a shard run in float64 PyTorch
-    ops (the reference's arithmetic), whatever it names. Raises ValueError for a Partial placement and
-    TypeError for an unsupported dtype, before anything is modified or communicated.
+    optimizer step does). ``names``/``positions`` only serve error messages. ``backend`` picks the local
+    statistics (the Triton statistics stage where it resolves to "triton" for the shards' device, float64
+    PyTorch ops otherwise: see the module's docstring); the normalization of a shard with the merged
+    statistics always runs the reference's float64 ``write_z_`` (no backend applies given statistics).
+    Raises ValueError for a Partial placement, TypeError for an unsupported dtype, and as ``znorm_`` for a
+    backend that cannot serve the shards' device, before anything is modified or communicated.
     """
     pos = list(positions) if positions is not None else list(range(len(tensors)))
     # Check everything first (nothing modified on bad input); the same DTensor twice is normalized once.
@@ -161,10 +224,16 @@ def znorm_dtensors_(
         seen.add(id(local))
         mesh = t.device_mesh
         plan.setdefault((id(mesh), dims), [mesh]).append(t)
+    stages = {}  # per device type, resolved before anything is communicated or modified
+    for _, *items in plan.values():
+        for t in items:
+            kind = t._local_tensor.device.type
+            if kind not in stages:
+                stages[kind] = _stage_for(backend, t._local_tensor.device)
     with torch.no_grad():
         for (_, dims), (mesh, *items) in plan.items():
             locals_ = [t._local_tensor for t in items]
-            stats = torch.stack([local_statistics(x) for x in locals_])  # [T, 5]
+            stats = shard_statistics(locals_, stages[locals_[0].device.type])  # [T, 5]
             for mesh_dim in dims:  # one all_gather per sharded mesh dimension (its process group)
                 stats = _combine(stats, mesh.get_group(mesh_dim))
             for x, row in zip(locals_, stats):
