@@ -487,3 +487,154 @@ def test_fused_step_sees_a_new_layout_at_the_same_address(backend, cls, torch_cl
         opt.step()
         ref.step()
         torch.testing.assert_close(ours, theirs, **FUSED_TOL[device])
+
+
+# --- the fused step's remembered step (optim/fused.py, _Remembered): what it keeps must follow changes ---
+
+
+def _remembered_pair(backend, cls, torch_cls, kwargs, mutate, steps=5, full_reference=False):
+    """Steps of ``cls`` and of ``register(torch_cls)`` on the same gradients, ``mutate(step, opt, ps)``
+    applied to both before each step (``ps``: that optimizer's parameters); parameters compared each step.
+    ``full_reference``: the reference is ``cls`` itself with its remembered step turned off (for the ZNorm
+    options the hook does not read). Returns the ZNorm optimizer (its remembered steps are counted in
+    ``opt.remembered_steps``)."""
+    device = DEVICE_OF[backend]
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(4, 3), (5,), (2, 3, 2)]
+    init = [torch.randn(s, generator=gen).to(device) for s in shapes]
+    ours, theirs = [nn.Parameter(t.clone()) for t in init], [nn.Parameter(t.clone()) for t in init]
+    opt = cls(ours, backend=backend, **kwargs)
+    if full_reference:
+        ref = cls(theirs, backend=backend, **kwargs)
+    else:
+        ref = torch_cls(theirs, **kwargs)
+        znorm_kernels.register(ref, backend=backend)
+    from znorm_kernels.optim import fused
+
+    opt.remembered_steps = 0
+    original = fused._remembered_step_
+
+    def counting(*args, **kw):
+        if args[0] is ref:
+            return None
+        done = original(*args, **kw)
+        opt.remembered_steps += bool(done) and args[0] is opt
+        return done
+
+    fused._remembered_step_ = counting
+    buffers = {}  # the gradients at the same addresses every step, as a training loop has them
+    try:
+        for step in range(steps):
+            for o, ps in ((opt, ours), (ref, theirs)):
+                ps = o.param_groups[0]["params"]
+                gen_step = torch.Generator().manual_seed(100 + step)
+                for p in ps:
+                    g = torch.randn(p.shape, generator=gen_step).to(device)
+                    p.grad = buffers.setdefault(id(p), torch.empty_like(p)).copy_(g)
+                mutate(step, o, ps)
+            opt.step()
+            ref.step()
+            for a, b in zip(opt.param_groups[0]["params"], ref.param_groups[0]["params"]):
+                torch.testing.assert_close(a, b, **FUSED_TOL[device])
+    finally:
+        fused._remembered_step_ = original
+    return opt
+
+
+FUSED_BACKENDS = [b for b in BACKENDS if b != "reference"]
+SGD_AND_ADAM = [
+    (ZNormSGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
+    (ZNormAdam, torch.optim.Adam, dict(lr=1e-2)),
+    (ZNormAdamW, torch.optim.AdamW, dict(lr=1e-2, amsgrad=True)),
+]
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("cls, torch_cls, kwargs", SGD_AND_ADAM)
+def test_remembered_step_is_taken_and_reads_hyperparameters_each_step(backend, cls, torch_cls, kwargs):
+    def mutate(step, opt, ps):
+        group = opt.param_groups[0]
+        group["lr"] = 0.1 / (step + 1)
+        group["weight_decay"] = 0.01 * step
+        if "betas" in group and step == 3:
+            group["betas"] = (0.8, 0.99)
+        if "momentum" in group and step == 3:
+            group["dampening"], group["nesterov"] = 0.0, True
+
+    opt = _remembered_pair(backend, cls, torch_cls, kwargs, mutate)
+    assert opt.remembered_steps >= 3  # steps after the first: the remembered step served them
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize(
+    "cls, torch_cls, kwargs",
+    [*SGD_AND_ADAM, (ZNormSGD, torch.optim.SGD, dict(lr=0.1))],  # no state to miss
+)
+def test_remembered_step_sees_a_parameter_added_to_the_group(backend, cls, torch_cls, kwargs):
+    def mutate(step, opt, ps):
+        if step == 2:
+            p = nn.Parameter(torch.arange(6.0, device=ps[0].device).view(2, 3))
+            p.grad = torch.ones(2, 3, device=p.device).cumsum(1)
+            opt.param_groups[0]["params"].append(p)
+
+    _remembered_pair(backend, cls, torch_cls, kwargs, mutate)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("cls, torch_cls, kwargs", SGD_AND_ADAM)
+def test_remembered_step_sees_state_loaded_and_state_replaced(backend, cls, torch_cls, kwargs):
+    saved = {}
+
+    def mutate(step, opt, ps):
+        if step == 1:
+            saved[id(opt)] = copy.deepcopy(opt.state_dict())
+        if step == 3:  # back to the state of step 1 (other tensors, older step counts)
+            opt.load_state_dict(saved[id(opt)])
+        if step == 4:  # one state tensor replaced by hand, at another address
+            state = opt.state[ps[0]]
+            key = "momentum_buffer" if "momentum_buffer" in state else "exp_avg"
+            state[key] = state[key].clone() * 0.5
+
+    _remembered_pair(backend, cls, torch_cls, kwargs, mutate, steps=6)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("cls, torch_cls, kwargs", SGD_AND_ADAM[1:])
+def test_remembered_step_follows_step_counts_that_diverge(backend, cls, torch_cls, kwargs):
+    def mutate(step, opt, ps):
+        if step == 1:
+            ps[1].grad = None  # its step count now lags the others'
+        if step == 3:
+            opt.state[ps[2]]["step"].fill_(10.0)  # a count changed in place, same tensor
+        if step == 5:
+            for p in ps:
+                opt.state[p]["step"].fill_(7.0)  # equal again
+
+    opt = _remembered_pair(backend, cls, torch_cls, kwargs, mutate, steps=7)
+    assert opt.remembered_steps >= 3
+    steps = [float(opt.state[p]["step"]) for p in opt.param_groups[0]["params"]]
+    assert steps == [9.0, 9.0, 9.0]  # 7, then steps 5 and 6
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("cls, torch_cls, kwargs", SGD_AND_ADAM)
+def test_remembered_step_sees_a_parameter_moved_and_options_changed(backend, cls, torch_cls, kwargs):
+    def mutate(step, opt, ps):
+        group = opt.param_groups[0]
+        if step == 1:
+            ps[0].data = ps[0].data.clone()  # the parameter's memory moves
+        if step == 2:
+            group["min_ndim"] = 2  # fewer parameters treated
+        if step == 3:
+            group["znorm"] = False
+        if step == 4:
+            group["znorm"] = True
+            if "momentum" in group:
+                group["momentum"] = 0.0  # no momentum buffer read any more
+            else:
+                group["amsgrad"] = not group["amsgrad"]
+                if group["amsgrad"]:
+                    for p in ps:
+                        opt.state[p].setdefault("max_exp_avg_sq", torch.zeros_like(p))
+
+    _remembered_pair(backend, cls, torch_cls, kwargs, mutate, steps=6, full_reference=True)

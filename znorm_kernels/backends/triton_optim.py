@@ -84,6 +84,7 @@ class Plan:
     meta: Tensor  # int64 table (layout in triton_optim_kernels)
     num_items: int
     aligned: bool
+    numels: tuple = ()
     host: Tensor | None = None  # pinned source kept when built during graph capture
     streams: set = field(default_factory=set)
     captured: bool = False
@@ -156,6 +157,7 @@ def _plan_for(device, dtype, addrs, numels, firsts, first_key) -> Plan:
         meta=meta,
         num_items=num_items,
         aligned=all(x % ALIGNMENT == 0 for a in addrs for x in a),
+        numels=numels,
         host=host,
     )
     _plans[key] = plan
@@ -224,7 +226,8 @@ def _launch(kernel, device, plan, stats, grad_scale, found_inf, pre: tuple, scal
         )
         launcher = _launchers.get(kernel) or _launchers.setdefault(kernel, DirectLauncher(kernel))
         # Triton's binding of ~20 arguments per step is host time the fused step exists to save.
-        key = (device.index, tuple(constants.items()))
+        # constants: a dict of _sgd_constants or _adam_constants, cached for good (its id is never reused).
+        key = (device.index, id(constants))
         launcher((plan.num_items,), _stream_of(device), args, key, **constants, **OPTIONS)
 
     _on_device(device, go)
@@ -265,26 +268,68 @@ def sgd_step_(
     device, dtype = _checked_group(lists, names, stats) if checked else _check(lists, names, stats)
     if device is None:
         return
-    n = len(params)
+    plan, mode = sgd_plan(lists, first, device, dtype)
+    sgd_launch(
+        plan, mode, device, dtype, stats, lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
+        weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
+        write_grad=write_grad,
+    )  # fmt: skip
+
+
+def sgd_plan(lists: list[list[Tensor]], first, device, dtype) -> tuple[Plan, int]:
+    """(plan, FIRST mode) of validated SGD lists ([params, grads] or [params, grads, momentum_buffers]):
+    what ``sgd_launch`` needs that depends on the tensors' addresses and sizes only (a caller that knows
+    them unchanged keeps it)."""
+    use_momentum = len(lists) == 3
+    n = len(lists[0])
     firsts = tuple(map(bool, first)) if use_momentum else (False,) * n
     mode = 1 if all(firsts) else 0 if not any(firsts) else 2
     if use_momentum:
         addrs = tuple(zip(*(map(Tensor.data_ptr, lst) for lst in lists), _zeros(n), _zeros(n)))
     else:
         addrs = tuple(zip(*(map(Tensor.data_ptr, lst) for lst in lists), _zeros(n), _zeros(n), _zeros(n)))
-    numels = tuple(p.numel() for p in params)
-    plan = _plan_for(device, dtype, addrs, numels, firsts, firsts if mode == 2 else mode)
+    numels = tuple(p.numel() for p in lists[0])
+    return _plan_for(device, dtype, addrs, numels, firsts, firsts if mode == 2 else mode), mode
+
+
+def sgd_launch(
+    plan: Plan,
+    mode: int,
+    device,
+    dtype,
+    stats: Tensor,
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    write_grad: bool = False,
+) -> None:
+    """The SGD update launch of a plan from ``sgd_plan`` (the hyperparameters already Python floats)."""
     if plan.num_items == 0:
         return
     from .triton_optim_kernels import znorm_sgd_kernel
 
-    constants = _common_constants(
-        dtype, plan.aligned, grad_scale is not None, found_inf is not None, bool(maximize),
-        weight_decay != 0, bool(write_grad),
+    constants = _sgd_constants(
+        dtype, plan.aligned, grad_scale is not None, found_inf is not None, bool(maximize), weight_decay != 0,
+        bool(write_grad), momentum != 0, bool(nesterov), mode,
     )  # fmt: skip
-    constants.update(MOMENTUM=use_momentum, NESTEROV=bool(nesterov), FIRST=mode)
     scalars = (lr, momentum, 1 - dampening, weight_decay)
     _launch(znorm_sgd_kernel, device, plan, stats, grad_scale, found_inf, (), scalars, constants)
+
+
+@functools.cache
+def _sgd_constants(dtype, aligned, has_scale, has_found_inf, maximize, weight_decay, write_grad, momentum,
+                   nesterov, mode) -> dict:  # fmt: skip
+    constants = _common_constants(
+        dtype, aligned, has_scale, has_found_inf, maximize, weight_decay, write_grad
+    )
+    constants.update(MOMENTUM=momentum, NESTEROV=nesterov, FIRST=mode)
+    return constants
 
 
 def adam_step_(
@@ -327,38 +372,89 @@ def adam_step_(
     device, dtype = _checked_group(lists, names, stats) if checked else _check(lists, names, stats)
     if device is None:
         return
-    if amsgrad:
-        addrs = tuple(zip(*(map(Tensor.data_ptr, lst) for lst in lists)))
-    else:
-        addrs = tuple(zip(*(map(Tensor.data_ptr, lst) for lst in lists), _zeros(n)))
-    numels = tuple(p.numel() for p in params)
-    plan = _plan_for(device, dtype, addrs, numels, (False,) * n, 0)
-    if plan.num_items == 0:
-        return
+    plan = adam_plan(lists, device, dtype)
+    numels = plan.numels
     live = [i for i in range(n) if numels[i]]
     sizes = {float(step_size[i]) for i in live}
     bc2s = {float(bias_correction2_sqrt[i]) for i in live}
-    per_tensor = len(sizes) > 1 or len(bc2s) > 1
+    if len(sizes) > 1 or len(bc2s) > 1:
+        step_size = list(map(float, step_size))
+        bias_correction2_sqrt = list(map(float, bias_correction2_sqrt))
+    else:
+        step_size, bias_correction2_sqrt = (sizes.pop(), bc2s.pop()) if live else (0.0, 0.0)
+    adam_launch(
+        plan, device, dtype, stats, step_size=step_size, bias_correction2_sqrt=bias_correction2_sqrt,
+        amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps,
+        maximize=maximize, decoupled=decoupled, grad_scale=grad_scale, found_inf=found_inf,
+        write_grad=write_grad,
+    )  # fmt: skip
+
+
+def adam_plan(lists: list[list[Tensor]], device, dtype) -> Plan:
+    """The plan of validated Adam lists ([params, grads, exp_avgs, exp_avg_sqs] and max_exp_avg_sqs with
+    amsgrad): what ``adam_launch`` needs that depends on the tensors' addresses and sizes only."""
+    n = len(lists[0])
+    if len(lists) == 5:
+        addrs = tuple(zip(*(map(Tensor.data_ptr, lst) for lst in lists)))
+    else:
+        addrs = tuple(zip(*(map(Tensor.data_ptr, lst) for lst in lists), _zeros(n)))
+    numels = tuple(p.numel() for p in lists[0])
+    return _plan_for(device, dtype, addrs, numels, (False,) * n, 0)
+
+
+def adam_launch(
+    plan: Plan,
+    device,
+    dtype,
+    stats: Tensor,
+    *,
+    step_size: float | list[float],
+    bias_correction2_sqrt: float | list[float],
+    amsgrad: bool,
+    beta1: float,
+    beta2: float,
+    lr: float,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+    decoupled: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    write_grad: bool = False,
+) -> None:
+    """The Adam/AdamW update launch of a plan from ``adam_plan``: ``step_size`` and
+    ``bias_correction2_sqrt`` one float for every tensor, or lists of floats (one per tensor: the per-tensor
+    table, not capturable); the hyperparameters already Python floats."""
+    if plan.num_items == 0:
+        return
+    per_tensor = isinstance(step_size, list)
     if per_tensor:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise NotImplementedError("per-tensor Adam step sizes cannot be captured in a CUDA graph")
-        host = torch.tensor(
-            list(zip(map(float, step_size), map(float, bias_correction2_sqrt))), dtype=torch.float64
-        )
+        host = torch.tensor(list(zip(step_size, bias_correction2_sqrt)), dtype=torch.float64)
         steps = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
         one_size = one_bc2 = 0.0
     else:
         steps = stats  # never read
-        one_size, one_bc2 = sizes.pop(), bc2s.pop()
+        one_size, one_bc2 = step_size, bias_correction2_sqrt
     from .triton_optim_kernels import znorm_adam_kernel
 
-    constants = _common_constants(
-        dtype, plan.aligned, grad_scale is not None, found_inf is not None, bool(maximize),
-        weight_decay != 0, bool(write_grad),
+    constants = _adam_constants(
+        dtype, plan.aligned, grad_scale is not None, found_inf is not None, bool(maximize), weight_decay != 0,
+        bool(write_grad), bool(decoupled), bool(amsgrad), per_tensor,
     )  # fmt: skip
-    constants.update(DECOUPLED=bool(decoupled), AMSGRAD=bool(amsgrad), PER_TENSOR=per_tensor)
     scalars = (1 - beta1, beta2, 1 - beta2, weight_decay, 1 - lr * weight_decay, eps, one_size, one_bc2)
     _launch(znorm_adam_kernel, device, plan, stats, grad_scale, found_inf, (steps,), scalars, constants)
+
+
+@functools.cache
+def _adam_constants(dtype, aligned, has_scale, has_found_inf, maximize, weight_decay, write_grad, decoupled,
+                    amsgrad, per_tensor) -> dict:  # fmt: skip
+    constants = _common_constants(
+        dtype, aligned, has_scale, has_found_inf, maximize, weight_decay, write_grad
+    )
+    constants.update(DECOUPLED=decoupled, AMSGRAD=amsgrad, PER_TENSOR=per_tensor)
+    return constants
 
 
 # Ahead-of-time compilation (no GPU needed), for CI and register reports: see triton_host.compile_for_target.

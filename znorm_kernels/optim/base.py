@@ -76,6 +76,9 @@ class ZNormOptimizer:
     def _reset_znorm_caches(self) -> None:
         self._znorm_groups: dict[tuple[float, float], GradientGroups] = {}
         self._znorm_scratch: dict[int, Tensor] = {}  # id(param) -> its z-scores' buffer
+        # The fused step's remembered steps (optim/fused.py; each checks its tensors anyway): a state load
+        # starts afresh.
+        self.__dict__.pop("_znorm_remembered", None)
 
     # --- param groups and pickling ---
 
@@ -187,7 +190,8 @@ class ZNormOptimizer:
         fused: set[int] = set()
         sink: list[tuple[list[str], Tensor]] = []
         for i, group in enumerate(self.param_groups):  # type: ignore[attr-defined]
-            if try_fused_step_(self, group, self._fused_kind, _param_names(group, i), sink):
+            names = lambda group=group, i=i: _param_names(group, i)  # names read only where needed
+            if try_fused_step_(self, group, self._fused_kind, names, sink):
                 fused.add(i)
         for names, values in sink:
             self._znorm_last_stats.append(lambda names=names, values=values: GradStats(names, values))

@@ -17,6 +17,9 @@ state is created and kept exactly as torch's SGD and Adam keep it, so checkpoint
 
 from __future__ import annotations
 
+import itertools
+import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,7 +89,9 @@ class _Layout:
         return entry[0]
 
 
-def _layout(opt, group: dict[str, Any], params: list[Tensor], names: list[str], options: tuple) -> _Layout:
+def _layout(
+    opt, group: dict[str, Any], params: list[Tensor], names: Callable[[], list[str]], options: tuple
+) -> _Layout:
     cache = opt.__dict__.setdefault("_znorm_layouts", {})
     grads = [p.grad for p in params]
     layout = cache.get(id(group))
@@ -101,7 +106,7 @@ def _layout(opt, group: dict[str, Any], params: list[Tensor], names: list[str], 
         and (layout.guard is None or layout.guard.check(*grads, *params))
     ):
         return layout
-    name_of = {id(p): n for p, n in zip(group["params"], names)}
+    name_of = {id(p): n for p, n in zip(group["params"], names())}
     path = _fused_path(opt, params)
     if path is None:  # not cached: the general path checks (and reports) for itself
         return _Layout([], [], options, None, name_of)
@@ -124,14 +129,21 @@ def _layout(opt, group: dict[str, Any], params: list[Tensor], names: list[str], 
 
 
 def _statistics(
-    grads: list[Tensor], treated: list[bool], eps: float, correction: float, layout: _Layout
+    grads: list[Tensor], treated: list[bool], eps: float, correction: float, layout: _Layout, plan=None
 ) -> Tensor:
     """float64 [T, 4] rows for the update kernel: the statistics stage's for treated tensors, the raw
-    gradient's row elsewhere (tensors ZNorm skips or leaves alone): (0, 0, 1, 0), z = (g - 0) * 1."""
+    gradient's row elsewhere (tensors ZNorm skips or leaves alone): (0, 0, 1, 0), z = (g - 0) * 1.
+    ``plan``: triton_host's plan of the treated gradients, from a step that found them at these addresses
+    with these layouts (all dense), or None (looked up)."""
     from ..backends import triton_host
 
-    picked = [g for g, t in zip(grads, treated) if t]
-    stats = triton_host.statistics(picked, eps, correction) if picked else None
+    picked = grads if all(treated) else [g for g, t in zip(grads, treated) if t]
+    if not picked:
+        stats = None
+    elif plan is not None:  # triton_host.statistics with its plan known (no look-up)
+        stats = triton_host._launch(picked, eps, correction, None, False, None, plan).stats.clone()
+    else:
+        stats = triton_host.statistics(picked, eps, correction)
     if stats is not None and len(picked) == len(grads):
         return stats
     device = grads[0].device
@@ -142,19 +154,28 @@ def _statistics(
     return full
 
 
-def try_fused_step_(opt, group: dict[str, Any], kind: str, names: list[str], stats_sink: list) -> bool:
+def try_fused_step_(
+    opt, group: dict[str, Any], kind: str, names: Callable[[], list[str]], stats_sink: list
+) -> bool:
     """The fused step of one param group, or False (nothing done) when the fused path does not serve it.
-    ``kind``: "sgd", "adam" or "adamw"; ``names``: the group's parameter names. With ``track_stats``,
-    appends (names, float64 [k, 2] mean/std) for the group's treated parameters to ``stats_sink`` (NaN rows
-    where a parameter has no gradient or fewer than 2 elements)."""
-    params = [p for p in group["params"] if p.grad is not None]
-    if not params or not _options_allow(opt, group):
+    ``kind``: "sgd", "adam" or "adamw"; ``names()``: the group's parameter names (called only where needed).
+    With ``track_stats``, appends (names, float64 [k, 2] mean/std) for the group's treated parameters to
+    ``stats_sink`` (NaN rows where a parameter has no gradient or fewer than 2 elements)."""
+    if not _options_allow(opt, group):
         return False
     defaults = opt._znorm["defaults"]
     znorm = group.get("znorm", defaults["znorm"])
     min_ndim = group.get("min_ndim", defaults["min_ndim"])
     eps = group.get("znorm_eps", defaults["znorm_eps"])
     correction = group.get("correction", defaults["correction"])
+    state_keys = _state_keys(group, kind)
+    options = (kind, znorm, min_ndim, state_keys, opt._znorm["backend"])
+    done = _remembered_step_(opt, group, options, eps, correction, stats_sink)
+    if done is not None:
+        return done
+    params = [p for p in group["params"] if p.grad is not None]
+    if not params:
+        return False
     layout = _layout(opt, group, params, names, (znorm, min_ndim))
     path = layout.path
     if path is None:
@@ -187,7 +208,217 @@ def try_fused_step_(opt, group: dict[str, Any], kind: str, names: list[str], sta
         selected = [p for p in group["params"] if p.dim() >= min_ndim]
         if selected:
             stats_sink.append(_stats_rows(selected, layout, launches))
+    _remember(opt, group, options, layout, params)
     return True
+
+
+# --- the remembered step: what a param group's fused step derives from its tensors, kept step after step ---
+
+_grad_of = operator.attrgetter("grad")
+_ONE = torch.tensor(1.0)  # the step counters' increment, as torch's Adam adds it to CPU counters (4x faster)
+
+
+def _state_keys(group: dict[str, Any], kind: str) -> tuple[str, ...]:
+    """The state tensors the update reads per parameter, in the kernels' list order."""
+    if kind == "sgd":
+        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+    return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
+
+
+@dataclass(eq=False)
+class _Remembered:
+    """A param group's fused step as the last full step made it, for the next steps to reuse while the same
+    parameters have gradients and every tensor the update reads (parameters, gradients, the state tensors of
+    ``options``' keys, and Adam's step counters) has the same address (counters excepted) and layout:
+    ``ptrs`` and ``guard`` are checked every step, in two C calls. What it keeps depends on nothing else: the
+    buckets (device, dtype; treated flags from ``options``), the statistics and update plans (addresses and
+    sizes), the path. Hyperparameters, ZNorm's eps and correction, and the step counters' values are read
+    every step. Tensors are not kept (ids and addresses only): state replaced by load_state_dict is freed."""
+
+    options: tuple  # (kind, znorm, min_ndim, state keys, backend)
+    ids: list[int]  # ids of the group's parameters with a gradient, in group order
+    all_present: bool  # every parameter of the group had a gradient
+    ptrs: list[int]  # addresses of params, grads, then each state list (group order)
+    indices: list[int]  # range(len(ptrs))
+    guard: Any  # layout_guard of those tensors, then (Adam) the step counters
+    layout: _Layout
+    buckets: list[tuple]  # (positions or None for all, treated, statistics plan, update plan, device, dtype)
+
+
+def _read_state(opt, params: list[Tensor], keys: tuple[str, ...], kind: str) -> list[list[Tensor]] | None:
+    """The state lists of ``keys`` (and Adam's step counters last), or None where one is missing."""
+    states = list(map(opt.state.__getitem__, params))
+    if kind != "sgd":
+        keys = (*keys, "step")
+    try:
+        return [list(map(operator.itemgetter(key), states)) for key in keys]
+    except KeyError:
+        return None
+
+
+def _remember(opt, group: dict[str, Any], options: tuple, layout: _Layout, params: list[Tensor]) -> None:
+    """After a full fused step of the group: remember what the next steps can reuse (see _Remembered)."""
+    cache = opt.__dict__.setdefault("_znorm_remembered", {})
+    cache.pop(id(group), None)
+    kind, keys = options[0], options[3]
+    lists = _read_state(opt, params, keys, kind)
+    if lists is None or any(t is None for lst in lists for t in lst):
+        return
+    grads = [p.grad for p in params]
+    checked = [params, grads, *(lists if kind == "sgd" else lists[:-1])]
+    flat = [t for lst in checked for t in lst]
+    buckets = []
+    for idx, treated in layout.buckets:
+        sub = [lst if len(idx) == len(params) else [lst[i] for i in idx] for lst in checked]
+        device, dtype = sub[0][0].device, sub[0][0].dtype
+        stats_plan = plan = None
+        if layout.path == "triton":
+            from ..backends import triton_host, triton_optim
+
+            picked = [g for g, t in zip(sub[1], treated) if t]
+            if picked:
+                stats_plan = triton_host._plan_for(picked, triton_host.block_for(dtype))
+            if kind == "sgd":
+                plan = triton_optim.sgd_plan(sub, [False] * len(idx), device, dtype)[0]
+            else:
+                plan = triton_optim.adam_plan(sub, device, dtype)
+        buckets.append((None if len(idx) == len(params) else idx, treated, stats_plan, plan, device, dtype))
+    if len(cache) >= 64:
+        cache.clear()
+    counters = [] if kind == "sgd" else lists[-1]
+    cache[id(group)] = _Remembered(
+        options=options,
+        ids=list(map(id, params)),
+        all_present=len(params) == len(group["params"]),
+        ptrs=list(map(Tensor.data_ptr, flat)),
+        indices=list(range(len(flat))),
+        guard=layout_guard([*flat, *counters]),
+        layout=layout,
+        buckets=buckets,
+    )
+
+
+def _remembered_step_(
+    opt, group: dict[str, Any], options: tuple, eps: float, correction: float, stats_sink: list
+) -> bool | None:
+    """The group's step from what ``_remember`` kept, or None (nothing done) where it does not apply."""
+    mem = opt.__dict__.get("_znorm_remembered", {}).get(id(group))
+    if mem is None or mem.options != options:
+        return None
+    params = group["params"]
+    grads = list(map(_grad_of, params))
+    if not any(map(operator.is_, grads, itertools.repeat(None))):
+        if not mem.all_present:
+            return None
+    else:
+        params = [p for p, g in zip(params, grads) if g is not None]
+        grads = [g for g in grads if g is not None]
+    if list(map(id, params)) != mem.ids:
+        return None
+    kind, keys = options[0], options[3]
+    lists = _read_state(opt, params, keys, kind)
+    if lists is None:
+        return None
+    counters = lists.pop() if kind != "sgd" else []
+    lists = [params, grads, *lists]
+    flat = list(itertools.chain.from_iterable(lists))
+    if not (_ptrs_equal(flat, mem.ptrs, mem.indices) and mem.guard.check(*flat, *counters)):
+        return None
+    try:
+        args = _update_args(opt, group, kind, counters)
+    except NotImplementedError:  # hyperparameters the kernels do not take (device tensors): the full step
+        return None
+    track = opt._znorm["track_stats"]
+    path = mem.layout.path
+    launches = []
+    for idx, treated, stats_plan, plan, device, dtype in mem.buckets:
+        sub = lists if idx is None else [[lst[i] for i in idx] for lst in lists]
+        bucket_args = args if idx is None else _bucket_args(args, idx)
+        if path == "triton":
+            stats = _statistics(sub[1], treated, eps, correction, mem.layout, stats_plan)
+        else:
+            stats = None
+            if track:
+                stats = torch.full((len(idx or params), 2), float("nan"), dtype=torch.float64, device=device)
+        launches.append((sub[0], treated, stats, (sub, bucket_args, plan, device, dtype)))
+    write_grad = opt._znorm["normalize_grad"]
+    for _, treated, stats, (sub, bucket_args, plan, device, dtype) in launches:
+        _launch_remembered(path, kind, sub, treated, stats, bucket_args, plan, device, dtype, eps,
+                           correction, write_grad)  # fmt: skip
+    if counters:
+        torch._foreach_add_(counters, _ONE, alpha=1.0)  # CPU tensors, as torch counts them
+    znorm, min_ndim = options[1], options[2]
+    if track and znorm:
+        selected = [p for p in group["params"] if p.dim() >= min_ndim]
+        if selected:
+            stats_sink.append(_stats_rows(selected, mem.layout, launches))
+    return True
+
+
+def _update_args(opt, group: dict[str, Any], kind: str, counters: list[Tensor]) -> dict[str, Any]:
+    """The update's hyperparameters as Python floats (as triton_optim's steps read them), and Adam's step
+    sizes: one float each where every counter holds the same value, else one per parameter."""
+    from ..backends import optim_steps
+
+    if kind == "sgd":
+        lr, momentum, dampening, weight_decay = optim_steps.scalars(
+            "fused step", lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
+            weight_decay=group["weight_decay"],
+        )  # fmt: skip
+        return dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=group["nesterov"],
+                    weight_decay=weight_decay, maximize=group["maximize"])  # fmt: skip
+    beta1, beta2 = group["betas"]
+    beta1, beta2, lr, weight_decay, eps = optim_steps.scalars(
+        "fused step", beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+        eps=group["eps"],
+    )  # fmt: skip
+    # torch's single-tensor Adam: the step counted first, then Python-float bias corrections.
+    values = list(map(float, counters))  # CPU tensors: no device sync
+    if values.count(values[0]) == len(values):
+        c = values[0] + 1
+        step_size, bc2_sqrt = lr / (1 - beta1**c), (1 - beta2**c) ** 0.5
+    else:
+        step_size = [lr / (1 - beta1 ** (v + 1)) for v in values]
+        bc2_sqrt = [(1 - beta2 ** (v + 1)) ** 0.5 for v in values]
+    return dict(step_size=step_size, bias_correction2_sqrt=bc2_sqrt, amsgrad=group["amsgrad"], beta1=beta1,
+                beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, maximize=group["maximize"],
+                decoupled=kind == "adamw")  # fmt: skip
+
+
+def _bucket_args(args: dict[str, Any], idx: list[int]) -> dict[str, Any]:
+    if not isinstance(args.get("step_size"), list):
+        return args
+    step_size, bc2 = args["step_size"], args["bias_correction2_sqrt"]
+    return dict(args, step_size=[step_size[i] for i in idx], bias_correction2_sqrt=[bc2[i] for i in idx])
+
+
+def _launch_remembered(path, kind, lists, treated, stats, args, plan, device, dtype, eps, correction,
+                       write_grad) -> None:  # fmt: skip
+    """One bucket's update from the remembered step (lists validated by the full step that made it)."""
+    if path == "triton":
+        from ..backends import triton_optim
+
+        if kind == "sgd":
+            triton_optim.sgd_launch(plan, 0, device, dtype, stats, write_grad=write_grad, **args)
+        else:
+            triton_optim.adam_launch(plan, device, dtype, stats, write_grad=write_grad, **args)
+        return
+    from ..backends import native
+
+    n = len(lists[0])
+    znorm = dict(treated=treated, znorm_eps=eps, correction=correction, stats_out=stats)
+    if kind == "sgd":
+        bufs = lists[2] if len(lists) == 3 else [None] * n
+        native.sgd_step_(lists[0], lists[1], bufs, first=[False] * n, write_grad=write_grad, checked=True,
+                         **znorm, **args)  # fmt: skip
+    else:
+        args = dict(args)
+        if not isinstance(args["step_size"], list):
+            args["step_size"] = [args["step_size"]] * n
+            args["bias_correction2_sqrt"] = [args["bias_correction2_sqrt"]] * n
+        max_sqs = lists[4] if len(lists) == 5 else [None] * n
+        native.adam_step_(lists[0], lists[1], lists[2], lists[3], max_sqs, write_grad=write_grad,
+                          checked=True, **znorm, **args)  # fmt: skip
 
 
 def _stats_rows(selected: list[Tensor], layout: _Layout, launches: list) -> tuple[list[str], Tensor]:
@@ -341,6 +572,6 @@ def _prepare_adam(opt, group, params, grads, engine: _Engine, kind: str):
             write_grad=opt._znorm["normalize_grad"],
             checked=True,
         )
-        torch._foreach_add_(steps, 1)  # CPU tensors, as torch counts them
+        torch._foreach_add_(steps, _ONE, alpha=1.0)  # CPU tensors, as torch counts them
 
     return run
