@@ -39,10 +39,12 @@ variant that fails or raises is reported with its error and not timed.
 Times, on CUDA, each the median over repeated calls:
 - ``do_bench µs``: ``triton.testing.do_bench`` (L2 flushed before each call), as bench/timing.py measures the
   device times in bench/RESULTS.md;
-- ``backlog µs``: CUDA events around the call with the GPU kept busy (``torch.cuda._sleep`` long enough to
-  cover the host's enqueue time, then the same 256 MB L2 flush) before each timed call, so that the events
-  time the device work alone, not a GPU waiting for a slow host. If do_bench µs is well above backlog µs, the
-  device time in RESULTS.md includes host time;
+- ``backlog µs``: CUDA events around the call with the GPU kept busy (the same 256 MB L2 flush, then
+  ``torch.cuda._sleep`` long enough to cover the host's enqueue time) before each timed call, so that the
+  events time the device work alone, not a GPU waiting for a slow host: bench.timing.device_time_gpu_bound,
+  the bench's "device µs (GPU busy ahead)" (its count of "starved" calls, where the GPU still got to the
+  start event first, is kept in the row's extra). If do_bench µs is well above backlog µs, the device time
+  in RESULTS.md includes host time;
 - ``host µs``: wall clock of the call's enqueue (no synchronization).
 On the CPU (a rehearsal under TRITON_INTERPRET=1, meaningless timings) both device times are wall clock.
 
@@ -81,10 +83,10 @@ import torch
 from bench.check import z_error, z_float64
 from bench.param_lists import get_list
 from bench.suite import make_grads
+from bench.timing import CudaLayer, device_time_gpu_bound
 
 EPS = 1e-10  # bench.alternatives.EPS: what the benchmark normalizes with
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-FLUSH_BYTES = 256 * 1024 * 1024  # what triton.testing.do_bench zeroes between calls
 CPU_FAKE_SMS = 2  # the CPU rehearsal's "SM count", so per-SM grids have something to multiply
 MAX_VECTORS_PER_THREAD = 8
 
@@ -225,23 +227,13 @@ def _sync(device: torch.device) -> None:
 
 
 class Timer:
-    """The three measurements of the module docstring, for one device."""
+    """The three measurements of the module docstring, for one device. The backlog figure is
+    bench.timing.device_time_gpu_bound (the L2 flush, then a sleep covering the host, before each call)."""
 
     def __init__(self, device: torch.device, max_s: float, reps: int) -> None:
         self.device, self.max_s, self.reps = device, max_s, reps
         self.cuda = device.type == "cuda"
-        if self.cuda:
-            self.flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device=device)
-
-    def _cycles_per_us(self) -> float:
-        """GPU clock cycles per µs of ``torch.cuda._sleep``, read now (the clock follows the load)."""
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(1000)
-        start.record()
-        torch.cuda._sleep(1_000_000)
-        end.record()
-        end.synchronize()
-        return 1_000_000 / max(1.0, start.elapsed_time(end) * 1e3)
+        self.layer = CudaLayer(device) if self.cuda else None
 
     def measure(self, fn: Callable[[], object]) -> dict:
         if not self.cuda:
@@ -265,39 +257,16 @@ class Timer:
         return {"do_bench_us": t, "backlog_us": t, "host_us": t, "reps": len(times)}
 
     def _backlogged(self, fn) -> dict:
-        fn()
-        _sync(self.device)
-        enqueue = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            enqueue.append(time.perf_counter() - t0)
-            _sync(self.device)
-        # Sleep long enough that the GPU is still busy when the host has enqueued the call (twice the
-        # enqueue time: the clock read now, while warm, may still rise).
-        cover_us = 2 * statistics.median(enqueue) * 1e6 + 50
-        cycles = int(cover_us * self._cycles_per_us())
-        starts, ends, host = [], [], []
-        deadline = time.perf_counter() + self.max_s
-        while len(starts) < self.reps and (len(starts) < 5 or time.perf_counter() < deadline):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda._sleep(cycles)
-            self.flush.zero_()
-            s.record()
-            t0 = time.perf_counter()
-            fn()
-            host.append(time.perf_counter() - t0)
-            e.record()
-            starts.append(s)
-            ends.append(e)
-        _sync(self.device)
-        times = [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)]
+        r = device_time_gpu_bound(
+            fn, self.device, reps=self.reps, max_s=self.max_s, min_reps=min(5, self.reps), layer=self.layer
+        )
         return {
-            "backlog_us": statistics.median(times),
-            "backlog_min_us": min(times),
-            "host_us": statistics.median(host) * 1e6,
-            "reps": len(times),
-            "sleep_us": cover_us,
+            "backlog_us": r.us,
+            "backlog_min_us": r.min_us,
+            "host_us": r.host_us,
+            "reps": r.reps,
+            "starved": r.starved,
+            "sleep_us": r.sleep_us,
         }
 
 

@@ -2,7 +2,8 @@
 
 ``run_case`` makes the gradients (random, a different scale and offset per tensor, never zeros), checks each
 of our backends against the float64 formula (raising ``AccuracyError`` when one is off: a benchmark of a
-wrong kernel is worthless), then times every requested method on the same tensors: device time, host time
+wrong kernel is worthless), then times every requested method on the same tensors: device time (on CUDA twice:
+``do_bench``'s, and with the GPU kept busy ahead of the call, bench.timing.device_time_gpu_bound), host time
 per ``optimizer.step()`` through the hook, launches per call. It returns one dict per method (a "row"); the
 derived columns (GB/s, fraction of copy bandwidth, speed-ups) are filled in by bench/report.py.
 """
@@ -19,7 +20,7 @@ from torch import Tensor
 from bench.alternatives import EPS, Method, alternative_method, our_method
 from bench.check import AccuracyError, z_error, z_float64
 from bench.param_lists import ParamList
-from bench.timing import count_launches, device_times, host_times, sync
+from bench.timing import count_launches, device_time_gpu_bound, device_times, host_times, sync
 
 __all__ = ["CaseOptions", "NullStepOptimizer", "make_grads", "run_case"]
 
@@ -63,6 +64,9 @@ class CaseOptions:
     # life of the process (pytorch/pytorch#144455), which slows every later launch, so host times and the
     # training step measured after it would be inflated.
     count_launches: bool = True
+    # CUDA only: the second device time, with the GPU busy ahead of each call (device_time_gpu_bound), per
+    # method and for the copy: at most ``reps`` calls and about this many seconds of GPU time (0: not taken).
+    busy_max_s: float = 0.25
 
 
 def _row(plist: ParamList, dtype: torch.dtype, device: torch.device, method: str, ours: bool) -> dict:
@@ -76,6 +80,9 @@ def _row(plist: ParamList, dtype: torch.dtype, device: torch.device, method: str
         "method": method,
         "ours": ours,
         "device_us": None,
+        "device_busy_us": None,  # CUDA: device_time_gpu_bound's median
+        "busy_reps": None,
+        "busy_starved": None,  # of busy_reps, the calls the GPU reached before the host had enqueued them
         "hook_us": None,
         "hook_host_us": None,
         "launches": None,
@@ -181,28 +188,41 @@ def run_case(
         n = max(1, plist.elements * inputs[0].element_size() // 4)
         src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
         fns.insert(0, lambda: dst.copy_(src))
+    busy: list = [None] * len(fns)
     if device.type == "cuda":  # one at a time: a failure costs only that method's figures
         times: list[float | Exception] = []
-        for fn in fns:
+        for i, fn in enumerate(fns):
             try:
                 times.append(device_times([fn], device, reps=opts.reps, max_s=opts.max_s)[0])
             except Exception as err:
                 times.append(err)
+                continue
+            if opts.busy_max_s > 0:
+                try:
+                    busy[i] = device_time_gpu_bound(fn, device, reps=opts.reps, max_s=opts.busy_max_s)
+                except Exception as err:  # keep do_bench's figure; say why the second one is missing
+                    busy[i] = err
     else:  # round-robin, so that a shared machine's load hits every method alike
         try:
             times = list(device_times(fns, device, reps=opts.reps, max_s=opts.max_s))
         except Exception as err:
             times = [err] * len(fns)
     if copy_into is not None:
-        t = times.pop(0)
+        t, b = times.pop(0), busy.pop(0)
         if not isinstance(t, Exception):
             copy_into.update(copy_bytes=4 * n, copy_us=t * 1e6, copy_gbps=2 * 4 * n / t / 1e9)
+        if b is not None and not isinstance(b, Exception):
+            copy_into.update(copy_busy_us=b.us, copy_busy_gbps=2 * 4 * n / (b.us * 1e-6) / 1e9)
         del src, dst
-    for (row, _), t in zip(built, times):
+    for (row, _), t, b in zip(built, times, busy):
         if isinstance(t, Exception):
             row["error"] = _error_text(t)
         else:
             row["device_us"] = t * 1e6
+        if isinstance(b, Exception):
+            row["busy_error"] = _error_text(b)
+        elif b is not None:
+            row["device_busy_us"], row["busy_reps"], row["busy_starved"] = b.us, b.reps, b.starved
     built = [(row, m) for row, m in built if not row["error"]]
     if not built:
         return rows

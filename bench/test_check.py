@@ -225,3 +225,199 @@ def test_launches_counted_in_a_last_pass_when_asked() -> None:
     counted = run_case(plist, torch.float32, device, ["eager"], ["reference"], CaseOptions(), count_only=True)
     assert {r["method"] for r in counted} == {r["method"] for r in timed}
     assert all(r["launches"] and r["device_us"] is None and r["hook_host_us"] is None for r in counted)
+
+
+def test_cpu_report_has_no_gpu_busy_column() -> None:
+    # CPU rows carry no GPU-busy figure (older results.json rows lack the key altogether): no column, no note.
+    base = {"list": "resnet56", "label": "L", "dtype": "float32", "tensors": 1, "elements": 1000}
+    common = {"device": "cpu", "launches": 1, "launches_what": "ops", "max_err": 1e-7, "error": None}
+    times = {"hook_us": 12.0, "hook_host_us": 12.0}
+    rows = [
+        {**base, **common, **times, "method": "eager", "ours": False, "device_us": 100.0},
+        {**base, **common, **times, "method": "cpu", "ours": True, "device_us": 10.0, "device_busy_us": None},
+    ]
+    cases = {"resnet56/float32": {"copy_gbps": 2.4}}
+    derive(rows, cases)
+    assert rows[1]["copy_frac_busy"] is None
+    text = markdown(rows, cases, "cpu")
+    assert "busy" not in text and "GPU-bound" not in text
+    assert "| resnet56 | float32 | **cpu** | 10.0 | 12.0 | 1.2 | 50% |" in text
+
+
+def test_cuda_report_and_targets_on_the_gpu_bound_figure() -> None:
+    from bench.report import targets_markdown
+
+    base = {"label": "L", "tensors": 167, "elements": 853_018, "device": "cuda", "launches_what": "kernels"}
+    common = {"launches": 1, "max_err": 1e-7, "error": None, "list": "resnet56", "dtype": "float32"}
+    hook = {"hook_us": 200.0, "hook_host_us": 150.0}
+    rows = [
+        {**base, **common, **hook, "method": "eager", "ours": False, "device_us": 7927.0},  # no busy figure
+        {
+            **base,
+            **common,
+            **hook,
+            "method": "triton",
+            "ours": True,
+            "device_us": 72.6,
+            "device_busy_us": 9.1,
+            "busy_reps": 100,
+            "busy_starved": 0,
+        },
+        {
+            **base,
+            **common,
+            **hook,
+            "method": "cuda",
+            "ours": True,
+            "device_us": 36.2,  # under 40 by do_bench, over it with the host taken out: judged NO
+            "device_busy_us": 41.0,
+            "busy_reps": 100,
+            "busy_starved": 3,
+        },
+    ]
+    cases = {"resnet56/float32": {"copy_gbps": 3000.0, "copy_busy_gbps": 2000.0}}
+    derive(rows, cases)
+    needed = 12 * 853_018
+    assert rows[1]["gbps"] == pytest.approx(needed / 72.6e-6 / 1e9)  # GB/s stays do_bench's
+    assert rows[1]["copy_frac"] == pytest.approx(needed / 72.6e-6 / 1e9 / 3000.0)
+    assert rows[1]["copy_frac_busy"] == pytest.approx(needed / 9.1e-6 / 1e9 / 2000.0)
+    assert rows[0]["copy_frac_busy"] is None
+    text = markdown(rows, cases, "cuda")
+    head = next(line for line in text.splitlines() if line.startswith("| list | dtype | method"))
+    assert "| device µs | device µs (GPU busy ahead) | hook µs (synced) |" in head
+    assert "| % copy | % copy (busy) |" in head
+    assert "| **triton** | 72.6 | 9.1 | 200 | 150 |" in text
+    assert "| **cuda** | 36.2 | 41.0* |" in text and "resnet56 float32 cuda 3/100" in text
+    assert "| eager | 7,927 |  | 200 |" in text
+    targets = targets_markdown(rows, None, "cuda")
+    assert (
+        "| ResNet-56 float32: <= 12 µs device time | triton | 72.6 µs (GPU-bound: 9.1 µs) | yes |" in targets
+    )
+    assert (
+        "| ResNet-56 float32: <= 40 µs device time | cuda | 36.2 µs (GPU-bound: 41.0 µs*) | NO |" in targets
+    )
+    assert "judged on the GPU-bound figure" in targets
+    # The host-time target is not a device time: no GPU-bound figure beside it.
+    assert "| <= 50 µs host time per hook call | triton | 150.0 µs | NO |" in targets.replace(
+        "ResNet-56 float32: ", ""
+    )
+    # Without the busy figures (e.g. --busy-seconds 0) the targets read do_bench's figure, and no note.
+    for row in rows:
+        row.pop("device_busy_us", None)
+    targets = targets_markdown(rows, None, "cuda")
+    assert "| triton | 72.6 µs | NO |" in targets and "| cuda | 36.2 µs | yes |" in targets
+    assert "GPU-bound" not in targets
+
+
+class _FakeGpu:
+    """A simulated GPU and host for device_time_gpu_bound: one in-order stream; the host's clock advances by
+    what the host does, the GPU's work starts when both it is enqueued and the GPU is free. Times in µs."""
+
+    def __init__(self, cycles_per_us: float = 1755.0, flush_us: float = 85.0, launch_us: float = 2.0) -> None:
+        self.host = 0.0
+        self.free = 0.0  # the GPU is busy until then
+        self.rate, self.flush_us, self.launch_us = cycles_per_us, flush_us, launch_us
+        self.sleeps: list[float] = []
+
+    def clock(self) -> float:
+        return self.host * 1e-6
+
+    def enqueue(self, us: float) -> None:
+        self.host += self.launch_us
+        self.free = max(self.free, self.host) + us
+
+    def sleep(self, cycles: int) -> None:
+        self.sleeps.append(cycles / self.rate)
+        self.enqueue(cycles / self.rate)
+
+    def flush_l2(self) -> None:
+        self.enqueue(self.flush_us)
+
+    def synchronize(self) -> None:
+        self.host = max(self.host, self.free)
+
+    def event(self) -> _FakeEvent:
+        return _FakeEvent(self)
+
+
+class _FakeEvent:
+    def __init__(self, gpu: _FakeGpu) -> None:
+        self.gpu, self.at = gpu, None
+
+    def record(self) -> None:
+        self.gpu.host += 0.5
+        self.at = max(self.gpu.host, self.gpu.free)  # reached when the GPU gets there
+
+    def query(self) -> bool:
+        return self.at <= self.gpu.host
+
+    def synchronize(self) -> None:
+        self.gpu.host = max(self.gpu.host, self.at)
+
+    def elapsed_time(self, end: _FakeEvent) -> float:
+        return (end.at - self.at) * 1e-3  # ms, as torch.cuda.Event
+
+
+def _fake_call(gpu: _FakeGpu, kernels: int, host_us: float, device_us: float, sync: bool = False):
+    """A call that spends host_us on the host over ``kernels`` launches doing device_us of GPU work."""
+
+    def fn() -> None:
+        for _ in range(kernels):
+            gpu.host += host_us / kernels - gpu.launch_us
+            gpu.enqueue(device_us / kernels)
+            if sync:
+                gpu.synchronize()
+
+    return fn
+
+
+def test_gpu_bound_timing_takes_the_host_off_the_critical_path() -> None:
+    from bench.timing import device_time_gpu_bound
+
+    # A do_bench-like start (the GPU idle when the call starts) would time the host: 150 µs. Kept busy, the
+    # GPU runs the call's 20 µs back to back.
+    gpu = _FakeGpu()
+    fn = _fake_call(gpu, kernels=10, host_us=150.0, device_us=20.0)
+    r = device_time_gpu_bound(fn, "cuda", reps=40, max_s=1.0, layer=gpu)
+    assert r.us == pytest.approx(20.0) and r.min_us == pytest.approx(20.0)
+    assert r.reps == 40 and r.starved == 0
+    assert r.host_us == pytest.approx(150.0)
+    assert r.sleep_us == pytest.approx(2 * 150.0 + 50)
+    assert all(s == pytest.approx(350.0, rel=0.01) for s in gpu.sleeps[2:])  # after the calibration
+    # The same call with the GPU idle before each call (what the events time without the sleep): host-bound.
+    gpu.synchronize()
+    s, e = gpu.event(), gpu.event()
+    s.record()
+    fn()
+    e.record()
+    assert s.elapsed_time(e) * 1e3 > 140.0
+
+
+def test_gpu_bound_timing_is_bounded_and_flags_a_starved_gpu() -> None:
+    from bench.timing import device_time_gpu_bound
+
+    # Time cap: per call about 350 µs sleep + 85 µs flush + 150 µs synchronized call -> 10 ms holds 17.
+    gpu = _FakeGpu()
+    r = device_time_gpu_bound(_fake_call(gpu, 10, 150.0, 20.0), "cuda", reps=1000, max_s=0.01, layer=gpu)
+    assert 10 <= r.reps <= 20
+    gpu = _FakeGpu()
+    r = device_time_gpu_bound(_fake_call(gpu, 10, 150.0, 20.0), "cuda", reps=1000, max_s=0.0, layer=gpu)
+    assert r.reps == 3  # min_reps
+    # A call that synchronizes inside: the GPU drains its backlog, the host is timed again, and it is said.
+    gpu = _FakeGpu()
+    r = device_time_gpu_bound(_fake_call(gpu, 10, 150.0, 20.0, sync=True), "cuda", reps=8, layer=gpu)
+    assert r.starved == r.reps == 8 and r.us > 100.0
+
+
+def test_cpu_rows_have_no_gpu_busy_figure() -> None:
+    from bench.suite import CaseOptions, run_case
+
+    rows = run_case(
+        get_list("resnet20"),
+        torch.float32,
+        torch.device("cpu"),
+        [],
+        ["reference"],
+        CaseOptions(reps=3, max_s=0.02, count_launches=False),
+    )
+    assert rows and all(r["device_us"] and r["device_busy_us"] is None for r in rows)

@@ -2,6 +2,13 @@
 
 - ``device_time``: on CUDA the median of ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs;
   CUDA events directly when Triton is missing); on the CPU the median wall clock of repeated calls.
+- ``device_time_gpu_bound`` (CUDA only): CUDA events around the call with the GPU kept busy ahead of it, so
+  the events time the device work alone, not a GPU waiting for a slow host. Per timed call: the 256 MB L2
+  flush that ``do_bench`` does, then ``torch.cuda._sleep`` long enough to cover the call's host time (twice
+  the median enqueue time of 3 calls, plus 50 µs), the start event, the call, the end event; nothing waits in
+  between, so the GPU falls ever further behind the host. Median over the calls. A call whose start event the
+  GPU had already passed when the end event was enqueued is counted as "starved" (the host may still have
+  been on the critical path there: e.g. a call that synchronizes, or more launches than the queue holds).
 - ``host_time``: wall clock around a call with the device synchronized before; returns the median with the
   device synchronized after too ("synced": what the caller waits for) and without ("enqueue": the host's own
   cost; on the CPU, where work is synchronous, the two are the same measurement).
@@ -15,12 +22,17 @@ import re
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 __all__ = [
+    "FLUSH_BYTES",
+    "CudaLayer",
+    "GpuBound",
     "count_launches",
     "device_time",
+    "device_time_gpu_bound",
     "device_times",
     "host_time",
     "host_times",
@@ -74,6 +86,121 @@ def _cuda_event_median(fn: Callable[[], object], reps: int) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e-3)
     return statistics.median(times)
+
+
+FLUSH_BYTES = 256 * 1024 * 1024  # what triton.testing.do_bench zeroes before each timed call
+
+
+class CudaLayer:
+    """The CUDA operations ``device_time_gpu_bound`` uses (tests pass a simulated GPU with the same methods):
+    ``clock()`` host seconds, ``sleep(cycles)``, ``flush_l2()``, ``event()`` (``record()``, ``query()``,
+    ``synchronize()``, ``elapsed_time(end)`` in ms), ``synchronize()``."""
+
+    clock = staticmethod(time.perf_counter)
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self._flush: torch.Tensor | None = None
+
+    def sleep(self, cycles: int) -> None:
+        torch.cuda._sleep(int(cycles))
+
+    def flush_l2(self) -> None:
+        if self._flush is None:
+            self._flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device=self.device)
+        self._flush.zero_()
+
+    def event(self):
+        return torch.cuda.Event(enable_timing=True)
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+
+@dataclass
+class GpuBound:
+    """``device_time_gpu_bound``'s result; times in µs."""
+
+    us: float  # median of the timed calls
+    min_us: float
+    host_us: float  # median host time of the call's enqueue inside the timed loop
+    reps: int
+    starved: int  # timed calls whose start event the GPU had passed before their end event was enqueued
+    sleep_us: float  # the sleep enqueued before each call
+
+
+def _cycles_per_us(layer) -> float:
+    """GPU clock cycles per µs of ``sleep``, read now (the clock follows the load)."""
+    start, end = layer.event(), layer.event()
+    layer.sleep(1000)
+    start.record()
+    layer.sleep(1_000_000)
+    end.record()
+    end.synchronize()
+    return 1_000_000 / max(1.0, start.elapsed_time(end) * 1e3)
+
+
+def device_time_gpu_bound(
+    fn: Callable[[], object],
+    device: torch.device | str,
+    *,
+    reps: int = 50,
+    max_s: float = 0.25,
+    min_reps: int = 3,
+    layer=None,
+) -> GpuBound:
+    """Device time of ``fn`` with the GPU kept busy ahead of each call (see the module docstring).
+
+    Bounded: at most ``reps`` timed calls, and no more than the estimated GPU time per call (sleep + flush +
+    one synchronized call) fits in ``max_s`` seconds, but at least ``min_reps``; the host loop also stops at
+    ``max_s``. Before them: one warm-up call, 3 synchronized calls (their enqueue time sets the sleep), the
+    sleep's clock rate and one flush timed. ``layer``: the CUDA operations (default ``CudaLayer(device)``)."""
+    layer = CudaLayer(device) if layer is None else layer
+    clock = layer.clock
+    fn()
+    layer.synchronize()
+    enqueue, synced = [], []
+    for _ in range(3):
+        t0 = clock()
+        fn()
+        enqueue.append(clock() - t0)
+        layer.synchronize()
+        synced.append(clock() - t0)
+    # Twice the enqueue time: the clock rate read now may still rise, and the host's time varies.
+    cover_us = 2 * statistics.median(enqueue) * 1e6 + 50
+    cycles = int(cover_us * _cycles_per_us(layer))
+    start, end = layer.event(), layer.event()
+    start.record()
+    layer.flush_l2()
+    end.record()
+    end.synchronize()
+    flush_us = start.elapsed_time(end) * 1e3
+    per_call_s = (cover_us + flush_us) * 1e-6 + statistics.median(synced)
+    planned = max(min_reps, min(reps, int(max_s / max(per_call_s, 1e-9))))
+    starts, ends, host, starved = [], [], [], 0
+    deadline = clock() + max_s
+    while len(starts) < planned and (len(starts) < min_reps or clock() < deadline):
+        s, e = layer.event(), layer.event()
+        layer.flush_l2()
+        layer.sleep(cycles)
+        s.record()
+        t0 = clock()
+        fn()
+        host.append(clock() - t0)
+        e.record()
+        starved += bool(s.query())  # the GPU got to the start before the host had enqueued the whole call
+        starts.append(s)
+        ends.append(e)
+    layer.synchronize()
+    times = [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)]
+    return GpuBound(
+        us=statistics.median(times),
+        min_us=min(times),
+        host_us=statistics.median(host) * 1e6,
+        reps=len(times),
+        starved=starved,
+        sleep_us=cover_us,
+    )
 
 
 def host_time(
