@@ -638,3 +638,23 @@ def test_remembered_step_sees_a_parameter_moved_and_options_changed(backend, cls
                         opt.state[p].setdefault("max_exp_avg_sq", torch.zeros_like(p))
 
     _remembered_pair(backend, cls, torch_cls, kwargs, mutate, steps=6, full_reference=True)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_grad_stats_after_a_parameter_without_gradient_joins_a_group(backend):
+    # The fused step's remembered layout sees only parameters with a gradient; a parameter appended to the
+    # group without one must still get its name (and a NaN row) in the statistics.
+    device = DEVICE_OF[backend]
+    a = nn.Parameter(torch.randn(4, 3, device=device))
+    opt = ZNormAdam([a], lr=0.1, backend=backend, track_stats=True)
+    a.grad = torch.randn(4, 3, device=device)
+    for _ in range(2):
+        a.grad.copy_(torch.randn(4, 3, device=device))
+        opt.step()
+    b = nn.Parameter(torch.randn(5, 2, device=device))
+    opt.param_groups[0]["params"].append(b)
+    a.grad.copy_(torch.randn(4, 3, device=device))
+    opt.step()
+    stats = opt.grad_stats()
+    assert len(stats.names) == 2 and stats.values.shape == (2, 2)
+    assert stats.values[1].isnan().all() and not stats.values[0].isnan().any()

@@ -157,3 +157,25 @@ def test_switched_off(monkeypatch):
     for _ in range(3):
         launch((4,), 0, (x, 100, 0.5), "k", BLOCK=256, FLAG=True)
     assert len(fn.calls) == 3 and not launch.kept
+
+
+@pytest.mark.parametrize("what", ["launch_hook", "pre_run_hook", "debug"])
+def test_launches_go_through_triton_when_triton_would_do_more(enabled, monkeypatch, what):
+    # A profiler's launch hook, a pre-run hook or debug mode: Triton's run() honours them, so no direct launch
+    # (a hook raising after a direct launch must not make the fallback launch the kernel twice, either).
+    knobs = pytest.importorskip("triton.knobs")
+    fn, x = FakeJit(), torch.zeros(32)
+    if what == "launch_hook":
+
+        def hook(*args, **kwargs):
+            return None
+
+        monkeypatch.setattr(knobs.runtime.launch_exit_hook, "calls", [hook])  # restored after the test
+    elif what == "pre_run_hook":
+        fn.pre_run_hooks = [lambda *a, **k: None]
+    else:
+        monkeypatch.setattr(knobs.runtime, "debug", True)  # read from TRITON_DEBUG once, at import
+    launch = DirectLauncher(fn)
+    for _ in range(3):
+        launch((4,), 0, (x, 100, 0.5), "k", BLOCK=256, FLAG=True)
+    assert len(fn.calls) == 3 and not any(c.launches for c in fn.compiled)

@@ -12,8 +12,11 @@ The key is at least as fine as Triton's own specialization of the runtime argume
 reused where Triton would pick the same one: per tensor its dtype and whether its address is 16-byte aligned;
 per integer whether it fits 32 bits, needs unsigned 64, equals 1 or is divisible by 16 (the value classes
 Triton specializes on where ``do_not_specialize`` does not drop them); per other value its type. Constexprs
-and compile options are the caller's part of the key. ``ZNORM_TRITON_DIRECT_LAUNCH=0`` turns it off (every
-launch through Triton), and so does any error of the direct call, once, with a warning.
+and compile options are the caller's part of the key. Where Triton would do more per launch (launch or
+pre-run hooks, debug or instrumentation mode) every launch goes through Triton.
+``ZNORM_TRITON_DIRECT_LAUNCH=0`` turns it off, and so does any error of the direct call, once, with a
+warning. Not seen by a kept kernel: a changed global that the kernel reads as a constant (Triton's run()
+would raise).
 """
 
 from __future__ import annotations
@@ -27,6 +30,24 @@ import torch
 __all__ = ["DirectLauncher", "spec_key"]
 
 _enabled = os.environ.get("ZNORM_TRITON_DIRECT_LAUNCH", "1") != "0"
+
+
+def _plain(fn) -> bool:
+    """Whether Triton's run() would do nothing here beyond binding, looking up and launching: no launch
+    hooks (a profiler's), no pre-run hooks, no debug or instrumentation mode. Otherwise every launch goes
+    through Triton, which honours them (and may compile another variant for them)."""
+    try:
+        from triton import knobs
+
+        runtime = knobs.runtime
+        for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook):
+            if hook is not None and getattr(hook, "calls", True):  # an empty HookChain does nothing
+                return False
+        if runtime.debug or knobs.compilation.instrumentation_mode:
+            return False
+    except (ImportError, AttributeError):  # a Triton without these knobs: nothing known, nothing skipped
+        return False
+    return not getattr(fn, "pre_run_hooks", None)
 
 
 def spec_key(args: Sequence[object]) -> tuple:
@@ -56,7 +77,7 @@ class DirectLauncher:
         """Launch on the current device and ``stream`` (a raw CUDA stream handle); ``key`` must identify the
         constexprs, options and device. Returns Triton's ``CompiledKernel``."""
         global _enabled
-        if not _enabled:
+        if not _enabled or not _plain(self.fn):
             return self.fn[grid](*args, **kwargs)
         full_key = (key, spec_key(args))
         kept = self.kept.get(full_key)
@@ -74,7 +95,8 @@ class DirectLauncher:
         try:
             compiled[tuple(grid) + (1,) * (3 - len(grid))](*args, *constexprs, stream=stream)
         except (TypeError, AttributeError, ValueError) as err:
-            # A Triton whose CompiledKernel is called differently: raised before any launch.
+            # A Triton whose CompiledKernel is called differently. With no launch hooks (_plain) nothing runs
+            # after the launch, so the error came before it: launching through Triton does it once.
             _enabled = False
             self.kept.clear()
             warnings.warn(

@@ -170,7 +170,7 @@ def try_fused_step_(
     correction = group.get("correction", defaults["correction"])
     state_keys = _state_keys(group, kind)
     options = (kind, znorm, min_ndim, state_keys, opt._znorm["backend"])
-    done = _remembered_step_(opt, group, options, eps, correction, stats_sink)
+    done = _remembered_step_(opt, group, options, eps, correction, stats_sink, names)
     if done is not None:
         return done
     params = [p for p in group["params"] if p.grad is not None]
@@ -207,7 +207,7 @@ def try_fused_step_(
     if opt._znorm["track_stats"] and znorm:
         selected = [p for p in group["params"] if p.dim() >= min_ndim]
         if selected:
-            stats_sink.append(_stats_rows(selected, layout, launches))
+            stats_sink.append(_stats_rows(selected, layout, launches, group, names))
     _remember(opt, group, options, layout, params)
     return True
 
@@ -299,7 +299,13 @@ def _remember(opt, group: dict[str, Any], options: tuple, layout: _Layout, param
 
 
 def _remembered_step_(
-    opt, group: dict[str, Any], options: tuple, eps: float, correction: float, stats_sink: list
+    opt,
+    group: dict[str, Any],
+    options: tuple,
+    eps: float,
+    correction: float,
+    stats_sink: list,
+    names: Callable[[], list[str]],
 ) -> bool | None:
     """The group's step from what ``_remember`` kept, or None (nothing done) where it does not apply."""
     mem = opt.__dict__.get("_znorm_remembered", {}).get(id(group))
@@ -351,7 +357,7 @@ def _remembered_step_(
     if track and znorm:
         selected = [p for p in group["params"] if p.dim() >= min_ndim]
         if selected:
-            stats_sink.append(_stats_rows(selected, mem.layout, launches))
+            stats_sink.append(_stats_rows(selected, mem.layout, launches, group, names))
     return True
 
 
@@ -421,8 +427,16 @@ def _launch_remembered(path, kind, lists, treated, stats, args, plan, device, dt
                           checked=True, **znorm, **args)  # fmt: skip
 
 
-def _stats_rows(selected: list[Tensor], layout: _Layout, launches: list) -> tuple[list[str], Tensor]:
-    """(names, float64 [k, 2] mean and std) of the selected parameters, from the statistics rows."""
+def _stats_rows(
+    selected: list[Tensor],
+    layout: _Layout,
+    launches: list,
+    group: dict[str, Any],
+    names: Callable[[], list[str]],
+) -> tuple[list[str], Tensor]:
+    """(names, float64 [k, 2] mean and std) of the selected parameters, from the statistics rows. The names
+    come from the layout, or afresh from the group where a parameter was added to it since (the layout's
+    checks see only parameters with a gradient)."""
     row_of = {id(p): k for k, p in enumerate(selected)}
     device = launches[0][2].device
     values = torch.full((len(selected), 2), float("nan"), dtype=torch.float64, device=device)
@@ -432,7 +446,10 @@ def _stats_rows(selected: list[Tensor], layout: _Layout, launches: list) -> tupl
             src = layout.index(rows, stats.device)
             dst = layout.index([row_of[id(ps[i])] for i in rows], device)
             values.index_copy_(0, dst, stats.index_select(0, src)[:, :2].to(device))
-    return [layout.name_of[id(p)] for p in selected], values
+    name_of = layout.name_of
+    if not all(id(p) in name_of for p in selected):
+        name_of = {id(p): n for p, n in zip(group["params"], names())}
+    return [name_of[id(p)] for p in selected], values
 
 
 class _Engine:
