@@ -334,6 +334,13 @@ def test_stage_rows_match_torch_rows() -> None:
     other = shard_statistics([torch.full((4,), 0.2)], "triton")
     merged = merge_statistics(torch.stack([rows[:1], other]))[0]
     assert merged[3] < merged[4]
+    # A float64 constant over several chunks: the chunk means' merge can leave a rounding residue in the
+    # stage's std, but the row is still an exact constant (M2 = 0, min = max).
+    third = shard_statistics([torch.full((6_151,), 1 / 3, dtype=torch.float64)], "triton")[0]
+    assert third[2] == 0 and third[3] == third[4] == third[1]
+    # An infinite spread is no constant, although the stage's inv is 0 there too.
+    wide = shard_statistics([torch.tensor([0.0, float("inf"), 1.0, 2.0])], "triton")[0]
+    assert not bool(wide[3] == wide[4])
 
 
 def test_plain_path_unchanged_without_dtensors() -> None:

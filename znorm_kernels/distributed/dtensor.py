@@ -103,14 +103,24 @@ def _triton_rows(shards: list[Tensor]) -> Tensor:
     device = shards[0].device
     stage = triton_host.statistics(shards, 1.0, 0)  # [T, 4]: mean, std, inv, wide (eps=1, correction=0)
     mean, std, inv = stage[:, 0], stage[:, 1], stage[:, 2]
-    # The counts reach a GPU through pinned memory without blocking (a list copied there would wait).
-    count, _ = triton_host.device_table(
+    # The counts reach a GPU through pinned memory without blocking (a list copied there would wait); under
+    # graph capture every replay reads that pinned copy again, so it is kept.
+    count, host = triton_host.device_table(
         torch.tensor([float(x.numel()) for x in shards], dtype=torch.float64), device
     )
-    constant = (inv == 0) & (std == 0)
+    if host is not None:
+        _kept_for_replay.append(host)
+    # The stage marks a constant tensor by inv == 0 (its own exact min == max test); its std can still be a
+    # rounding residue of the chunk means' merge (float64: 1/3 repeated gives 5.6e-17), so M2 is set to 0
+    # there. An infinite spread also gives inv == 0 (eps=1): not constant.
+    constant = (inv == 0) & torch.isfinite(std)
     lo = torch.where(constant, mean, float("-inf"))
     hi = torch.where(constant, mean, float("inf"))
-    return torch.stack([count, mean, std.square() * count, lo, hi], dim=1)
+    m2 = torch.where(constant, 0.0, std.square() * count)
+    return torch.stack([count, mean, m2, lo, hi], dim=1)
+
+
+_kept_for_replay: list[Tensor] = []  # pinned count tables read by captured CUDA graphs
 
 
 def shard_statistics(shards: Sequence[Tensor], stage: str = "torch") -> Tensor:
