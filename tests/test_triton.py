@@ -297,3 +297,13 @@ def test_bound_group_sees_a_new_dtype_at_the_old_addresses(tb, launches):
     for t, x in zip(new, inputs):
         assert_close_to_float64(t, x)
     assert torch.equal(half[20_000:40_064].view(torch.int16), between), "nothing written outside the new ones"
+
+
+def test_statistics_of_a_constant_tensor_have_std_zero_exactly(tb):
+    # Over several chunks the merge of the chunk means can leave a rounding residue (float64 1/3 repeated);
+    # a constant tensor's std is 0 all the same, its mean its value, its multiplier 0.
+    from znorm_kernels.backends import triton_host
+
+    for x in (torch.full((6_151,), 1 / 3, dtype=torch.float64, device=DEVICE), torch.full((9_000,), 0.1)):
+        mean, std, inv, _ = triton_host.statistics([x.to(DEVICE)], 1e-10, 0)[0].tolist()
+        assert std == 0.0 and inv == 0.0 and mean == x[0].item()

@@ -214,7 +214,9 @@ def _publish(stats_ptr, t, n, mean, m2, lo, hi, scale, eps, correction):
     constant = (lo == hi) & (mean == mean)
     mean = tl.where(constant, lo, mean)
     dof = tl.maximum(n.to(tl.float64) - tl.cast(correction, tl.float64), 0.0)
-    std = tl.sqrt(m2 / dof)  # float64: sqrt.rn and div.rn on the GPU, correctly rounded like numpy's
+    # float64: sqrt.rn and div.rn on the GPU, correctly rounded like numpy's. A constant tensor's std is 0
+    # exactly (merging chunk means can leave a rounding residue in m2: float64 1/3 repeated gave 5.6e-17).
+    std = tl.where(constant, 0.0, tl.sqrt(m2 / dof))
     denom = std + scale * tl.cast(eps, tl.float64)
     inv = tl.where(constant | (denom == 0.0), 0.0, scale / denom)
     wide = (hi - lo >= WIDE_SPREAD) | (inv > WIDE_INV) | ((inv < 1.0 / WIDE_INV) & (inv != 0.0))
