@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from . import is_dense, triton_interpret
-from .triton_launch import DirectLauncher
+from .triton_launch import launcher_for
 
 __all__ = ["group_fn", "serves", "set_spin_limit", "statistics", "unavailable", "znorm_group_"]
 
@@ -448,13 +448,6 @@ def _launch(
     )
 
 
-@functools.cache
-def _launcher(kernel) -> DirectLauncher:
-    """One DirectLauncher per kernel function: after a specialization's first launch, Triton's per-call
-    binding of the arguments (most of a hook call's host time on a GPU host) is skipped."""
-    return DirectLauncher(kernel)
-
-
 def _launch_here(tensors, device, eps, correction, grad_scale, normalize, block, plan) -> Workspace:
     from . import triton_kernels  # the kernel module is imported once, then found in sys.modules
 
@@ -489,7 +482,9 @@ def _launch_here(tensors, device, eps, correction, grad_scale, normalize, block,
             programs,
             limit,
         )
-        kernel = _launcher(triton_kernels.znorm_queue_kernel)(
+        # After a specialization's first launch, Triton's per-call binding of the arguments (most of a hook
+        # call's host time on a GPU host) is skipped.
+        kernel = launcher_for(triton_kernels.znorm_queue_kernel)(
             (programs,),
             stream,
             args,

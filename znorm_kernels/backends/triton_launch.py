@@ -21,13 +21,14 @@ would raise).
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections.abc import Hashable, Sequence
 
 import torch
 
-__all__ = ["DirectLauncher", "spec_key"]
+__all__ = ["DirectLauncher", "launcher_for", "spec_key"]
 
 _enabled = os.environ.get("ZNORM_TRITON_DIRECT_LAUNCH", "1") != "0"
 
@@ -63,6 +64,12 @@ def spec_key(args: Sequence[object]) -> tuple:
         else:
             out.append(type(a))
     return tuple(out)
+
+
+@functools.cache
+def launcher_for(fn) -> DirectLauncher:
+    """The one DirectLauncher of a kernel function, so that every caller shares its kept kernels."""
+    return DirectLauncher(fn)
 
 
 class DirectLauncher:

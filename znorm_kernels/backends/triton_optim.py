@@ -53,7 +53,7 @@ from torch import Tensor
 
 from . import optim_steps
 from .triton_host import _on_device, _stream_of, _triton_dtypes, compile_ahead, device_table, serves
-from .triton_launch import DirectLauncher
+from .triton_launch import launcher_for
 
 __all__ = ["adam_step_", "check", "compile_adam_for_target", "compile_sgd_for_target", "sgd_step_"]
 
@@ -207,9 +207,6 @@ def _common_constants(dtype, aligned, has_scale, has_found_inf, maximize, weight
     }  # fmt: skip
 
 
-_launchers: dict[object, DirectLauncher] = {}
-
-
 def _launch(kernel, device, plan, stats, grad_scale, found_inf, pre: tuple, scalars: tuple, constants: dict):
     def go():
         _prepare(plan, device)
@@ -224,7 +221,7 @@ def _launch(kernel, device, plan, stats, grad_scale, found_inf, pre: tuple, scal
             plan.num_items,
             *map(_bits, scalars),
         )
-        launcher = _launchers.get(kernel) or _launchers.setdefault(kernel, DirectLauncher(kernel))
+        launcher = launcher_for(kernel)
         # Triton's binding of ~20 arguments per step is host time the fused step exists to save.
         # constants: a dict of _sgd_constants or _adam_constants, cached for good (its id is never reused).
         key = (device.index, id(constants))
