@@ -32,27 +32,18 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before the Triton kernel modul
 import torch
 
 import znorm_kernels
+from bench.host_overhead import NoLaunch
+from bench.optim_step import OPTIMIZERS
 from bench.param_lists import get_list
 from bench.timing import host_times
 from znorm_kernels.backends import native, triton_kernels, triton_optim_kernels
-from znorm_kernels.optim import ZNormAdam, ZNormSGD
-
-OPTIMIZERS = {
-    "sgd-momentum": (torch.optim.SGD, ZNormSGD, dict(lr=1e-3, momentum=0.9)),
-    "adam": (torch.optim.Adam, ZNormAdam, dict(lr=1e-3)),
-}
-
-
-class _NoLaunch:
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
 
 
 def stub_launches() -> None:
     """Every kernel this bench reaches becomes a no-op (Triton's, and the native optimizer ops)."""
-    triton_kernels.znorm_queue_kernel = _NoLaunch()
-    triton_optim_kernels.znorm_sgd_kernel = _NoLaunch()
-    triton_optim_kernels.znorm_adam_kernel = _NoLaunch()
+    triton_kernels.znorm_queue_kernel = NoLaunch()
+    triton_optim_kernels.znorm_sgd_kernel = NoLaunch()
+    triton_optim_kernels.znorm_adam_kernel = NoLaunch()
     ops = torch.ops.znorm_kernels_C
     for name in ("znorm_sgd_step_", "znorm_adam_step_", "znorm_"):
         setattr(ops, name, lambda *args, **kwargs: None)
