@@ -378,17 +378,20 @@ def _update_args(opt, group: dict[str, Any], kind: str, counters: list[Tensor]) 
         "fused step", beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
         eps=group["eps"],
     )  # fmt: skip
-    # torch's single-tensor Adam: the step counted first, then Python-float bias corrections.
-    values = list(map(float, counters))  # CPU tensors: no device sync
-    if values.count(values[0]) == len(values):
-        c = values[0] + 1
-        step_size, bc2_sqrt = lr / (1 - beta1**c), (1 - beta2**c) ** 0.5
+    counts = [float(s) + 1 for s in counters]  # CPU tensors: no device sync
+    if counts.count(counts[0]) == len(counts):  # one value for every tensor
+        (step_size,), (bc2_sqrt,) = _bias_corrections(lr, beta1, beta2, counts[:1])
     else:
-        step_size = [lr / (1 - beta1 ** (v + 1)) for v in values]
-        bc2_sqrt = [(1 - beta2 ** (v + 1)) ** 0.5 for v in values]
+        step_size, bc2_sqrt = _bias_corrections(lr, beta1, beta2, counts)
     return dict(step_size=step_size, bias_correction2_sqrt=bc2_sqrt, amsgrad=group["amsgrad"], beta1=beta1,
                 beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, maximize=group["maximize"],
                 decoupled=kind == "adamw")  # fmt: skip
+
+
+def _bias_corrections(lr: float, beta1: float, beta2: float, counts: list[float]) -> tuple[list, list]:
+    """Adam's per-tensor step sizes and bias-correction square roots for step counts already incremented,
+    as Python floats, the way torch's single-tensor Adam computes them."""
+    return [lr / (1 - beta1**c) for c in counts], [(1 - beta2**c) ** 0.5 for c in counts]
 
 
 def _bucket_args(args: dict[str, Any], idx: list[int]) -> dict[str, Any]:
@@ -564,10 +567,8 @@ def _prepare_adam(opt, group, params, grads, engine: _Engine, kind: str):
     names = ["params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"][: len(lists)]
     _validate(opt, lists, names, engine)
     lr = group["lr"]
-    # torch's single-tensor Adam: the step counted first, then Python-float bias corrections.
     counts = [float(s) + 1 for s in steps]  # CPU tensors: no device sync
-    step_size = [lr / (1 - beta1**c) for c in counts]
-    bc2_sqrt = [(1 - beta2**c) ** 0.5 for c in counts]
+    step_size, bc2_sqrt = _bias_corrections(lr, beta1, beta2, counts)
 
     def run() -> None:
         engine.adam(
