@@ -110,14 +110,12 @@ def _triton_rows(shards: list[Tensor]) -> Tensor:
     )
     if host is not None:
         _kept_for_replay.append(host)
-    # The stage marks a constant tensor by inv == 0 (its own exact min == max test); its std can still be a
-    # rounding residue of the chunk means' merge (float64: 1/3 repeated gives 5.6e-17), so M2 is set to 0
-    # there. An infinite spread also gives inv == 0 (eps=1): not constant.
-    constant = (inv == 0) & torch.isfinite(std)
+    # The stage marks a constant tensor (its own exact min == max test) by inv == 0 and std == 0 exactly; an
+    # infinite spread also gives inv == 0 (eps=1), but not std == 0.
+    constant = (inv == 0) & (std == 0)
     lo = torch.where(constant, mean, float("-inf"))
     hi = torch.where(constant, mean, float("inf"))
-    m2 = torch.where(constant, 0.0, std.square() * count)
-    return torch.stack([count, mean, m2, lo, hi], dim=1)
+    return torch.stack([count, mean, std.square() * count, lo, hi], dim=1)
 
 
 _kept_for_replay: list[Tensor] = []  # pinned count tables read by captured CUDA graphs
