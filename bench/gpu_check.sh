@@ -13,7 +13,8 @@
 # passed, 1 when one failed or timed out, 2 when there is no GPU (without --smoke).
 # Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S, BENCH_ARGS (extra arguments for python -m bench),
 # ZNORM_PREBUILT_SO (a carried extension built against the same torch: no build there), GPU_CHECK_COMMIT (the
-# commit sent, when the copied .git is stale), GPU_CHECK_TEST_WORKERS (pytest-xdist workers, default 8).
+# commit sent, when the copied .git is stale), GPU_CHECK_TEST_WORKERS (pytest-xdist workers, default 8),
+# GPU_CHECK_TESTS (the test paths, in the order wanted), GPU_CHECK_TEST_CAP_S (the test step's cap, 150 s).
 # Through the device tool, which brings back at most 8 files: OUT elsewhere, then pack it, e.g.
 #   bash bench/gpu_check.sh /tmp/gc; tar czf $OUT/gc.tgz -C /tmp gc; cp /tmp/gc/summary.md $OUT/
 
@@ -154,9 +155,12 @@ if ((HAVE_GPU)); then
     PYTEST_PAR=()
     "$PY" -c "import xdist" 2>/dev/null && PYTEST_PAR+=(-n "${GPU_CHECK_TEST_WORKERS:-8}")
     "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_PAR+=(--timeout 120)
-    run_step tests 150 "$PY" -m pytest tests/test_rule12.py tests/test_native.py tests/test_triton.py \
-        tests/test_optim.py tests/test_native_optim.py tests/test_triton_optim.py tests/test_distributed.py \
-        tests/test_compile.py tests "${PYTEST_PAR[@]}" -v -rfEs --tb=short -p no:cacheprovider --durations=15
+    # GPU_CHECK_TESTS narrows the run (e.g. to the GPU files alone, when CI has run the rest on the CPU).
+    DEFAULT_TESTS="tests/test_rule12.py tests/test_native.py tests/test_triton.py tests/test_optim.py
+        tests/test_native_optim.py tests/test_triton_optim.py tests/test_distributed.py tests/test_compile.py tests"
+    read -r -d '' -a TEST_PATHS <<<"${GPU_CHECK_TESTS:-$DEFAULT_TESTS}"
+    run_step tests "${GPU_CHECK_TEST_CAP_S:-150}" "$PY" -m pytest "${TEST_PATHS[@]}" "${PYTEST_PAR[@]}" \
+        -v -rfEs --tb=short -p no:cacheprovider --durations=15
     # The ZNorm optimizers (issue #12): their fused step against torch's fused Adam alone and the hook on it,
     # on ResNet-56 and the 707 M LLM-shaped list (SGD: bench.optim_step --optimizers sgd-momentum).
     run_step optim-bench 100 "$PY" -m bench.optim_step --device cuda --lists resnet56,llm \
