@@ -19,6 +19,7 @@ from torch import nn
 
 import znorm_kernels
 from znorm_kernels import reference
+from znorm_kernels.backends import triton_interpret
 
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
@@ -31,6 +32,11 @@ try:
     from torch.distributed.fsdp import fully_shard
 except ImportError:  # pragma: no cover (older torch)
     fully_shard = None
+
+# The gloo tests hold CPU shards: Triton's statistics stage serves them only under its interpreter (conftest
+# sets TRITON_INTERPRET=1 where no GPU is present). On a GPU machine Triton serves CUDA tensors alone.
+TRITON_ON_CPU = "triton" in znorm_kernels.available_backends() and triton_interpret()
+STAGE_DEVICE = "cpu" if triton_interpret() or not torch.cuda.is_available() else "cuda"
 
 
 def assert_rule10(got: torch.Tensor, want: torch.Tensor, half: bool = False) -> None:
@@ -156,7 +162,9 @@ def check_dtensor_cases(rank: int, world: int) -> None:
     with spy:
         torch_path = normalize_cases(mesh, world, rank, "auto")  # CPU: float64 torch ops, not the stage
     assert spy.calls == []
-    if "triton" in znorm_kernels.available_backends():  # the interpreter (conftest sets TRITON_INTERPRET=1)
+    # The stage on these CPU shards needs Triton's interpreter (conftest sets TRITON_INTERPRET=1 where no GPU
+    # is present); on a GPU machine Triton serves CUDA tensors only, and the NCCL test covers it there.
+    if TRITON_ON_CPU:
         with spy:
             stage_path = normalize_cases(mesh, world, rank, "triton")
         # Every local shard of at least 2 elements (of a DTensor of at least 2) went through the stage, one
@@ -173,7 +181,7 @@ def check_dtensor_cases(rank: int, world: int) -> None:
 
     # correction=1, eps=0 (constant included), and grad_scale (a fused optimizer's scale: s*g -> s * z(g)),
     # with both local statistics.
-    for backend in ["auto", *(["triton"] if "triton" in znorm_kernels.available_backends() else [])]:
+    for backend in ["auto", *(["triton"] if TRITON_ON_CPU else [])]:
         x = torch.randn(7, 6, generator=torch.Generator().manual_seed(5))
         dt = distribute_tensor(x.clone(), mesh, [Shard(1)])
         const = distribute_tensor(torch.full((5, 3), 2.5), mesh, [Shard(0)])
@@ -302,13 +310,14 @@ def test_merge_statistics_matches_whole() -> None:
 
 
 @pytest.mark.skipif("triton" not in znorm_kernels.available_backends(), reason="Triton cannot run here")
-def test_stage_rows_match_torch_rows() -> None:
+@pytest.mark.parametrize("device", [STAGE_DEVICE])
+def test_stage_rows_match_torch_rows(device: str) -> None:
     """The Triton statistics stage's rows (converted to count, mean, M2 and the constant-only bounds) agree
     with the float64 torch rows, merge like them, and keep the exact constant test, outliers included."""
     from znorm_kernels.distributed import merge_statistics, shard_statistics
 
     g = torch.Generator().manual_seed(3)
-    x = 5 + 1e-3 * torch.randn(9_000, generator=g)
+    x = (5 + 1e-3 * torch.randn(9_000, generator=g)).to(device)
     x[17], x[8_500] = 3e4, -1e3
     parts = [x[:4_500], x[4_500:4_500], x[4_500:4_501], x[4_501:]]  # a large part, empty, 1 element, large
     stage = shard_statistics(parts, "triton")
@@ -326,20 +335,21 @@ def test_stage_rows_match_torch_rows() -> None:
     whole = shard_statistics([x], "torch")[0]
     torch.testing.assert_close(merged[:3], whole[:3], rtol=1e-6, atol=0)
     # Constant parts: their exact value as min and max; equal constants merge into a constant, others do not.
-    c = [torch.full((6_000,), 0.1), torch.full((3,), 0.1), torch.full((2,), 0.1, dtype=torch.float64)]
+    c = [torch.full((6_000,), 0.1, device=device), torch.full((3,), 0.1, device=device)]
+    c.append(torch.full((2,), 0.1, dtype=torch.float64, device=device))
     rows = shard_statistics(c, "triton")
     assert torch.equal(rows[:2, 3], rows[:2, 4]) and bool((rows[:2, 2] == 0).all())
     merged = merge_statistics(rows[:2].unsqueeze(1))[0]
-    assert merged[3] == merged[4] == torch.tensor(0.1).double() and merged[2] == 0
-    other = shard_statistics([torch.full((4,), 0.2)], "triton")
+    assert merged[3] == merged[4] == torch.tensor(0.1, device=device).double() and merged[2] == 0
+    other = shard_statistics([torch.full((4,), 0.2, device=device)], "triton")
     merged = merge_statistics(torch.stack([rows[:1], other]))[0]
     assert merged[3] < merged[4]
     # A float64 constant over several chunks: the chunk means' merge can leave a rounding residue in the
     # stage's std, but the row is still an exact constant (M2 = 0, min = max).
-    third = shard_statistics([torch.full((6_151,), 1 / 3, dtype=torch.float64)], "triton")[0]
+    third = shard_statistics([torch.full((6_151,), 1 / 3, dtype=torch.float64, device=device)], "triton")[0]
     assert third[2] == 0 and third[3] == third[4] == third[1]
     # An infinite spread is no constant, although the stage's inv is 0 there too.
-    wide = shard_statistics([torch.tensor([0.0, float("inf"), 1.0, 2.0])], "triton")[0]
+    wide = shard_statistics([torch.tensor([0.0, float("inf"), 1.0, 2.0], device=device)], "triton")[0]
     assert not bool(wide[3] == wide[4])
 
 

@@ -74,19 +74,39 @@ def test_rule12_launch_runs_under_the_tensors_device(tb, monkeypatch):
 
 @needs_triton
 def test_rule12_each_stream_has_its_own_workspace(tb, monkeypatch):
-    stream = {"id": 11}
-    monkeypatch.setattr(tb, "_stream_of", lambda device: stream["id"])
     grads = [make_grad((n,), device=DEVICE, seed=n) for n in (5, 300, 70)]
     inputs = [g.clone() for g in grads]
-    tb.znorm_group_(grads, 1e-10, 0, None, block=64)
-    first = [g.clone() for g in grads]
-    stream["id"] = 22
-    for g, x in zip(grads, inputs):
-        g.copy_(x)
-    tb.znorm_group_(grads, 1e-10, 0, None, block=64)
+    if DEVICE == "cuda":
+        # Real streams: the kernel is launched on the handle the host reads (a made-up handle would reach
+        # the driver through the direct launch and crash the process: seen on an H100).
+        streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+        ids = [s.cuda_stream for s in streams]
+
+        @contextlib.contextmanager
+        def on(i: int):
+            streams[i].wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(streams[i]):
+                yield
+            torch.cuda.current_stream().wait_stream(streams[i])
+
+    else:  # no streams on the CPU: made-up handles (the interpreter ignores them)
+        ids, current = [11, 22], {"id": 11}
+        monkeypatch.setattr(tb, "_stream_of", lambda device: current["id"])
+
+        def on(i: int):
+            current["id"] = ids[i]
+            return contextlib.nullcontext()
+
+    with on(0):
+        tb.znorm_group_(grads, 1e-10, 0, None, block=64)
+        first = [g.clone() for g in grads]
+        for g, x in zip(grads, inputs):
+            g.copy_(x)
+    with on(1):
+        tb.znorm_group_(grads, 1e-10, 0, None, block=64)
     (plan,) = tb._plans.values()
-    assert sorted(plan.workspaces) == [11, 22], "one plan (one table), one workspace per stream"
-    a, b = plan.workspaces[11], plan.workspaces[22]
+    assert sorted(plan.workspaces) == sorted(ids), "one plan (one table), one workspace per stream"
+    a, b = plan.workspaces[ids[0]], plan.workspaces[ids[1]]
     assert a.counters.data_ptr() != b.counters.data_ptr() and a.partials.data_ptr() != b.partials.data_ptr()
     assert int(a.counters.abs().sum()) == int(b.counters.abs().sum()) == 0
     for x, y in zip(first, grads):
