@@ -60,8 +60,15 @@ run_step() {
     t0=$(date +%s%N)
     # bash -c, so that a shell function (exported) can be a step too
     # SIGINT first: pytest then still prints its summary of failures, and Python programs unwind.
-    timeout --signal=INT --kill-after=15 "$limit" bash -c '"$@"' step "$@" >"$OUT/logs/$name.log" 2>&1
+    # In a process group of its own (setsid; timeout signals its group), killed whole when the step ends:
+    # on the 2026-11-27 run pytest-xdist workers outlived a timed-out test step and loaded the CPU under
+    # the benchmark's host timings (load average 19 on 16 cores).
+    echo "load before: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)" >"$OUT/logs/$name.log"
+    setsid timeout --signal=INT --kill-after=15 "$limit" bash -c '"$@"' step "$@" >>"$OUT/logs/$name.log" 2>&1 &
+    local pid=$!
+    wait "$pid"
     rc=$?
+    kill -KILL -- "-$pid" 2>/dev/null && echo "   killed what was left of the step's processes"
     ms=$((($(date +%s%N) - t0) / 1000000))
     wall="$((ms / 1000)).$(((ms % 1000) / 100))"
     case $rc in
