@@ -55,22 +55,48 @@ def test_boundaries_of_block_and_chunks(tb, dtype, block):
         assert_close_to_float64(g, x)
 
 
+@pytest.mark.parametrize("unroll", [1, 2, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_large_chunk_class(tb, monkeypatch, dtype):
-    # Above LARGE_TENSOR, chunks hold LARGE_CHUNK_TILES tiles: shrink both to exercise the tile loop, the
-    # Chan merge across tiles and the vectorized merge of many partials (more than PBLOCK of them).
+def test_large_chunk_class(tb, monkeypatch, dtype, unroll):
+    # Above LARGE_TENSOR, chunks hold LARGE_CHUNK_TILES groups of UNROLL tiles: shrink both to exercise the
+    # grouped loads and their tail tiles, the Chan merge across tiles and the vectorized merge of many
+    # partials (more than PBLOCK of them).
     monkeypatch.setattr(tb, "LARGE_TENSOR", 100)
     monkeypatch.setattr(tb, "PBLOCK", 8)
     block = 16
-    chunk = block * tb.LARGE_CHUNK_TILES
-    sizes = [101, chunk - 1, chunk, chunk + 1, 3 * chunk, 9 * chunk + 17]
+    chunk = tb.chunk_for(101, block, unroll)
+    assert chunk == block * unroll * tb.LARGE_CHUNK_TILES
+    sizes = [101, chunk - 1, chunk, chunk + 1, chunk + 2 * block + 3, 3 * chunk, 9 * chunk + 17]
     grads = [make_grad((n,), dtype, DEVICE, seed=n) for n in sizes]
+    grads[3][-1] = 1e4  # outliers at the start of a last chunk and of a grouped tile
+    grads[4][block * (1 + unroll)] = -3e3
     grads.append(torch.full((4 * chunk + 5,), 0.1, dtype=dtype, device=DEVICE))
     inputs = [g.clone() for g in grads]
-    tb.znorm_group_(grads, 1e-10, 0, None, block=block)
+    tb.znorm_group_(grads, 1e-10, 0, None, block=block, unroll=unroll)
     for g, x in zip(grads[:-1], inputs):
         assert_close_to_float64(g, x)
     assert torch.equal(grads[-1], torch.zeros_like(grads[-1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+def test_grouped_loads_leave_the_bits_alone(tb, monkeypatch, dtype):
+    # UNROLL only changes how many tiles' loads are issued together; with the same chunks (block * unroll *
+    # tiles per chunk held fixed) every unroll gives the same bits, statistics included.
+    monkeypatch.setattr(tb, "LARGE_TENSOR", 100)
+    block = 16
+    inputs = [make_grad((n,), dtype, DEVICE, seed=n) for n in (101, 1000, 2053, 5000)]
+    inputs[2][700] = 5e3
+    results = []
+    for unroll in (1, 2, 4):
+        monkeypatch.setattr(tb, "LARGE_CHUNK_TILES", 16 // unroll)
+        grads = [x.clone() for x in inputs]
+        stats = torch.empty((len(grads), 2), dtype=torch.float64, device=DEVICE)
+        tb.znorm_group_(grads, 1e-10, 0, None, stats=stats, block=block, unroll=unroll)
+        results.append((grads, stats))
+    for grads, stats in results[1:]:
+        assert torch.equal(stats, results[0][1])
+        for a, b in zip(grads, results[0][0]):
+            assert torch.equal(a, b)
 
 
 def test_default_block_boundaries(tb):

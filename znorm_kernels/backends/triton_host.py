@@ -42,7 +42,14 @@ __all__ = ["group_fn", "serves", "set_spin_limit", "statistics", "unavailable", 
 # Elements one program holds in registers: a tensor of at most BLOCK elements is a single small item.
 BLOCK = {torch.float64: 2048}
 DEFAULT_BLOCK = 4096
-# Tensors above this many elements use chunks of LARGE_CHUNK_TILES tiles (fewer partials, fewer tickets).
+# Tiles whose loads a large tensor's chunk issues together, so a program keeps about 32 KB in flight (the
+# first H100 probe, bench/RESULTS.md: 4096-element tiles, 16 KB of bfloat16, reached 57% of the copy rate on
+# the 707 M list; 8192 float32 and 16384 bfloat16 elements, 32 KB, reached 92% and 79%). Bits do not depend
+# on it (the tiles still merge one by one); the chunk length does (below).
+UNROLL = {torch.float32: 2, torch.float16: 4, torch.bfloat16: 4}
+DEFAULT_UNROLL = 1
+# Tensors above this many elements use chunks of LARGE_CHUNK_TILES groups of UNROLL tiles (fewer partials and
+# tickets, and a program's loads restart less often).
 LARGE_TENSOR = 1 << 20
 LARGE_CHUNK_TILES = 16
 PBLOCK = 1024  # partials merged per vector step
@@ -119,10 +126,26 @@ def block_for(dtype: torch.dtype) -> int:
     return BLOCK.get(dtype, DEFAULT_BLOCK)
 
 
-def chunk_for(numel: int, block: int) -> int:
-    """Chunk length of a large tensor: a function of its own size only, so its bits never depend on the rest
-    of the list."""
-    return block * (LARGE_CHUNK_TILES if numel > LARGE_TENSOR else 1)
+def unroll_for(dtype: torch.dtype) -> int:
+    return UNROLL.get(dtype, DEFAULT_UNROLL)
+
+
+def tiles_for(dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK, UNROLL) of the kernel for this dtype: a plan's tiles."""
+    return block_for(dtype), unroll_for(dtype)
+
+
+def _tiles(dtype: torch.dtype, block: int | None, unroll: int | None) -> tuple[int, int] | None:
+    """The tiles a caller asked for (``block=``, ``unroll=``, each defaulting to the dtype's), or None."""
+    if block is None and unroll is None:
+        return None
+    return block or block_for(dtype), unroll or unroll_for(dtype)
+
+
+def chunk_for(numel: int, block: int, unroll: int = 1) -> int:
+    """Chunk length of a tensor of more than ``block`` elements: a function of its own size (and its dtype's
+    tiles) only, so its bits never depend on the rest of the list."""
+    return block * unroll * LARGE_CHUNK_TILES if numel > LARGE_TENSOR else block
 
 
 @dataclass
@@ -143,7 +166,7 @@ class Plan:
     num_tensors: int
     num_stats_items: int
     num_small_items: int
-    block: int
+    tiles: tuple[int, int]  # (BLOCK, UNROLL)
     aligned: bool  # every data pointer is 16-byte aligned: the vector-access specialization
     numels: tuple[int, ...]  # the tensors' numbers of elements
     host: Tensor | None = None  # the pinned source of a table copied during graph capture
@@ -167,8 +190,9 @@ _plans: OrderedDict[tuple, Plan] = OrderedDict()
 _captured_plans: list[Plan] = []  # tables a captured graph reads: kept for the life of the process
 
 
-def _table(addrs, numels, elsize: int, block: int) -> tuple[list[int], int, int]:
+def _table(addrs, numels, elsize: int, tiles: tuple[int, int]) -> tuple[list[int], int, int]:
     """The int64 table (layout in triton_kernels) and the numbers of statistics and small items."""
+    block, unroll = tiles
     stats_items, small_items, norm_items, tensors = [], [], [], []
     slot = 0
     for t, (addr, n) in enumerate(zip(addrs, numels)):
@@ -176,7 +200,7 @@ def _table(addrs, numels, elsize: int, block: int) -> tuple[list[int], int, int]
             small_items += (addr, n, t, 0)
             tensors += (n, 0, 0, 0)
             continue
-        chunk = chunk_for(n, block)
+        chunk = chunk_for(n, block, unroll)
         nchunks = -(-n // chunk)
         tensors += (n, chunk, slot, nchunks)
         for c in range(nchunks):
@@ -216,11 +240,11 @@ class _Layout:
 _layouts: OrderedDict[tuple, _Layout] = OrderedDict()
 
 
-def _layout_for(numels: tuple[int, ...], elsize: int, block: int) -> _Layout:
-    key = (numels, elsize, block)
+def _layout_for(numels: tuple[int, ...], elsize: int, tiles: tuple[int, int]) -> _Layout:
+    key = (numels, elsize, tiles)
     layout = _layouts.get(key)
     if layout is None:
-        table, s, m = _table([0] * len(numels), numels, elsize, block)
+        table, s, m = _table([0] * len(numels), numels, elsize, tiles)
         template = torch.tensor(table, dtype=torch.int64).view(-1, ITEM)
         layout = _layouts[key] = _Layout(template, 2 * s + m, s, m)
         if len(_layouts) > PLAN_CACHE_SIZE:
@@ -240,8 +264,8 @@ def _table_at(layout: _Layout, addrs: tuple[int, ...]) -> Tensor:
     return table.view(-1)
 
 
-def _build_plan(addrs: tuple[int, ...], numels: tuple[int, ...], device: torch.device, dtype, block) -> Plan:
-    layout = _layout_for(numels, _element_size(dtype), block)
+def _build_plan(addrs: tuple[int, ...], numels: tuple[int, ...], device: torch.device, dtype, tiles) -> Plan:
+    layout = _layout_for(numels, _element_size(dtype), tiles)
     meta, host = device_table(_table_at(layout, addrs), device)
     return Plan(
         meta=meta,
@@ -249,7 +273,7 @@ def _build_plan(addrs: tuple[int, ...], numels: tuple[int, ...], device: torch.d
         num_tensors=len(addrs),
         num_stats_items=layout.num_stats_items,
         num_small_items=layout.num_small_items,
-        block=block,
+        tiles=tiles,
         # every address a multiple of ALIGNMENT: then so is their bitwise or (one C-level pass)
         aligned=functools.reduce(operator.or_, addrs, 0) % ALIGNMENT == 0,
         numels=numels,
@@ -262,16 +286,16 @@ def _element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _plan_for(tensors: list[Tensor], block: int, numels: tuple[int, ...] | None = None) -> Plan:
+def _plan_for(tensors: list[Tensor], tiles: tuple[int, int], numels: tuple[int, ...] | None = None) -> Plan:
     """The cached plan for these tensors' addresses and sizes (``numels`` when the caller knows them)."""
     addrs = tuple(map(Tensor.data_ptr, tensors))
     if numels is None:
         numels = tuple(map(Tensor.numel, tensors))
     first = tensors[0]
-    key = (first.device, first.dtype, block, addrs, numels)
+    key = (first.device, first.dtype, tiles, addrs, numels)
     plan = _plans.get(key)
     if plan is None:
-        plan = _build_plan(addrs, numels, first.device, first.dtype, block)
+        plan = _build_plan(addrs, numels, first.device, first.dtype, tiles)
         _plans[key] = plan
         if len(_plans) > PLAN_CACHE_SIZE:
             _plans.popitem(last=False)
@@ -352,10 +376,10 @@ def _triton_dtypes() -> dict[torch.dtype, tuple]:
 
 
 @functools.cache
-def _constants(dtype, block: int, aligned: bool, has_scale: bool, normalize: bool, backoff: bool):
+def _constants(dtype, tiles: tuple[int, int], aligned: bool, has_scale: bool, normalize: bool, backoff: bool):
     tl_dtype, tl_acc = _triton_dtypes()[dtype]
     return {
-        "DTYPE": tl_dtype, "ACC": tl_acc, "BLOCK": block, "PBLOCK": PBLOCK, "SUB": SUB,
+        "DTYPE": tl_dtype, "ACC": tl_acc, "BLOCK": tiles[0], "UNROLL": tiles[1], "PBLOCK": PBLOCK, "SUB": SUB,
         "VEC": ALIGNMENT // torch.empty((), dtype=dtype).element_size(), "ALIGNED": aligned,
         "BACKOFF": backoff, "HAS_SCALE": has_scale, "NORMALIZE": normalize,
     }  # fmt: skip
@@ -387,7 +411,7 @@ def compile_for_target(
         "scale_ptr": "*fp32", "eps": "fp32", "correction": "fp32", "T": "i32", "S": "i32", "M": "i32",
         "NUM_PROGRAMS": "i32", "spin_limit": "i32",
     }  # fmt: skip
-    constants = _constants(dtype, block_for(dtype), aligned, has_scale, normalize, backoff=True)
+    constants = _constants(dtype, tiles_for(dtype), aligned, has_scale, normalize, backoff=True)
     return compile_ahead(znorm_queue_kernel, signature, constants, arch, OPTIONS)
 
 
@@ -440,21 +464,21 @@ def _check_no_stall(ws: Workspace, device: torch.device, limit: int) -> None:
 
 
 def _launch(
-    tensors: list[Tensor], eps: float, correction: float, grad_scale, normalize: bool, block, plan=None
+    tensors: list[Tensor], eps: float, correction: float, grad_scale, normalize: bool, tiles, plan=None
 ) -> Workspace:
     device = tensors[0].device
     return _on_device(
-        device, lambda: _launch_here(tensors, device, eps, correction, grad_scale, normalize, block, plan)
+        device, lambda: _launch_here(tensors, device, eps, correction, grad_scale, normalize, tiles, plan)
     )
 
 
-def _launch_here(tensors, device, eps, correction, grad_scale, normalize, block, plan) -> Workspace:
+def _launch_here(tensors, device, eps, correction, grad_scale, normalize, tiles, plan) -> Workspace:
     from . import triton_kernels  # the kernel module is imported once, then found in sys.modules
 
     dtype = tensors[0].dtype
-    block = block or block_for(dtype)
     if plan is None:
-        plan = _plan_for(tensors, block)
+        plan = _plan_for(tensors, tiles or tiles_for(dtype))
+    tiles = plan.tiles
     stream = _stream_of(device)
     ws = _workspace(plan, stream)
     if grad_scale is not None:
@@ -488,8 +512,8 @@ def _launch_here(tensors, device, eps, correction, grad_scale, normalize, block,
             (programs,),
             stream,
             args,
-            (key, block, on_gpu),  # with device, dtype, alignment, scale and stage: every constexpr
-            **_constants(dtype, block, plan.aligned, has_scale, normalize, backoff=on_gpu),
+            (key, tiles, on_gpu),  # with device, dtype, alignment, scale and stage: every constexpr
+            **_constants(dtype, tiles, plan.aligned, has_scale, normalize, backoff=on_gpu),
             **OPTIONS,
         )
         if limit:
@@ -527,12 +551,15 @@ def znorm_group_(
     grad_scale: Tensor | None = None,
     *,
     stats: Tensor | None = None,
-    block=None,
+    block: int | None = None,
+    unroll: int | None = None,
 ) -> None:
     """Normalize a validated same-device, same-dtype list in place, in one kernel launch. ``stats`` (float64
     [T, 2] on their device, optional) receives each tensor's mean and standard deviation, which the kernel
-    computed anyway (a copy of 2 values per tensor, no pass over the data)."""
-    ws = _with_dense(tensors, lambda ts: _launch(ts, eps, correction, grad_scale, True, block))
+    computed anyway (a copy of 2 values per tensor, no pass over the data). ``block`` and ``unroll`` override
+    the dtype's tiles (tests, bench.gpu_probe)."""
+    tiles = _tiles(tensors[0].dtype, block, unroll)
+    ws = _with_dense(tensors, lambda ts: _launch(ts, eps, correction, grad_scale, True, tiles))
     if stats is not None:
         stats.copy_(ws.stats[:, :2])
 
@@ -552,7 +579,7 @@ def bind(tensors: list[Tensor]):
 
 def _bound(tensors: list[Tensor], numels: tuple[int, ...] | None = None):
     dtype = tensors[0].dtype
-    plan = _plan_for(tensors, block_for(dtype), numels)
+    plan = _plan_for(tensors, tiles_for(dtype), numels)
     numels = plan.numels
 
     def run(
@@ -583,10 +610,12 @@ def statistics(
     correction: float = 0,
     grad_scale: Tensor | None = None,
     *,
-    block=None,
+    block: int | None = None,
+    unroll: int | None = None,
 ) -> Tensor:
     """The statistics stage alone: a float64 [T, 4] device tensor of (mean, std, inv, wide) per tensor, where
     z = (g - mean) * inv (wide is 1.0 where the kernel computes that product in float64, else 0.0). The
     tensors are not modified. (For a fused optimizer step that applies ZNorm as it loads the gradient.)
     Same-device, same-dtype tensors of at least 2 elements."""
-    return _launch(_dense_stand_ins(tensors), eps, correction, grad_scale, False, block).stats.clone()
+    tiles = _tiles(tensors[0].dtype, block, unroll)
+    return _launch(_dense_stand_ins(tensors), eps, correction, grad_scale, False, tiles).stats.clone()

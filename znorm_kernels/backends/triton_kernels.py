@@ -163,35 +163,111 @@ def _tile_moments(y, mask, ptr, count, ACC: tl.constexpr, SUB: tl.constexpr):
 
 
 @triton.jit
+def _merge(mean, m2, n, lo, hi, mean_b, m2_b, n_b, lo_b, hi_b):
+    """Chan's merge of a tile's statistics (mean_b, m2_b over n_b values, float64) into the running ones."""
+    total = n + n_b
+    delta = mean_b - mean
+    frac = n_b / total
+    mean = mean + delta * frac
+    m2 = m2 + m2_b + delta * delta * n * frac
+    return mean, m2, total, tl.minimum(lo, lo_b), tl.maximum(hi, hi_b)
+
+
+@triton.jit
+def _merge_full_tile(y, ptr, mean, m2, n, lo, hi, ACC: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr):
+    """Merge the loaded full tile y = ptr[0:BLOCK] (in the tensor's dtype) into the running statistics."""
+    mask = tl.full([BLOCK], 1, tl.int1)
+    size = tl.full([], BLOCK, tl.int32)
+    mean_b, m2_b, lo_b, hi_b = _tile_moments(y.to(ACC), mask, ptr, size, ACC, SUB)
+    return _merge(mean, m2, n, lo, hi, mean_b, m2_b, size.to(tl.float64), lo_b, hi_b)
+
+
+@triton.jit
 def _chunk_moments(
     ptr,
     count,
     ACC: tl.constexpr,
     BLOCK: tl.constexpr,
+    UNROLL: tl.constexpr,
     SUB: tl.constexpr,
     VEC: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
-    """Mean, M2, min and max of ptr[0:count], tile by tile, merged with Chan's formula in float64."""
+    """Mean, M2, min and max of ptr[0:count], tile by tile, merged with Chan's formula in float64, in tile
+    order. After the first tile, whole groups of UNROLL full tiles have all their loads issued before the
+    first tile's arithmetic, so a program keeps UNROLL tiles in flight (bytes in flight per SM set the
+    bandwidth); the tiles still merge one by one, so the bits do not depend on UNROLL."""
+    tl.static_assert((UNROLL == 1) | (UNROLL == 2) | (UNROLL == 4))
     y, mask = _load(ptr, count, ACC, BLOCK, VEC, ALIGNED)
     first = tl.minimum(count, BLOCK)
     mean, m2, lo, hi = _tile_moments(y, mask, ptr, first, ACC, SUB)
     n = first.to(tl.float64)
-    for tile in range(BLOCK, count, BLOCK):
+    start = first
+    if UNROLL > 1:
+        offs = tl.arange(0, BLOCK)
+        groups = (count - first) // (UNROLL * BLOCK)
+        for g in range(0, groups):
+            at = ptr + BLOCK + g * (UNROLL * BLOCK)
+            y0 = tl.load(at + offs)
+            y1 = tl.load(at + BLOCK + offs)
+            if UNROLL == 4:
+                y2 = tl.load(at + 2 * BLOCK + offs)
+                y3 = tl.load(at + 3 * BLOCK + offs)
+            mean, m2, n, lo, hi = _merge_full_tile(y0, at, mean, m2, n, lo, hi, ACC, BLOCK, SUB)
+            mean, m2, n, lo, hi = _merge_full_tile(y1, at + BLOCK, mean, m2, n, lo, hi, ACC, BLOCK, SUB)
+            if UNROLL == 4:
+                mean, m2, n, lo, hi = _merge_full_tile(
+                    y2, at + 2 * BLOCK, mean, m2, n, lo, hi, ACC, BLOCK, SUB
+                )
+                mean, m2, n, lo, hi = _merge_full_tile(
+                    y3, at + 3 * BLOCK, mean, m2, n, lo, hi, ACC, BLOCK, SUB
+                )
+        start = first + groups * (UNROLL * BLOCK)
+    for tile in range(start, count, BLOCK):
         rem = count - tile
         y, mask = _load(ptr + tile, rem, ACC, BLOCK, VEC, ALIGNED)
         size = tl.minimum(rem, BLOCK)
         mean_b, m2_b, lo_b, hi_b = _tile_moments(y, mask, ptr + tile, size, ACC, SUB)
-        n_b = size.to(tl.float64)
-        total = n + n_b
-        delta = mean_b - mean
-        frac = n_b / total
-        mean = mean + delta * frac
-        m2 = m2 + m2_b + delta * delta * n * frac
-        n = total
-        lo = tl.minimum(lo, lo_b)
-        hi = tl.maximum(hi, hi_b)
+        mean, m2, n, lo, hi = _merge(mean, m2, n, lo, hi, mean_b, m2_b, size.to(tl.float64), lo_b, hi_b)
     return mean, m2, lo, hi
+
+
+@triton.jit
+def _normalize_chunk(
+    ptr,
+    count,
+    mean,
+    inv,
+    DTYPE: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+    UNROLL: tl.constexpr,
+    VEC: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
+    """ptr[0:count] <- (x - mean) * inv, tile by tile; whole groups of UNROLL full tiles first, their loads
+    issued together (as in _chunk_moments)."""
+    start = count * 0
+    if UNROLL > 1:
+        offs = tl.arange(0, BLOCK)
+        groups = count // (UNROLL * BLOCK)
+        for g in range(0, groups):
+            at = ptr + g * (UNROLL * BLOCK)
+            x0 = tl.load(at + offs)
+            x1 = tl.load(at + BLOCK + offs)
+            if UNROLL == 4:
+                x2 = tl.load(at + 2 * BLOCK + offs)
+                x3 = tl.load(at + 3 * BLOCK + offs)
+            tl.store(at + offs, _normalized(x0.to(ACC), mean, inv, DTYPE, ACC))
+            tl.store(at + BLOCK + offs, _normalized(x1.to(ACC), mean, inv, DTYPE, ACC))
+            if UNROLL == 4:
+                tl.store(at + 2 * BLOCK + offs, _normalized(x2.to(ACC), mean, inv, DTYPE, ACC))
+                tl.store(at + 3 * BLOCK + offs, _normalized(x3.to(ACC), mean, inv, DTYPE, ACC))
+        start = groups * (UNROLL * BLOCK)
+    for tile in range(start, count, BLOCK):
+        rem = count - tile
+        x, _ = _load(ptr + tile, rem, ACC, BLOCK, VEC, ALIGNED)
+        _store(ptr + tile, _normalized(x, mean, inv, DTYPE, ACC), rem, BLOCK, VEC, ALIGNED)
 
 
 @triton.jit
@@ -313,6 +389,7 @@ def znorm_queue_kernel(
     DTYPE: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK: tl.constexpr,
+    UNROLL: tl.constexpr,  # full tiles whose loads a large tensor's chunk issues together: 1, 2 or 4
     PBLOCK: tl.constexpr,
     SUB: tl.constexpr,
     VEC: tl.constexpr,  # elements per 16 bytes
@@ -342,7 +419,7 @@ def znorm_queue_kernel(
             ptr = tl.multiple_of(ptr, 16)
         if ticket < S:
             # A statistics chunk of a large tensor.
-            mean, m2, lo, hi = _chunk_moments(ptr, count, ACC, BLOCK, SUB, VEC, ALIGNED)
+            mean, m2, lo, hi = _chunk_moments(ptr, count, ACC, BLOCK, UNROLL, SUB, VEC, ALIGNED)
             tl.store(partial_ptr + 4 * aux, mean)
             tl.store(partial_ptr + 4 * aux + 1, m2)
             tl.store(partial_ptr + 4 * aux + 2, lo)
@@ -386,10 +463,7 @@ def znorm_queue_kernel(
                 if wide != 0.0:
                     _normalize_wide(ptr, count, mean, inv, DTYPE, ACC, SUB)
                 else:
-                    for tile in range(0, count, BLOCK):
-                        rem = count - tile
-                        x, _ = _load(ptr + tile, rem, ACC, BLOCK, VEC, ALIGNED)
-                        _store(ptr + tile, _normalized(x, mean, inv, DTYPE, ACC), rem, BLOCK, VEC, ALIGNED)
+                    _normalize_chunk(ptr, count, mean, inv, DTYPE, ACC, BLOCK, UNROLL, VEC, ALIGNED)
         ticket = following
 
     # The last program out resets the counters: every other program has drawn its final ticket and finished.
