@@ -9,10 +9,12 @@ gradients and in the same process:
 - ``copy``: ``dst.copy_(src)`` of the list's bytes (the copy rate that "% copy" divides by, as bench/report.py
   computes it: 3 passes of the list's bytes are needed, a copy moves 2);
 - the CUDA backend (``native.group_fn("cuda")``; on the CPU the "cpu" backend stands in);
-- ``triton shipped``: ``triton_host.znorm_group_`` as it ships (tile ``block_for(dtype)``, the grid that
+- ``triton shipped``: ``triton_host.znorm_group_`` as it ships (``tiles_for(dtype)``, the grid that
   ``_num_programs`` picks from the occupancy the compiled kernel allows);
-- ``triton b<block> p<programs>``: the same call with ``block=`` (the tile: elements a program holds in
-  registers, and the chunk unit of large tensors) and a fixed number of programs (the persistent grid).
+- ``triton b<block> u<unroll> p<programs>``: the same call with ``block=`` (the tile: elements a program
+  holds in registers, and the chunk unit of large tensors), ``unroll=`` (tiles whose loads a large tensor's
+  chunk issues together; its chunks are block * unroll * 16 elements) and a fixed number of programs (the
+  persistent grid). Unrolls: --unrolls (default 1, 2, 4).
   Blocks: powers of two holding 1 to 8 16-byte vectors per thread at the kernel's warps (float32 1024-8192,
   bfloat16 2048-16384). Programs: 1-4 per SM, and on lists of at most --few-programs-max-elements elements
   also fixed counts under the SM count (default 32, 66, 132). Optional: --warps (num_warps).
@@ -103,6 +105,7 @@ class Variant:
     programs: int | None = None  # None: as shipped
     warps: int | None = None  # None: as shipped
     per_sm: int | None = None  # when programs was chosen as a multiple of the SM count
+    unroll: int | None = None  # None: as shipped
 
 
 @dataclass
@@ -129,6 +132,7 @@ class Row:
     shipped_programs: int | None = None  # what _num_programs would have picked
     wall_s: float | None = None
     extra: dict = field(default_factory=dict)
+    unroll: int | None = None
 
 
 # --- the patches -----------------------------------------------------------------------------------------
@@ -287,7 +291,7 @@ def sm_count(device: torch.device) -> int:
 
 
 def grid_variants(
-    args, plist, dtype, device, shipped_block: int, shipped_programs: int | None
+    args, plist, dtype, device, shipped_block: int, shipped_programs: int | None, shipped_unroll: int = 1
 ) -> list[Variant]:
     """The triton variants of this case, those that differ from the shipped kernel in one knob first."""
     sms = sm_count(device)
@@ -302,11 +306,17 @@ def grid_variants(
                 if programs in seen:
                     continue
                 seen.add(programs)
-                name = f"triton b{block} p{programs}" + (f" w{warps}" if warps != 8 else "")
-                out.append(Variant(name, "triton", block, programs, warps, per_sm))
+                for unroll in args.unrolls:
+                    name = f"triton b{block} u{unroll} p{programs}" + (f" w{warps}" if warps != 8 else "")
+                    out.append(Variant(name, "triton", block, programs, warps, per_sm, unroll))
 
     def distance(v: Variant) -> int:
-        return (v.block != shipped_block) + (v.programs != shipped_programs) + (v.warps != 8)
+        return (
+            (v.block != shipped_block)
+            + (v.programs != shipped_programs)
+            + (v.warps != 8)
+            + (v.unroll != shipped_unroll)
+        )
 
     return sorted(out, key=distance)  # stable: within a distance, the order above
 
@@ -372,7 +382,8 @@ class Probe:
                 f"## {key}: {case['tensors']} tensors, {case['elements'] / 1e6:,.2f} M elements; copy "
                 f"{_fmt(case.get('copy_do_bench_us'))} µs do_bench, {_fmt(case.get('copy_backlog_us'))} µs "
                 f"backlog; floor {_fmt(case.get('floor_us'))} µs; shipped: block "
-                f"{case.get('shipped_block')}, {case.get('shipped_programs')} programs "
+                f"{case.get('shipped_block')}, unroll {case.get('shipped_unroll')}, "
+                f"{case.get('shipped_programs')} programs "
                 f"({case.get('sms')} SMs)",
                 "",
                 "| variant | do_bench µs | backlog µs | host µs | % copy | % copy (backlog) | regs/spills | "
@@ -439,9 +450,9 @@ class Probe:
 
                 fn = native_mod.group_fn(native)
                 return lambda: fn(grads, EPS, 0.0, None)
-            block = v.block
+            block, unroll = v.block, v.unroll
             # looked up at each call, so that a test can wrap it
-            return lambda: triton_host.znorm_group_(grads, EPS, 0.0, None, block=block)
+            return lambda: triton_host.znorm_group_(grads, EPS, 0.0, None, block=block, unroll=unroll)
 
         def check(v: Variant, fn: Callable[[], object], row: Row, patch: _ProgramsPatch | None) -> bool:
             """Run the variant on fresh copies of the inputs and check it; on CUDA run it again and require
@@ -492,7 +503,7 @@ class Probe:
             return True
 
         def run_variant(v: Variant, deadline: float) -> Row:
-            row = Row(list_name, dtype_name, v.name, v.kind, v.block, v.programs, v.warps)
+            row = Row(list_name, dtype_name, v.name, v.kind, v.block, v.programs, v.warps, unroll=v.unroll)
             self.rows.append(row)
             if time.monotonic() > deadline or self.stopped:
                 row.status = "skipped"
@@ -543,12 +554,15 @@ class Probe:
             self.save()
             shipped = run_variant(Variant("triton shipped", "triton"), global_deadline)
             case["shipped_block"] = triton_host.block_for(dtype)
+            case["shipped_unroll"] = triton_host.unroll_for(dtype)
             case["shipped_programs"] = shipped.programs
             case["shipped_programs_per_sm"] = dict(
                 (str(k), v) for k, v in getattr(triton_host, "_programs_per_sm", {}).items()
             )
             self.save()
-            variants = grid_variants(args, plist, dtype, device, case["shipped_block"], shipped.programs)
+            variants = grid_variants(
+                args, plist, dtype, device, case["shipped_block"], shipped.programs, case["shipped_unroll"]
+            )
             for v in variants:
                 run_variant(v, case_deadline)
                 self._fill_fracs(key)
@@ -703,6 +717,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lists", type=_names, default=["resnet56", "llm"])
     p.add_argument("--dtypes", type=_names, default=["float32", "bfloat16"])
     p.add_argument("--blocks", type=_ints, default=[1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--unrolls", type=_ints, default=[1, 2, 4], help="tiles loaded together in large chunks")
     p.add_argument("--per-sm", type=_ints, default=[1, 2, 3, 4], help="programs per SM")
     p.add_argument("--programs", type=_ints, default=[32, 66, 132], help="fixed counts, small lists only")
     p.add_argument("--few-programs-max-elements", type=int, default=16_000_000)

@@ -4,6 +4,9 @@
 list's gradients (ResNet-56 by default), warms it up, then profiles ``--calls`` steps per backend and prints
 the median host time per call (no profiler) and the functions with the most own time under the profiler.
 The profiler inflates Python-heavy paths, so read its table for where the time goes, not for how much.
+For the triton backend it also times the hook with the direct launch of kept kernels switched off (Triton's
+own launch, ``triton_launch._enabled = False``), in alternating rounds with it on: the direct launch's saving,
+side by side.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ def main() -> None:
             opt.step()
         sync(device)
         _, seconds = host_time(opt.step, device, reps=args.calls, max_s=5.0)
+        if backend == "triton":
+            _direct_launch_side_by_side(opt, device, args.calls)
         direct = functools.partial(znorm_kernels.znorm_, [p.grad for p in params], backend=backend)
         _, direct_s = host_time(direct, device, reps=args.calls)
         print(
@@ -58,6 +63,29 @@ def main() -> None:
         pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(args.top)
         print(out.getvalue())
         handle.remove()
+
+
+def _direct_launch_side_by_side(opt, device: torch.device, calls: int, rounds: int = 3) -> None:
+    """The hook's host time with the direct launch on and off, in alternating rounds (median per round)."""
+    from znorm_kernels.backends import triton_launch
+
+    times: dict[bool, list[float]] = {True: [], False: []}
+    saved = triton_launch._enabled
+    try:
+        for _ in range(rounds):
+            for on in (True, False):
+                triton_launch._enabled = on
+                opt.step()  # the first call after a switch may compile or keep a kernel: not timed
+                sync(device)
+                _, s = host_time(opt.step, device, reps=calls, max_s=3.0)
+                times[on].append(s * 1e6)
+    finally:
+        triton_launch._enabled = saved
+    fmt = ", ".join
+    print(
+        f"hook host µs per round, direct launch on: {fmt(f'{t:.1f}' for t in times[True])}; "
+        f"off (Triton's launch): {fmt(f'{t:.1f}' for t in times[False])}"
+    )
 
 
 if __name__ == "__main__":

@@ -56,8 +56,8 @@ def test_probe_rehearsal_refuses_a_faulty_variant(tmp_path: Path) -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     argv = [
         "--device", "cpu", "--lists", "resnet8", "--dtypes", "float32", "--blocks", "2048,4096",
-        "--per-sm", "1", "--programs=", "--reps", "1", "--max-seconds", "0", "--budget-s", "60",
-        "--out", str(tmp_path),
+        "--unrolls", "1,2", "--per-sm", "1", "--programs=", "--reps", "1", "--max-seconds", "0",
+        "--budget-s", "60", "--out", str(tmp_path),
     ]  # fmt: skip
     proc = subprocess.run(
         [sys.executable, "-c", REHEARSAL, *argv],
@@ -73,17 +73,26 @@ def test_probe_rehearsal_refuses_a_faulty_variant(tmp_path: Path) -> None:
 
     doc = json.loads((tmp_path / "gpu_probe.json").read_text())
     rows = {r["variant"]: r for r in doc["rows"]}
-    assert set(rows) >= {"copy", "triton shipped", "triton b4096 p2", "triton b2048 p2"}
-    bad = rows["triton b2048 p2"]
+    assert set(rows) >= {
+        "copy",
+        "triton shipped",
+        "triton b4096 u2 p2",
+        "triton b4096 u1 p2",
+        "triton b2048 u2 p2",
+    }
+    bad = rows["triton b2048 u2 p2"]
     assert bad["status"] == "FAILED CHECK" and bad["do_bench_us"] is None and bad["backlog_us"] is None
-    for name in ("copy", "triton shipped", "triton b4096 p2"):
+    for name in ("copy", "triton shipped", "triton b4096 u2 p2", "triton b4096 u1 p2"):
         assert rows[name]["status"] == "ok" and rows[name]["do_bench_us"] > 0, rows[name]
-    good = rows["triton b4096 p2"]
+    assert (
+        rows["triton b4096 u1 p2"]["unroll"] == 1 and doc["cases"]["resnet8 float32"]["shipped_unroll"] == 2
+    )
+    good = rows["triton b4096 u2 p2"]
     assert good["programs"] == 2 and good["extra"]["grid_seen"][0] == 2  # the patched count was launched
     assert good["max_err"] < 1e-5
     assert rows["triton shipped"]["programs"] == 1  # the CPU host runs one program
     md = (tmp_path / "gpu_probe.md").read_text()
-    assert "| triton b2048 p2 |" in md and "FAILED CHECK" in md
+    assert "| triton b2048 u2 p2 |" in md and "FAILED CHECK" in md
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
