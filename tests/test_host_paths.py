@@ -382,8 +382,8 @@ def test_triton_table_from_its_layout_is_the_table(seed):
     for _ in range(20):
         numels = tuple(rng.choice([2, 7, 4096, 4097, 9000, (1 << 20) + 5]) for _ in range(rng.randint(1, 6)))
         addrs = tuple(rng.randrange(0, 1 << 40) * 16 for _ in numels)
-        elsize, block = rng.choice([(4, 4096), (2, 4096), (8, 2048)])
-        layout = th._layout_for(numels, elsize, block)
-        table, s, m = th._table(addrs, numels, elsize, block)
+        elsize, tiles = rng.choice([(4, (4096, 2)), (2, (4096, 4)), (8, (2048, 1)), (4, (4096, 1))])
+        layout = th._layout_for(numels, elsize, tiles)
+        table, s, m = th._table(addrs, numels, elsize, tiles)
         assert th._table_at(layout, addrs).tolist() == table
         assert (layout.num_stats_items, layout.num_small_items) == (s, m)
