@@ -296,6 +296,50 @@ def test_dtensor_fsdp2_ddp(world: int, tmp_path) -> None:
     torch.multiprocessing.spawn(worker, args=(world, str(tmp_path / "store")), nprocs=world, join=True)
 
 
+def mesh2d_worker(rank: int, world: int, store: str) -> None:
+    """On a 2 x 2 mesh: HSDP's (Replicate, Shard) and 2-D sharding, each over the whole tensor, in one call
+    with a plain tensor; the same bits on every rank; the statistics of a tensor sharded over both mesh
+    dimensions combined over both (each dimension's group in turn)."""
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+        g = torch.Generator().manual_seed(1)
+        outlier = 2 + 1e-3 * torch.randn(9, 7, generator=g)
+        outlier[8, 6] = 3e3  # on the last shard of both dimensions
+        cases = {
+            "hsdp": (torch.randn(7, 5, generator=g), [Replicate(), Shard(0)]),
+            "both_dims": (torch.randn(5, 9, generator=g), [Shard(0), Shard(1)]),
+            "same_dim_twice": (torch.randn(11, 3, generator=g), [Shard(0), Shard(0)]),  # uneven, nested
+            "outlier_2d": (outlier, [Shard(1), Shard(0)]),
+            "constant_2d": (torch.full((3, 5), 0.7), [Shard(0), Shard(1)]),  # some local shards empty
+            "replicated": (torch.randn(4, 4, generator=g), [Replicate(), Replicate()]),
+            "bf16_2d": (torch.randn(6, 6, generator=g).to(torch.bfloat16), [Shard(1), Shard(0)]),
+        }
+        dts = {k: distribute_tensor(x.clone(), mesh, p) for k, (x, p) in cases.items()}
+        plain = torch.randn(3, 3, generator=torch.Generator().manual_seed(rank))
+        plain_want = plain.clone()
+        reference.znorm_([plain_want])
+        znorm_kernels.znorm_([*dts.values(), plain])
+        torch.testing.assert_close(plain, plain_want, rtol=0, atol=1e-6)
+        for k, (x, _) in cases.items():
+            want = x.clone()
+            reference.znorm_([want])
+            got = dts[k].full_tensor()
+            assert_rule10(got, want, half=x.dtype == torch.bfloat16)
+            if k.startswith("constant"):
+                assert bool((got == 0).all()), k
+            # Every rank ends with bitwise the same full tensor.
+            parts = [torch.empty_like(got) for _ in range(world)]
+            dist.all_gather(parts, got.contiguous())
+            assert all(torch.equal(q, parts[0]) for q in parts), k
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_dimensional_mesh(tmp_path) -> None:
+    torch.multiprocessing.spawn(mesh2d_worker, args=(4, str(tmp_path / "store")), nprocs=4, join=True)
+
+
 def test_merge_statistics_matches_whole() -> None:
     """Chan's merge of per-part statistics (empty parts included) equals the statistics of the whole."""
     from znorm_kernels.distributed import local_statistics, merge_statistics
