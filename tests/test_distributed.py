@@ -12,6 +12,7 @@ every case.
 from __future__ import annotations
 
 import math
+import traceback
 
 import pytest
 import torch
@@ -287,6 +288,11 @@ def worker(rank: int, world: int, store: str) -> None:
         check_dtensor_cases(rank, world)
         check_training(rank, world)
         dist.barrier()
+    except BaseException:
+        # Printed before the process group is torn down: a rank that leaves while the others still wait in
+        # a collective can abort them all (SIGABRT), which would hide this error.
+        traceback.print_exc()
+        raise
     finally:
         dist.destroy_process_group()
 
@@ -332,6 +338,11 @@ def mesh2d_worker(rank: int, world: int, store: str) -> None:
             parts = [torch.empty_like(got) for _ in range(world)]
             dist.all_gather(parts, got.contiguous())
             assert all(torch.equal(q, parts[0]) for q in parts), k
+    except BaseException:
+        # Printed before the process group is torn down: a rank that leaves while the others still wait in
+        # a collective can abort them all (SIGABRT), which would hide this error.
+        traceback.print_exc()
+        raise
     finally:
         dist.destroy_process_group()
 
@@ -424,6 +435,11 @@ def nccl_worker(rank: int, store: str) -> None:
         want = full.clone()
         reference.znorm_([want])
         assert_rule10(grad.full_tensor(), want)
+    except BaseException:
+        # Printed before the process group is torn down: a rank that leaves while the others still wait in
+        # a collective can abort them all (SIGABRT), which would hide this error.
+        traceback.print_exc()
+        raise
     finally:
         dist.destroy_process_group()
 

@@ -333,3 +333,69 @@ def test_statistics_of_a_constant_tensor_have_std_zero_exactly(tb):
     for x in (torch.full((6_151,), 1 / 3, dtype=torch.float64, device=DEVICE), torch.full((9_000,), 0.1)):
         mean, std, inv, _ = triton_host.statistics([x.to(DEVICE)], 1e-10, 0)[0].tolist()
         assert std == 0.0 and inv == 0.0 and mean == x[0].item()
+
+
+def _rows_of(xs: list[torch.Tensor], unknown_bounds: bool = False) -> torch.Tensor:
+    """float64 [T, 5] (count, mean, M2, min, max) of whole tensors, as the DTensor path merges them; with
+    ``unknown_bounds`` the (-inf, +inf) that the statistics stage reports for a non-constant tensor."""
+    rows = []
+    for x in xs:
+        v = x.detach().double().reshape(-1)
+        lo, hi = v.min(), v.max()
+        if unknown_bounds and bool(lo != hi):
+            lo, hi = torch.tensor(float("-inf")), torch.tensor(float("inf"))
+        mean = v.mean()
+        rows.append(torch.stack([torch.tensor(float(v.numel())), mean, ((v - mean) ** 2).sum(), lo, hi]))
+    return torch.stack(rows).to(xs[0].device)
+
+
+@pytest.mark.parametrize("unknown_bounds", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_apply_given_statistics(tb, monkeypatch, dtype, unknown_bounds):
+    # apply_ with rows from apply_rows: the kernel's normalize pass alone (small items, chunked and grouped
+    # large ones), within rule 10 of the float64 z-scores; constants exactly 0; the tensors' own statistics
+    # are not recomputed (a wrong row shows); no normalize item waits (no statistics item publishes).
+    monkeypatch.setattr(tb, "LARGE_TENSOR", 100)
+    sizes = [1, 2, 7, 64, 65, 300, 1000, 2053]
+    xs = [make_grad((n,), dtype, DEVICE, seed=n) for n in sizes]
+    xs[6][500] = 3e3  # an outlier inside a grouped tile
+    xs.append(torch.full((700,), 0.25, dtype=dtype, device=DEVICE))  # constant, chunked
+    xs.append(torch.full((5,), -1.5, dtype=dtype, device=DEVICE))  # constant, small
+    grads = [x.clone() for x in xs]
+    rows = tb.apply_rows(_rows_of(xs, unknown_bounds), 1e-10, 0)
+    assert rows.shape == (len(xs), 4) and rows.dtype == torch.float64
+    tb.set_spin_limit(1000)  # a normalize item that waited would give up and report
+    try:
+        tb.apply_(grads, rows, block=64)
+    finally:
+        tb.set_spin_limit(0)
+    for g, x in zip(grads[1:-2], xs[1:-2]):
+        assert_close_to_float64(g, x)
+    assert torch.equal(grads[0], torch.zeros_like(grads[0]))  # one element: (x - x) * inv
+    for g in grads[-2:]:
+        assert torch.equal(g, torch.zeros_like(g))
+    # The rows are what is applied: a shifted mean shifts every result by -shift * inv.
+    shifted = rows.clone()
+    shifted[:, 0] += 1.0 / shifted[:, 2].clamp(min=1.0)
+    again = [x.clone() for x in xs]
+    tb.apply_(again, shifted, block=64)
+    assert not torch.equal(again[3], grads[3]) and not torch.equal(again[4], grads[4])  # small and chunked
+
+
+def test_apply_rows_matches_the_kernels_own(tb):
+    # The rows the host computes from merged statistics agree with those the statistics stage publishes: mean
+    # and std to float64 rounding, inv to rounding, the same constant and wide decisions; a grad scale too.
+    xs = [make_grad((n,), torch.float32, DEVICE, seed=n) for n in (2, 50, 9000)]
+    xs.append(torch.full((40,), 3.0, device=DEVICE))
+    xs.append(make_grad((30,), torch.float32, DEVICE, seed=1) * 1e35)  # a spread beyond 2**100: wide
+    for scale in (None, torch.tensor(512.0, device=DEVICE)):
+        for eps, correction in ((1e-10, 0), (0.0, 1)):
+            want = tb.statistics(xs, eps, correction, scale)
+            got = tb.apply_rows(_rows_of(xs), eps, correction, scale)
+            torch.testing.assert_close(got[:, :3], want[:, :3], rtol=1e-6, atol=0)
+            assert torch.equal(got[:, 3], want[:, 3]), (got[:, 3], want[:, 3])
+            assert got[3, 2] == 0 and got[3, 1] == 0 and got[3, 0] == 3.0
+    # NaN propagates to the rows (and from there to the output: rule 4).
+    nan = make_grad((20,), torch.float32, DEVICE, seed=2)
+    nan[3] = float("nan")
+    assert bool(tb.apply_rows(_rows_of([nan]), 1e-10, 0)[0, :3].isnan().any())

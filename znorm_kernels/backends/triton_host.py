@@ -37,7 +37,16 @@ from torch import Tensor
 from . import is_dense, triton_interpret
 from .triton_launch import launcher_for
 
-__all__ = ["group_fn", "serves", "set_spin_limit", "statistics", "unavailable", "znorm_group_"]
+__all__ = [
+    "apply_",
+    "apply_rows",
+    "group_fn",
+    "serves",
+    "set_spin_limit",
+    "statistics",
+    "unavailable",
+    "znorm_group_",
+]
 
 # Elements one program holds in registers: a tensor of at most BLOCK elements is a single small item.
 BLOCK = {torch.float64: 2048}
@@ -376,12 +385,20 @@ def _triton_dtypes() -> dict[torch.dtype, tuple]:
 
 
 @functools.cache
-def _constants(dtype, tiles: tuple[int, int], aligned: bool, has_scale: bool, normalize: bool, backoff: bool):
+def _constants(
+    dtype,
+    tiles: tuple[int, int],
+    aligned: bool,
+    has_scale: bool,
+    normalize: bool,
+    backoff: bool,
+    given: bool = False,
+):
     tl_dtype, tl_acc = _triton_dtypes()[dtype]
     return {
         "DTYPE": tl_dtype, "ACC": tl_acc, "BLOCK": tiles[0], "UNROLL": tiles[1], "PBLOCK": PBLOCK, "SUB": SUB,
         "VEC": ALIGNMENT // torch.empty((), dtype=dtype).element_size(), "ALIGNED": aligned,
-        "BACKOFF": backoff, "HAS_SCALE": has_scale, "NORMALIZE": normalize,
+        "BACKOFF": backoff, "HAS_SCALE": has_scale, "NORMALIZE": normalize, "GIVEN": given,
     }  # fmt: skip
 
 
@@ -399,6 +416,7 @@ def compile_for_target(
     has_scale: bool = True,
     normalize: bool = True,
     aligned: bool = True,
+    given: bool = False,
 ):
     """Compile the kernel ahead of time for a CUDA architecture (e.g. 90 for H100), no GPU needed: lets CI
     check that the kernel lowers to PTX and machine code, which the interpreter does not. ``aligned`` picks
@@ -411,7 +429,7 @@ def compile_for_target(
         "scale_ptr": "*fp32", "eps": "fp32", "correction": "fp32", "T": "i32", "S": "i32", "M": "i32",
         "NUM_PROGRAMS": "i32", "spin_limit": "i32",
     }  # fmt: skip
-    constants = _constants(dtype, tiles_for(dtype), aligned, has_scale, normalize, backoff=True)
+    constants = _constants(dtype, tiles_for(dtype), aligned, has_scale, normalize, backoff=True, given=given)
     return compile_ahead(znorm_queue_kernel, signature, constants, arch, OPTIONS)
 
 
@@ -464,15 +482,25 @@ def _check_no_stall(ws: Workspace, device: torch.device, limit: int) -> None:
 
 
 def _launch(
-    tensors: list[Tensor], eps: float, correction: float, grad_scale, normalize: bool, tiles, plan=None
+    tensors: list[Tensor],
+    eps: float,
+    correction: float,
+    grad_scale,
+    normalize: bool,
+    tiles,
+    plan=None,
+    given: Tensor | None = None,
 ) -> Workspace:
     device = tensors[0].device
     return _on_device(
-        device, lambda: _launch_here(tensors, device, eps, correction, grad_scale, normalize, tiles, plan)
+        device,
+        lambda: _launch_here(tensors, device, eps, correction, grad_scale, normalize, tiles, plan, given),
     )
 
 
-def _launch_here(tensors, device, eps, correction, grad_scale, normalize, tiles, plan) -> Workspace:
+def _launch_here(
+    tensors, device, eps, correction, grad_scale, normalize, tiles, plan, given: Tensor | None = None
+) -> Workspace:
     from . import triton_kernels  # the kernel module is imported once, then found in sys.modules
 
     dtype = tensors[0].dtype
@@ -487,8 +515,10 @@ def _launch_here(tensors, device, eps, correction, grad_scale, normalize, tiles,
         scale = ws.stats  # never read
     has_scale = grad_scale is not None
     on_gpu = device.type == "cuda"
-    items = plan.num_items if normalize else plan.num_stats_items + plan.num_small_items
-    key = (device.index, dtype, plan.aligned, has_scale, normalize)
+    items = plan.num_items if normalize and given is None else plan.num_stats_items + plan.num_small_items
+    if given is not None:  # the rows to apply, where the kernel would have published them (same stream)
+        ws.stats.copy_(given)
+    key = (device.index, dtype, plan.aligned, has_scale, normalize, given is not None)
     programs = _num_programs(device, items, key)
     limit = _spin_limit
     try:
@@ -512,8 +542,8 @@ def _launch_here(tensors, device, eps, correction, grad_scale, normalize, tiles,
             (programs,),
             stream,
             args,
-            (key, tiles, on_gpu),  # with device, dtype, alignment, scale and stage: every constexpr
-            **_constants(dtype, tiles, plan.aligned, has_scale, normalize, backoff=on_gpu),
+            (key, tiles, on_gpu),  # with device, dtype, alignment, scale, stage and given: every constexpr
+            **_constants(dtype, tiles, plan.aligned, has_scale, normalize, on_gpu, given is not None),
             **OPTIONS,
         )
         if limit:
@@ -602,6 +632,40 @@ def _bound(tensors: list[Tensor], numels: tuple[int, ...] | None = None):
 
 
 znorm_group_.bind = bind
+
+
+def apply_(
+    tensors: list[Tensor], rows: Tensor, *, block: int | None = None, unroll: int | None = None
+) -> None:
+    """Normalize a validated same-device, same-dtype list in place with given statistics, in one launch:
+    ``rows`` is a float64 [T, 4] tensor on their device of (mean, std, inv, wide) per tensor, as the
+    statistics stage returns them (``apply_rows`` builds them from merged counts, means and M2s): z = (x -
+    mean) * inv, in float64 where wide is nonzero. For DTensor shards, whose statistics span several ranks."""
+    tiles = _tiles(tensors[0].dtype, block, unroll)
+    _with_dense(tensors, lambda ts: _launch(ts, 0.0, 0.0, None, True, tiles, None, rows))
+
+
+def apply_rows(stats: Tensor, eps: float, correction: float, grad_scale: Tensor | None = None) -> Tensor:
+    """The float64 [T, 4] rows (mean, std, inv, wide) of ``apply_`` from float64 [T, 5] statistics (count,
+    mean, M2, min, max), computed as the kernel publishes its own (_publish): a tensor whose min equals its
+    max is constant (mean = that value, std = 0, inv = 0: every result exactly 0); inv = s / (std + s * eps)
+    for gradients scaled by s, else 1 / (std + eps); 0 where that denominator is 0. A tensor is "wide" (its
+    z-scores computed in float64) where its spread reaches 2**100, or, where min and max are unknown (+-inf),
+    where sqrt(M2), which bounds every |x - mean|, does; or where inv leaves [2**-100, 2**100]."""
+    n, mean, m2, lo, hi = stats.to(torch.float64).unbind(1)
+    constant = (lo == hi) & (mean == mean)
+    mean = torch.where(constant, lo, mean)
+    std = torch.where(constant, 0.0, (m2 / (n - correction).clamp(min=0.0)).sqrt())
+    s = 1.0 if grad_scale is None else grad_scale.to(device=stats.device, dtype=torch.float64).reshape(())
+    denom = std + s * eps
+    inv = torch.where(constant | (denom == 0), 0.0, s / denom)
+    spread = hi - lo
+    spread = torch.where(spread.isinf() & (lo.isinf() | hi.isinf()), m2.sqrt(), spread)
+    wide = (spread >= _WIDE) | (inv > _WIDE) | ((inv < 1.0 / _WIDE) & (inv != 0))
+    return torch.stack([mean, std, inv, wide.to(torch.float64)], dim=1)
+
+
+_WIDE = 2.0**100  # triton_kernels.WIDE_SPREAD and WIDE_INV
 
 
 def statistics(

@@ -11,6 +11,10 @@ tickets come in a fixed order:
 3. normalize items, one per chunk of every large tensor: wait (acquire spin) until that tensor's statistics
    are published, then write (x - mean) * inv.
 
+With GIVEN, the host has written every tensor's (mean, std, inv, wide) row into ``stats`` before the launch
+(statistics merged across the ranks that hold a DTensor's shards): the tickets start at the small items,
+which apply their row instead of computing one, and no normalize item waits.
+
 Every statistics ticket is drawn before any normalize ticket, and a drawn ticket belongs to a running
 program, so a waiting program never waits for work that has not started: no deadlock, whatever the number of
 programs or their residency. A program draws its next ticket as it starts on the current one, so the
@@ -397,6 +401,7 @@ def znorm_queue_kernel(
     BACKOFF: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     NORMALIZE: tl.constexpr,
+    GIVEN: tl.constexpr,  # stats already holds every tensor's row: no statistics items, nobody waits
 ):
     if HAS_SCALE:
         scale = tl.load(scale_ptr).to(tl.float64)
@@ -407,9 +412,12 @@ def znorm_queue_kernel(
     if NORMALIZE:
         total += S
 
-    ticket = tl.atomic_add(counter_ptr, 1, sem="relaxed")
+    skipped = 0
+    if GIVEN:
+        skipped = S  # no statistics items: tickets start at the small items
+    ticket = skipped + tl.atomic_add(counter_ptr, 1, sem="relaxed")
     while ticket < total:
-        following = tl.atomic_add(counter_ptr, 1, sem="relaxed")  # awaited only at the end of this item
+        following = skipped + tl.atomic_add(counter_ptr, 1, sem="relaxed")  # awaited at the end of this item
         record = meta_ptr + ITEM * ticket.to(tl.int64)
         ptr = tl.load(record).to(tl.pointer_type(DTYPE))
         count = tl.load(record + 1).to(tl.int32)
@@ -437,8 +445,13 @@ def znorm_queue_kernel(
         elif ticket < S + M:
             # A small tensor: read once, statistics in registers, written once.
             y, mask = _load(ptr, count, ACC, BLOCK, VEC, ALIGNED)
-            mean, m2, lo, hi = _tile_moments(y, mask, ptr, count, ACC, SUB)
-            mean, inv, wide = _publish(stats_ptr, t, count, mean, m2, lo, hi, scale, eps, correction)
+            if GIVEN:
+                mean = tl.load(stats_ptr + 4 * t)
+                inv = tl.load(stats_ptr + 4 * t + 2)
+                wide = tl.load(stats_ptr + 4 * t + 3)
+            else:
+                mean, m2, lo, hi = _tile_moments(y, mask, ptr, count, ACC, SUB)
+                mean, inv, wide = _publish(stats_ptr, t, count, mean, m2, lo, hi, scale, eps, correction)
             if NORMALIZE:
                 if wide != 0.0:
                     _normalize_wide(ptr, count, mean, inv, DTYPE, ACC, SUB)
@@ -447,12 +460,15 @@ def znorm_queue_kernel(
         else:
             # A normalize chunk: wait for the tensor's statistics (published when the tensor's counter
             # reaches aux), then one pass over the chunk.
-            seen = tl.atomic_add(counter_ptr + 3 + t, 0, sem="acquire")
-            polls = 0
-            while (seen < aux) & ((spin_limit == 0) | (polls < spin_limit)):
-                _pause(BACKOFF)
+            if GIVEN:
+                seen = aux
+            else:
                 seen = tl.atomic_add(counter_ptr + 3 + t, 0, sem="acquire")
-                polls += 1
+                polls = 0
+                while (seen < aux) & ((spin_limit == 0) | (polls < spin_limit)):
+                    _pause(BACKOFF)
+                    seen = tl.atomic_add(counter_ptr + 3 + t, 0, sem="acquire")
+                    polls += 1
             if seen < aux:
                 # Only with a spin limit (the host's debug switch): report the tensor, leave it unchanged.
                 tl.atomic_xchg(counter_ptr + 2, (t + 1).to(tl.int32), sem="relaxed")

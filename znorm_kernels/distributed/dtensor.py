@@ -5,9 +5,11 @@ for its local shards, a float64 row (count, mean, M2, min, max) each (``shard_st
 per tensor of all tensors that share a process group travel in ONE all_gather per group (never the gradients);
 every rank merges them with Chan's formula in rank order, so the merged statistics are deterministic and
 bitwise the same on every rank; then each rank normalizes its own shard with the global mean and standard
-deviation, exactly as the reference backend applies them (``reference.write_z_``, float64: constant tensors,
-detected by the exact test global min == global max, become exactly 0; NaN and Inf propagate; ``grad_scale``
-semantics).
+deviation: where the local statistics came from the Triton stage, with one launch of the Triton kernel's
+normalize pass per (device, dtype) group (``triton_host.apply_``, the kernel's own float32 arithmetic, rule
+10), else exactly as the reference backend applies them (``reference.write_z_``, float64). Either way
+constant tensors, detected by the exact test global min == global max, become exactly 0, NaN and Inf
+propagate, and ``grad_scale`` has its usual meaning.
 
 Where the local statistics come from (the backend ``znorm_`` resolves for the shards' device):
 - "triton" (what "auto" picks for CUDA shards; CPU shards under TRITON_INTERPRET=1 when named): the Triton
@@ -210,8 +212,8 @@ def znorm_dtensors_(
     Every rank of each DTensor's mesh must call this with the same DTensors in the same order (as an
     optimizer step does). ``names``/``positions`` only serve error messages. ``backend`` picks the local
     statistics (the Triton statistics stage where it resolves to "triton" for the shards' device, float64
-    PyTorch ops otherwise: see the module's docstring); the normalization of a shard with the merged
-    statistics always runs the reference's float64 ``write_z_`` (no backend applies given statistics).
+    PyTorch ops otherwise: see the module's docstring), and with it how a shard is normalized with the merged
+    statistics (the Triton kernel's normalize pass, or the reference's float64 ``write_z_``).
     Raises ValueError for a Partial placement, TypeError for an unsupported dtype, and as ``znorm_`` for a
     backend that cannot serve the shards' device, before anything is modified or communicated.
     """
@@ -241,8 +243,28 @@ def znorm_dtensors_(
     with torch.no_grad():
         for (_, dims), (mesh, *items) in plan.items():
             locals_ = [t._local_tensor for t in items]
-            stats = shard_statistics(locals_, stages[locals_[0].device.type])  # [T, 5]
+            stage = stages[locals_[0].device.type]
+            stats = shard_statistics(locals_, stage)  # [T, 5]
             for mesh_dim in dims:  # one all_gather per sharded mesh dimension (its process group)
                 stats = _combine(stats, mesh.get_group(mesh_dim))
-            for x, row in zip(locals_, stats):
-                _normalize_local_(x, row, eps, correction, grad_scale)
+            if stage == "triton":
+                _apply_triton_(locals_, stats, eps, correction, grad_scale)
+            else:
+                for x, row in zip(locals_, stats):
+                    _normalize_local_(x, row, eps, correction, grad_scale)
+
+
+def _apply_triton_(
+    locals_: list[Tensor], stats: Tensor, eps: float, correction: float, grad_scale: Tensor | None
+) -> None:
+    """Normalize the non-empty local shards with their merged statistics, one Triton launch per (device,
+    dtype) group (``triton_host.apply_``: the kernel's normalize pass, no statistics pass, nobody waits)."""
+    from ..backends import triton_host
+
+    groups: dict[tuple, list[int]] = {}
+    for i, x in enumerate(locals_):
+        if x.numel():
+            groups.setdefault((x.device, x.dtype), []).append(i)
+    for idx in groups.values():
+        rows = triton_host.apply_rows(stats[idx], eps, correction, grad_scale)
+        triton_host.apply_([locals_[i] for i in idx], rows)
