@@ -158,7 +158,8 @@ def train_markdown(train: dict) -> str:
     """The training-step table."""
     out = [
         f"ResNet-56 training step, batch {train['batch']}, {train['precision']}, {train['memory_format']}, "
-        f"SGD momentum 0.9; median of {train['steps']} steps per variant, variants interleaved:",
+        f"SGD momentum 0.9; median of {train['steps']} steps per variant, variants interleaved (each "
+        "installed for two steps per round, the second timed):",
         "",
         "| variant | ms per step | overhead vs no ZNorm |",
         "|---|---|---|",
