@@ -10,13 +10,16 @@ The "training path" rows give the hook NEW gradient objects before every call, a
 back), cycling between two sets of addresses, or at addresses not seen in the last 64 calls. Assigning the
 ``.grad`` attributes costs time of its own: those rows are (assignment + hook) minus the assignment alone,
 measured round-robin. The "cpu backend" rows run the native backend's Python path with the C++ op replaced by
-a no-op (its kernel runs synchronously on the CPU, and would swamp the host cost).
+a no-op (its kernel runs synchronously on the CPU, and would swamp the host cost). The last two rows time a
+hook's first and second call after ``register()``: its caches are built on the first.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
+import time
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before the Triton kernel module is imported
 
@@ -143,6 +146,28 @@ def main() -> None:
         (feed_s, _), (both_s, _) = host_times([feed, both], "cpu", reps=args.repeats, max_s=float("inf"))
         print(f"| {name} | {(both_s - feed_s) * 1e6:.1f} |")
     print(f"| (assigning the .grad of {len(shapes)} parameters, subtracted above) | {feed_s * 1e6:.1f} |")
+    first, second = _first_calls(shapes, max(5, args.repeats // 50))
+    print(f"| hook call, triton, first after register() (cold caches) | {first:.1f} |")
+    print(f"| hook call, triton, second after register() | {second:.1f} |")
+
+
+def _first_calls(shapes: list, rounds: int) -> tuple[float, float]:
+    """Median µs of a hook's first and second call after ``register()`` (new gradient objects each call):
+    what a training loop pays once, and what a benchmark that re-registers every step would pay each time."""
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    opt = torch.optim.SGD(params, lr=0.0)
+    feed = _Feed(params, _shifted_sets(shapes, 1))
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(rounds + 1):  # the first round also fills process-wide caches (plans): not counted
+        handle = znorm_kernels.register(opt, backend="triton")
+        hook = opt._optimizer_step_pre_hooks[handle.id]
+        for k in range(2):
+            feed()
+            start = time.perf_counter()
+            hook(opt, (), {})
+            times[k].append((time.perf_counter() - start) * 1e6)
+        handle.remove()
+    return statistics.median(times[0][1:]), statistics.median(times[1][1:])
 
 
 if __name__ == "__main__":
