@@ -338,6 +338,32 @@ def mesh2d_worker(rank: int, world: int, store: str) -> None:
             parts = [torch.empty_like(got) for _ in range(world)]
             dist.all_gather(parts, got.contiguous())
             assert all(torch.equal(q, parts[0]) for q in parts), k
+        # track_stats with DTensor gradients (FSDP2 with the hook), beside a plain parameter: the whole
+        # tensors' mean and std, the same on every rank.
+        picked = ["hsdp", "both_dims", "constant_2d", "outlier_2d"]
+        params = [
+            nn.Parameter(distribute_tensor(torch.zeros_like(cases[k][0]), mesh, cases[k][1])) for k in picked
+        ]
+        plain_param = nn.Parameter(torch.zeros(3, 3))
+        opt = torch.optim.SGD([*params, plain_param], lr=0.0)
+        handle = znorm_kernels.register(opt, track_stats=True)
+        for p, k in zip(params, picked):
+            p.grad = distribute_tensor(cases[k][0].clone(), mesh, cases[k][1])
+        plain_param.grad = plain_want.clone() * 3 + 1
+        local_grad = plain_param.grad.double()
+        opt.step()
+        stats = handle.grad_stats()
+        assert stats is not None and stats.values.shape == (5, 2)
+        for (mean, std), k in zip(stats.values, picked):
+            x = cases[k][0].double()
+            want_mean = x.mean() if k != "constant_2d" else x[0, 0]
+            torch.testing.assert_close(mean, want_mean, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(std, x.std(correction=0), rtol=1e-6, atol=0)
+        torch.testing.assert_close(stats.values[4, 1], local_grad.std(correction=0), rtol=1e-5, atol=0)
+        everywhere = [torch.empty_like(stats.values) for _ in range(world)]
+        dist.all_gather(everywhere, stats.values.contiguous())
+        assert all(torch.equal(q[:4], everywhere[0][:4]) for q in everywhere)
+        handle.remove()
     except BaseException:
         # Printed before the process group is torn down: a rank that leaves while the others still wait in
         # a collective can abort them all (SIGABRT), which would hide this error.

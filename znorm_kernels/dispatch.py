@@ -611,15 +611,17 @@ def run_znorm_(
     backend: str,
     grad_scale: Tensor | float | None,
     names: Iterable[str] | None,
+    stats: StatsBuffer | None = None,
 ) -> None:
-    """The eager path of ``znorm_``: check, group, resolve every group's backend, then run them."""
+    """The eager path of ``znorm_``: check, group, resolve every group's backend, then run them. ``stats``
+    (the hook's, with DTensor gradients) receives every entry's mean and std."""
     check_options(eps, correction, backend)
     grad_scale = as_scale(grad_scale)
     if _DTENSOR_MODULE in sys.modules:  # DTensors may exist: they go to znorm_kernels.distributed
         tensors = _as_items(tensors, "znorm_")
         dtensors = _dtensor_positions(tensors)
         if dtensors:
-            _run_with_dtensors_(tensors, dtensors, eps, correction, backend, grad_scale, names)
+            _run_with_dtensors_(tensors, dtensors, eps, correction, backend, grad_scale, names, stats)
             return
     items, plan = _plan(tensors, backend, names)
     for fn, idx in plan:
@@ -650,15 +652,22 @@ def _run_with_dtensors_(
     backend: str,
     grad_scale: Tensor | None,
     names: Iterable[str] | None,
+    stats: StatsBuffer | None = None,
 ) -> None:
     """Every entry is checked before any is modified: the plain ones here, the DTensors by znorm_dtensors_
-    (which checks them all before it communicates or writes); then the DTensors, then the plain groups."""
+    (which checks them all before it communicates or writes); then the DTensors, then the plain groups.
+    ``stats`` gets one buffer per plain group and one for the DTensors (their whole tensors' figures)."""
     from .distributed import znorm_dtensors_
 
     names = list(names) if names is not None else None
     skip = set(dtensors)
     rest = [None if i in skip else t for i, t in enumerate(items)]
     _, plan = _plan(rest, backend, names)
+    outs: list[Tensor | None] = [None] * (len(plan) + 1)
+    if stats is not None:
+        groups = [(idx, items[idx[0]].device) for _, idx in plan]
+        groups.append((dtensors, items[dtensors[0]]._local_tensor.device))
+        outs = stats.reset(len(items), groups)
     znorm_dtensors_(
         [items[i] for i in dtensors],
         float(eps),
@@ -667,9 +676,13 @@ def _run_with_dtensors_(
         grad_scale,
         names=names,
         positions=dtensors,
+        stats_out=outs[-1],
     )
-    for fn, idx in plan:
-        fn(_pick(rest, idx), float(eps), float(correction), grad_scale)
+    for (fn, idx), out in zip(plan, outs):
+        if out is None:
+            fn(_pick(rest, idx), float(eps), float(correction), grad_scale)
+        else:
+            fn(_pick(rest, idx), float(eps), float(correction), grad_scale, stats=out)
 
 
 def _pick(items: list, idx: list[int]) -> list:
@@ -835,7 +848,10 @@ class GradientGroups:
         if present is None:
             if _DTENSOR_MODULE in sys.modules and _dtensor_positions(grads):
                 # DTensor gradients (FSDP2): uncached, through run_znorm_ (their statistics cross ranks).
-                run_znorm_(grads, self.eps, self.correction, self.backend, grad_scale, names)
+                self.length = -1  # the cached plan (if any) is not this list's
+                run_znorm_(grads, self.eps, self.correction, self.backend, grad_scale, names, self.stats)
+                if self.stats is not None:
+                    self.stats.unscale(grad_scale)
                 return
             present = self._check(grads, names)
         if self.stats is None:

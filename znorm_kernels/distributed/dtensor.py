@@ -44,7 +44,7 @@ from torch.distributed.tensor.placement_types import Replicate
 from ..backends.reference import write_z_
 from ..dispatch import resolve_backend
 
-__all__ = ["local_statistics", "merge_statistics", "shard_statistics", "znorm_dtensors_"]
+__all__ = ["local_statistics", "mean_and_std", "merge_statistics", "shard_statistics", "znorm_dtensors_"]
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -172,6 +172,15 @@ def merge_statistics(gathered: Tensor) -> Tensor:
     return acc
 
 
+def mean_and_std(stats: Tensor, correction: float = 0) -> Tensor:
+    """float64 [T, 2] (mean, std) from [T, 5] (count, mean, M2, min, max) rows: the figures ZNorm uses (a
+    constant tensor's mean is its value and its std 0 exactly; std = sqrt(M2 / (count - correction)))."""
+    n, mean, m2, lo, hi = stats.unbind(1)
+    constant = (lo == hi) & (mean == mean)
+    std = (m2 / (n - correction).clamp(min=0.0)).sqrt()
+    return torch.stack([torch.where(constant, lo, mean), torch.where(constant, 0.0, std)], dim=1)
+
+
 def _combine(stats: Tensor, group: dist.ProcessGroup) -> Tensor:
     """All ranks' [T, 5] statistics of ``group``, merged in rank order (one all_gather)."""
     size = dist.get_world_size(group)
@@ -206,6 +215,7 @@ def znorm_dtensors_(
     *,
     names: Sequence[str] | None = None,
     positions: Sequence[int] | None = None,
+    stats_out: Tensor | None = None,
 ) -> None:
     """Normalize DTensors in place, each over its WHOLE (global) tensor.
 
@@ -216,12 +226,16 @@ def znorm_dtensors_(
     statistics (the Triton kernel's normalize pass, or the reference's float64 ``write_z_``).
     Raises ValueError for a Partial placement, TypeError for an unsupported dtype, and as ``znorm_`` for a
     backend that cannot serve the shards' device, before anything is modified or communicated.
+    ``stats_out`` (float64 [len(tensors), 2], optional) receives each whole tensor's mean and standard
+    deviation (the std ZNorm divides by: ``correction`` applied, 0 for a constant), on every rank alike; rows
+    of tensors of fewer than 2 elements, and of a DTensor passed twice (its second row), are left as they are.
     """
     pos = list(positions) if positions is not None else list(range(len(tensors)))
     # Check everything first (nothing modified on bad input); the same DTensor twice is normalized once.
     plan: dict[tuple, list[DTensor]] = {}
+    rows_of: dict[tuple, list[int]] = {}  # per plan entry, the rows of stats_out its tensors fill
     seen: set[int] = set()
-    for i, t in zip(pos, tensors):
+    for k, (i, t) in enumerate(zip(pos, tensors)):
         if t.dtype not in _SUPPORTED:
             raise TypeError(
                 f"znorm_: {_where(i, names)} has dtype {t.dtype}; supported: float32, float16, bfloat16, "
@@ -234,6 +248,7 @@ def znorm_dtensors_(
         seen.add(id(local))
         mesh = t.device_mesh
         plan.setdefault((id(mesh), dims), [mesh]).append(t)
+        rows_of.setdefault((id(mesh), dims), []).append(k)
     stages = {}  # per device type, resolved before anything is communicated or modified
     for _, *items in plan.values():
         for t in items:
@@ -241,12 +256,16 @@ def znorm_dtensors_(
             if kind not in stages:
                 stages[kind] = _stage_for(backend, t._local_tensor.device)
     with torch.no_grad():
-        for (_, dims), (mesh, *items) in plan.items():
+        for key, (mesh, *items) in plan.items():
+            dims = key[1]
             locals_ = [t._local_tensor for t in items]
             stage = stages[locals_[0].device.type]
             stats = shard_statistics(locals_, stage)  # [T, 5]
             for mesh_dim in dims:  # one all_gather per sharded mesh dimension (its process group)
                 stats = _combine(stats, mesh.get_group(mesh_dim))
+            if stats_out is not None:
+                index = torch.tensor(rows_of[key], dtype=torch.long).to(stats_out.device, non_blocking=True)
+                stats_out.index_copy_(0, index, mean_and_std(stats, correction).to(stats_out.device))
             if stage == "triton":
                 _apply_triton_(locals_, stats, eps, correction, grad_scale)
             else:
