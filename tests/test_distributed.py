@@ -304,7 +304,8 @@ def spawn_gloo(fn, world: int, tmp_path: Path) -> None:
             torch.multiprocessing.spawn(fn, args=(world, str(store)), nprocs=world, join=True)
             return
         except torch.multiprocessing.ProcessExitedException as err:
-            if attempt or all(Path(f"{store}.rank{r}").exists() for r in range(world)):
+            started = all(Path(f"{store}.rank{r}").exists() for r in range(world))
+            if attempt or err.signal_name is None or started:
                 raise
             warnings.warn(f"gloo's init aborted ({err}); retrying once on a fresh store", stacklevel=2)
 

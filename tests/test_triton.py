@@ -389,11 +389,13 @@ def test_apply_rows_matches_the_kernels_own(tb):
     xs.append(torch.full((40,), 3.0, device=DEVICE))
     xs.append(make_grad((30,), torch.float32, DEVICE, seed=1) * 1e35)  # a spread beyond 2**100: wide
     for scale in (None, torch.tensor(512.0, device=DEVICE)):
-        for eps, correction in ((1e-10, 0), (0.0, 1)):
+        # eps 0.5 (a power of two, exact in the kernel's float32 argument) against stds near 1: s * eps shows.
+        for eps, correction in ((1e-10, 0), (0.0, 1), (0.5, 0)):
             want = tb.statistics(xs, eps, correction, scale)
-            got = tb.apply_rows(_rows_of(xs), eps, correction, scale)
-            torch.testing.assert_close(got[:, :3], want[:, :3], rtol=1e-6, atol=0)
-            assert torch.equal(got[:, 3], want[:, 3]), (got[:, 3], want[:, 3])
+            for unknown_bounds in (False, True):  # the stage's rows: sqrt(M2) decides "wide" in their stead
+                got = tb.apply_rows(_rows_of(xs, unknown_bounds), eps, correction, scale)
+                torch.testing.assert_close(got[:, :3], want[:, :3], rtol=1e-6, atol=0)
+                assert torch.equal(got[:, 3], want[:, 3]), (got[:, 3], want[:, 3])
             assert got[3, 2] == 0 and got[3, 1] == 0 and got[3, 0] == 3.0
     # NaN propagates to the rows (and from there to the output: rule 4).
     nan = make_grad((20,), torch.float32, DEVICE, seed=2)

@@ -518,7 +518,7 @@ def _launch_here(
     items = plan.num_items if normalize and given is None else plan.num_stats_items + plan.num_small_items
     if given is not None:  # the rows to apply, where the kernel would have published them (same stream)
         ws.stats.copy_(given)
-    key = (device.index, dtype, plan.aligned, has_scale, normalize, given is not None)
+    key = (device.index, dtype, plan.aligned, has_scale, normalize, given is not None, tiles)
     programs = _num_programs(device, items, key)
     limit = _spin_limit
     try:
@@ -542,7 +542,7 @@ def _launch_here(
             (programs,),
             stream,
             args,
-            (key, tiles, on_gpu),  # with device, dtype, alignment, scale, stage and given: every constexpr
+            (key, on_gpu),  # device, dtype, alignment, scale, stage, given and tiles: every constexpr
             **_constants(dtype, tiles, plan.aligned, has_scale, normalize, on_gpu, given is not None),
             **OPTIONS,
         )
@@ -651,7 +651,9 @@ def apply_rows(stats: Tensor, eps: float, correction: float, grad_scale: Tensor 
     max is constant (mean = that value, std = 0, inv = 0: every result exactly 0); inv = s / (std + s * eps)
     for gradients scaled by s, else 1 / (std + eps); 0 where that denominator is 0. A tensor is "wide" (its
     z-scores computed in float64) where its spread reaches 2**100, or, where min and max are unknown (+-inf),
-    where sqrt(M2), which bounds every |x - mean|, does; or where inv leaves [2**-100, 2**100]."""
+    where sqrt(M2), which bounds every |x - mean|, does; or where inv leaves [2**-100, 2**100]. In float64
+    with eps as given; on a GPU the kernel receives eps as a float32 argument, so where eps is not a float32
+    value the two differ by that rounding (far inside rule 10)."""
     n, mean, m2, lo, hi = stats.to(torch.float64).unbind(1)
     constant = (lo == hi) & (mean == mean)
     mean = torch.where(constant, lo, mean)

@@ -206,7 +206,9 @@ def _chunk_moments(
     first = tl.minimum(count, BLOCK)
     mean, m2, lo, hi = _tile_moments(y, mask, ptr, first, ACC, SUB)
     n = first.to(tl.float64)
-    start = first
+    # The tiles after the first start at BLOCK, a multiple the compiler can see (so 16-byte aligned for the
+    # vector loads); starting at `first` lost that. Where count <= BLOCK the loops below are empty either way.
+    start = BLOCK + first * 0
     if UNROLL > 1:
         offs = tl.arange(0, BLOCK)
         groups = (count - first) // (UNROLL * BLOCK)
@@ -226,7 +228,7 @@ def _chunk_moments(
                 mean, m2, n, lo, hi = _merge_full_tile(
                     y3, at + 3 * BLOCK, mean, m2, n, lo, hi, ACC, BLOCK, SUB
                 )
-        start = first + groups * (UNROLL * BLOCK)
+        start = BLOCK + groups * (UNROLL * BLOCK)
     for tile in range(start, count, BLOCK):
         rem = count - tile
         y, mask = _load(ptr + tile, rem, ACC, BLOCK, VEC, ALIGNED)

@@ -264,7 +264,7 @@ def znorm_dtensors_(
             for mesh_dim in dims:  # one all_gather per sharded mesh dimension (its process group)
                 stats = _combine(stats, mesh.get_group(mesh_dim))
             if stats_out is not None:
-                index = torch.tensor(rows_of[key], dtype=torch.long).to(stats_out.device, non_blocking=True)
+                index = _device_index(rows_of[key], stats_out.device)
                 stats_out.index_copy_(0, index, mean_and_std(stats, correction).to(stats_out.device))
             if stage == "triton":
                 _apply_triton_(locals_, stats, eps, correction, grad_scale)
@@ -285,5 +285,19 @@ def _apply_triton_(
         if x.numel():
             groups.setdefault((x.device, x.dtype), []).append(i)
     for idx in groups.values():
-        rows = triton_host.apply_rows(stats[idx], eps, correction, grad_scale)
+        picked = stats
+        if len(idx) != len(locals_):
+            picked = stats.index_select(0, _device_index(idx, stats.device))
+        rows = triton_host.apply_rows(picked, eps, correction, grad_scale)
         triton_host.apply_([locals_[i] for i in idx], rows)
+
+
+def _device_index(rows: list[int], device: torch.device) -> Tensor:
+    """``rows`` as an int64 index on ``device``, through pinned memory without blocking; under CUDA-graph
+    capture its pinned source is kept, since every replay reads it again."""
+    from ..backends import triton_host
+
+    index, host = triton_host.device_table(rows, device)
+    if host is not None:
+        _kept_for_replay.append(host)
+    return index
