@@ -763,6 +763,7 @@ class GradientGroups:
         self.absent_mask: list[bool] | None = None  # which entries are None
         self.guard = None  # layout_guard of the present gradients at the last full check
         self.starts: list[int] = []  # data_ptr of every present gradient, in order
+        self.indices: list[int] = []  # range(len(self.starts)), for the one-call address check
         # Rule 11 for gradients that moved: per device, the positions (among the present gradients) of the
         # normalized ones, and every present gradient's span in bytes; None where the last check dropped a
         # duplicate (a move then takes the full path).
@@ -788,11 +789,12 @@ class GradientGroups:
         try:
             if not self.guard.check(*present):
                 return None
+            # The usual step: every gradient where it was (one C call); else their new addresses.
+            if _ptrs_equal_c(present, self.starts, self.indices):
+                return present
             starts = list(map(_data_ptr, present))
         except (TypeError, RuntimeError):  # not a tensor, or no storage: the full path says what is wrong
             return None
-        if starts == self.starts:
-            return present
         return present if self._moved(present, starts) else None
 
     def _moved(self, present: list[Tensor], starts: list[int]) -> bool:
@@ -840,6 +842,7 @@ class GradientGroups:
         self.spans = [_extent(g) * g.element_size() if _numel(g) >= 2 else 0 for g in present]
         self.guard = layout_guard(present)
         self.starts = list(map(_data_ptr, present))
+        self.indices = list(range(len(present)))
         self.length = len(grads)
         return present
 
