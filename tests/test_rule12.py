@@ -33,6 +33,8 @@ def tb(monkeypatch):
     from znorm_kernels.backends import triton_host
 
     monkeypatch.setattr(triton_host, "_plans", type(triton_host._plans)())
+    # Layouts too: tests patch LARGE_TENSOR and LARGE_CHUNK_TILES, which the layout cache's key leaves out.
+    monkeypatch.setattr(triton_host, "_layouts", type(triton_host._layouts)())
     return triton_host
 
 

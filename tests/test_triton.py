@@ -23,6 +23,8 @@ def tb(monkeypatch):
     from znorm_kernels.backends import triton_host as triton_backend
 
     monkeypatch.setattr(triton_backend, "_plans", type(triton_backend._plans)())
+    # Layouts too: tests patch LARGE_TENSOR and LARGE_CHUNK_TILES, which the layout cache's key leaves out.
+    monkeypatch.setattr(triton_backend, "_layouts", type(triton_backend._layouts)())
     return triton_backend
 
 
