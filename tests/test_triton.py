@@ -188,6 +188,15 @@ def test_statistics_stage(tb, dtype):
         torch.testing.assert_close(z, float64_znorm(x), atol=1e-6, rtol=0)
 
 
+def test_eps_keeps_its_float64_value(tb):
+    # The kernel takes eps as the bits of its float64 value: inv = 1 / (std + eps) exactly as in float64, for
+    # an eps that float32 would round (a float kernel argument is float32 on a GPU), and for eps = 0.
+    x = torch.tensor([0.0, 1e-44, 3e-44], device=DEVICE)
+    for eps in (1e-45, 3e-45, 0.0):
+        _, std, inv, _ = tb.statistics([x], eps, 0)[0].tolist()
+        assert inv == 1.0 / (std + eps), (eps, inv, 1.0 / (std + eps))
+
+
 def test_statistics_stage_extremes(tb):
     """Constant tensors get multiplier 0 and their value as mean (exact zeros); a spread beyond float32's
     comfortable range is flagged for the float64 normalize path."""
@@ -399,6 +408,12 @@ def test_apply_rows_matches_the_kernels_own(tb):
                 torch.testing.assert_close(got[:, :3], want[:, :3], rtol=1e-6, atol=0)
                 assert torch.equal(got[:, 3], want[:, 3]), (got[:, 3], want[:, 3])
             assert got[3, 2] == 0 and got[3, 1] == 0 and got[3, 0] == 3.0
+    # eps reaches the kernel with its float64 value (1e-45 as a float32 would be 1.4e-45, 40% off, beside a
+    # standard deviation of 5e-45): the same rows here and there.
+    tiny = torch.tensor([0.0, 1e-44], device=DEVICE)
+    want = tb.statistics([tiny], 1e-45, 0)
+    got = tb.apply_rows(_rows_of([tiny]), 1e-45, 0)
+    torch.testing.assert_close(got[:, :3], want[:, :3], rtol=1e-9, atol=0)
     # NaN propagates to the rows (and from there to the output: rule 4).
     nan = make_grad((20,), torch.float32, DEVICE, seed=2)
     nan[3] = float("nan")

@@ -28,6 +28,7 @@ import functools
 import operator
 import os
 import re
+import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -426,7 +427,7 @@ def compile_for_target(
 
     signature = {
         "meta_ptr": "*i64", "partial_ptr": "*fp64", "stats_ptr": "*fp64", "counter_ptr": "*i32",
-        "scale_ptr": "*fp32", "eps": "fp32", "correction": "fp32", "T": "i32", "S": "i32", "M": "i32",
+        "scale_ptr": "*fp32", "eps_bits": "i64", "correction": "fp32", "T": "i32", "S": "i32", "M": "i32",
         "NUM_PROGRAMS": "i32", "spin_limit": "i32",
     }  # fmt: skip
     constants = _constants(dtype, tiles_for(dtype), aligned, has_scale, normalize, backoff=True, given=given)
@@ -446,6 +447,11 @@ def compile_ahead(fn, signature: dict, constants: dict, arch: int, options: dict
         fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constants.items()}
     )
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def _f64_bits(x: float) -> int:
+    """The int64 bit pattern of float64 x: the kernel takes eps so, to keep all of its float64 value."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
 def _stream_of(device: torch.device) -> int:
@@ -528,7 +534,7 @@ def _launch_here(
             ws.stats,
             ws.counters,
             scale,
-            eps,
+            _f64_bits(eps),
             correction,
             plan.num_tensors,
             plan.num_stats_items,
@@ -651,9 +657,7 @@ def apply_rows(stats: Tensor, eps: float, correction: float, grad_scale: Tensor 
     max is constant (mean = that value, std = 0, inv = 0: every result exactly 0); inv = s / (std + s * eps)
     for gradients scaled by s, else 1 / (std + eps); 0 where that denominator is 0. A tensor is "wide" (its
     z-scores computed in float64) where its spread reaches 2**100, or, where min and max are unknown (+-inf),
-    where sqrt(M2), which bounds every |x - mean|, does; or where inv leaves [2**-100, 2**100]. In float64
-    with eps as given; on a GPU the kernel receives eps as a float32 argument, so where eps is not a float32
-    value the two differ by that rounding (far inside rule 10)."""
+    where sqrt(M2), which bounds every |x - mean|, does; or where inv leaves [2**-100, 2**100]."""
     n, mean, m2, lo, hi = stats.to(torch.float64).unbind(1)
     constant = (lo == hi) & (mean == mean)
     mean = torch.where(constant, lo, mean)

@@ -378,14 +378,14 @@ def _pause(BACKOFF: tl.constexpr):
         )
 
 
-@triton.jit(do_not_specialize=["T", "S", "M", "NUM_PROGRAMS", "spin_limit", "eps", "correction"])
+@triton.jit(do_not_specialize=["T", "S", "M", "NUM_PROGRAMS", "spin_limit", "eps_bits", "correction"])
 def znorm_queue_kernel(
     meta_ptr,  # int64 table, layout above
     partial_ptr,  # float64 [4 * S]: (mean, M2, min, max) of every statistics chunk
     stats_ptr,  # float64 [4 * T]: (mean, std, inv, wide) of every tensor, kept after the launch
     counter_ptr,  # int32 [3 + T]: ticket, programs done, error, per-tensor chunk counts; 0 between launches
     scale_ptr,  # a 0-d scale tensor (read only when HAS_SCALE)
-    eps,
+    eps_bits,  # eps as the bit pattern of its float64 value: a Python float argument would arrive as float32
     correction,
     T,
     S,
@@ -405,6 +405,7 @@ def znorm_queue_kernel(
     NORMALIZE: tl.constexpr,
     GIVEN: tl.constexpr,  # stats already holds every tensor's row: no statistics items, nobody waits
 ):
+    eps = eps_bits.to(tl.int64).to(tl.float64, bitcast=True)  # (0 comes as an int32)
     if HAS_SCALE:
         scale = tl.load(scale_ptr).to(tl.float64)
     else:
