@@ -679,10 +679,7 @@ def _run_with_dtensors_(
         stats_out=outs[-1],
     )
     for (fn, idx), out in zip(plan, outs):
-        if out is None:
-            fn(_pick(rest, idx), float(eps), float(correction), grad_scale)
-        else:
-            fn(_pick(rest, idx), float(eps), float(correction), grad_scale, stats=out)
+        fn(_pick(rest, idx), float(eps), float(correction), grad_scale, stats=out)
 
 
 def _pick(items: list, idx: list[int]) -> list:

@@ -105,13 +105,7 @@ def _triton_rows(shards: list[Tensor]) -> Tensor:
     device = shards[0].device
     stage = triton_host.statistics(shards, 1.0, 0)  # [T, 4]: mean, std, inv, wide (eps=1, correction=0)
     mean, std, inv = stage[:, 0], stage[:, 1], stage[:, 2]
-    # The counts reach a GPU through pinned memory without blocking (a list copied there would wait); under
-    # graph capture every replay reads that pinned copy again, so it is kept.
-    count, host = triton_host.device_table(
-        torch.tensor([float(x.numel()) for x in shards], dtype=torch.float64), device
-    )
-    if host is not None:
-        _kept_for_replay.append(host)
+    count = _to_device(torch.tensor([float(x.numel()) for x in shards], dtype=torch.float64), device)
     # The stage marks a constant tensor (its own exact min == max test) by inv == 0 and std == 0 exactly; an
     # infinite spread also gives inv == 0 (eps=1), but not std == 0.
     constant = (inv == 0) & (std == 0)
@@ -175,10 +169,9 @@ def merge_statistics(gathered: Tensor) -> Tensor:
 def mean_and_std(stats: Tensor, correction: float = 0) -> Tensor:
     """float64 [T, 2] (mean, std) from [T, 5] (count, mean, M2, min, max) rows: the figures ZNorm uses (a
     constant tensor's mean is its value and its std 0 exactly; std = sqrt(M2 / (count - correction)))."""
-    n, mean, m2, lo, hi = stats.unbind(1)
-    constant = (lo == hi) & (mean == mean)
-    std = (m2 / (n - correction).clamp(min=0.0)).sqrt()
-    return torch.stack([torch.where(constant, lo, mean), torch.where(constant, 0.0, std)], dim=1)
+    from ..backends import triton_host
+
+    return triton_host.apply_rows(stats, 0.0, correction)[:, :2]  # the one derivation (eps plays no part)
 
 
 def _combine(stats: Tensor, group: dist.ProcessGroup) -> Tensor:
@@ -264,7 +257,7 @@ def znorm_dtensors_(
             for mesh_dim in dims:  # one all_gather per sharded mesh dimension (its process group)
                 stats = _combine(stats, mesh.get_group(mesh_dim))
             if stats_out is not None:
-                index = _device_index(rows_of[key], stats_out.device)
+                index = _to_device(rows_of[key], stats_out.device)
                 stats_out.index_copy_(0, index, mean_and_std(stats, correction).to(stats_out.device))
             if stage == "triton":
                 _apply_triton_(locals_, stats, eps, correction, grad_scale)
@@ -287,17 +280,18 @@ def _apply_triton_(
     for idx in groups.values():
         picked = stats
         if len(idx) != len(locals_):
-            picked = stats.index_select(0, _device_index(idx, stats.device))
+            picked = stats.index_select(0, _to_device(idx, stats.device))
         rows = triton_host.apply_rows(picked, eps, correction, grad_scale)
         triton_host.apply_([locals_[i] for i in idx], rows)
 
 
-def _device_index(rows: list[int], device: torch.device) -> Tensor:
-    """``rows`` as an int64 index on ``device``, through pinned memory without blocking; under CUDA-graph
-    capture its pinned source is kept, since every replay reads it again."""
+def _to_device(values: list[int] | Tensor, device: torch.device) -> Tensor:
+    """``values`` (a list of ints, or a CPU tensor) on ``device``, through pinned memory without blocking (a
+    list copied to a GPU would wait for it); under CUDA-graph capture every replay reads the pinned copy
+    again, so it is kept."""
     from ..backends import triton_host
 
-    index, host = triton_host.device_table(rows, device)
+    out, host = triton_host.device_table(values, device)
     if host is not None:
         _kept_for_replay.append(host)
-    return index
+    return out
