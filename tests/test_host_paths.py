@@ -267,7 +267,7 @@ def _retyped(params, buf):  # a parameter's .data replaced by another dtype, its
 
 
 def _resized(params, buf):  # a parameter's .data replaced by a larger one, its gradient at the old address
-    params["b"].data = torch.zeros(24)
+    params["b"].data = torch.zeros(24, device=buf.device)
     return {"w": buf[0:16].view(4, 4), "b": buf[32:56]}
 
 
@@ -298,9 +298,15 @@ _TRAINING_CASES = {
 def _training_outcome(backend: str, case, cached: bool, base=_base):
     """(error type or "ok", the memory afterwards) for a step on ``case``'s gradients, after a step on the
     base gradients when ``cached`` (the hook's cache filled), else by a call with no cache at all."""
+    # Triton serves CUDA tensors, and CPU ones only under its interpreter (a CPU-only machine).
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    buf = torch.randn(96, dtype=torch.float64).float()  # room for float64 views of the first 16 elements
-    params = {"w": nn.Parameter(torch.zeros(4, 4)), "b": nn.Parameter(torch.zeros(16))}
+    # room for float64 views of the first 16 elements
+    buf = torch.randn(96, dtype=torch.float64).float().to(device)
+    params = {
+        "w": nn.Parameter(torch.zeros(4, 4, device=device)),
+        "b": nn.Parameter(torch.zeros(16, device=device)),
+    }
     opt = torch.optim.SGD(list(params.values()), lr=0.0)
     if cached:
         znorm_kernels.register(opt, backend=backend)
