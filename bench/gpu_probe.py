@@ -13,8 +13,8 @@ gradients and in the same process:
   ``_num_programs`` picks from the occupancy the compiled kernel allows);
 - ``triton b<block> u<unroll> p<programs>``: the same call with ``block=`` (the tile: elements a program
   holds in registers, and the chunk unit of large tensors), ``unroll=`` (tiles whose loads a large tensor's
-  chunk issues together; its chunks are block * unroll * 16 elements) and a fixed number of programs (the
-  persistent grid). Unrolls: --unrolls (default 1, 2, 4).
+  chunk issues together; chunks of tensors above 2**20 elements are block * 32 elements) and a fixed number
+  of programs (the persistent grid). Unrolls: --unrolls (default 1, 2, 4).
   Blocks: powers of two holding 1 to 8 16-byte vectors per thread at the kernel's warps (float32 1024-8192,
   bfloat16 2048-16384). Programs: 1-4 per SM, and on lists of at most --few-programs-max-elements elements
   also fixed counts under the SM count (default 32, 66, 132). Optional: --warps (num_warps).
@@ -554,7 +554,8 @@ class Probe:
             self.save()
             shipped = run_variant(Variant("triton shipped", "triton"), global_deadline)
             case["shipped_block"] = triton_host.block_for(dtype)
-            case["shipped_unroll"] = triton_host.unroll_for(dtype)
+            numels = [torch.Size(s).numel() for s in plist.shapes]
+            case["shipped_unroll"] = triton_host.unroll_for(dtype, numels)
             case["shipped_programs"] = shipped.programs
             case["shipped_programs_per_sm"] = dict(
                 (str(k), v) for k, v in getattr(triton_host, "_programs_per_sm", {}).items()

@@ -63,14 +63,14 @@ def test_boundaries_of_block_and_chunks(tb, dtype, block):
 @pytest.mark.parametrize("unroll", [1, 2, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_large_chunk_class(tb, monkeypatch, dtype, unroll):
-    # Above LARGE_TENSOR, chunks hold LARGE_CHUNK_TILES groups of UNROLL tiles: shrink both to exercise the
-    # grouped loads and their tail tiles, the Chan merge across tiles and the vectorized merge of many
-    # partials (more than PBLOCK of them).
+    # Above LARGE_TENSOR, chunks hold LARGE_CHUNK_TILES tiles, loaded UNROLL at a time: shrink both sizes to
+    # exercise the grouped loads and their tail tiles, the Chan merge across tiles and the vectorized merge
+    # of many partials (more than PBLOCK of them).
     monkeypatch.setattr(tb, "LARGE_TENSOR", 100)
     monkeypatch.setattr(tb, "PBLOCK", 8)
     block = 16
-    chunk = tb.chunk_for(101, block, unroll)
-    assert chunk == block * unroll * tb.LARGE_CHUNK_TILES
+    chunk = tb.chunk_for(101, block)
+    assert chunk == block * tb.LARGE_CHUNK_TILES
     sizes = [101, chunk - 1, chunk, chunk + 1, chunk + 2 * block + 3, 3 * chunk, 9 * chunk + 17]
     grads = [make_grad((n,), dtype, DEVICE, seed=n) for n in sizes]
     grads[3][-1] = 1e4  # outliers at the start of a last chunk and of a grouped tile
@@ -85,15 +85,14 @@ def test_large_chunk_class(tb, monkeypatch, dtype, unroll):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
 def test_grouped_loads_leave_the_bits_alone(tb, monkeypatch, dtype):
-    # UNROLL only changes how many tiles' loads are issued together; with the same chunks (block * unroll *
-    # tiles per chunk held fixed) every unroll gives the same bits, statistics included.
+    # UNROLL only changes how many tiles' loads are issued together (the chunks do not depend on it): every
+    # unroll gives the same bits, statistics included.
     monkeypatch.setattr(tb, "LARGE_TENSOR", 100)
     block = 16
     inputs = [make_grad((n,), dtype, DEVICE, seed=n) for n in (101, 1000, 2053, 5000)]
     inputs[2][700] = 5e3
     results = []
     for unroll in (1, 2, 4):
-        monkeypatch.setattr(tb, "LARGE_CHUNK_TILES", 16 // unroll)
         grads = [x.clone() for x in inputs]
         stats = torch.empty((len(grads), 2), dtype=torch.float64, device=DEVICE)
         tb.znorm_group_(grads, 1e-10, 0, None, stats=stats, block=block, unroll=unroll)
@@ -102,6 +101,33 @@ def test_grouped_loads_leave_the_bits_alone(tb, monkeypatch, dtype):
         assert torch.equal(stats, results[0][1])
         for a, b in zip(grads, results[0][0]):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_the_list_sets_unroll_and_a_tensor_keeps_its_bits(tb, monkeypatch, dtype):
+    # A list with a tensor above LARGE_TENSOR runs with LARGE_UNROLL (float64: 1), any other with 1; a
+    # tensor's chunks, and so its bits, are its own whatever list it is normalized in.
+    monkeypatch.setattr(tb, "LARGE_TENSOR", 100)
+    monkeypatch.setattr(tb, "BLOCK", {torch.float64: 16})
+    monkeypatch.setattr(tb, "DEFAULT_BLOCK", 16)
+    small = [make_grad((n,), dtype, DEVICE, seed=n) for n in (2, 16, 17, 100)]
+    large = make_grad((1000,), dtype, DEVICE, seed=7)
+    large[300] = -2e3
+    assert tb.tiles_for(dtype, [t.numel() for t in small]) == (16, 1)
+    unroll = 1 if dtype == torch.float64 else tb.LARGE_UNROLL
+    assert tb.tiles_for(dtype, [t.numel() for t in [*small, large]]) == (16, unroll)
+    assert tb.tiles_for(dtype) == (16, 1)
+    alone = [x.clone() for x in small]
+    tb.znorm_group_(alone, 1e-10, 0, None)
+    big_alone = [large.clone()]
+    tb.znorm_group_(big_alone, 1e-10, 0, None)
+    together = [x.clone() for x in [*small, large]]
+    stats = torch.empty((len(together), 2), dtype=torch.float64, device=DEVICE)
+    tb.znorm_group_(together, 1e-10, 0, None, stats=stats)
+    for a, b in zip(together, [*alone, *big_alone]):
+        assert torch.equal(a, b)
+    plans = {p.numels: p.tiles for p in tb._plans.values()}
+    assert plans[tuple(t.numel() for t in together)] == (16, unroll)
 
 
 def test_default_block_boundaries(tb):

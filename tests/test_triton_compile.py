@@ -21,16 +21,20 @@ SCRIPT = textwrap.dedent(
     from znorm_kernels.backends.triton_host import compile_for_target
     out = {}
     for case in json.loads(sys.argv[1]):
-        dtype, arch, scale, norm, aligned, *given = case
+        dtype, arch, scale, norm, aligned, *rest = case
+        given, unroll = bool(rest and rest[0]), (rest[1] if len(rest) > 1 else 1)
         k = compile_for_target(
-            getattr(torch, dtype), arch, has_scale=scale, normalize=norm, aligned=aligned, given=bool(given)
+            getattr(torch, dtype), arch, has_scale=scale, normalize=norm, aligned=aligned, given=given,
+            unroll=unroll,
         )
         out["-".join(map(str, case))] = k.asm["ptx"]
     print(json.dumps(out))
     """
 )
 
-CASES = [  # dtype, arch, has_scale, normalize, aligned[, given: statistics applied, not computed]
+# dtype, arch, has_scale, normalize, aligned[, given: statistics applied, not computed[, unroll: 1 for lists
+# without a tensor above LARGE_TENSOR, LARGE_UNROLL (2) for lists with one]]
+CASES = [
     ("float32", 90, True, True, True),
     ("float32", 90, False, True, True),
     ("float32", 90, False, False, True),
@@ -42,6 +46,11 @@ CASES = [  # dtype, arch, has_scale, normalize, aligned[, given: statistics appl
     ("float64", 90, False, True, True),
     ("float32", 90, False, True, True, True),
     ("bfloat16", 90, False, True, False, True),
+    ("float32", 90, False, True, True, False, 2),
+    ("float32", 90, True, True, False, False, 2),
+    ("bfloat16", 90, True, True, True, False, 2),
+    ("float16", 90, False, True, True, False, 2),
+    ("bfloat16", 90, False, True, True, True, 2),
 ]
 # 128-bit accesses: 4 x 32 bits (float32, or 8 halves as 4 x 32 bits), 2 x 64 bits for float64.
 VECTOR = {"float32": "v4.b32", "float16": "v4.b32", "bfloat16": "v4.b32", "float64": "v2.b64"}
@@ -93,11 +102,16 @@ def test_no_fma_contraction_and_correctly_rounded_scalars(ptx, case):
 @pytest.mark.parametrize("case", [c for c in CASES if c[1] == 90], ids=lambda c: "-".join(map(str, c)))
 def test_registers_leave_two_programs_per_sm(ptx, case, tmp_path):
     # 8 warps at <= 128 registers per thread: two programs per SM (the launch reads the figure from the
-    # compiled kernel on a GPU; this keeps the kernel from growing past it unnoticed). Aligned: no spills.
+    # compiled kernel on a GPU; this keeps the kernel from growing past it unnoticed). Spills: none in the
+    # aligned variant of lists without a large tensor (small tensors: latency-bound); a few in the unrolled
+    # one (Triton 3.8: 0-12 bytes; with Triton 3.6 the H100's fastest tiles on the 707 M list spilled too,
+    # bench/RESULTS.md); more in the element-wise variant for unaligned views (rare).
     regs, spills, report = ptxas_usage(ptx["-".join(map(str, case))], tmp_path)
     assert regs <= 128, f"{regs} registers: fewer programs fit an SM"
-    if case[4]:
+    unroll = case[6] if len(case) > 6 else 1
+    if case[4] and unroll == 1:
         assert not any(spills), report
-    else:  # the element-wise variant (unaligned views, rare) may spill a few registers at the cap (24 bytes
-        # for bfloat16 with Triton 3.6)
+    elif case[4]:
         assert max(spills, default=0) <= 64, report
+    else:
+        assert max(spills, default=0) <= 512, report

@@ -50,18 +50,20 @@ __all__ = [
 ]
 
 # Elements one program holds in registers: a tensor of at most BLOCK elements is a single small item.
+# 8192 (32 KB of float32 per tile): on the H100 (bench/RESULTS.md, third GPU run) 8192-element tiles moved the
+# 707 M list at 95% (float32) and 80% (bfloat16) of the copy rate, against 90% and 67% with 4096, and cost
+# ResNet-56's 167 small tensors under 2 µs.
 BLOCK = {torch.float64: 2048}
-DEFAULT_BLOCK = 4096
-# Tiles whose loads a large tensor's chunk issues together, so a program keeps about 32 KB in flight (the
-# first H100 probe, bench/RESULTS.md: 4096-element tiles, 16 KB of bfloat16, reached 57% of the copy rate on
-# the 707 M list; 8192 float32 and 16384 bfloat16 elements, 32 KB, reached 92% and 79%). Bits do not depend
-# on it (the tiles still merge one by one); the chunk length does (below).
-UNROLL = {torch.float32: 2, torch.float16: 4, torch.bfloat16: 4}
-DEFAULT_UNROLL = 1
-# Tensors above this many elements use chunks of LARGE_CHUNK_TILES groups of UNROLL tiles (fewer partials and
-# tickets, and a program's loads restart less often).
+DEFAULT_BLOCK = 8192
+# Tiles whose loads a large tensor's chunk issues together, in lists that hold a large tensor (above
+# LARGE_TENSOR; every other list runs with 1). The unrolled loop costs registers (spills under Triton 3.6)
+# and made ResNet-56's list, which has no large tensor, 1-3 µs slower; on the 707 M list 2 tiles beat 1 and 4.
+# Bits do not depend on it: the chunks are the same, and their tiles merge one by one.
+LARGE_UNROLL = 2
+# Tensors above this many elements use chunks of LARGE_CHUNK_TILES tiles (fewer partials and tickets, and a
+# program's loads restart less often); below, a chunk is one tile. A function of the tensor's own size.
 LARGE_TENSOR = 1 << 20
-LARGE_CHUNK_TILES = 16
+LARGE_CHUNK_TILES = 32
 PBLOCK = 1024  # partials merged per vector step
 SUB = 512  # values per step of the rare float64 paths (re-read from cache, few registers)
 PLAN_CACHE_SIZE = 16
@@ -136,26 +138,31 @@ def block_for(dtype: torch.dtype) -> int:
     return BLOCK.get(dtype, DEFAULT_BLOCK)
 
 
-def unroll_for(dtype: torch.dtype) -> int:
-    return UNROLL.get(dtype, DEFAULT_UNROLL)
+def unroll_for(dtype: torch.dtype, numels=()) -> int:
+    """UNROLL of a launch over tensors of these sizes: LARGE_UNROLL where one of them is above LARGE_TENSOR
+    (float64 excepted: its tiles hold as many bytes with no unrolling), else 1."""
+    if dtype == torch.float64 or not numels or max(numels) <= LARGE_TENSOR:
+        return 1
+    return LARGE_UNROLL
 
 
-def tiles_for(dtype: torch.dtype) -> tuple[int, int]:
-    """(BLOCK, UNROLL) of the kernel for this dtype: a plan's tiles."""
-    return block_for(dtype), unroll_for(dtype)
+def tiles_for(dtype: torch.dtype, numels=()) -> tuple[int, int]:
+    """(BLOCK, UNROLL) of the kernel for a list of this dtype and these sizes: a plan's tiles."""
+    return block_for(dtype), unroll_for(dtype, numels)
 
 
 def _tiles(dtype: torch.dtype, block: int | None, unroll: int | None) -> tuple[int, int] | None:
-    """The tiles a caller asked for (``block=``, ``unroll=``, each defaulting to the dtype's), or None."""
+    """The tiles a caller asked for (``block=``, ``unroll=``), or None: the list's own (``tiles_for``).
+    Where only one is given the other is the dtype's default (UNROLL: LARGE_UNROLL, BLOCK: block_for)."""
     if block is None and unroll is None:
         return None
-    return block or block_for(dtype), unroll or unroll_for(dtype)
+    return block or block_for(dtype), unroll or (1 if dtype == torch.float64 else LARGE_UNROLL)
 
 
-def chunk_for(numel: int, block: int, unroll: int = 1) -> int:
-    """Chunk length of a tensor of more than ``block`` elements: a function of its own size (and its dtype's
-    tiles) only, so its bits never depend on the rest of the list."""
-    return block * unroll * LARGE_CHUNK_TILES if numel > LARGE_TENSOR else block
+def chunk_for(numel: int, block: int) -> int:
+    """Chunk length of a tensor of more than ``block`` elements: a function of its own size and its dtype's
+    BLOCK only, so its bits never depend on the rest of the list (nor on UNROLL, which the list sets)."""
+    return block * LARGE_CHUNK_TILES if numel > LARGE_TENSOR else block
 
 
 @dataclass
@@ -202,7 +209,7 @@ _captured_plans: list[Plan] = []  # tables a captured graph reads: kept for the 
 
 def _table(addrs, numels, elsize: int, tiles: tuple[int, int]) -> tuple[list[int], int, int]:
     """The int64 table (layout in triton_kernels) and the numbers of statistics and small items."""
-    block, unroll = tiles
+    block = tiles[0]
     stats_items, small_items, norm_items, tensors = [], [], [], []
     slot = 0
     for t, (addr, n) in enumerate(zip(addrs, numels)):
@@ -210,7 +217,7 @@ def _table(addrs, numels, elsize: int, tiles: tuple[int, int]) -> tuple[list[int
             small_items += (addr, n, t, 0)
             tensors += (n, 0, 0, 0)
             continue
-        chunk = chunk_for(n, block, unroll)
+        chunk = chunk_for(n, block)
         nchunks = -(-n // chunk)
         tensors += (n, chunk, slot, nchunks)
         for c in range(nchunks):
@@ -296,12 +303,17 @@ def _element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _plan_for(tensors: list[Tensor], tiles: tuple[int, int], numels: tuple[int, ...] | None = None) -> Plan:
-    """The cached plan for these tensors' addresses and sizes (``numels`` when the caller knows them)."""
+def _plan_for(
+    tensors: list[Tensor], tiles: tuple[int, int] | None = None, numels: tuple[int, ...] | None = None
+) -> Plan:
+    """The cached plan for these tensors' addresses and sizes (``numels`` when the caller knows them), with
+    ``tiles`` or else the list's own (``tiles_for``)."""
     addrs = tuple(map(Tensor.data_ptr, tensors))
     if numels is None:
         numels = tuple(map(Tensor.numel, tensors))
     first = tensors[0]
+    if tiles is None:
+        tiles = tiles_for(first.dtype, numels)
     key = (first.device, first.dtype, tiles, addrs, numels)
     plan = _plans.get(key)
     if plan is None:
@@ -418,11 +430,13 @@ def compile_for_target(
     normalize: bool = True,
     aligned: bool = True,
     given: bool = False,
+    unroll: int = 1,
 ):
     """Compile the kernel ahead of time for a CUDA architecture (e.g. 90 for H100), no GPU needed: lets CI
     check that the kernel lowers to PTX and machine code, which the interpreter does not. ``aligned`` picks
     the specialization that serves 16-byte aligned gradients (the usual case: the caching allocator aligns
-    every tensor to 512 bytes). Returns Triton's compiled kernel (``.asm["ptx"]`` holds the PTX)."""
+    every tensor to 512 bytes); ``unroll`` is 1 for lists without a tensor above LARGE_TENSOR, else
+    LARGE_UNROLL. Returns Triton's compiled kernel (``.asm["ptx"]`` holds the PTX)."""
     from .triton_kernels import znorm_queue_kernel
 
     signature = {
@@ -430,7 +444,8 @@ def compile_for_target(
         "scale_ptr": "*fp32", "eps_bits": "i64", "correction": "fp32", "T": "i32", "S": "i32", "M": "i32",
         "NUM_PROGRAMS": "i32", "spin_limit": "i32",
     }  # fmt: skip
-    constants = _constants(dtype, tiles_for(dtype), aligned, has_scale, normalize, backoff=True, given=given)
+    tiles = (block_for(dtype), unroll)
+    constants = _constants(dtype, tiles, aligned, has_scale, normalize, backoff=True, given=given)
     return compile_ahead(znorm_queue_kernel, signature, constants, arch, OPTIONS)
 
 
@@ -511,7 +526,7 @@ def _launch_here(
 
     dtype = tensors[0].dtype
     if plan is None:
-        plan = _plan_for(tensors, tiles or tiles_for(dtype))
+        plan = _plan_for(tensors, tiles)
     tiles = plan.tiles
     stream = _stream_of(device)
     ws = _workspace(plan, stream)
@@ -615,7 +630,7 @@ def bind(tensors: list[Tensor]):
 
 def _bound(tensors: list[Tensor], numels: tuple[int, ...] | None = None):
     dtype = tensors[0].dtype
-    plan = _plan_for(tensors, tiles_for(dtype), numels)
+    plan = _plan_for(tensors, None, numels)
     numels = plan.numels
 
     def run(

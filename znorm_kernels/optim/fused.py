@@ -277,7 +277,7 @@ def _remember(opt, group: dict[str, Any], options: tuple, layout: _Layout, param
 
             picked = [g for g, t in zip(sub[1], treated) if t]
             if picked:
-                stats_plan = triton_host._plan_for(picked, triton_host.tiles_for(dtype))
+                stats_plan = triton_host._plan_for(picked)
             if kind == "sgd":
                 plan = triton_optim.sgd_plan(sub, [False] * len(idx), device, dtype)[0]
             else:
