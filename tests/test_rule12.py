@@ -35,6 +35,7 @@ def tb(monkeypatch):
     monkeypatch.setattr(triton_host, "_plans", type(triton_host._plans)())
     # Layouts too: tests patch LARGE_TENSOR and LARGE_CHUNK_TILES, which the layout cache's key leaves out.
     monkeypatch.setattr(triton_host, "_layouts", type(triton_host._layouts)())
+    monkeypatch.setattr(triton_host, "_workspace_pool", type(triton_host._workspace_pool)())
     return triton_host
 
 
@@ -145,6 +146,48 @@ def test_rule12_a_launch_that_fails_drops_its_workspace(tb, monkeypatch):
     tb.znorm_group_(grads, 1e-10, 0, None, block=64)
     for g, x in zip(grads, inputs):
         assert_close_to_float64(g, x)
+
+
+@needs_triton
+def test_rule12_plans_of_the_same_sizes_share_a_workspace_until_a_launch_fails(tb, monkeypatch):
+    # Gradients that moved get a new plan (table) but reuse the workspace of the same sizes on that stream;
+    # after a launch that did not finish, no plan uses that workspace again.
+    from znorm_kernels.backends import triton_kernels
+
+    buf = make_grad((1000,), device=DEVICE, seed=3)
+    first, second = [buf[0:5], buf[64:364]], [buf[400:405], buf[512:812]]
+    inputs = [[t.clone() for t in ts] for ts in (first, second)]
+    tb.znorm_group_(first, 1e-10, 0, None, block=64)
+    tb.znorm_group_(second, 1e-10, 0, None, block=64)
+    plans = list(tb._plans.values())
+    assert len(plans) == 2 and len(tb._workspace_pool) == 1
+    assert plans[0].workspaces == plans[1].workspaces
+    for ts, xs in zip((first, second), inputs):
+        for t, x in zip(ts, xs):
+            assert_close_to_float64(t, x)
+    (shared,) = plans[0].workspaces.values()
+
+    class Interrupted:  # a launch stopped half-way: its counters are left non-zero
+        def __getitem__(self, grid):
+            def run(meta, partials, stats, counters, *args, **kwargs):
+                counters[0] = 3
+                raise KeyboardInterrupt
+
+            return run
+
+    real = triton_kernels.znorm_queue_kernel
+    monkeypatch.setattr(triton_kernels, "znorm_queue_kernel", Interrupted())
+    with pytest.raises(KeyboardInterrupt):
+        tb.znorm_group_(first, 1e-10, 0, None, block=64)
+    monkeypatch.setattr(triton_kernels, "znorm_queue_kernel", real)
+    assert shared.dropped and plans[0].workspaces == {}
+    for t, x in zip(second, inputs[1]):
+        t.copy_(x)
+    tb.znorm_group_(second, 1e-10, 0, None, block=64)  # the other plan: a fresh workspace, a correct result
+    (fresh,) = plans[1].workspaces.values()
+    assert fresh is not shared and int(fresh.counters.abs().sum()) == 0
+    for t, x in zip(second, inputs[1]):
+        assert_close_to_float64(t, x)
 
 
 @needs_triton

@@ -25,6 +25,7 @@ def tb(monkeypatch):
     monkeypatch.setattr(triton_backend, "_plans", type(triton_backend._plans)())
     # Layouts too: tests patch LARGE_TENSOR and LARGE_CHUNK_TILES, which the layout cache's key leaves out.
     monkeypatch.setattr(triton_backend, "_layouts", type(triton_backend._layouts)())
+    monkeypatch.setattr(triton_backend, "_workspace_pool", type(triton_backend._workspace_pool)())
     return triton_backend
 
 

@@ -10,9 +10,10 @@ order; non-dense views are gathered into a contiguous copy and written back.
 Safe wherever PyTorch code runs (docs/contract.md, rule 12):
 - Device: every launch runs under its tensors' device, whichever device is current.
 - Streams: a launch's workspace (partials, statistics, counters) is mutable state that each launch leaves
-  zeroed for the next. A plan keeps one workspace per stream, allocated on that stream, so launches sharing
-  one are ordered on their stream, and the caching allocator frees it in that stream's order. The table is
-  read-only and recorded on every stream that uses it. A launch that raises drops its workspace. So the
+  zeroed for the next. A plan uses one workspace per stream, allocated on that stream and shared with the
+  plans of the same sizes there, so launches sharing one are ordered on their stream, and the caching
+  allocator frees it in that stream's order. The table is read-only and recorded on every stream that uses
+  it. A launch that raises drops its workspace, for every plan. So the
   counters are zero at every launch, and a wait that never ends cannot arise; ``set_spin_limit`` (or
   ``ZNORM_SPIN_LIMIT``) turns a wait past a bound into an error, for debugging.
 - CUDA graphs: a launch during capture gets a fresh workspace from the graph's pool (zeroed by a captured
@@ -172,6 +173,7 @@ class Workspace:
     partials: Tensor  # float64 [4 * S]: mean, M2, min, max per statistics chunk
     stats: Tensor  # float64 [T, 4]: mean, std, inv, wide per tensor
     counters: Tensor  # int32 [3 + T]: ticket, programs done, error flag, per-tensor chunk counters
+    dropped: bool = False  # a launch on it did not finish: its counters may be non-zero, never use it again
 
 
 @dataclass(eq=False)
@@ -204,6 +206,10 @@ class Plan:
 
 
 _plans: OrderedDict[tuple, Plan] = OrderedDict()
+# Workspaces by (device, stream, S, T): plans of the same sizes on one stream share one (their launches are
+# ordered on that stream, and each leaves it zeroed), so gradients that move to new addresses, which need a
+# new plan (table), allocate and zero no new workspace.
+_workspace_pool: OrderedDict[tuple, Workspace] = OrderedDict()
 _captured_plans: list[Plan] = []  # tables a captured graph reads: kept for the life of the process
 
 
@@ -482,11 +488,19 @@ def _workspace(plan: Plan, stream: int) -> Workspace:
             _captured_plans.append(plan)
         return plan.new_workspace()
     ws = plan.workspaces.get(stream)
-    if ws is None:
-        ws = plan.workspaces[stream] = plan.new_workspace()
-        if plan.device.type == "cuda":
+    if ws is None or ws.dropped:
+        key = (plan.device, stream, plan.num_stats_items, plan.num_tensors)
+        ws = _workspace_pool.get(key)
+        if ws is None or ws.dropped:
+            ws = _workspace_pool[key] = plan.new_workspace()
+            if len(_workspace_pool) > PLAN_CACHE_SIZE:
+                _workspace_pool.popitem(last=False)
+        else:
+            _workspace_pool.move_to_end(key)
+        if stream not in plan.workspaces and plan.device.type == "cuda":
             # The table may be freed (plan evicted) while this stream still reads it.
             plan.meta.record_stream(torch.cuda.current_stream(plan.device))
+        plan.workspaces[stream] = ws
     return ws
 
 
@@ -570,7 +584,9 @@ def _launch_here(
         if limit:
             _check_no_stall(ws, device, limit)
     except BaseException:
-        plan.workspaces.pop(stream, None)  # its counters may be left mid-launch: never reuse them
+        # Its counters may be left mid-launch: never reuse it (nor may any plan sharing it).
+        ws.dropped = True
+        plan.workspaces.pop(stream, None)
         raise
     if on_gpu and key not in _programs_per_sm:
         _learn_occupancy(key, kernel)
