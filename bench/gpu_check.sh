@@ -160,7 +160,9 @@ if ((HAVE_GPU)); then
     # first GPU run got through 140 tests in 120 s), one line per test (-v) so that a run cut short still
     # says what passed and failed, and a per-test limit where pytest-timeout is installed.
     PYTEST_PAR=()
-    "$PY" -c "import xdist" 2>/dev/null && PYTEST_PAR+=(-n "${GPU_CHECK_TEST_WORKERS:-8}")
+    # worksteal: an idle worker takes tests queued on a busy one (on the third GPU run the default "load"
+    # left test_compile.py queued behind the gloo tests of one worker until the cap).
+    "$PY" -c "import xdist" 2>/dev/null && PYTEST_PAR+=(-n "${GPU_CHECK_TEST_WORKERS:-8}" --dist worksteal)
     "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_PAR+=(--timeout 120)
     # GPU_CHECK_TESTS narrows the run (e.g. to the GPU files alone, when CI has run the rest on the CPU).
     DEFAULT_TESTS="tests/test_rule12.py tests/test_native.py tests/test_triton.py tests/test_optim.py

@@ -161,13 +161,23 @@ def train_markdown(train: dict) -> str:
         f"SGD momentum 0.9; median of {train['steps']} steps per variant, variants interleaved (each "
         "installed for two steps per round, the second timed):",
         "",
-        "| variant | ms per step | overhead vs no ZNorm |",
-        "|---|---|---|",
+        "| variant | ms per step | overhead vs no ZNorm | treatment host µs in the step |",
+        "|---|---|---|---|",
     ]
     base = train["variants"].get("no ZNorm")
+    hook_us = train.get("hook_host_us", {})
     for name, ms in train["variants"].items():
         over = "" if name == "no ZNorm" or ms is None or not base else f"{(ms - base) / base:+.1%}"
-        out.append(f"| {name} | {_f(ms, '{:.2f}', 'failed')} | {over} |")
+        host = _f(hook_us.get(name), "{:,.1f}")
+        out.append(f"| {name} | {_f(ms, '{:.2f}', 'failed')} | {over} | {host} |")
+    paths = train.get("hook_paths")
+    if paths:
+        out += [
+            "",
+            f"Our hook over its {train['steps']} timed steps: {paths['full checks']} full checks, "
+            f"{paths['moved']} with the gradients at new addresses (bound again), the rest at the same "
+            f"addresses; {paths['plans built']} Triton plans built (a new table copied to the device).",
+        ]
     return "\n".join(out) + "\n"
 
 

@@ -198,6 +198,11 @@ def test_cuda_report_and_targets() -> None:
         },
     }
     assert "+38.5%" in train_markdown(train)
+    train["hook_host_us"] = {"no ZNorm": 1.5, "znorm_kernels.register (backend triton)": 97.25}
+    train["hook_paths"] = {"full checks": 0, "moved": 30, "plans built": 2}
+    text = train_markdown(train)
+    assert "| znorm_kernels.register (backend triton) | 20.90 | +0.5% | 97.2 |" in text
+    assert "0 full checks, 30 with the gradients at new addresses" in text and "2 Triton plans built" in text
     targets = targets_markdown(rows, train, "cuda")
     assert "| ResNet-56 float32: <= 12 µs device time | triton | 11.0 µs | yes |" in targets
     # The host-time target reads the host's own cost (30 µs), not the synchronized hook time (60 µs).
@@ -421,3 +426,32 @@ def test_cpu_rows_have_no_gpu_busy_figure() -> None:
         CaseOptions(reps=3, max_s=0.02, count_launches=False),
     )
     assert rows and all(r["device_us"] and r["device_busy_us"] is None for r in rows)
+
+
+def test_training_step_counts_the_hooks_paths():
+    """bench.train_step's path counter: nothing while not counting; then a step at the same addresses counts
+    nothing, one at new addresses counts a move, one with another dtype a full check."""
+    import znorm_kernels
+    from bench.train_step import _PathCounter
+    from znorm_kernels import dispatch
+
+    params = [torch.nn.Parameter(torch.zeros(4, 3)), torch.nn.Parameter(torch.zeros(5))]
+    opt = torch.optim.SGD(params, lr=0.0)
+    znorm_kernels.register(opt, backend="reference")
+    real = dispatch.GradientGroups._check
+    with _PathCounter() as paths:
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()  # the first call: a full check, not counted
+        paths.counting = True
+        opt.step()
+        assert paths.counts == {"full checks": 0, "moved": 0, "plans built": 0}
+        for p in params:
+            p.grad = torch.randn_like(p) + 0  # new storage
+        opt.step()
+        assert paths.counts["moved"] == 1 and paths.counts["full checks"] == 0
+        params[1].data = params[1].data.double()
+        params[1].grad = torch.randn(5, dtype=torch.float64)
+        opt.step()
+        assert paths.counts["full checks"] == 1
+    assert dispatch.GradientGroups._check is real

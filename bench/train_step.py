@@ -52,25 +52,81 @@ def time_training_step(device: torch.device, batch: int, steps: int, backend: st
         ),
     }
     times: dict[str, list[float]] = {name: [] for name in variants}
-    for r in range(steps + 1):  # round 0 is warm-up (compilation, caches), not recorded
-        for name, install in variants.items():
-            handle = install()
-            # The first step after installing is never timed: a hook's first call builds its caches
-            # (selection, checks, plans), which a training loop pays once, not every step. (Until 2026-11-27
-            # every timed step of the hook was its first: the first two GPU runs' +5.5% and +9.4% include it.)
-            for k in range(2 if r else 3):
-                sync(device)
-                start = time.perf_counter()
-                step()
-                sync(device)
-                if r and k == 1:
-                    times[name].append(time.perf_counter() - start)
-            if handle is not None:
-                handle.remove()
+    hook_times: dict[str, list[float]] = {name: [] for name in variants}
+    # The host time of the treatment itself inside the step: pre-hooks around it (they run in the order
+    # registered) read the clock.
+    clock: list[float] = []
+    with _PathCounter() as paths:
+        for r in range(steps + 1):  # round 0 is warm-up (compilation, caches), not recorded
+            for name, install in variants.items():
+                before = opt.register_step_pre_hook(lambda *_: clock.append(time.perf_counter()))
+                handle = install()
+                after = opt.register_step_pre_hook(lambda *_: clock.append(time.perf_counter()))
+                # The first step after installing is never timed: a hook's first call builds its caches
+                # (selection, checks, plans), which a training loop pays once, not every step. (Until
+                # 2026-11-27 every timed step of the hook was its first: the first two GPU runs' +5.5% and
+                # +9.4% include it.)
+                for k in range(2 if r else 3):
+                    timed = bool(r and k == 1)
+                    paths.counting = timed and name.startswith("znorm_kernels")
+                    clock.clear()
+                    sync(device)
+                    start = time.perf_counter()
+                    step()
+                    sync(device)
+                    if timed:
+                        times[name].append(time.perf_counter() - start)
+                        hook_times[name].append(clock[1] - clock[0])
+                paths.counting = False
+                for h in (before, handle, after):
+                    if h is not None:
+                        h.remove()
     return {
         "batch": batch,
         "steps": sum(len(t) for t in times.values()) // len(times),
         "precision": "bf16 autocast" if cuda else "float32",
         "memory_format": "channels_last" if cuda else "contiguous",
         "variants": {name: statistics.median(t) * 1e3 for name, t in times.items()},
+        "hook_host_us": {name: statistics.median(t) * 1e6 for name, t in hook_times.items()},
+        "hook_paths": dict(paths.counts),
     }
+
+
+class _PathCounter:
+    """Counts, while ``counting`` is set, which path our hook took (GradientGroups: the full checks, or
+    gradients that moved to other addresses and were bound again; otherwise the same addresses) and how
+    many Triton plans (a new table copied to the device) were built. Patches the classes for the duration."""
+
+    def __init__(self) -> None:
+        self.counting = False
+        self.counts = {"full checks": 0, "moved": 0, "plans built": 0}
+
+    def __enter__(self) -> _PathCounter:
+        from znorm_kernels import dispatch
+
+        self._saved = [(dispatch.GradientGroups, "_check"), (dispatch.GradientGroups, "_moved")]
+        wrap = {"_check": "full checks", "_moved": "moved"}
+        try:
+            from znorm_kernels.backends import triton_host
+
+            self._saved.append((triton_host, "_build_plan"))
+            wrap["_build_plan"] = "plans built"
+        except ImportError:  # no Triton: nothing to count there
+            pass
+        self._saved = [(owner, attr, getattr(owner, attr)) for owner, attr in self._saved]
+        for owner, attr, fn in self._saved:
+            setattr(owner, attr, self._counted(fn, wrap[attr]))
+        return self
+
+    def _counted(self, fn, what: str):
+        def counted(*args, **kwargs):
+            result = fn(*args, **kwargs)
+            if self.counting and (what != "moved" or result):
+                self.counts[what] += 1
+            return result
+
+        return counted
+
+    def __exit__(self, *exc) -> None:
+        for owner, attr, fn in self._saved:
+            setattr(owner, attr, fn)
