@@ -154,22 +154,37 @@ def markdown(rows: list[dict], cases: dict[str, dict], device: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def _overhead(name: str, ms: float | None, base: float | None) -> str:
+    return "" if name == "no ZNorm" or ms is None or not base else f"{(ms - base) / base:+.1%}"
+
+
 def train_markdown(train: dict) -> str:
     """The training-step table."""
+    piped = train.get("pipelined") or {}
     out = [
         f"ResNet-56 training step, batch {train['batch']}, {train['precision']}, {train['memory_format']}, "
         f"SGD momentum 0.9; median of {train['steps']} steps per variant, variants interleaved (each "
         "installed for two steps per round, the second timed):",
         "",
-        "| variant | ms per step | overhead vs no ZNorm | treatment host µs in the step |",
-        "|---|---|---|---|",
+        "| variant | ms per step | overhead vs no ZNorm | treatment host µs in the step |"
+        + (" pipelined ms per step | overhead |" if piped else ""),
+        "|---|---|---|---|" + ("---|---|" if piped else ""),
     ]
     base = train["variants"].get("no ZNorm")
     hook_us = train.get("hook_host_us", {})
     for name, ms in train["variants"].items():
-        over = "" if name == "no ZNorm" or ms is None or not base else f"{(ms - base) / base:+.1%}"
         host = _f(hook_us.get(name), "{:,.1f}")
-        out.append(f"| {name} | {_f(ms, '{:.2f}', 'failed')} | {over} | {host} |")
+        line = f"| {name} | {_f(ms, '{:.2f}', 'failed')} | {_overhead(name, ms, base)} | {host} |"
+        if piped:
+            p = piped.get(name)
+            line += f" {_f(p, '{:.2f}')} | {_overhead(name, p, piped.get('no ZNorm'))} |"
+        out.append(line)
+    if piped:
+        out += [
+            "",
+            f"Pipelined: {train['pipelined_steps']} steps back to back, one synchronization at the end (as a "
+            f"training loop runs), median of {train['pipelined_rounds']} rounds per variant.",
+        ]
     paths = train.get("hook_paths")
     if paths:
         out += [
@@ -292,6 +307,12 @@ def targets_markdown(rows: list[dict], train: dict | None, device: str) -> str:
             if name.startswith("znorm_kernels") and base and ms:
                 over = (ms - base) / base
                 add("ResNet-56 training step: < 1% overhead", name, f"{over:+.1%}", over < 0.01)
+        piped = train.get("pipelined") or {}
+        base = piped.get("no ZNorm")
+        for name, ms in piped.items():
+            if name.startswith("znorm_kernels") and base and ms:
+                over = (ms - base) / base
+                add("ResNet-56 training step, pipelined: < 1% overhead", name, f"{over:+.1%}", over < 0.01)
     if not out:
         return ""
     head = [

@@ -203,6 +203,23 @@ def test_cuda_report_and_targets() -> None:
     text = train_markdown(train)
     assert "| znorm_kernels.register (backend triton) | 20.90 | +0.5% | 97.2 |" in text
     assert "0 full checks, 30 with the gradients at new addresses" in text and "2 Triton plans built" in text
+    train.update(
+        pipelined={
+            "no ZNorm": 20.0,
+            "eager loop (step pre-hook)": 27.0,
+            "znorm_kernels.register (backend triton)": 20.1,
+        },
+        pipelined_steps=10,
+        pipelined_rounds=5,
+    )
+    text = train_markdown(train)
+    assert "| znorm_kernels.register (backend triton) | 20.90 | +0.5% | 97.2 | 20.10 | +0.5% |" in text
+    assert "10 steps back to back" in text
+    assert (
+        "| ResNet-56 training step, pipelined: < 1% overhead | znorm_kernels.register (backend triton) "
+        "| +0.5% | yes |" in targets_markdown(rows, train, "cuda")
+    )
+    del train["pipelined"]
     targets = targets_markdown(rows, train, "cuda")
     assert "| ResNet-56 float32: <= 12 µs device time | triton | 11.0 µs | yes |" in targets
     # The host-time target reads the host's own cost (30 µs), not the synchronized hook time (60 µs).
@@ -455,3 +472,16 @@ def test_training_step_counts_the_hooks_paths():
         opt.step()
         assert paths.counts["full checks"] == 1
     assert dispatch.GradientGroups._check is real
+
+
+def test_training_step_profile_writes_its_table_and_traces(tmp_path):
+    """bench.train_step --profile on the CPU: a row per variant, operator tables, one trace per variant."""
+    from bench.train_step import profile_training_step
+
+    doc = profile_training_step(torch.device("cpu"), 2, tmp_path, steps=1, backend="cpu")
+    assert (tmp_path / "train_profile.md").read_text() == doc
+    for name in ("no ZNorm", "eager loop (step pre-hook)", "znorm_kernels.register (backend cpu)"):
+        assert f"| {name} | " in doc and f"## {name}" in doc
+    assert "Top 15 by self CPU time" in doc and "aten::convolution_backward" in doc
+    traces = sorted(p.name for p in tmp_path.glob("trace_*.json.gz"))
+    assert traces == [f"trace_{k}.json.gz" for k in range(3)]

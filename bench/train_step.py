@@ -5,14 +5,22 @@ SGD with momentum 0.9; on CUDA batch 256, bf16 autocast and channels_last; on th
 batch. The variants share one model and optimizer and are interleaved (one step of each in turn, round after
 round), so drift of a shared machine hits them alike. Each variant is installed for two steps per round and
 the second is timed: the steady state a training loop sees, not a hook's first call. The figure is the
-median step time, device synchronized after each step. The data are random (timing only).
+median step time, device synchronized after each step; on CUDA also the pipelined step time (steps back to
+back, one synchronization at the end). The data are random (timing only).
+
+    python -m bench.train_step --device cuda                 # the table alone (as `python -m bench` has it)
+    python -m bench.train_step --device cuda --profile OUT   # torch.profiler over pipelined steps of each
+                                                             # variant: where the time of a step goes
 """
 
 from __future__ import annotations
 
+import argparse
+import gzip
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -21,12 +29,12 @@ from bench.alternatives import EPS, eager_loop, loop_pre_hook
 from bench.timing import sync
 from znorm_kernels.cifar.models import cifar_resnet
 
-__all__ = ["time_training_step"]
+__all__ = ["profile_training_step", "time_training_step"]
 
 
-def time_training_step(device: torch.device, batch: int, steps: int, backend: str = "auto") -> dict:
-    """Median ms per step for each variant, and the set-up used: ``steps`` timed steps per variant, one step
-    of each variant per round (the finest interleaving), after a warm-up round of 2 steps each."""
+def _setup(device: torch.device, batch: int, backend: str):
+    """The model, optimizer and data of the step; returns (step, variants): ``step()`` runs one training step,
+    ``variants`` maps each variant's name to a function that installs it (returning its handle or None)."""
     torch.manual_seed(0)
     cuda = device.type == "cuda"
     fmt = torch.channels_last if cuda else torch.contiguous_format
@@ -51,6 +59,24 @@ def time_training_step(device: torch.device, batch: int, steps: int, backend: st
             opt, eps=EPS, backend=backend
         ),
     }
+    return step, opt, variants
+
+
+def time_training_step(
+    device: torch.device,
+    batch: int,
+    steps: int,
+    backend: str = "auto",
+    *,
+    pipelined_rounds: int = 5,
+    pipelined_steps: int = 10,
+) -> dict:
+    """Median ms per step for each variant, and the set-up used: ``steps`` timed steps per variant, one step
+    of each variant per round (the finest interleaving), after a warm-up round of 2 steps each. On CUDA also
+    the pipelined figure a training loop sees: ``pipelined_steps`` steps back to back with one synchronization
+    at the end, median over ``pipelined_rounds`` rounds (variants in turn)."""
+    cuda = device.type == "cuda"
+    step, opt, variants = _setup(device, batch, backend)
     times: dict[str, list[float]] = {name: [] for name in variants}
     hook_times: dict[str, list[float]] = {name: [] for name in variants}
     # The host time of the treatment itself inside the step: pre-hooks around it (they run in the order
@@ -81,6 +107,22 @@ def time_training_step(device: torch.device, batch: int, steps: int, backend: st
                 for h in (before, handle, after):
                     if h is not None:
                         h.remove()
+    pipelined = None
+    if cuda and pipelined_rounds > 0:
+        runs: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(pipelined_rounds):
+            for name, install in variants.items():
+                handle = install()
+                step()  # the first step after installing (caches) is not timed
+                sync(device)
+                start = time.perf_counter()
+                for _ in range(pipelined_steps):
+                    step()
+                sync(device)
+                runs[name].append((time.perf_counter() - start) / pipelined_steps)
+                if handle is not None:
+                    handle.remove()
+        pipelined = {name: statistics.median(t) * 1e3 for name, t in runs.items()}
     return {
         "batch": batch,
         "steps": sum(len(t) for t in times.values()) // len(times),
@@ -89,6 +131,9 @@ def time_training_step(device: torch.device, batch: int, steps: int, backend: st
         "variants": {name: statistics.median(t) * 1e3 for name, t in times.items()},
         "hook_host_us": {name: statistics.median(t) * 1e6 for name, t in hook_times.items()},
         "hook_paths": dict(paths.counts),
+        "pipelined": pipelined,
+        "pipelined_steps": pipelined_steps,
+        "pipelined_rounds": pipelined_rounds,
     }
 
 
@@ -130,3 +175,96 @@ class _PathCounter:
     def __exit__(self, *exc) -> None:
         for owner, attr, fn in self._saved:
             setattr(owner, attr, fn)
+
+
+def profile_training_step(
+    device: torch.device, batch: int, out: Path, steps: int = 5, backend: str = "auto"
+) -> str:
+    """torch.profiler (CPU and CUDA) over ``steps`` pipelined steps of each variant, after 3 warm-up steps:
+    per variant the step's wall time under the profiler, the device kernels per step and their summed time,
+    the time the device spent idle between them, and the operators with the most self time on each side.
+    Writes OUT/train_profile.md (returned) and a gzipped Chrome trace per variant."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out.mkdir(parents=True, exist_ok=True)
+    step, _, variants = _setup(device, batch, backend)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    text = [
+        f"# Training-step profile: ResNet-56, batch {batch}, {steps} pipelined steps per variant",
+        "",
+        "| variant | wall ms per step | kernels per step | kernel ms per step | device idle ms per step |",
+        "|---|---|---|---|---|",
+    ]
+    tables = []
+    for k, (name, install) in enumerate(variants.items()):
+        handle = install()
+        for _ in range(3):
+            step()
+        sync(device)
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            sync(device)
+            wall = (time.perf_counter() - start) / steps
+        if handle is not None:
+            handle.remove()
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e3 / steps  # kernels, memcpys, memsets
+        idle = ""
+        if kernels:
+            first = min(e.time_range.start for e in kernels)
+            last = max(e.time_range.end for e in kernels)
+            idle = f"{((last - first) / 1e3 - busy * steps) / steps:.2f}"
+        text.append(f"| {name} | {wall * 1e3:.2f} | {len(kernels) / steps:.0f} | {busy:.2f} | {idle} |")
+        averages = prof.key_averages()
+        tables.append(f"## {name}\n")
+        keys = [("self_cpu_time_total", "self CPU time")]
+        if kernels:
+            keys.insert(0, ("self_device_time_total", "self device time"))
+        for key, what in keys:
+            tables += [
+                f"Top 15 by {what} (all {steps} steps):",
+                "",
+                "```",
+                averages.table(sort_by=key, row_limit=15, max_name_column_width=60),
+                "```",
+                "",
+            ]
+        trace = out / f"trace_{k}.json"
+        prof.export_chrome_trace(str(trace))
+        with open(trace, "rb") as src, gzip.open(str(trace) + ".gz", "wb") as dst:
+            dst.write(src.read())
+        trace.unlink()
+    text += ["", "Device idle: the span from the first kernel to the last, minus their summed time.", ""]
+    doc = "\n".join(text + tables) + "\n"
+    (out / "train_profile.md").write_text(doc)
+    return doc
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, help="default 256 on CUDA, 32 on the CPU")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per variant (the table)")
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument(
+        "--profile", type=Path, metavar="OUT", help="profile instead of timing; results in OUT"
+    )
+    parser.add_argument("--profile-steps", type=int, default=5)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    batch = args.batch or (256 if device.type == "cuda" else 32)
+    if args.profile:
+        doc = profile_training_step(device, batch, args.profile, args.profile_steps, args.backend)
+        print(doc.split("\n## ", 1)[0])
+        return
+    from bench.report import train_markdown
+
+    print(train_markdown(time_training_step(device, batch, args.steps, args.backend)))
+
+
+if __name__ == "__main__":
+    main()
