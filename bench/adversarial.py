@@ -3,7 +3,7 @@ other z-score its precision in a careless implementation. Shared by the benchmar
 tests; ``python -m bench.adversarial`` prints each backend's error next to the eager loop's.
 
 Every case is float32 with finite z-scores. Outliers sit where block, tile and chunk boundaries are (the first
-element, 4096 and 65536, the last element, several at once).
+element, 8192 (the Triton tile) and 65536, the last element, several at once).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _near_constant(n: int) -> Tensor:
 CASES: dict[str, tuple[Callable[[], Tensor], float]] = {
     "outlier first (1M, std 1e-3, x[0]=5)": (lambda: _with(_noise(1 << 20, 1e-3, 1), {0: 5.0}), EPS),
     "outlier at tile and chunk starts": (
-        lambda: _with(_noise(150_000, 1e-3, 2), {4096: 5.0, 65536: -7.0, 131072: 3.0}),
+        lambda: _with(_noise(150_000, 1e-3, 2), {8192: 5.0, 65536: -7.0, 131072: 3.0}),
         EPS,
     ),
     "outlier last (9000)": (lambda: _with(_noise(9000, 1e-3, 3), {8999: -50.0}), EPS),

@@ -9,7 +9,7 @@ gradients and in the same process:
 - ``copy``: ``dst.copy_(src)`` of the list's bytes (the copy rate that "% copy" divides by, as bench/report.py
   computes it: 3 passes of the list's bytes are needed, a copy moves 2);
 - the CUDA backend (``native.group_fn("cuda")``; on the CPU the "cpu" backend stands in);
-- ``triton shipped``: ``triton_host.znorm_group_`` as it ships (``tiles_for(dtype)``, the grid that
+- ``triton shipped``: ``triton_host.znorm_group_`` as it ships (``tiles_for(dtype, numels)``, the grid that
   ``_num_programs`` picks from the occupancy the compiled kernel allows);
 - ``triton b<block> u<unroll> p<programs>``: the same call with ``block=`` (the tile: elements a program
   holds in registers, and the chunk unit of large tensors), ``unroll=`` (tiles whose loads a large tensor's

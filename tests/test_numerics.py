@@ -46,11 +46,12 @@ def test_adversarial_inputs_break_the_eager_loop():
 
 
 @backend_device
-@pytest.mark.parametrize("n", [2, 3, 4097, 70_000])
+@pytest.mark.parametrize("n", [2, 3, 4097, 8193, 70_000])
 def test_rule10_outlier_positions(backend, device, n):
-    """One outlier wherever a block, tile or chunk starts or ends (4096-element tiles, 65536-element chunks,
-    16384-element CPU items), each in its own tensor, all in one call."""
-    positions = sorted({p for p in (0, 1, 4095, 4096, 16384, 65535, 65536, n - 1) if p < n})
+    """One outlier wherever a block, tile or chunk starts or ends (8192-element Triton tiles, which are the
+    chunks of tensors up to 2**20 elements, the CUDA backend's blocks, 16384-element CPU items), each in its
+    own tensor, all in one call."""
+    positions = sorted({p for p in (0, 1, 4095, 4096, 8191, 8192, 16384, 65535, 65536, n - 1) if p < n})
     inputs = []
     for k, p in enumerate(positions):
         g = torch.Generator().manual_seed(k)
@@ -98,7 +99,7 @@ def adversarial_tensor(draw, max_n: int = 3000):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, generator=g, dtype=torch.float64) * scale + offset
     for _ in range(draw(st.integers(0, 3))):
-        where = draw(st.sampled_from([0, n - 1, n // 2, min(4096, n - 1), draw(st.integers(0, n - 1))]))
+        where = draw(st.sampled_from([0, n - 1, n // 2, min(8192, n - 1), draw(st.integers(0, n - 1))]))
         x[where] = offset + scale * draw(st.sampled_from([-1.0, 1.0])) * 10.0 ** draw(st.integers(1, 6))
     return x.float()
 

@@ -131,6 +131,18 @@ def test_the_list_sets_unroll_and_a_tensor_keeps_its_bits(tb, monkeypatch, dtype
     assert plans[tuple(t.numel() for t in together)] == (16, unroll)
 
 
+@pytest.mark.parametrize(
+    "tiles", [{"unroll": 0}, {"unroll": 3}, {"block": 24}, {"block": 8}, {"block": 64.0}], ids=str
+)
+def test_bad_tiles_are_refused_and_change_nothing(tb, tiles):
+    grads = [make_grad((n,), device=DEVICE, seed=n) for n in (5, 300)]
+    inputs = [g.clone() for g in grads]
+    with pytest.raises(ValueError, match=r"(unroll|block) must be"):
+        tb.znorm_group_(grads, 1e-10, 0, None, **tiles)
+    for g, x in zip(grads, inputs):
+        assert torch.equal(g, x)
+
+
 def test_default_block_boundaries(tb):
     block = tb.block_for(torch.float32)
     sizes = [block - 1, block, block + 1, 2 * block, 2 * block + 1]

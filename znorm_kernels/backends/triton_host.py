@@ -157,6 +157,10 @@ def _tiles(dtype: torch.dtype, block: int | None, unroll: int | None) -> tuple[i
     Where only one is given the other is the dtype's default (UNROLL: LARGE_UNROLL, BLOCK: block_for)."""
     if block is None and unroll is None:
         return None
+    if unroll is not None and unroll not in (1, 2, 4):
+        raise ValueError(f"unroll must be 1, 2 or 4, got {unroll!r}")
+    if block is not None and (not isinstance(block, int) or block < 16 or block & (block - 1)):
+        raise ValueError(f"block must be a power of two >= 16, got {block!r}")
     return block or block_for(dtype), unroll or (1 if dtype == torch.float64 else LARGE_UNROLL)
 
 
@@ -489,14 +493,15 @@ def _workspace(plan: Plan, stream: int) -> Workspace:
         return plan.new_workspace()
     ws = plan.workspaces.get(stream)
     if ws is None or ws.dropped:
+        # (A plan that keeps its workspace does not refresh the pool's order: an entry may age out while a
+        # plan still holds it, which costs the next plan of those sizes one allocation, nothing else.)
         key = (plan.device, stream, plan.num_stats_items, plan.num_tensors)
         ws = _workspace_pool.get(key)
         if ws is None or ws.dropped:
             ws = _workspace_pool[key] = plan.new_workspace()
             if len(_workspace_pool) > PLAN_CACHE_SIZE:
                 _workspace_pool.popitem(last=False)
-        else:
-            _workspace_pool.move_to_end(key)
+        _workspace_pool.move_to_end(key)
         if stream not in plan.workspaces and plan.device.type == "cuda":
             # The table may be freed (plan evicted) while this stream still reads it.
             plan.meta.record_stream(torch.cuda.current_stream(plan.device))

@@ -21,7 +21,8 @@ programs or their residency. A program draws its next ticket as it starts on the
 atomic's latency hides behind the work; the drawn ticket is later than the current one, so the argument
 holds. Under TRITON_INTERPRET=1 programs run one after another, and the first simply drains the queue in
 order. The last program to leave resets the counters for the next launch, so no memset is needed; the host
-keeps one workspace per stream, so launches that share counters are always ordered (triton_host).
+keeps one workspace per stream (shared by lists of the same sizes there), so launches that share counters
+are always ordered (triton_host).
 
 Each ticket reads one 32-byte record (address of its first element, element count, tensor, slot) and then
 its data: two dependent loads before the data arrive, not four. Offsets inside an item are 32-bit, from the
