@@ -88,7 +88,7 @@ def markdown(rows: list[dict], cases: dict[str, dict], device: str) -> str:
         head.append("device µs (GPU busy ahead)")
     head.append("hook µs (synced)")
     if cuda:
-        head.append("hook host µs")
+        head += ["hook host µs", "hook host µs alone"]
     head += ["GB/s", "% copy"]
     if cuda:
         head.append("% copy (busy)")
@@ -110,7 +110,7 @@ def markdown(rows: list[dict], cases: dict[str, dict], device: str) -> str:
                 cells.append(busy + ("*" if busy and row.get("busy_starved") else ""))
             cells.append(_us(row["hook_us"]))
             if cuda:
-                cells.append(_us(row["hook_host_us"]))
+                cells += [_us(row["hook_host_us"]), _us(row.get("hook_host_alone_us"))]
             cells += [_f(row.get("gbps")), _f(row.get("copy_frac"), "{:.0%}")]
             if cuda:
                 cells.append(_f(row.get("copy_frac_busy"), "{:.0%}"))
@@ -137,7 +137,8 @@ def markdown(rows: list[dict], cases: dict[str, dict], device: str) -> str:
             "critical path). device µs (GPU busy ahead): median of CUDA events around the call, each call "
             "enqueued behind the same L2 flush and a GPU sleep longer than its host time, so the events time "
             "the device work alone. GB/s, % copy and the speed-ups use do_bench's figure; % copy (busy) uses "
-            "the GPU-busy figures of the row and of the copy."
+            "the GPU-busy figures of the row and of the copy. hook host µs: the call's host time, each call "
+            "right after the other methods' (caches cold); alone: repeats of that hook alone (caches warm)."
         )
         if starved:
             out.append(
@@ -296,6 +297,10 @@ def targets_markdown(rows: list[dict], train: dict | None, device: str) -> str:
             if (dev, name, method) != (device, row["list"], row["method"]) or not value:
                 continue
             text = fmt.format(value)
+            alone = row.get("hook_host_alone_us") if key == "hook_host_us" else None
+            if alone:  # PERF.md's host time: repeats of the call (the round-robin figure has cold caches)
+                text = f"{fmt.format(alone)} alone (round-robin with the other methods: {text})"
+                value = alone
             busy = row.get("device_busy_us") if key == "device_us" else None
             if busy:  # the target is about the device work: judge the figure without host time in it
                 text += f" (GPU-bound: {fmt.format(busy)}" + ("*" if row.get("busy_starved") else "") + ")"

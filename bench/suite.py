@@ -20,7 +20,7 @@ from torch import Tensor
 from bench.alternatives import EPS, Method, alternative_method, our_method
 from bench.check import AccuracyError, z_error, z_float64
 from bench.param_lists import ParamList
-from bench.timing import count_launches, device_time_gpu_bound, device_times, host_times, sync
+from bench.timing import count_launches, device_time_gpu_bound, device_times, host_time, host_times, sync
 
 __all__ = ["CaseOptions", "NullStepOptimizer", "make_grads", "run_case"]
 
@@ -85,6 +85,7 @@ def _row(plist: ParamList, dtype: torch.dtype, device: torch.device, method: str
         "busy_starved": None,  # of busy_reps, the calls the GPU reached before the host had enqueued them
         "hook_us": None,
         "hook_host_us": None,
+        "hook_host_alone_us": None,  # CUDA, our native backends: repeats of this hook alone (warm caches)
         "launches": None,
         "launches_what": "",
         "max_err": None,
@@ -241,6 +242,14 @@ def run_case(
         hosts = host_times(steps, device, reps=opts.reps, max_s=opts.max_s, warm=device.type == "cuda")
         for (row, _), (synced, enqueue) in zip(built, hosts):
             row["hook_us"], row["hook_host_us"] = synced * 1e6, enqueue * 1e6
+        # Round-robin, each hook runs right after the others (the eager loop, the reference), which leave the
+        # CPU's caches cold: a 53 µs call measured 345-444 µs so on the dev CPU. PERF.md's host time is many
+        # repeats of the call: our kernels' hooks again, each in a block of its own.
+        if device.type == "cuda":
+            for (row, _), step in zip(built, steps):
+                if row["ours"] and row["method"] in ("triton", "cuda"):
+                    _, enqueue = host_time(step, device, reps=opts.reps, max_s=opts.max_s)
+                    row["hook_host_alone_us"] = enqueue * 1e6
     except Exception as err:
         for row, _ in built:
             row["error"] = _error_text(err, "hook: ")
