@@ -102,16 +102,13 @@ def test_no_fma_contraction_and_correctly_rounded_scalars(ptx, case):
 @pytest.mark.parametrize("case", [c for c in CASES if c[1] == 90], ids=lambda c: "-".join(map(str, c)))
 def test_registers_leave_two_programs_per_sm(ptx, case, tmp_path):
     # 8 warps at <= 128 registers per thread: two programs per SM (the launch reads the figure from the
-    # compiled kernel on a GPU; this keeps the kernel from growing past it unnoticed). Spills: none in the
-    # aligned variant of lists without a large tensor (small tensors: latency-bound); a few in the unrolled
-    # one (Triton 3.8: 0-12 bytes; with Triton 3.6 the H100's fastest tiles on the 707 M list spilled too,
-    # bench/RESULTS.md); more in the element-wise variant for unaligned views (rare).
+    # compiled kernel on a GPU; this keeps the kernel from growing past it unnoticed). Spills, in bytes, with
+    # 8192-element tiles (ptxas of CUDA 13.0): Triton 3.8 spills nothing in the aligned unroll-1 variants and
+    # 0-12 bytes unrolled; Triton 3.6 (the GPU machine's) 28-44 and 96-172. The H100 probe measured those
+    # tiles, spills included, as the fastest on the 707 M list (bench/RESULTS.md, third GPU run). The
+    # element-wise variant for unaligned views (rare) spills more.
     regs, spills, report = ptxas_usage(ptx["-".join(map(str, case))], tmp_path)
     assert regs <= 128, f"{regs} registers: fewer programs fit an SM"
     unroll = case[6] if len(case) > 6 else 1
-    if case[4] and unroll == 1:
-        assert not any(spills), report
-    elif case[4]:
-        assert max(spills, default=0) <= 64, report
-    else:
-        assert max(spills, default=0) <= 512, report
+    limit = 512 if not case[4] else 64 if unroll == 1 else 256
+    assert max(spills, default=0) <= limit, report
