@@ -33,6 +33,7 @@ import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -240,16 +241,19 @@ def _table(addrs, numels, elsize: int, tiles: tuple[int, int]) -> tuple[list[int
     return table, len(stats_items) // ITEM, len(small_items) // ITEM
 
 
-def device_table(values: list[int] | Tensor, device: torch.device) -> tuple[Tensor, Tensor | None]:
-    """An int64 table (a list, or a CPU tensor this takes over) on ``device``, copied from pinned memory
-    without blocking; and the pinned source when the copy is being captured in a CUDA graph (each replay
-    reads it again: the caller keeps it), else None.
+def device_table(
+    values: list[int] | Tensor, device: torch.device, pinned: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """An int64 table (a list, or a CPU tensor this takes over, already in pinned memory if ``pinned``) on
+    ``device``, copied from pinned memory without blocking; and the pinned source when the copy is being
+    captured in a CUDA graph (each replay reads it again: the caller keeps it), else None.
     """
     host = values if isinstance(values, Tensor) else torch.tensor(values, dtype=torch.int64)
     if device.type != "cuda":
         return host, None
     capturing = torch.cuda.is_current_stream_capturing()
-    host = host.pin_memory()
+    if not pinned:
+        host = host.pin_memory()
     return host.to(device, non_blocking=True), host if capturing else None
 
 
@@ -262,6 +266,7 @@ class _Layout:
     items: int  # the first rows are work items (address, count, tensor, slot); the rest are tensors
     num_stats_items: int
     num_small_items: int
+    owners: np.ndarray  # int64 [items]: each work item's tensor
 
 
 _layouts: OrderedDict[tuple, _Layout] = OrderedDict()
@@ -273,7 +278,8 @@ def _layout_for(numels: tuple[int, ...], elsize: int, tiles: tuple[int, int]) ->
     if layout is None:
         table, s, m = _table([0] * len(numels), numels, elsize, tiles)
         template = torch.tensor(table, dtype=torch.int64).view(-1, ITEM)
-        layout = _layouts[key] = _Layout(template, 2 * s + m, s, m)
+        items = 2 * s + m
+        layout = _layouts[key] = _Layout(template, items, s, m, template[:items, 2].numpy().copy())
         if len(_layouts) > PLAN_CACHE_SIZE:
             _layouts.popitem(last=False)
     else:
@@ -281,19 +287,24 @@ def _layout_for(numels: tuple[int, ...], elsize: int, tiles: tuple[int, int]) ->
     return layout
 
 
-def _table_at(layout: _Layout, addrs: tuple[int, ...]) -> Tensor:
-    """``_table(addrs, ...)`` as an int64 CPU tensor, from the layout: each work item's address is its
-    tensor's address (picked by the item's tensor column) plus its offset. A few vector operations, where
-    building the table in Python costs a few µs per chunk (gradients that move every step need a new one)."""
-    table = layout.template.clone()
-    items = table[: layout.items]
-    items[:, 0] += torch.tensor(addrs, dtype=torch.int64)[items[:, 2]]
-    return table.view(-1)
+def _table_at(layout: _Layout, addrs: tuple[int, ...], pinned: bool = False) -> Tensor:
+    """``_table(addrs, ...)`` as an int64 CPU tensor (in pinned memory if ``pinned``), from the layout: each
+    work item's address is its tensor's address (picked by the item's tensor column) plus its offset. A few
+    numpy operations written straight into the tensor, where building the table in Python costs a few µs per
+    chunk (gradients that move every step need a new one)."""
+    out = torch.empty(layout.template.shape, dtype=torch.int64, pin_memory=pinned)
+    dst, src = out.numpy(), layout.template.numpy()
+    dst[layout.items :] = src[layout.items :]
+    dst[: layout.items, 1:] = src[: layout.items, 1:]
+    bases = np.fromiter(addrs, dtype=np.int64, count=len(addrs))
+    np.add(src[: layout.items, 0], bases[layout.owners], out=dst[: layout.items, 0])
+    return out.view(-1)
 
 
 def _build_plan(addrs: tuple[int, ...], numels: tuple[int, ...], device: torch.device, dtype, tiles) -> Plan:
     layout = _layout_for(numels, _element_size(dtype), tiles)
-    meta, host = device_table(_table_at(layout, addrs), device)
+    pinned = device.type == "cuda"
+    meta, host = device_table(_table_at(layout, addrs, pinned), device, pinned)
     return Plan(
         meta=meta,
         device=device,
