@@ -807,7 +807,10 @@ class GradientGroups:
         for fn, bound, idx in self.plan:
             rebind = getattr(bound, "rebind", None)
             if rebind is not None:
-                bound = rebind(present if idx is None else list(map(present.__getitem__, idx)))
+                if idx is None:
+                    bound = rebind(present, tuple(starts))
+                else:
+                    bound = rebind(list(map(present.__getitem__, idx)), tuple(map(starts.__getitem__, idx)))
             plan.append((fn, bound, idx))
         self.plan, self.starts = plan, starts
         return True

@@ -325,11 +325,15 @@ def _element_size(dtype: torch.dtype) -> int:
 
 
 def _plan_for(
-    tensors: list[Tensor], tiles: tuple[int, int] | None = None, numels: tuple[int, ...] | None = None
+    tensors: list[Tensor],
+    tiles: tuple[int, int] | None = None,
+    numels: tuple[int, ...] | None = None,
+    addrs: tuple[int, ...] | None = None,
 ) -> Plan:
-    """The cached plan for these tensors' addresses and sizes (``numels`` when the caller knows them), with
-    ``tiles`` or else the list's own (``tiles_for``)."""
-    addrs = tuple(map(Tensor.data_ptr, tensors))
+    """The cached plan for these tensors' addresses and sizes (``numels`` and ``addrs`` when the caller knows
+    them), with ``tiles`` or else the list's own (``tiles_for``)."""
+    if addrs is None:
+        addrs = tuple(map(Tensor.data_ptr, tensors))
     if numels is None:
         numels = tuple(map(Tensor.numel, tensors))
     first = tensors[0]
@@ -653,16 +657,17 @@ def bind(tensors: list[Tensor]):
     look-up and the layout checks. The first tensor's dtype is still compared (``model.half()`` with
     ``set_to_none`` gradients can put gradients of the new dtype at the old addresses, and the table's chunk
     addresses depend on it). Lists of non-dense views are not bound (their stand-ins are new copies each
-    call). The bound function's ``rebind(others)`` binds tensors with the same types, dtypes, devices, sizes
-    and strides as these (the caller has checked that) at other addresses, without reading layouts again."""
+    call). The bound function's ``rebind(others, addrs=None)`` binds tensors with the same types, dtypes,
+    devices, sizes and strides as these (the caller has checked that) at other addresses, without reading
+    layouts again; ``addrs``, their data pointers, where the caller has them already."""
     if not all(map(is_dense, tensors)):
         return znorm_group_
     return _bound(tensors)
 
 
-def _bound(tensors: list[Tensor], numels: tuple[int, ...] | None = None):
+def _bound(tensors: list[Tensor], numels: tuple[int, ...] | None = None, addrs=None):
     dtype = tensors[0].dtype
-    plan = _plan_for(tensors, None, numels)
+    plan = _plan_for(tensors, None, numels, addrs)
     numels = plan.numels
 
     def run(
@@ -680,7 +685,7 @@ def _bound(tensors: list[Tensor], numels: tuple[int, ...] | None = None):
             stats.copy_(ws.stats[:, :2])
 
     # The same layouts, all dense: only the plan (the addresses) changes; the sizes are these.
-    run.rebind = lambda others: _bound(others, numels)
+    run.rebind = lambda others, addrs=None: _bound(others, numels, addrs)
     return run
 
 
