@@ -52,9 +52,9 @@ __all__ = [
 ]
 
 # Elements one program holds in registers: a tensor of at most BLOCK elements is a single small item.
-# 8192 (32 KB of float32 per tile): on the H100 (bench/RESULTS.md, third GPU run) 8192-element tiles moved the
-# 707 M list at 95% (float32) and 80% (bfloat16) of the copy rate, against 90% and 67% with 4096, and cost
-# ResNet-56's 167 small tensors under 2 µs.
+# 8192 (32 KB of float32 per tile): on the H100 (bench/RESULTS.md, third GPU run) 8192-element tiles with
+# unroll 2 moved the 707 M list at 95% (float32) and 80% (bfloat16) of the copy rate, against 90% and 67% as
+# shipped before (4096); with unroll 1, ResNet-56's 167 small tensors took up to 2 µs longer than with 4096.
 BLOCK = {torch.float64: 2048}
 DEFAULT_BLOCK = 8192
 # Tiles whose loads a large tensor's chunk issues together, in lists that hold a large tensor (above
