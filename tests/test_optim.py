@@ -617,23 +617,6 @@ def test_remembered_step_follows_step_counts_that_diverge(backend, cls, torch_cl
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
-@pytest.mark.parametrize("cls, torch_cls, kwargs", SGD_AND_ADAM[1:])
-def test_remembered_step_counts_in_one_tensor_and_sees_a_counter_replaced(backend, cls, torch_cls, kwargs):
-    # The remembered step keeps a group's counters as views of one flat tensor (one read, one add per step);
-    # state["step"] stays a 0-dim CPU tensor of torch's dtype, and a counter replaced by a new tensor counts.
-    def mutate(step, opt, ps):
-        if step == 3:
-            opt.state[ps[1]]["step"] = torch.tensor(20.0)
-
-    opt = _remembered_pair(backend, cls, torch_cls, kwargs, mutate, steps=6)
-    assert opt.remembered_steps >= 3
-    counters = [opt.state[p]["step"] for p in opt.param_groups[0]["params"]]
-    assert all(c.dim() == 0 and c.device.type == "cpu" and c.dtype == torch.float32 for c in counters)
-    assert [float(c) for c in counters] == [6.0, 23.0, 6.0]  # 20, then steps 3, 4 and 5
-    assert counters[0]._base is not None and all(c._base is counters[0]._base for c in counters)
-
-
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("cls, torch_cls, kwargs", SGD_AND_ADAM)
 def test_remembered_step_sees_a_parameter_moved_and_options_changed(backend, cls, torch_cls, kwargs):
     def mutate(step, opt, ps):

@@ -233,15 +233,7 @@ class _Remembered:
     ``ptrs`` and ``guard`` are checked every step, in two C calls. What it keeps depends on nothing else: the
     buckets (device, dtype; treated flags from ``options``), the statistics and update plans (addresses and
     sizes), the path. Hyperparameters, ZNorm's eps and correction, and the step counters' values are read
-    every step. Tensors are not kept (ids and addresses only; Adam's counters excepted, below): state replaced
-    by load_state_dict is freed.
-
-    Adam's step counters: torch keeps one 0-dim CPU tensor per parameter, and reading and incrementing 167
-    of them cost about 200 µs of a ResNet-56 step's host time. After a full step the group's counters become
-    views of one flat tensor (``steps``; ``state["step"]`` is still a 0-dim CPU tensor of the same dtype and
-    value, as torch's state_dict format has it), so the next steps read them in one ``tolist()`` and count
-    in one ``add_``. Counters replaced since (load_state_dict) are at other addresses: the full step, which
-    makes them views again."""
+    every step. Tensors are not kept (ids and addresses only): state replaced by load_state_dict is freed."""
 
     options: tuple  # (kind, znorm, min_ndim, state keys, backend)
     ids: list[int]  # ids of the group's parameters with a gradient, in group order
@@ -251,9 +243,6 @@ class _Remembered:
     guard: Any  # layout_guard of those tensors, then (Adam) the step counters
     layout: _Layout
     buckets: list[tuple]  # (positions or None for all, treated, statistics plan, update plan, device, dtype)
-    steps: Tensor | None = None  # Adam: the flat tensor whose elements are the counters (group order)
-    step_ptrs: list[int] | None = None  # their addresses
-    step_indices: list[int] | None = None  # range(len(step_ptrs))
 
 
 def _read_state(opt, params: list[Tensor], keys: tuple[str, ...], kind: str) -> list[list[Tensor]] | None:
@@ -297,11 +286,6 @@ def _remember(opt, group: dict[str, Any], options: tuple, layout: _Layout, param
     if len(cache) >= 64:
         cache.clear()
     counters = [] if kind == "sgd" else lists[-1]
-    steps = _flat_counters(counters) if counters else None
-    if steps is not None:
-        counters = list(steps.unbind())
-        for p, view in zip(params, counters):
-            opt.state[p]["step"] = view
     cache[id(group)] = _Remembered(
         options=options,
         ids=list(map(id, params)),
@@ -311,19 +295,7 @@ def _remember(opt, group: dict[str, Any], options: tuple, layout: _Layout, param
         guard=layout_guard([*flat, *counters]),
         layout=layout,
         buckets=buckets,
-        steps=steps,
-        step_ptrs=None if steps is None else list(map(Tensor.data_ptr, counters)),
-        step_indices=None if steps is None else list(range(len(counters))),
     )
-
-
-def _flat_counters(counters: list[Tensor]) -> Tensor | None:
-    """One flat CPU tensor holding the values of these 0-dim CPU step counters (of one dtype), or None where
-    they are not such counters."""
-    first = counters[0]
-    if any(c.dim() != 0 or c.device.type != "cpu" or c.dtype != first.dtype for c in counters):
-        return None
-    return torch.stack(counters)
 
 
 def _remembered_step_(
@@ -358,10 +330,8 @@ def _remembered_step_(
     flat = list(itertools.chain.from_iterable(lists))
     if not (_ptrs_equal(flat, mem.ptrs, mem.indices) and mem.guard.check(*flat, *counters)):
         return None
-    if counters and not (mem.steps is not None and _ptrs_equal(counters, mem.step_ptrs, mem.step_indices)):
-        return None  # counters replaced (or never flat): the full step makes them views of one tensor again
     try:
-        args = _update_args(opt, group, kind, mem.steps.tolist() if counters else [])
+        args = _update_args(opt, group, kind, counters)
     except NotImplementedError:  # hyperparameters the kernels do not take (device tensors): the full step
         return None
     track = opt._znorm["track_stats"]
@@ -382,7 +352,7 @@ def _remembered_step_(
         _launch_remembered(path, kind, sub, treated, stats, bucket_args, plan, device, dtype, eps,
                            correction, write_grad)  # fmt: skip
     if counters:
-        mem.steps.add_(1.0)  # every counter of the group, in one op
+        torch._foreach_add_(counters, _ONE, alpha=1.0)  # CPU tensors, as torch counts them
     znorm, min_ndim = options[1], options[2]
     if track and znorm:
         selected = [p for p in group["params"] if p.dim() >= min_ndim]
@@ -391,10 +361,9 @@ def _remembered_step_(
     return True
 
 
-def _update_args(opt, group: dict[str, Any], kind: str, counters: list[float]) -> dict[str, Any]:
+def _update_args(opt, group: dict[str, Any], kind: str, counters: list[Tensor]) -> dict[str, Any]:
     """The update's hyperparameters as Python floats (as triton_optim's steps read them), and Adam's step
-    sizes from the counters' values before this step: one float each where every counter holds the same value,
-    else one per parameter."""
+    sizes: one float each where every counter holds the same value, else one per parameter."""
     from ..backends import optim_steps
 
     if kind == "sgd":
@@ -409,7 +378,7 @@ def _update_args(opt, group: dict[str, Any], kind: str, counters: list[float]) -
         "fused step", beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
         eps=group["eps"],
     )  # fmt: skip
-    counts = [c + 1 for c in counters]
+    counts = [float(s) + 1 for s in counters]  # CPU tensors: no device sync
     if counts.count(counts[0]) == len(counts):  # one value for every tensor
         (step_size,), (bc2_sqrt,) = _bias_corrections(lr, beta1, beta2, counts[:1])
     else:
