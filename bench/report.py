@@ -307,17 +307,12 @@ def targets_markdown(rows: list[dict], train: dict | None, device: str) -> str:
                 value, judged_busy = busy, True
             add(f"{_LIST_NAMES[name]} {row['dtype']}: {what}", method, text, met(value, threshold))
     if train and device == "cuda":
-        base = train["variants"].get("no ZNorm")
-        for name, ms in train["variants"].items():
-            if name.startswith("znorm_kernels") and base and ms:
-                over = (ms - base) / base
-                add("ResNet-56 training step: < 1% overhead", name, f"{over:+.1%}", over < 0.01)
-        piped = train.get("pipelined") or {}
-        base = piped.get("no ZNorm")
-        for name, ms in piped.items():
-            if name.startswith("znorm_kernels") and base and ms:
-                over = (ms - base) / base
-                add("ResNet-56 training step, pipelined: < 1% overhead", name, f"{over:+.1%}", over < 0.01)
+        for which, steps in (("", train["variants"]), (", pipelined", train.get("pipelined") or {})):
+            base = steps.get("no ZNorm")
+            for name, ms in steps.items():
+                if name.startswith("znorm_kernels") and base and ms:
+                    over = (ms - base) / base
+                    add(f"ResNet-56 training step{which}: < 1% overhead", name, f"{over:+.1%}", over < 0.01)
     if not out:
         return ""
     head = [

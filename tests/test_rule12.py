@@ -116,15 +116,10 @@ def test_rule12_each_stream_has_its_own_workspace(tb, monkeypatch):
         assert torch.equal(x, y), "the same bits on every stream"
 
 
-@needs_triton
-def test_rule12_a_launch_that_fails_drops_its_workspace(tb, monkeypatch):
+def _interrupted(monkeypatch, call) -> None:
+    """Run ``call``, which must raise, with the kernel replaced by a launch stopped half-way (its counters
+    left non-zero, then KeyboardInterrupt); the real kernel is put back."""
     from znorm_kernels.backends import triton_kernels
-
-    grads = [make_grad((n,), device=DEVICE, seed=n) for n in (5, 300)]
-    inputs = [g.clone() for g in grads]
-    tb.znorm_group_(grads, 1e-10, 0, None, block=64)
-    (plan,) = tb._plans.values()
-    (stale,) = plan.workspaces.values()
 
     class Interrupted:  # a launch stopped half-way: its counters are left non-zero
         def __getitem__(self, grid):
@@ -137,10 +132,21 @@ def test_rule12_a_launch_that_fails_drops_its_workspace(tb, monkeypatch):
     real = triton_kernels.znorm_queue_kernel
     monkeypatch.setattr(triton_kernels, "znorm_queue_kernel", Interrupted())
     with pytest.raises(KeyboardInterrupt):
-        tb.znorm_group_(grads, 1e-10, 0, None, block=64)
+        call()
+    monkeypatch.setattr(triton_kernels, "znorm_queue_kernel", real)
+
+
+@needs_triton
+def test_rule12_a_launch_that_fails_drops_its_workspace(tb, monkeypatch):
+    grads = [make_grad((n,), device=DEVICE, seed=n) for n in (5, 300)]
+    inputs = [g.clone() for g in grads]
+    tb.znorm_group_(grads, 1e-10, 0, None, block=64)
+    (plan,) = tb._plans.values()
+    (stale,) = plan.workspaces.values()
+
+    _interrupted(monkeypatch, lambda: tb.znorm_group_(grads, 1e-10, 0, None, block=64))
     assert plan.workspaces == {}, "a workspace whose launch did not finish is never used again"
     assert int(stale.counters[0]) == 3
-    monkeypatch.setattr(triton_kernels, "znorm_queue_kernel", real)
     for g, x in zip(grads, inputs):
         g.copy_(x)
     tb.znorm_group_(grads, 1e-10, 0, None, block=64)
@@ -152,8 +158,6 @@ def test_rule12_a_launch_that_fails_drops_its_workspace(tb, monkeypatch):
 def test_rule12_plans_of_the_same_sizes_share_a_workspace_until_a_launch_fails(tb, monkeypatch):
     # Gradients that moved get a new plan (table) but reuse the workspace of the same sizes on that stream;
     # after a launch that did not finish, no plan uses that workspace again.
-    from znorm_kernels.backends import triton_kernels
-
     buf = make_grad((1000,), device=DEVICE, seed=3)
     first, second = [buf[0:5], buf[64:364]], [buf[400:405], buf[512:812]]
     inputs = [[t.clone() for t in ts] for ts in (first, second)]
@@ -167,19 +171,7 @@ def test_rule12_plans_of_the_same_sizes_share_a_workspace_until_a_launch_fails(t
             assert_close_to_float64(t, x)
     (shared,) = plans[0].workspaces.values()
 
-    class Interrupted:  # a launch stopped half-way: its counters are left non-zero
-        def __getitem__(self, grid):
-            def run(meta, partials, stats, counters, *args, **kwargs):
-                counters[0] = 3
-                raise KeyboardInterrupt
-
-            return run
-
-    real = triton_kernels.znorm_queue_kernel
-    monkeypatch.setattr(triton_kernels, "znorm_queue_kernel", Interrupted())
-    with pytest.raises(KeyboardInterrupt):
-        tb.znorm_group_(first, 1e-10, 0, None, block=64)
-    monkeypatch.setattr(triton_kernels, "znorm_queue_kernel", real)
+    _interrupted(monkeypatch, lambda: tb.znorm_group_(first, 1e-10, 0, None, block=64))
     assert shared.dropped and plans[0].workspaces == {}
     for t, x in zip(second, inputs[1]):
         t.copy_(x)
