@@ -26,7 +26,11 @@ def tb(monkeypatch):
     # Layouts too: tests patch LARGE_TENSOR and LARGE_CHUNK_TILES, which the layout cache's key leaves out.
     monkeypatch.setattr(triton_backend, "_layouts", type(triton_backend._layouts)())
     monkeypatch.setattr(triton_backend, "_workspace_pool", type(triton_backend._workspace_pool)())
-    return triton_backend
+    # And the kernel's constexprs, which hold PBLOCK (patched below): a cached set from another test would
+    # keep its PBLOCK, and two launches of one test could merge partials in different orders.
+    triton_backend._constants.cache_clear()
+    yield triton_backend
+    triton_backend._constants.cache_clear()
 
 
 @pytest.fixture
