@@ -88,6 +88,35 @@ def test_large_chunk_class(tb, monkeypatch, dtype, unroll):
     assert torch.equal(grads[-1], torch.zeros_like(grads[-1]))
 
 
+@pytest.mark.parametrize("mid_tiles", [2, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_mid_chunk_class(tb, monkeypatch, dtype, mid_tiles):
+    # MID_CHUNK_TILES (1 as shipped; bench.gpu_probe tries others) sets the chunks of tensors between BLOCK
+    # and LARGE_TENSOR elements: several tiles each, a short last chunk, and the same bits whatever the unroll.
+    monkeypatch.setattr(tb, "MID_CHUNK_TILES", mid_tiles)
+    monkeypatch.setattr(tb, "LARGE_TENSOR", 10_000)
+    block = 16
+    chunk = tb.chunk_for(block + 1, block)
+    assert chunk == block * mid_tiles and tb.chunk_for(10_001, block) == block * tb.LARGE_CHUNK_TILES
+    sizes = [block + 1, chunk - 1, chunk, chunk + 1, 3 * chunk + block + 5, 10_000]
+    inputs = [make_grad((n,), dtype, DEVICE, seed=n) for n in sizes]
+    inputs[3][-1] = 2e4  # an outlier alone in a last chunk of one element
+    inputs[4][chunk + block] = -5e3  # and in the second tile of a chunk
+    results = []
+    for unroll in (1, 2):
+        grads = [x.clone() for x in inputs]
+        stats = torch.empty((len(grads), 2), dtype=torch.float64, device=DEVICE)
+        tb.znorm_group_(grads, 1e-10, 0, None, stats=stats, block=block, unroll=unroll)
+        for g, x in zip(grads, inputs):
+            assert_close_to_float64(g, x)
+        results.append((grads, stats))
+    assert torch.equal(results[0][1], results[1][1])
+    for a, b in zip(results[0][0], results[1][0]):
+        assert torch.equal(a, b)
+    (plan,) = {p.num_stats_items for p in tb._plans.values()}
+    assert plan == sum(-(-n // chunk) for n in sizes)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
 def test_grouped_loads_leave_the_bits_alone(tb, monkeypatch, dtype):
     # UNROLL only changes how many tiles' loads are issued together (the chunks do not depend on it): every

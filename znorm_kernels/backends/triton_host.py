@@ -66,6 +66,11 @@ LARGE_UNROLL = 2
 # program's loads restart less often); below, a chunk is one tile. A function of the tensor's own size.
 LARGE_TENSOR = 1 << 20
 LARGE_CHUNK_TILES = 32
+# Tiles per chunk of the tensors between BLOCK and LARGE_TENSOR elements (ResNet-50's convolutions, most of
+# its list). One, as measured so far: each such chunk is one statistics and one normalize ticket of a single
+# tile, with no loads of a next tile in flight while a tile's sums run. bench.gpu_probe --mid-chunk-tiles
+# times other values (ResNet-50 in bfloat16 ran at 23% of the copy rate on the third H100 run, unexplained).
+MID_CHUNK_TILES = 1
 PBLOCK = 1024  # partials merged per vector step
 SUB = 512  # values per step of the rare float64 paths (re-read from cache, few registers)
 PLAN_CACHE_SIZE = 16
@@ -168,7 +173,7 @@ def _tiles(dtype: torch.dtype, block: int | None, unroll: int | None) -> tuple[i
 def chunk_for(numel: int, block: int) -> int:
     """Chunk length of a tensor of more than ``block`` elements: a function of its own size and its dtype's
     BLOCK only, so its bits never depend on the rest of the list (nor on UNROLL, which the list sets)."""
-    return block * LARGE_CHUNK_TILES if numel > LARGE_TENSOR else block
+    return block * (LARGE_CHUNK_TILES if numel > LARGE_TENSOR else MID_CHUNK_TILES)
 
 
 @dataclass
