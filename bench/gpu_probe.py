@@ -17,13 +17,18 @@ gradients and in the same process:
   of programs (the persistent grid). Unrolls: --unrolls (default 1, 2, 4).
   Blocks: powers of two holding 1 to 8 16-byte vectors per thread at the kernel's warps (float32 1024-8192,
   bfloat16 2048-16384). Programs: 1-4 per SM, and on lists of at most --few-programs-max-elements elements
-  also fixed counts under the SM count (default 32, 66, 132). Optional: --warps (num_warps).
+  also fixed counts under the SM count (default 32, 66, 132). Optional: --warps (num_warps), and
+  --mid-chunk-tiles (``triton_host.MID_CHUNK_TILES``: tiles per chunk of the tensors between the block and
+  2**20 elements, 1 as shipped; the name gets `` m<tiles>`` where it differs). Each triton row records the
+  statistics items its plan had (``extra.stats_items``): the chunking that was in effect.
 
 What is patched, and restored (``finally``) as soon as the variant is done:
 - ``triton_host._num_programs`` -> a function that calls the original (so the shipped choice is still
   recorded) and returns ``max(1, min(items, P))``, as the original clamps. It counts its calls: a variant
   whose launch did not call it (the host no longer asks it) is reported as an error, not timed as if P held.
   For the shipped variant, during its check calls only, a pass-through recorder of the count it returns.
+- ``triton_host.MID_CHUNK_TILES`` -> another value (only with --mid-chunk-tiles other than the shipped one),
+  with empty plan and layout caches (their keys leave the chunking out); the caches are put back after.
 - ``triton_host.OPTIONS`` -> a copy with another ``num_warps`` (only with --warps other than the shipped 8),
   and then ``triton_launch._enabled`` -> False: the host's direct launcher keys its kept kernels by the
   constexprs, not the options, and would relaunch the 8-warp kernel (so those variants pay Triton's own
@@ -106,6 +111,7 @@ class Variant:
     warps: int | None = None  # None: as shipped
     per_sm: int | None = None  # when programs was chosen as a multiple of the SM count
     unroll: int | None = None  # None: as shipped
+    mid_tiles: int | None = None  # None: as shipped (triton_host.MID_CHUNK_TILES)
 
 
 @dataclass
@@ -133,6 +139,7 @@ class Row:
     wall_s: float | None = None
     extra: dict = field(default_factory=dict)
     unroll: int | None = None
+    mid_tiles: int | None = None
 
 
 # --- the patches -----------------------------------------------------------------------------------------
@@ -157,19 +164,24 @@ class _ProgramsPatch:
 
 
 @contextlib.contextmanager
-def patched_host(programs: int | None, warps: int | None, record: bool = False):
-    """Patch what the Triton host uses to pick the grid (and num_warps); restore it on exit. Yields the
-    _ProgramsPatch (None when neither ``programs`` nor ``record`` asks for one).
+def patched_host(programs: int | None, warps: int | None, record: bool = False, mid_tiles: int | None = None):
+    """Patch what the Triton host uses to pick the grid (and num_warps, and the chunks of mid-sized
+    tensors); restore it on exit. Yields the _ProgramsPatch (None when neither ``programs`` nor ``record``
+    asks for one).
 
     Another num_warps also turns off the host's direct launcher (triton_launch._enabled), if it has one: it
     keys its kept kernels by the constexprs, not by the compile options, and would relaunch the 8-warp one."""
     from znorm_kernels.backends import triton_host
 
     saved_np, saved_opts = triton_host._num_programs, triton_host.OPTIONS
+    saved_mid, saved_caches = triton_host.MID_CHUNK_TILES, (triton_host._plans, triton_host._layouts)
     launch_mod = sys.modules.get("znorm_kernels.backends.triton_launch")
     saved_direct = getattr(launch_mod, "_enabled", None)
     patch = None
     try:
+        if mid_tiles is not None and mid_tiles != saved_mid:
+            triton_host.MID_CHUNK_TILES = mid_tiles
+            triton_host._plans, triton_host._layouts = type(saved_caches[0])(), type(saved_caches[1])()
         if programs is not None or record:
             patch = _ProgramsPatch(saved_np, programs)
             triton_host._num_programs = patch
@@ -181,6 +193,8 @@ def patched_host(programs: int | None, warps: int | None, record: bool = False):
     finally:
         triton_host._num_programs = saved_np
         triton_host.OPTIONS = saved_opts
+        triton_host.MID_CHUNK_TILES = saved_mid
+        triton_host._plans, triton_host._layouts = saved_caches
         if saved_direct is not None:
             launch_mod._enabled = saved_direct
 
@@ -291,7 +305,14 @@ def sm_count(device: torch.device) -> int:
 
 
 def grid_variants(
-    args, plist, dtype, device, shipped_block: int, shipped_programs: int | None, shipped_unroll: int = 1
+    args,
+    plist,
+    dtype,
+    device,
+    shipped_block: int,
+    shipped_programs: int | None,
+    shipped_unroll: int = 1,
+    shipped_mid: int = 1,
 ) -> list[Variant]:
     """The triton variants of this case, those that differ from the shipped kernel in one knob first."""
     sms = sm_count(device)
@@ -307,8 +328,10 @@ def grid_variants(
                     continue
                 seen.add(programs)
                 for unroll in args.unrolls:
-                    name = f"triton b{block} u{unroll} p{programs}" + (f" w{warps}" if warps != 8 else "")
-                    out.append(Variant(name, "triton", block, programs, warps, per_sm, unroll))
+                    for mid in args.mid_chunk_tiles or [shipped_mid]:
+                        name = f"triton b{block} u{unroll} p{programs}" + (f" w{warps}" if warps != 8 else "")
+                        name += f" m{mid}" if mid != shipped_mid else ""
+                        out.append(Variant(name, "triton", block, programs, warps, per_sm, unroll, mid))
 
     def distance(v: Variant) -> int:
         return (
@@ -316,6 +339,7 @@ def grid_variants(
             + (v.programs != shipped_programs)
             + (v.warps != 8)
             + (v.unroll != shipped_unroll)
+            + (v.mid_tiles != shipped_mid)
         )
 
     return sorted(out, key=distance)  # stable: within a distance, the order above
@@ -476,6 +500,10 @@ class Probe:
                     differ = sum(1 for a, b in zip(first, grads) if not torch.equal(a, b))
                     del first
             row.max_err = err
+            if triton and triton_host._plans:  # the plan just used: the chunking in effect
+                plan = next(reversed(triton_host._plans.values()))
+                row.extra["stats_items"] = plan.num_stats_items
+                row.extra["small_items"] = plan.num_small_items
             if spy is not None:
                 for k, val in _kernel_facts(spy.compiled, v.warps or 8, device).items():
                     setattr(row, k, val)
@@ -503,7 +531,10 @@ class Probe:
             return True
 
         def run_variant(v: Variant, deadline: float) -> Row:
-            row = Row(list_name, dtype_name, v.name, v.kind, v.block, v.programs, v.warps, unroll=v.unroll)
+            row = Row(
+                list_name, dtype_name, v.name, v.kind, v.block, v.programs, v.warps, unroll=v.unroll,
+                mid_tiles=v.mid_tiles,
+            )  # fmt: skip
             self.rows.append(row)
             if time.monotonic() > deadline or self.stopped:
                 row.status = "skipped"
@@ -514,7 +545,7 @@ class Probe:
             t0 = time.monotonic()
             try:
                 fn = call_for(v)
-                with patched_host(v.programs, v.warps) as patch:
+                with patched_host(v.programs, v.warps, mid_tiles=v.mid_tiles) as patch:
                     if v.kind != "copy" and not check(v, fn, row, patch):
                         return row
                     # each measurement warms up first (the check call compiled and learned the occupancy)
@@ -557,12 +588,20 @@ class Probe:
             numels = [torch.Size(s).numel() for s in plist.shapes]
             case["shipped_unroll"] = triton_host.unroll_for(dtype, numels)
             case["shipped_programs"] = shipped.programs
+            case["shipped_mid_chunk_tiles"] = triton_host.MID_CHUNK_TILES
             case["shipped_programs_per_sm"] = dict(
                 (str(k), v) for k, v in getattr(triton_host, "_programs_per_sm", {}).items()
             )
             self.save()
             variants = grid_variants(
-                args, plist, dtype, device, case["shipped_block"], shipped.programs, case["shipped_unroll"]
+                args,
+                plist,
+                dtype,
+                device,
+                case["shipped_block"],
+                shipped.programs,
+                case["shipped_unroll"],
+                case["shipped_mid_chunk_tiles"],
             )
             for v in variants:
                 run_variant(v, case_deadline)
@@ -723,6 +762,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--programs", type=_ints, default=[32, 66, 132], help="fixed counts, small lists only")
     p.add_argument("--few-programs-max-elements", type=int, default=16_000_000)
     p.add_argument("--warps", type=_ints, default=[8], help="num_warps values (the kernel ships with 8)")
+    p.add_argument(
+        "--mid-chunk-tiles",
+        type=_ints,
+        default=None,
+        help="tiles per chunk of tensors between the block and 2**20 elements (default: as shipped)",
+    )
     p.add_argument("--budget-s", type=float, default=90.0, help="for the whole sweep")
     p.add_argument("--max-seconds", type=float, default=0.1, help="per measurement (do_bench rep, backlog)")
     p.add_argument("--reps", type=int, default=50, help="at most this many backlogged (or CPU) calls")

@@ -95,6 +95,56 @@ def test_probe_rehearsal_refuses_a_faulty_variant(tmp_path: Path) -> None:
     assert "| triton b2048 u2 p2 |" in md and "FAILED CHECK" in md
 
 
+MID_CHUNKS = r"""
+import json, sys
+import torch
+from znorm_kernels.backends import triton_host
+from bench import gpu_probe
+from bench.param_lists import get_list
+
+caches = (triton_host._plans, triton_host._layouts)
+rc = gpu_probe.main(sys.argv[1:])
+numels = [torch.Size(s).numel() for s in get_list("resnet8").shapes]
+print("RESULT", json.dumps({
+    "rc": rc,
+    "restored": triton_host.MID_CHUNK_TILES == 1 and (triton_host._plans, triton_host._layouts) == caches
+    and caches[0] is triton_host._plans and caches[1] is triton_host._layouts,
+    "items": {str(m): sum(-(-n // (4096 * m)) for n in numels if n > 4096) for m in (1, 4)},
+}))
+"""
+
+
+@pytest.mark.skipif(_interpreter_broken() is not None, reason=str(_interpreter_broken()))
+def test_probe_times_other_mid_chunks_and_puts_the_shipped_ones_back(tmp_path: Path) -> None:
+    # --mid-chunk-tiles: each value's plan has its own statistics items (the patch was in effect, through
+    # fresh caches), the results pass the check, and the shipped value and caches are back afterwards.
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    argv = [
+        "--device", "cpu", "--lists", "resnet8", "--dtypes", "float32", "--blocks", "4096", "--unrolls", "2",
+        "--per-sm", "1", "--programs=", "--mid-chunk-tiles", "1,4", "--reps", "1", "--max-seconds", "0",
+        "--budget-s", "60", "--out", str(tmp_path),
+    ]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", MID_CHUNKS, *argv],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    assert result["rc"] == 0 and result["restored"]
+    doc = json.loads((tmp_path / "gpu_probe.json").read_text())
+    rows = {r["variant"]: r for r in doc["rows"]}
+    assert doc["cases"]["resnet8 float32"]["shipped_mid_chunk_tiles"] == 1
+    for name, mid in (("triton b4096 u2 p2", 1), ("triton b4096 u2 p2 m4", 4)):
+        row = rows[name]
+        assert row["status"] == "ok" and row["mid_tiles"] == mid and row["max_err"] < 1e-5, row
+        assert row["extra"]["stats_items"] == result["items"][str(mid)]
+    assert result["items"]["4"] < result["items"]["1"]  # the list has tensors the two chunkings split apart
+
+
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_profile_script_parses_and_dry_runs(tmp_path: Path) -> None:
     script = ROOT / "bench" / "gpu_profile.sh"
