@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -348,11 +350,21 @@ class _FakeGpu:
         self.free = 0.0  # the GPU is busy until then
         self.rate, self.flush_us, self.launch_us = cycles_per_us, flush_us, launch_us
         self.sleeps: list[float] = []
+        self.inside = False  # within current(): every operation must be (the device current)
 
     def clock(self) -> float:
         return self.host * 1e-6
 
+    @contextlib.contextmanager
+    def current(self):
+        self.inside = True
+        try:
+            yield
+        finally:
+            self.inside = False
+
     def enqueue(self, us: float) -> None:
+        assert self.inside, "a GPU operation outside the device's context"
         self.host += self.launch_us
         self.free = max(self.free, self.host) + us
 
@@ -375,6 +387,7 @@ class _FakeEvent:
         self.gpu, self.at = gpu, None
 
     def record(self) -> None:
+        assert self.gpu.inside, "an event recorded outside the device's context"
         self.gpu.host += 0.5
         self.at = max(self.gpu.host, self.gpu.free)  # reached when the GPU gets there
 
@@ -415,12 +428,26 @@ def test_gpu_bound_timing_takes_the_host_off_the_critical_path() -> None:
     assert r.sleep_us == pytest.approx(2 * 150.0 + 50)
     assert all(s == pytest.approx(350.0, rel=0.01) for s in gpu.sleeps[2:])  # after the calibration
     # The same call with the GPU idle before each call (what the events time without the sleep): host-bound.
-    gpu.synchronize()
-    s, e = gpu.event(), gpu.event()
-    s.record()
-    fn()
-    e.record()
+    with gpu.current():
+        gpu.synchronize()
+        s, e = gpu.event(), gpu.event()
+        s.record()
+        fn()
+        e.record()
     assert s.elapsed_time(e) * 1e3 > 140.0
+
+
+def test_gpu_bound_timing_runs_on_its_own_device() -> None:
+    # The sleep and the events act on the current device: the timing makes its device current (cuda:1 with
+    # cuda:0 current would otherwise time an idle GPU), and the fake GPU refuses any operation outside that.
+    from bench.timing import CudaLayer, device_time_gpu_bound
+
+    assert CudaLayer("cuda:1").current().idx == 1
+    gpu = _FakeGpu()
+    r = device_time_gpu_bound(_fake_call(gpu, 10, 150.0, 20.0), "cuda:1", reps=5, layer=gpu)
+    assert r.reps == 5 and not gpu.inside
+    with pytest.raises(AssertionError, match="outside the device"):
+        _fake_call(gpu, 10, 150.0, 20.0)()
 
 
 def test_gpu_bound_timing_is_bounded_and_flags_a_starved_gpu() -> None:

@@ -93,14 +93,18 @@ FLUSH_BYTES = 256 * 1024 * 1024  # what triton.testing.do_bench zeroes before ea
 
 class CudaLayer:
     """The CUDA operations ``device_time_gpu_bound`` uses (tests pass a simulated GPU with the same methods):
-    ``clock()`` host seconds, ``sleep(cycles)``, ``flush_l2()``, ``event()`` (``record()``, ``query()``,
-    ``synchronize()``, ``elapsed_time(end)`` in ms), ``synchronize()``."""
+    ``clock()`` host seconds, ``current()`` a context that makes the device current (the sleep and the events
+    act on the current device's stream), ``sleep(cycles)``, ``flush_l2()``, ``event()`` (``record()``,
+    ``query()``, ``synchronize()``, ``elapsed_time(end)`` in ms), ``synchronize()``."""
 
     clock = staticmethod(time.perf_counter)
 
     def __init__(self, device: torch.device | str) -> None:
         self.device = torch.device(device)
         self._flush: torch.Tensor | None = None
+
+    def current(self):
+        return torch.cuda.device(self.device)
 
     def sleep(self, cycles: int) -> None:
         torch.cuda._sleep(int(cycles))
@@ -154,8 +158,14 @@ def device_time_gpu_bound(
     Bounded: at most ``reps`` timed calls, and no more than the estimated GPU time per call (sleep + flush +
     one synchronized call) fits in ``max_s`` seconds, but at least ``min_reps``; the host loop also stops at
     ``max_s``. Before them: one warm-up call, 3 synchronized calls (their enqueue time sets the sleep), the
-    sleep's clock rate and one flush timed. ``layer``: the CUDA operations (default ``CudaLayer(device)``)."""
+    sleep's clock rate and one flush timed. ``layer``: the CUDA operations (default ``CudaLayer(device)``).
+    Everything runs with ``device`` current, whichever device is current when it is called."""
     layer = CudaLayer(device) if layer is None else layer
+    with layer.current():
+        return _gpu_bound(fn, layer, reps, max_s, min_reps)
+
+
+def _gpu_bound(fn: Callable[[], object], layer, reps: int, max_s: float, min_reps: int) -> GpuBound:
     clock = layer.clock
     fn()
     layer.synchronize()
