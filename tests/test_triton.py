@@ -92,7 +92,7 @@ def test_large_chunk_class(tb, monkeypatch, dtype, unroll):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_mid_chunk_class(tb, monkeypatch, dtype, mid_tiles):
     # MID_CHUNK_TILES (1 as shipped; bench.gpu_probe tries others) sets the chunks of tensors between BLOCK
-    # and LARGE_TENSOR elements: several tiles each, a short last chunk, and the same bits whatever the unroll.
+    # and LARGE_TENSOR elements: several tiles each, a short last chunk, the same bits whatever the unroll.
     monkeypatch.setattr(tb, "MID_CHUNK_TILES", mid_tiles)
     monkeypatch.setattr(tb, "LARGE_TENSOR", 10_000)
     block = 16
