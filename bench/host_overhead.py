@@ -11,7 +11,10 @@ back), cycling between two sets of addresses, or at addresses not seen in the la
 ``.grad`` attributes costs time of its own: those rows are (assignment + hook) minus the assignment alone,
 measured round-robin. The "cpu backend" rows run the native backend's Python path with the C++ op replaced by
 a no-op (its kernel runs synchronously on the CPU, and would swamp the host cost). The last two rows time a
-hook's first and second call after ``register()``: its caches are built on the first.
+hook's first and second call after ``register()``: its caches are built on the first. The "caches evicted"
+rows time the hook (on the first 1, 20 and all tensors of the list) right after touching EVICT_BYTES of
+memory, as a training step's forward and backward passes on this CPU do, beside the same calls warm: what a
+cold call costs for the list's size and what it costs whatever the size (the call path's code and objects).
 """
 
 from __future__ import annotations
@@ -27,9 +30,12 @@ import torch
 
 import znorm_kernels
 from bench.param_lists import get_list
+from bench.suite import NullStepOptimizer
 from bench.timing import host_time, host_times
 from znorm_kernels import dispatch
 from znorm_kernels.backends import native, triton_kernels
+
+EVICT_BYTES = 64 << 20  # above the development CPU's L2 and L3 together (2 + 32 MiB)
 
 
 class NoLaunch:
@@ -149,6 +155,34 @@ def main() -> None:
     first, second = _first_calls(shapes, max(5, args.repeats // 50))
     print(f"| hook call, triton, first after register() (cold caches) | {first:.1f} |")
     print(f"| hook call, triton, second after register() | {second:.1f} |")
+    for k, (warm, cold) in _evicted_rows(shapes, args.repeats).items():
+        print(f"| hook call, triton, first {k} tensors: warm / caches evicted | {warm:.1f} / {cold:.1f} |")
+
+
+def _evicted_rows(shapes: list, repeats: int) -> dict[int, tuple[float, float]]:
+    """Median µs of a hook call (a step of an optimizer that does nothing else) on the first k tensors of
+    the list, warm (calls back to back) and with the caches evicted before each call (EVICT_BYTES touched)."""
+    buf = torch.zeros(EVICT_BYTES, dtype=torch.uint8)
+    out = {}
+    for k in sorted({1, min(20, len(shapes)), len(shapes)}):
+        params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes[:k]]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt = NullStepOptimizer(params)
+        handle = znorm_kernels.register(opt, backend="triton")
+        for _ in range(5):
+            opt.step()
+        times: tuple[list[float], list[float]] = ([], [])
+        for _ in range(repeats):
+            for evict, into in ((False, times[0]), (True, times[1])):
+                if evict:
+                    buf.add_(1)
+                start = time.perf_counter()
+                opt.step()
+                into.append((time.perf_counter() - start) * 1e6)
+        handle.remove()
+        out[k] = (statistics.median(times[0]), statistics.median(times[1]))
+    return out
 
 
 def _first_calls(shapes: list, rounds: int) -> tuple[float, float]:
