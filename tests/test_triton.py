@@ -186,6 +186,30 @@ def test_default_block_boundaries(tb):
         assert_close_to_float64(g, x)
 
 
+def test_a_kept_kernel_key_fixes_every_constexpr(tb, monkeypatch):
+    # On a GPU the direct launcher reuses the kernel compiled for a key: launches with the same key must pass
+    # the same constexprs, or a patched PBLOCK (or tile) would run the kernel compiled for another.
+    seen: dict = {}
+    real = tb.launcher_for
+
+    def recording_launcher_for(fn):
+        launcher = real(fn)
+
+        def launch(grid, stream, args, key, **kwargs):
+            seen.setdefault(key, set()).add(tuple(sorted((k, str(v)) for k, v in kwargs.items())))
+            return launcher(grid, stream, args, key, **kwargs)
+
+        return launch
+
+    monkeypatch.setattr(tb, "launcher_for", recording_launcher_for)
+    grads = [make_grad((n,), device=DEVICE, seed=n) for n in (5, 300)]
+    for pblock, block, unroll in ((1024, 16, 1), (8, 16, 1), (8, 16, 2), (8, 64, 2)):
+        monkeypatch.setattr(tb, "PBLOCK", pblock)
+        tb._constants.cache_clear()
+        tb.znorm_group_(grads, 1e-10, 0, None, block=block, unroll=unroll)
+    assert len(seen) == 4 and all(len(v) == 1 for v in seen.values())
+
+
 def test_one_launch_per_group_whatever_the_count(tb, launches):
     grads = [make_grad((n % 50 + 2,), seed=n, device=DEVICE) for n in range(300)]
     grads += [make_grad((200,), seed=1, device=DEVICE), make_grad((5000,), seed=2, device=DEVICE)]

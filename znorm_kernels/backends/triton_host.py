@@ -602,7 +602,9 @@ def _launch_here(
             (programs,),
             stream,
             args,
-            (key, on_gpu),  # device, dtype, alignment, scale, stage, given and tiles: every constexpr
+            # device, dtype, alignment, scale, stage, given and tiles, and the module's constants (tests patch
+            # PBLOCK): every constexpr
+            (key, on_gpu, PBLOCK, SUB),
             **_constants(dtype, tiles, plan.aligned, has_scale, normalize, on_gpu, given is not None),
             **OPTIONS,
         )
