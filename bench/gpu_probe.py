@@ -781,6 +781,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for d in args.dtypes:
         if d not in DTYPES:
             p.error(f"unknown dtype {d!r}")
+    if args.mid_chunk_tiles is not None and not all(m >= 1 for m in args.mid_chunk_tiles):
+        p.error(f"--mid-chunk-tiles takes integers >= 1, got {args.mid_chunk_tiles}")
     return args
 
 

@@ -110,6 +110,8 @@ print("RESULT", json.dumps({
     "restored": triton_host.MID_CHUNK_TILES == 1 and (triton_host._plans, triton_host._layouts) == caches
     and caches[0] is triton_host._plans and caches[1] is triton_host._layouts,
     "items": {str(m): sum(-(-n // (4096 * m)) for n in numels if n > 4096) for m in (1, 4)},
+    "shipped": sum(-(-n // b) for b in [triton_host.block_for(torch.float32)] for n in numels if n > b),
+    "kept": sorted({p.num_stats_items for p in triton_host._plans.values()}),
 }))
 """
 
@@ -143,6 +145,14 @@ def test_probe_times_other_mid_chunks_and_puts_the_shipped_ones_back(tmp_path: P
         assert row["status"] == "ok" and row["mid_tiles"] == mid and row["max_err"] < 1e-5, row
         assert row["extra"]["stats_items"] == result["items"][str(mid)]
     assert result["items"]["4"] < result["items"]["1"]  # the list has tensors the two chunkings split apart
+    # the shipped caches hold plans of the shipped chunking only (the shipped tile's and b4096's)
+    assert result["kept"] == sorted({result["shipped"], result["items"]["1"]})
+    bad = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_probe", "--device", "cpu", "--out", str(tmp_path),
+         "--mid-chunk-tiles", "0"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "--mid-chunk-tiles takes integers >= 1" in bad.stderr
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
