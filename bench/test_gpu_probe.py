@@ -51,24 +51,26 @@ def _interpreter_broken() -> str | None:
         return str(err)
 
 
+def _env() -> dict[str, str]:
+    return {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+
+
+def _rehearse(script: str, out: Path, *knobs: str) -> dict:
+    """Run ``script`` in a fresh interpreter (TRITON_INTERPRET=1) with the probe's arguments: a tiny CPU
+    sweep of ResNet-8 in float32 into ``out``, with ``knobs`` (the blocks, unrolls, ...); its RESULT line."""
+    argv = [
+        "--device", "cpu", "--lists", "resnet8", "--dtypes", "float32", *knobs, "--per-sm", "1",
+        "--programs=", "--reps", "1", "--max-seconds", "0", "--budget-s", "60", "--out", str(out),
+    ]  # fmt: skip
+    command = [sys.executable, "-c", script, *argv]
+    proc = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(proc.stdout.split("RESULT ", 1)[1])
+
+
 @pytest.mark.skipif(_interpreter_broken() is not None, reason=str(_interpreter_broken()))
 def test_probe_rehearsal_refuses_a_faulty_variant(tmp_path: Path) -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    argv = [
-        "--device", "cpu", "--lists", "resnet8", "--dtypes", "float32", "--blocks", "2048,4096",
-        "--unrolls", "1,2", "--per-sm", "1", "--programs=", "--reps", "1", "--max-seconds", "0",
-        "--budget-s", "60", "--out", str(tmp_path),
-    ]  # fmt: skip
-    proc = subprocess.run(
-        [sys.executable, "-c", REHEARSAL, *argv],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    result = _rehearse(REHEARSAL, tmp_path, "--blocks", "2048,4096", "--unrolls", "1,2")
     assert result == {"rc": 1, "rc_ncu": 0, "restored": True}  # rc 1: a check failed, the rest ran
 
     doc = json.loads((tmp_path / "gpu_probe.json").read_text())
@@ -105,12 +107,16 @@ from bench.param_lists import get_list
 caches = (triton_host._plans, triton_host._layouts)
 rc = gpu_probe.main(sys.argv[1:])
 numels = [torch.Size(s).numel() for s in get_list("resnet8").shapes]
+
+def tickets(block, tiles):  # statistics items of ResNet-8 (no tensor above 2**20 elements)
+    return sum(-(-n // (block * tiles)) for n in numels if n > block)
+
 print("RESULT", json.dumps({
     "rc": rc,
-    "restored": triton_host.MID_CHUNK_TILES == 1 and (triton_host._plans, triton_host._layouts) == caches
+    "restored": triton_host.MID_CHUNK_TILES == 1
     and caches[0] is triton_host._plans and caches[1] is triton_host._layouts,
-    "items": {str(m): sum(-(-n // (4096 * m)) for n in numels if n > 4096) for m in (1, 4)},
-    "shipped": sum(-(-n // b) for b in [triton_host.block_for(torch.float32)] for n in numels if n > b),
+    "items": {str(m): tickets(4096, m) for m in (1, 4)},
+    "shipped": tickets(triton_host.block_for(torch.float32), 1),
     "kept": sorted({p.num_stats_items for p in triton_host._plans.values()}),
 }))
 """
@@ -120,22 +126,7 @@ print("RESULT", json.dumps({
 def test_probe_times_other_mid_chunks_and_puts_the_shipped_ones_back(tmp_path: Path) -> None:
     # --mid-chunk-tiles: each value's plan has its own statistics items (the patch was in effect, through
     # fresh caches), the results pass the check, and the shipped value and caches are back afterwards.
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    argv = [
-        "--device", "cpu", "--lists", "resnet8", "--dtypes", "float32", "--blocks", "4096", "--unrolls", "2",
-        "--per-sm", "1", "--programs=", "--mid-chunk-tiles", "1,4", "--reps", "1", "--max-seconds", "0",
-        "--budget-s", "60", "--out", str(tmp_path),
-    ]  # fmt: skip
-    proc = subprocess.run(
-        [sys.executable, "-c", MID_CHUNKS, *argv],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    result = _rehearse(MID_CHUNKS, tmp_path, "--blocks", "4096", "--unrolls", "2", "--mid-chunk-tiles", "1,4")
     assert result["rc"] == 0 and result["restored"]
     doc = json.loads((tmp_path / "gpu_probe.json").read_text())
     rows = {r["variant"]: r for r in doc["rows"]}
@@ -150,7 +141,7 @@ def test_probe_times_other_mid_chunks_and_puts_the_shipped_ones_back(tmp_path: P
     bad = subprocess.run(
         [sys.executable, "-m", "bench.gpu_probe", "--device", "cpu", "--out", str(tmp_path),
          "--mid-chunk-tiles", "0"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert bad.returncode == 2 and "--mid-chunk-tiles takes integers >= 1" in bad.stderr
 
