@@ -33,23 +33,28 @@ def tb(monkeypatch):
     triton_backend._constants.cache_clear()
 
 
-@pytest.fixture
-def launches(tb, monkeypatch):
-    """Counts kernel launches (every launch goes through the host's launcher, Triton's own or the direct one
-    of kept kernels)."""
-    count = []
+def _watch_launches(tb, monkeypatch, record) -> None:
+    """Calls ``record(grid, stream, args, key, **kwargs)`` before every kernel launch (every launch goes
+    through the host's launcher, Triton's own or the direct one of kept kernels)."""
     real = tb.launcher_for
 
-    def counting_launcher_for(fn):
+    def watched_launcher_for(fn):
         launcher = real(fn)
 
         def launch(grid, *args, **kwargs):
-            count.append(grid)
+            record(grid, *args, **kwargs)
             return launcher(grid, *args, **kwargs)
 
         return launch
 
-    monkeypatch.setattr(tb, "launcher_for", counting_launcher_for)
+    monkeypatch.setattr(tb, "launcher_for", watched_launcher_for)
+
+
+@pytest.fixture
+def launches(tb, monkeypatch):
+    """Counts kernel launches: the grid of each."""
+    count = []
+    _watch_launches(tb, monkeypatch, lambda grid, *args, **kwargs: count.append(grid))
     return count
 
 
@@ -190,18 +195,11 @@ def test_a_kept_kernel_key_fixes_every_constexpr(tb, monkeypatch):
     # On a GPU the direct launcher reuses the kernel compiled for a key: launches with the same key must pass
     # the same constexprs, or a patched PBLOCK (or tile) would run the kernel compiled for another.
     seen: dict = {}
-    real = tb.launcher_for
 
-    def recording_launcher_for(fn):
-        launcher = real(fn)
+    def record(grid, stream, args, key, **kwargs):
+        seen.setdefault(key, set()).add(tuple(sorted((k, str(v)) for k, v in kwargs.items())))
 
-        def launch(grid, stream, args, key, **kwargs):
-            seen.setdefault(key, set()).add(tuple(sorted((k, str(v)) for k, v in kwargs.items())))
-            return launcher(grid, stream, args, key, **kwargs)
-
-        return launch
-
-    monkeypatch.setattr(tb, "launcher_for", recording_launcher_for)
+    _watch_launches(tb, monkeypatch, record)
     grads = [make_grad((n,), device=DEVICE, seed=n) for n in (5, 300)]
     for pblock, block, unroll in ((1024, 16, 1), (8, 16, 1), (8, 16, 2), (8, 64, 2)):
         monkeypatch.setattr(tb, "PBLOCK", pblock)
