@@ -1,8 +1,8 @@
 """Build script: the Python package plus the native extension ``znorm_kernels._C`` (csrc/).
 
 Install for development with ``pip install --no-build-isolation -e .`` (the Makefile does this), so the
-extension compiles against the torch already installed. One module holds the op's schema, its CPU kernel and,
-in a CUDA build, its CUDA kernel.
+extension compiles against the torch already installed. One module holds the ops' schemas, their CPU kernels
+and, in a CUDA build, their CUDA kernels (csrc/: cpu_*.cpp, cuda_*.cu and cuda_table_cache.cpp).
 
 Environment switches:
     ZNORM_BUILD_CUDA=0|1   skip / require the CUDA kernel. Default: built when torch is a CUDA build and nvcc
@@ -64,13 +64,14 @@ def _extensions() -> tuple[list, dict]:
         raise SystemExit(f"setup.py: ZNORM_BUILD_CUDA=1 but {missing}")
     with_cuda = can_cuda if want_cuda is None else want_cuda
 
-    sources = [os.path.join(CSRC, "module.cpp"), os.path.join(CSRC, "znorm_cpu.cpp")]
+    # One family of kernels per file (csrc/tiles.h holds their sizes): the schemas, then the CPU ops.
+    sources = [os.path.join(CSRC, f) for f in ("module.cpp", "cpu_znorm.cpp", "cpu_optim.cpp")]
     # -ffp-contract=off: no fused multiply-adds, so the baseline and AVX2 copies of the CPU loops round alike.
     cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]
     extra = {"cxx": cxx}
     kwargs = {"py_limited_api": True, "extra_link_args": ["-fopenmp"]}
     if with_cuda:
-        sources.append(os.path.join(CSRC, "znorm_cuda.cu"))
+        sources += [os.path.join(CSRC, f) for f in ("cuda_table_cache.cpp", "cuda_znorm.cu", "cuda_optim.cu")]
         archs = _cuda_archs()
         # Our -gencode flags are the whole arch list (torch adds none of its own when it sees them).
         extra["nvcc"] = ["-O3", *(f for a in archs for f in _gencode(a))]

@@ -1,17 +1,17 @@
 // The CPU inner loops of the fused optimizer steps (znorm_sgd_step_, znorm_adam_step_), written so the
 // compiler vectorizes them without changing their rounding.
 //
-// Like cpu_kernels.h, no include guard on purpose: znorm_cpu.cpp includes it twice, right after cpu_kernels.h,
-// with ZNORM_ISA naming the namespace of each copy (cpu_baseline, cpu_avx2), and uses its to_acc/from_acc.
-// Every element's result depends on that element and the per-tensor scalars alone, there are no reductions,
-// and the build uses -ffp-contract=off: both copies give bitwise the same values.
+// Like cpu_znorm_kernels.h, no include guard on purpose: cpu_common.h includes it twice, right after
+// cpu_znorm_kernels.h, with ZNORM_ISA naming the namespace of each copy (cpu_baseline, cpu_avx2), and uses its
+// to_acc/from_acc. Every element's result depends on that element and the per-tensor scalars alone, there are
+// no reductions, and the build uses -ffp-contract=off: both copies give bitwise the same values.
 //
-// The update is the one of the Triton kernels (backends/triton_optim_kernels.py), operation by operation:
-// torch.optim's single-tensor formulas in A (float32, float64 for float64 tensors), each operation rounded on
-// its own, each stored value (momentum buffer, exp_avg, exp_avg_sq, max_exp_avg_sq, parameter) rounded once to
-// the tensor's dtype and read back from that rounded value.
+// The update is the one of the Triton optimizer kernels, operation by operation: torch.optim's single-tensor
+// formulas in A (float32, float64 for float64 tensors), each operation rounded on its own, each stored value
+// (momentum buffer, exp_avg, exp_avg_sq, max_exp_avg_sq, parameter) rounded once to the tensor's dtype and read
+// back from that rounded value.
 //
-// Needs: <immintrin.h> on x86-64, and, per copy, cpu_kernels.h (its to_acc/from_acc) included before it.
+// Needs: <immintrin.h> on x86-64, and, per copy, cpu_znorm_kernels.h (its to_acc/from_acc) included before it.
 
 #ifndef ZNORM_OPTIM_SCALARS_DEFINED
 #define ZNORM_OPTIM_SCALARS_DEFINED

@@ -1,7 +1,8 @@
-// The Python module znorm_kernels._C and the op's schema. Importing the module loads the shared library,
-// whose static initializers register the schema here and the kernels in znorm_cpu.cpp (CPU) and, in a CUDA
-// build, znorm_cuda.cu (CUDA). Python calls the op as torch.ops.znorm_kernels_C.znorm_; the module itself
-// exports nothing, so it needs no pybind11 and builds against the limited Python API.
+// The Python module znorm_kernels._C and the ops' schemas. Importing the module loads the shared library,
+// whose static initializers register the schemas here and the kernels in cpu_znorm.cpp and cpu_optim.cpp (CPU)
+// and, in a CUDA build, cuda_znorm.cu and cuda_optim.cu (CUDA; cuda_table_cache.cpp adds table_cache_stats).
+// Python calls the op as torch.ops.znorm_kernels_C.znorm_; the module itself exports nothing, so it needs no
+// pybind11 and builds against the limited Python API.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -9,9 +10,9 @@
 
 TORCH_LIBRARY(znorm_kernels_C, m) {
   // Tensor(a!)[]: the list is mutated in place, so functionalization and torch.compile treat the op as an
-  // opaque in-place op (its fake implementation is registered from Python, in native_backend.py).
+  // opaque in-place op (its fake implementation is registered from Python, by the native backend).
   m.def(znorm::kSchema);
-  // The fused optimizer steps: CPU kernels (znorm_cpu.cpp) and, in a CUDA build, CUDA kernels (znorm_cuda.cu).
+  // The fused optimizer steps: CPU kernels (cpu_optim.cpp) and, in a CUDA build, CUDA kernels (cuda_optim.cu).
   m.def(znorm::kSgdSchema);
   m.def(znorm::kAdamSchema);
 }

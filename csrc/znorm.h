@@ -1,5 +1,6 @@
-// Shared by the CPU and CUDA kernels of znorm_kernels._C: the op's name and schema, the statistics merge
-// (Chan et al.), and the span logic that lets a kernel work on a tensor's storage whatever its layout.
+// Shared by the CPU and CUDA kernels of znorm_kernels._C: the ops' names and schemas, the accumulation type, the
+// statistics merge (Chan et al.), and the span logic that lets a kernel work on a tensor's storage whatever its
+// layout. The tile sizes are in tiles.h.
 #pragma once
 
 #include <ATen/core/ATen_fwd.h>
@@ -9,9 +10,14 @@
 #include <array>
 #include <cmath>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace znorm {
+
+// A kernel's accumulation type for elements of type T: float64 for float64 tensors, else float32.
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // One op for both devices; the namespace keeps it apart from any Python-side `znorm_kernels::` op.
 // `stats`, when given, is a contiguous float64 [len(tensors), 2] tensor on the tensors' device: row i receives
@@ -21,16 +27,16 @@ namespace znorm {
 inline constexpr const char* kSchema =
     "znorm_(Tensor(a!)[] tensors, float eps, float correction, Tensor? grad_scale, Tensor(b!)? stats=None) -> ()";
 
-// The fused optimizer steps (CPU kernels in znorm_cpu.cpp, CUDA kernels in znorm_cuda.cu): per tensor, the
+// The fused optimizer steps (CPU kernels in cpu_optim.cpp, CUDA kernels in cuda_optim.cu): per tensor, the
 // statistics exactly as znorm_ computes them on that device, then ONE pass over the gradient, the parameter
 // and its states applying torch.optim's update to z = the value znorm_ would write into the gradient (z = g
 // where `treated` is 0, and for tensors of fewer than 2 elements). Updates in float32 (float64 for float64
 // tensors), each operation rounded on its own (no FMA), each stored value rounded once to the tensor's
-// dtype, as the Triton kernels of backends/triton_optim_kernels.py. `momentum_buffers` is empty when
-// momentum is 0; where `first` is nonzero the buffer becomes d (its contents are not used).
-// `max_exp_avg_sqs` is empty unless amsgrad. `step_size`
-// (lr / (1 - beta1**step)) and `bias_correction2_sqrt` ((1 - beta2**step) ** 0.5) are per tensor. `grads`
-// is written (z, in its dtype) only with write_grad. `stats` as for znorm_; NaN rows for untreated tensors.
+// dtype, as the Triton optimizer kernels. `momentum_buffers` is empty when momentum is 0; where `first` is
+// nonzero the buffer becomes d (its contents are not used). `max_exp_avg_sqs` is empty unless amsgrad.
+// `step_size` (lr / (1 - beta1**step)) and `bias_correction2_sqrt` ((1 - beta2**step) ** 0.5) are per tensor.
+// `grads` is written (z, in its dtype) only with write_grad. `stats` as for znorm_; NaN rows for untreated
+// tensors.
 inline constexpr const char* kSgdSchema =
     "znorm_sgd_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, int[] treated, "
     "int[] first, float znorm_eps, float correction, float lr, float momentum, float dampening, bool nesterov, "

@@ -1,21 +1,22 @@
-// The CPU inner loops, written so the compiler vectorizes them without changing their rounding.
+// The CPU inner loops of znorm_ (cpu_znorm.cpp), written so the compiler vectorizes them without changing their
+// rounding.
 //
-// This header has no include guard on purpose: znorm_cpu.cpp includes it twice, with ZNORM_ISA naming the
-// namespace of each copy (cpu_baseline, and cpu_avx2 under `#pragma GCC target("avx2,f16c")`), and picks
-// the copy at run time through its `Kernels` type. Every loop
-// accumulates into a fixed array of kLanes partial sums (element i goes to lane i % kLanes) that is reduced
+// This header has no include guard on purpose: cpu_common.h includes it twice, with ZNORM_ISA naming the
+// namespace of each copy (cpu_baseline, and cpu_avx2 under `#pragma GCC target("avx2,f16c")`), and the ops
+// pick the copy at run time through its `Kernels` type. Every loop accumulates into a fixed array of lanes
+// partial sums (element i goes to lane i % lanes; cpu_tiles::kLanes32 / kLanes64 in tiles.h) that is reduced
 // by a fixed pairwise tree, and the build uses -ffp-contract=off, so both versions give bitwise the same
 // results: the instruction set changes the speed, never the values.
 //
-// Needs, declared before the include: <cstdint>, <cstring>, <limits>, c10::Half, c10::BFloat16, and
+// Needs, declared before the include: <cstdint>, <cstring>, <limits>, c10::Half, c10::BFloat16, tiles.h, and
 // ZNORM_ISA.
 
 namespace ZNORM_ISA {
 
 template <typename A>
 struct Lanes {
-  // 32 floats = 4 AVX2 (8 SSE) registers of independent sums: enough to hide the add latency.
-  static constexpr int value = sizeof(A) == 4 ? 32 : 16;
+  // 4 AVX2 (8 SSE) registers of independent sums: enough to hide the add latency.
+  static constexpr int value = sizeof(A) == 4 ? cpu_tiles::kLanes32 : cpu_tiles::kLanes64;
 };
 
 // Element -> accumulation type.

@@ -1,0 +1,170 @@
+// What the CPU ops (znorm_ in cpu_znorm.cpp, the fused optimizer steps in cpu_optim.cpp) share: the two copies
+// of their inner loops (portable and AVX2), the work items and the threads that run them, the statistics of a
+// run, and the normalize pass's constants. The top of cpu_znorm.cpp describes the items and the statistics.
+//
+// Everything here is in an anonymous namespace, as it was when both ops lived in one file: each including
+// translation unit gets its own internal copies (the loops are not exported from the shared library, and no
+// definition is shared between files, so nothing here can break the one-definition rule).
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>  // the optimizer loops' square roots (cpu_optim_kernels.h)
+#endif
+
+#include "tiles.h"
+#include "znorm.h"
+
+namespace znorm {
+namespace {  // internal linkage: the loops are not exported from the shared library
+#define ZNORM_ISA cpu_baseline
+#include "cpu_znorm_kernels.h"
+#include "cpu_optim_kernels.h"
+#undef ZNORM_ISA
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define ZNORM_HAVE_AVX2_COPY 1
+#pragma GCC push_options
+#pragma GCC target("avx2,f16c")
+#define ZNORM_F16C 1
+#define ZNORM_ISA cpu_avx2
+#include "cpu_znorm_kernels.h"
+#include "cpu_optim_kernels.h"
+#undef ZNORM_ISA
+#undef ZNORM_F16C
+#pragma GCC pop_options
+#endif
+
+using cpu_tiles::kChunk;
+using cpu_tiles::kSerialBelow;
+
+struct Item {
+  int64_t first;  // batch: first tensor index; chunk: the tensor index
+  int64_t last;   // batch: one past the last tensor index; chunk: -1
+  int64_t begin;  // chunk: first element (0 for a batch)
+  int64_t len;    // chunk: number of elements
+};
+
+struct Plan {
+  std::vector<Item> items;
+  std::vector<int64_t> chunk_items;  // indices into items of the chunk items, in tensor then chunk order
+  std::vector<int64_t> big;          // tensors split into chunks
+};
+
+// Items over tensors of the given sizes; tensors of fewer than `min_numel` elements are left out.
+inline Plan make_plan(const std::vector<int64_t>& numels, int64_t min_numel) {
+  Plan plan;
+  int64_t batch_start = -1, batch_elems = 0;
+  auto close_batch = [&](int64_t end) {
+    if (batch_start >= 0) plan.items.push_back({batch_start, end, 0, 0});
+    batch_start = -1;
+    batch_elems = 0;
+  };
+  for (int64_t t = 0; t < static_cast<int64_t>(numels.size()); ++t) {
+    const int64_t n = numels[t];
+    if (n < min_numel) continue;
+    if (n > kChunk) {
+      close_batch(t);
+      plan.big.push_back(t);
+      for (int64_t b = 0; b < n; b += kChunk) {
+        plan.chunk_items.push_back(static_cast<int64_t>(plan.items.size()));
+        plan.items.push_back({t, -1, b, std::min(kChunk, n - b)});
+      }
+      continue;
+    }
+    if (batch_start >= 0 && batch_elems + n > kChunk) close_batch(t);
+    if (batch_start < 0) batch_start = t;
+    batch_elems += n;
+  }
+  close_batch(static_cast<int64_t>(numels.size()));
+  return plan;
+}
+
+// Runs fn(i) for i in [0, count), items handed out by an atomic counter to the intra-op threads.
+template <typename F>
+void run_items(int64_t count, int64_t total_elems, const F& fn) {
+  if (count == 0) return;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), count);
+  if (threads <= 1 || total_elems < kSerialBelow) {
+    for (int64_t i = 0; i < count; ++i) fn(i);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < count;
+         i = next.fetch_add(1, std::memory_order_relaxed)) {
+      fn(i);
+    }
+  });
+}
+
+inline bool use_avx2() {
+#ifdef ZNORM_HAVE_AVX2_COPY
+  // ZNORM_CPU_ISA=baseline forces the portable loops (tests check both give bitwise the same values).
+  static const bool yes = [] {
+    const char* isa = std::getenv("ZNORM_CPU_ISA");
+    if (isa != nullptr && std::strcmp(isa, "baseline") == 0) return false;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  }();
+  return yes;
+#else
+  return false;
+#endif
+}
+
+// The two in-cache passes over a run (see the top of cpu_znorm.cpp): its moments.
+template <typename T, typename K>
+Moments run_stats(const T* p, int64_t n) {
+  using A = acc_t<T>;
+  A sum, lo, hi;
+  K::sum_min_max(p, n, sum, lo, hi);
+  const double dn = static_cast<double>(n);
+  if (std::is_same_v<A, double> || float_safe(lo, hi)) {
+    const A m = sum / static_cast<A>(n);
+    double s1, q;
+    K::centred_sums(p, n, m, s1, q);
+    return run_moments(dn, m, s1, q, lo, hi);
+  }
+  double sum64, lo64, hi64, s1, q;
+  K::sum_min_max(p, n, sum64, lo64, hi64);
+  const double m = sum64 / dn;
+  K::centred_sums(p, n, m, s1, q);
+  return run_moments(dn, m, s1, q, lo, hi);
+}
+
+// The normalize pass's constants: the mean as a pair hi + lo of A values, the multiplier in A; `wide` (float
+// tensors only) takes the float64 mean and multiplier instead.
+template <typename A>
+struct ZConst {
+  A hi = 0, lo = 0, mult = 1;  // the identity: z = g
+  double mean = 0.0, inv = 1.0;
+  bool wide = false;
+};
+
+template <typename A>
+ZConst<A> zconst(const Final& f) {
+  ZConst<A> c;
+  c.hi = static_cast<A>(f.mean);
+  c.lo = static_cast<A>(f.mean - static_cast<double>(c.hi));
+  c.mult = static_cast<A>(f.inv);
+  c.mean = f.mean;
+  c.inv = f.inv;
+  c.wide = f.wide && !std::is_same_v<A, double>;
+  return c;
+}
+
+}  // namespace
+}  // namespace znorm
