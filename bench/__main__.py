@@ -36,10 +36,10 @@ import torch
 import znorm_kernels
 from bench import adversarial
 from bench.alternatives import our_backends
-from bench.check import AccuracyError
 from bench.param_lists import get_list
 from bench.report import derive, markdown, plot, targets_markdown, train_markdown, write_json
 from bench.suite import CaseOptions, run_case
+from znorm_kernels.accuracy import AccuracyError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from bench.check import allowed_error, z_float64
+from znorm_kernels.accuracy import allowed_error, z_float64
 
 __all__ = ["CASES", "breaches", "eager_loop_", "errors", "make_case", "methods_for", "table"]
 
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     served = []
     for b in names:
         try:
-            znorm_kernels.dispatch.resolve_backend(b, device)
+            znorm_kernels.registry.resolve_backend(b, device)
         except RuntimeError:
             continue
         served.append(b)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 import znorm_kernels
-from znorm_kernels.dispatch import resolve_backend
+from znorm_kernels.registry import resolve_backend
 
 __all__ = [
     "EPS",

@@ -9,39 +9,26 @@ gradients and in the same process:
 - ``copy``: ``dst.copy_(src)`` of the list's bytes (the copy rate that "% copy" divides by, as bench/report.py
   computes it: 3 passes of the list's bytes are needed, a copy moves 2);
 - the CUDA backend (``native.group_fn("cuda")``; on the CPU the "cpu" backend stands in);
-- ``triton shipped``: ``triton_host.znorm_group_`` as it ships (``tiles_for(dtype, numels)``, the grid that
-  ``_num_programs`` picks from the occupancy the compiled kernel allows);
-- ``triton b<block> u<unroll> p<programs>``: the same call with ``block=`` (the tile: elements a program
-  holds in registers, and the chunk unit of large tensors), ``unroll=`` (tiles whose loads a large tensor's
-  chunk issues together; chunks of tensors above 2**20 elements are block * 32 elements) and a fixed number
-  of programs (the persistent grid). Unrolls: --unrolls (default 1, 2, 4).
-  Blocks: powers of two holding 1 to 8 16-byte vectors per thread at the kernel's warps (float32 1024-8192,
-  bfloat16 2048-16384). Programs: 1-4 per SM, and on lists of at most --few-programs-max-elements elements
-  also fixed counts under the SM count (default 32, 66, 132). Optional: --warps (num_warps), and
-  --mid-chunk-tiles (``triton_host.MID_CHUNK_TILES``: tiles per chunk of the tensors between the block and
-  2**20 elements, 1 as shipped; the name gets `` m<tiles>`` where it differs). Each triton row records the
-  statistics items its plan had (``extra.stats_items``): the chunking that was in effect.
+- ``triton shipped``: ``triton_host.znorm_group_`` as it ships (``tiles_for(dtype, numels)``, and the grid
+  the host picks from the occupancy the compiled kernel allows);
+- ``triton b<block> u<unroll> p<programs>``: the same call with a tile configuration of its own
+  (``tiles=Tiles(...)``): the block (elements a program holds in registers, and the chunk unit of large
+  tensors), the unroll (tiles whose loads a large tensor's chunk issues together) and a fixed number of
+  programs (the persistent grid). Unrolls: --unrolls (default 1, 2, 4). Blocks: powers of two holding 1 to 8
+  16-byte vectors per thread at the kernel's warps (float32 1024-8192, bfloat16 2048-16384). Programs: 1-4 per
+  SM, and on lists of at most --few-programs-max-elements elements also fixed counts under the SM count
+  (default 32, 66, 132). Optional: --warps (num_warps), and --mid-chunk-tiles (tiles per chunk of the tensors
+  between the block and 2**20 elements, 1 as shipped; the name gets `` m<tiles>`` where it differs). Each
+  triton row records the statistics items its plan had (``extra.stats_items``): the chunking in effect.
 
-What is patched, and restored (``finally``) as soon as the variant is done:
-- ``triton_host._num_programs`` -> a function that calls the original (so the shipped choice is still
-  recorded) and returns ``max(1, min(items, P))``, as the original clamps. It counts its calls: a variant
-  whose launch did not call it (the host no longer asks it) is reported as an error, not timed as if P held.
-  For the shipped variant, during its check calls only, a pass-through recorder of the count it returns.
-- ``triton_host.MID_CHUNK_TILES`` -> another value (only with --mid-chunk-tiles other than the shipped one),
-  with empty plan and layout caches (their keys leave the chunking out); the caches are put back after.
-- ``triton_host.OPTIONS`` -> a copy with another ``num_warps`` (only with --warps other than the shipped 8),
-  and then ``triton_launch._enabled`` -> False: the host's direct launcher keys its kept kernels by the
-  constexprs, not the options, and would relaunch the 8-warp kernel (so those variants pay Triton's own
-  per-call binding on the host; their device times are unaffected).
-- during the check calls only: ``triton_kernels.znorm_queue_kernel`` -> a proxy whose ``[grid](...)`` calls
-  the real kernel and keeps the grid and the ``CompiledKernel`` it returns (registers, spills, shared memory,
-  and the programs per SM they allow, by ``triton_host.occupancy``). The timed calls use the real kernel.
-The block is not patched: it is ``znorm_group_``'s own ``block=`` argument.
+Nothing of the library is patched: a variant is a ``Tiles`` value, each with its own plans and its own kept
+kernel, and what a launch did (its plan, its grid, the compiled kernel's registers, spills and shared memory,
+and the programs per SM they allow, ``triton_grid.occupancy``) is read from ``triton_host.last_launch()``.
 
 Every variant (backends included) is first run on fresh copies of the inputs and checked against the
-float64 z-scores (bench.check.z_error, contract rule 10's tolerance), and on CUDA run again from the same
-inputs and required to give the same bits (the kernels are deterministic; a difference means a race): a
-variant that fails or raises is reported with its error and not timed.
+float64 z-scores (znorm_kernels.accuracy.z_error, contract rule 10's tolerance), and on CUDA run again from
+the same inputs and required to give the same bits (the kernels are deterministic; a difference means a
+race): a variant that fails or raises is reported with its error and not timed.
 
 Times, on CUDA, each the median over repeated calls:
 - ``do_bench µs``: ``triton.testing.do_bench`` (L2 flushed before each call), as bench/timing.py measures the
@@ -87,10 +74,11 @@ from pathlib import Path
 
 import torch
 
-from bench.check import z_error, z_float64
 from bench.param_lists import get_list
 from bench.suite import make_grads
 from bench.timing import CudaLayer, device_time_gpu_bound
+from znorm_kernels.accuracy import z_error, z_float64
+from znorm_kernels.backends.tiles import Tiles, tiles_for
 
 EPS = 1e-10  # bench.alternatives.EPS: what the benchmark normalizes with
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -111,7 +99,14 @@ class Variant:
     warps: int | None = None  # None: as shipped
     per_sm: int | None = None  # when programs was chosen as a multiple of the SM count
     unroll: int | None = None  # None: as shipped
-    mid_tiles: int | None = None  # None: as shipped (triton_host.MID_CHUNK_TILES)
+    mid_tiles: int | None = None  # None: as shipped (tiles_for's mid_chunk)
+
+    def tiles(self) -> Tiles | None:
+        """The variant's tile configuration (None: the shipped one, tiles_for)."""
+        if self.block is None:
+            return None
+        return Tiles(self.block, self.unroll or 1, mid_chunk=self.mid_tiles or 1, num_warps=self.warps or 8,
+                     programs=self.programs)  # fmt: skip
 
 
 @dataclass
@@ -135,105 +130,11 @@ class Row:
     spills: int | None = None
     shared: int | None = None
     fits_per_sm: int | None = None
-    shipped_programs: int | None = None  # what _num_programs would have picked
+    shipped_programs: int | None = None  # the grid the host picked (the shipped variant)
     wall_s: float | None = None
     extra: dict = field(default_factory=dict)
     unroll: int | None = None
     mid_tiles: int | None = None
-
-
-# --- the patches -----------------------------------------------------------------------------------------
-
-
-class _ProgramsPatch:
-    """``triton_host._num_programs`` returning a fixed count (see the module docstring), or with ``programs``
-    None what the original returns (a recorder); ``calls`` counts, ``used`` is the last count returned."""
-
-    def __init__(self, original, programs: int | None) -> None:
-        self.original, self.programs, self.calls, self.shipped, self.used = original, programs, 0, None, None
-
-    def __call__(self, *args, **kwargs) -> int:
-        self.calls += 1
-        self.shipped = self.original(*args, **kwargs)
-        if self.programs is None:
-            self.used = self.shipped
-        else:
-            items = kwargs.get("items", args[1] if len(args) > 1 else self.programs)
-            self.used = max(1, min(int(items), self.programs))
-        return self.used
-
-
-@contextlib.contextmanager
-def patched_host(programs: int | None, warps: int | None, record: bool = False, mid_tiles: int | None = None):
-    """Patch what the Triton host uses to pick the grid (and num_warps, and the chunks of mid-sized
-    tensors); restore it on exit. Yields the _ProgramsPatch (None when neither ``programs`` nor ``record``
-    asks for one).
-
-    Another num_warps also turns off the host's direct launcher (triton_launch._enabled), if it has one: it
-    keys its kept kernels by the constexprs, not by the compile options, and would relaunch the 8-warp one."""
-    from znorm_kernels.backends import triton_host
-
-    saved_np, saved_opts = triton_host._num_programs, triton_host.OPTIONS
-    saved_mid, saved_caches = triton_host.MID_CHUNK_TILES, (triton_host._plans, triton_host._layouts)
-    launch_mod = sys.modules.get("znorm_kernels.backends.triton_launch")
-    saved_direct = getattr(launch_mod, "_enabled", None)
-    patch = None
-    try:
-        if mid_tiles is not None and mid_tiles != saved_mid:
-            triton_host.MID_CHUNK_TILES = mid_tiles
-            triton_host._plans, triton_host._layouts = type(saved_caches[0])(), type(saved_caches[1])()
-        if programs is not None or record:
-            patch = _ProgramsPatch(saved_np, programs)
-            triton_host._num_programs = patch
-        if warps is not None and warps != saved_opts.get("num_warps"):
-            triton_host.OPTIONS = {**saved_opts, "num_warps": warps}
-            if saved_direct is not None:
-                launch_mod._enabled = False
-        yield patch
-    finally:
-        triton_host._num_programs = saved_np
-        triton_host.OPTIONS = saved_opts
-        triton_host.MID_CHUNK_TILES = saved_mid
-        triton_host._plans, triton_host._layouts = saved_caches
-        if saved_direct is not None:
-            launch_mod._enabled = saved_direct
-
-
-class _KernelSpy:
-    """Stands in for ``triton_kernels.znorm_queue_kernel``: ``[grid](...)`` launches the real kernel and keeps
-    the grid and the compiled kernel; every other attribute is the real kernel's. (A host that keeps compiled
-    kernels, triton_launch.DirectLauncher, sees a new function here, so its first launch comes through.)"""
-
-    def __init__(self, fn) -> None:
-        self.fn, self.grids, self.compiled = fn, [], None
-
-    def __getitem__(self, grid):
-        launch = self.fn[grid]
-
-        def run(*args, **kwargs):
-            out = launch(*args, **kwargs)
-            self.grids.append(tuple(grid) if isinstance(grid, (tuple, list)) else grid)
-            if out is not None:
-                self.compiled = out
-            return out
-
-        return run
-
-    def __getattr__(self, name):
-        return getattr(self.fn, name)
-
-
-@contextlib.contextmanager
-def kernel_spy():
-    from znorm_kernels.backends import triton_kernels
-
-    real = triton_kernels.znorm_queue_kernel
-    spy = _KernelSpy(real)
-    triton_kernels.znorm_queue_kernel = spy
-    try:
-        yield spy
-    finally:
-        triton_kernels.znorm_queue_kernel = real
 
 
 # --- timing -----------------------------------------------------------------------------------------------
@@ -357,10 +258,10 @@ def _kernel_facts(compiled, warps: int, device: torch.device) -> dict:
         with contextlib.suppress(Exception):
             out[key] = int(get(compiled))
     if device.type == "cuda" and out.get("regs"):
-        from znorm_kernels.backends import triton_host
+        from znorm_kernels.backends.triton_grid import occupancy
 
         props = torch.cuda.get_device_properties(device)
-        out["fits_per_sm"] = triton_host.occupancy(out["regs"], out.get("shared", 0), warps, props)
+        out["fits_per_sm"] = occupancy(out["regs"], out.get("shared", 0), warps, props)
     return out
 
 
@@ -474,51 +375,42 @@ class Probe:
 
                 fn = native_mod.group_fn(native)
                 return lambda: fn(grads, EPS, 0.0, None)
-            block, unroll = v.block, v.unroll
+            tiles = v.tiles()
             # looked up at each call, so that a test can wrap it
-            return lambda: triton_host.znorm_group_(grads, EPS, 0.0, None, block=block, unroll=unroll)
+            return lambda: triton_host.znorm_group_(grads, EPS, 0.0, None, tiles=tiles)
 
-        def check(v: Variant, fn: Callable[[], object], row: Row, patch: _ProgramsPatch | None) -> bool:
+        def check(v: Variant, fn: Callable[[], object], row: Row) -> bool:
             """Run the variant on fresh copies of the inputs and check it; on CUDA run it again and require
             the same bits (the kernel is deterministic: a difference is a race). Fills the row's check and
             kernel fields; False when the variant must not be timed."""
             triton = v.kind == "triton"
-            spy_ctx = kernel_spy() if triton else contextlib.nullcontext()
-            # The shipped variant: a recorder of the grid the host picks (the patched ones record anyway).
-            rec_ctx = patched_host(None, None, record=True) if triton and patch is None else None
-            with spy_ctx as spy, rec_ctx or contextlib.nullcontext(patch) as rec:
+            restore()
+            fn()
+            _sync(device)
+            err, excess = z_error(grads, expected)
+            launch = triton_host.last_launch() if triton else None
+            differ = 0
+            if device.type == "cuda":  # also the call after the host has read the kernel's occupancy
+                first = [g.clone() for g in grads]
                 restore()
                 fn()
                 _sync(device)
-                err, excess = z_error(grads, expected)
-                differ = 0
-                if device.type == "cuda":  # also the call after the host has read the kernel's occupancy
-                    first = [g.clone() for g in grads]
-                    restore()
-                    fn()
-                    _sync(device)
-                    differ = sum(1 for a, b in zip(first, grads) if not torch.equal(a, b))
-                    del first
+                differ = sum(1 for a, b in zip(first, grads) if not torch.equal(a, b))
+                del first
             row.max_err = err
-            if triton and triton_host._plans:  # the plan just used: the chunking in effect
-                plan = next(reversed(triton_host._plans.values()))
-                row.extra["stats_items"] = plan.num_stats_items
-                row.extra["small_items"] = plan.num_small_items
-            if spy is not None:
-                for k, val in _kernel_facts(spy.compiled, v.warps or 8, device).items():
+            if launch is not None:  # the plan, grid and kernel of the check's launch
+                row.extra["stats_items"] = launch.plan.num_stats_items
+                row.extra["small_items"] = launch.plan.num_small_items
+                row.extra["grid_seen"] = [launch.programs]
+                row.programs = launch.programs
+                if v.block is None:
+                    row.shipped_programs = launch.programs
+                warps = launch.plan.tiles.num_warps
+                for k, val in _kernel_facts(launch.kernel, warps, device).items():
                     setattr(row, k, val)
-                if spy.grids:
-                    row.extra["grid_seen"] = list(spy.grids[0])
-                warps = getattr(getattr(spy.compiled, "metadata", None), "num_warps", None)
-                if v.warps is not None and warps is not None and warps != v.warps:
-                    raise RuntimeError(f"asked for {v.warps} warps, the kernel launched has {warps}")
-            if rec is not None:
-                row.shipped_programs = rec.shipped
-                if rec.calls == 0:
-                    raise RuntimeError(
-                        "triton_host._num_programs was not called: cannot set or read the grid"
-                    )
-                row.programs = rec.used
+                compiled = getattr(getattr(launch.kernel, "metadata", None), "num_warps", None)
+                if compiled is not None and compiled != warps:
+                    raise RuntimeError(f"asked for {warps} warps, the kernel launched has {compiled}")
             if not excess <= 0 or differ:
                 row.status = "FAILED CHECK"
                 row.error = (
@@ -545,11 +437,10 @@ class Probe:
             t0 = time.monotonic()
             try:
                 fn = call_for(v)
-                with patched_host(v.programs, v.warps, mid_tiles=v.mid_tiles) as patch:
-                    if v.kind != "copy" and not check(v, fn, row, patch):
-                        return row
-                    # each measurement warms up first (the check call compiled and learned the occupancy)
-                    times = self.timer.measure(fn)
+                if v.kind != "copy" and not check(v, fn, row):
+                    return row
+                # each measurement warms up first (the check call compiled and learned the occupancy)
+                times = self.timer.measure(fn)
             except Stop:
                 row.status, row.error = "skipped", "stopped"
                 raise
@@ -584,14 +475,11 @@ class Probe:
             run_variant(Variant(native, "native"), global_deadline)
             self.save()
             shipped = run_variant(Variant("triton shipped", "triton"), global_deadline)
-            case["shipped_block"] = triton_host.block_for(dtype)
-            numels = [torch.Size(s).numel() for s in plist.shapes]
-            case["shipped_unroll"] = triton_host.unroll_for(dtype, numels)
+            tiles = tiles_for(dtype, [torch.Size(s).numel() for s in plist.shapes])
+            case["shipped_block"] = tiles.block
+            case["shipped_unroll"] = tiles.unroll
             case["shipped_programs"] = shipped.programs
-            case["shipped_mid_chunk_tiles"] = triton_host.MID_CHUNK_TILES
-            case["shipped_programs_per_sm"] = dict(
-                (str(k), v) for k, v in getattr(triton_host, "_programs_per_sm", {}).items()
-            )
+            case["shipped_mid_chunk_tiles"] = tiles.mid_chunk
             self.save()
             variants = grid_variants(
                 args,

@@ -32,8 +32,9 @@ import znorm_kernels
 from bench.param_lists import get_list
 from bench.suite import NullStepOptimizer
 from bench.timing import host_time, host_times
-from znorm_kernels import dispatch
+from znorm_kernels import validation
 from znorm_kernels.backends import native, triton_kernels
+from znorm_kernels.check_cache import recent_checks
 
 EVICT_BYTES = 64 << 20  # above the development CPU's L2 and L3 together (2 + 32 MiB)
 
@@ -123,13 +124,15 @@ def main() -> None:
         "hook call (unchanged gradients)": lambda: hook(opt, (), {}),
         "hook call (some gradients None)": lambda: sparse_hook(sparse_opt, (), {}),
         "znorm_(grads, backend='triton')": lambda: znorm_kernels.znorm_(grads, backend="triton"),
-        "input checks and grouping alone": lambda: dispatch.collect_indices(grads),
+        "input checks and grouping alone": lambda: validation.collect_indices(grads),
         # the same without the cache of recent checks (new tensor objects each call, or a first call)
         "znorm_(grads, backend='triton'), checks uncached": lambda: (
-            dispatch._checked.clear(),
+            recent_checks.clear(),
             znorm_kernels.znorm_(grads, backend="triton"),
         ),
-        "input checks and grouping alone, uncached": lambda: dispatch.check_and_group(grads, None, "znorm_"),
+        "input checks and grouping alone, uncached": lambda: validation.check_and_group(
+            grads, None, "znorm_"
+        ),
     }
     # The native CPU backend's Python path, its C++ op replaced by a no-op (see the module docstring).
     native._run = lambda tensors, eps, correction, grad_scale, *, stats=None: None

@@ -74,7 +74,7 @@ def main() -> None:
     print(
         f"device {device}; torch {torch.__version__}; {args.dtype}; torch update "
         f"{'fused' if args.fused else 'foreach'}; threads {torch.get_num_threads()}; "
-        f"backend for ZNorm: {znorm_kernels.dispatch.resolve_backend('auto', device)}"
+        f"backend for ZNorm: {znorm_kernels.registry.resolve_backend('auto', device)}"
     )
     print("| list | optimizer | torch alone (ms) | hook + torch (ms) | ZNorm optimizer (ms) | hook / alone | "
           "ZNorm optimizer / alone |\n|---|---|---|---|---|---|---|")  # fmt: skip

@@ -18,9 +18,9 @@ import torch
 from torch import Tensor
 
 from bench.alternatives import EPS, Method, alternative_method, our_method
-from bench.check import AccuracyError, z_error, z_float64
 from bench.param_lists import ParamList
 from bench.timing import count_launches, device_time_gpu_bound, device_times, host_time, host_times, sync
+from znorm_kernels.accuracy import AccuracyError, z_error, z_float64
 
 __all__ = ["CaseOptions", "NullStepOptimizer", "make_grads", "run_case"]
 

@@ -9,10 +9,10 @@ import torch
 
 import znorm_kernels
 from bench.alternatives import EPS, eager_loop
-from bench.check import z_error, z_float64
 from bench.param_lists import get_list
 from bench.report import derive, markdown
 from bench.suite import make_grads
+from znorm_kernels.accuracy import z_error, z_float64
 
 
 @pytest.mark.parametrize(
@@ -485,12 +485,12 @@ def test_training_step_counts_the_hooks_paths():
     nothing, one at new addresses counts a move, one with another dtype a full check."""
     import znorm_kernels
     from bench.train_step import _PathCounter
-    from znorm_kernels import dispatch
+    from znorm_kernels import step_cache
 
     params = [torch.nn.Parameter(torch.zeros(4, 3)), torch.nn.Parameter(torch.zeros(5))]
     opt = torch.optim.SGD(params, lr=0.0)
     znorm_kernels.register(opt, backend="reference")
-    real = dispatch.GradientGroups._check
+    real = step_cache.GradientGroups._check
     with _PathCounter() as paths:
         for p in params:
             p.grad = torch.randn_like(p)
@@ -506,7 +506,7 @@ def test_training_step_counts_the_hooks_paths():
         params[1].grad = torch.randn(5, dtype=torch.float64)
         opt.step()
         assert paths.counts["full checks"] == 1
-    assert dispatch.GradientGroups._check is real
+    assert step_cache.GradientGroups._check is real
 
 
 def test_training_step_profile_writes_its_table_and_traces(tmp_path):

@@ -1,6 +1,7 @@
 """The GPU probe's rehearsal on the CPU (bench/gpu_probe.py under TRITON_INTERPRET=1, timings meaningless):
-the sweep runs end to end, a faulty variant is reported and not timed, the patches are undone, the
-Nsight Compute driver mode runs, and bench/gpu_profile.sh parses and prints its ncu commands."""
+the sweep runs end to end, a faulty variant is reported and not timed, each variant runs with its own tile
+configuration, the Nsight Compute driver mode runs, and bench/gpu_profile.sh parses and prints its ncu
+commands."""
 
 from __future__ import annotations
 
@@ -19,24 +20,22 @@ ROOT = Path(__file__).resolve().parent.parent
 # 2048 variant corrupts its output after the real launch: the probe must refuse to time it.
 REHEARSAL = r"""
 import json, sys
-from znorm_kernels.backends import triton_host, triton_kernels
+from znorm_kernels.backends import triton_host
 from bench import gpu_probe
 
-real_group, real_np = triton_host.znorm_group_, triton_host._num_programs
-real_kernel = triton_kernels.znorm_queue_kernel
+real_group = triton_host.znorm_group_
 
-def faulty(tensors, *args, block=None, **kwargs):
-    real_group(tensors, *args, block=block, **kwargs)
-    if block == 2048:
+def faulty(tensors, *args, tiles=None, **kwargs):
+    real_group(tensors, *args, tiles=tiles, **kwargs)
+    if tiles is not None and tiles.block == 2048:
         tensors[0].mul_(2)
 
 triton_host.znorm_group_ = faulty
 rc = gpu_probe.main(sys.argv[1:])
-restored = triton_host._num_programs is real_np and triton_kernels.znorm_queue_kernel is real_kernel
 triton_host.znorm_group_ = real_group
 rc_ncu = gpu_probe.main(["--device", "cpu", "--ncu-target", "resnet8", "float32", "triton",
                          "--ncu-warmup", "1", "--ncu-calls", "1"])
-print("RESULT", json.dumps({"rc": rc, "rc_ncu": rc_ncu, "restored": restored}))
+print("RESULT", json.dumps({"rc": rc, "rc_ncu": rc_ncu}))
 """
 
 
@@ -46,7 +45,7 @@ def _interpreter_broken() -> str | None:
     from znorm_kernels.backends import triton_host
 
     try:
-        return triton_host._interpreter_broken()
+        return triton_host.interpreter_broken()
     except ImportError as err:  # pragma: no cover (no triton)
         return str(err)
 
@@ -71,7 +70,7 @@ def _rehearse(script: str, out: Path, *knobs: str) -> dict:
 @pytest.mark.skipif(_interpreter_broken() is not None, reason=str(_interpreter_broken()))
 def test_probe_rehearsal_refuses_a_faulty_variant(tmp_path: Path) -> None:
     result = _rehearse(REHEARSAL, tmp_path, "--blocks", "2048,4096", "--unrolls", "1,2")
-    assert result == {"rc": 1, "rc_ncu": 0, "restored": True}  # rc 1: a check failed, the rest ran
+    assert result == {"rc": 1, "rc_ncu": 0}  # rc 1: a check failed, the rest ran
 
     doc = json.loads((tmp_path / "gpu_probe.json").read_text())
     rows = {r["variant"]: r for r in doc["rows"]}
@@ -90,7 +89,7 @@ def test_probe_rehearsal_refuses_a_faulty_variant(tmp_path: Path) -> None:
         rows["triton b4096 u1 p2"]["unroll"] == 1 and doc["cases"]["resnet8 float32"]["shipped_unroll"] == 1
     )  # shipped: no tensor of ResNet-8 is above LARGE_TENSOR, so the list runs with UNROLL 1
     good = rows["triton b4096 u2 p2"]
-    assert good["programs"] == 2 and good["extra"]["grid_seen"][0] == 2  # the patched count was launched
+    assert good["programs"] == 2 and good["extra"]["grid_seen"][0] == 2  # the variant's grid was launched
     assert good["max_err"] < 1e-5
     assert rows["triton shipped"]["programs"] == 1  # the CPU host runs one program
     md = (tmp_path / "gpu_probe.md").read_text()
@@ -100,34 +99,34 @@ def test_probe_rehearsal_refuses_a_faulty_variant(tmp_path: Path) -> None:
 MID_CHUNKS = r"""
 import json, sys
 import torch
-from znorm_kernels.backends import triton_host
+from znorm_kernels.backends import triton_plan
+from znorm_kernels.backends.tiles import tiles_for
 from bench import gpu_probe
 from bench.param_lists import get_list
 
-caches = (triton_host._plans, triton_host._layouts)
 rc = gpu_probe.main(sys.argv[1:])
 numels = [torch.Size(s).numel() for s in get_list("resnet8").shapes]
 
 def tickets(block, tiles):  # statistics items of ResNet-8 (no tensor above 2**20 elements)
     return sum(-(-n // (block * tiles)) for n in numels if n > block)
 
+shipped = tiles_for(torch.float32, numels)
 print("RESULT", json.dumps({
     "rc": rc,
-    "restored": triton_host.MID_CHUNK_TILES == 1
-    and caches[0] is triton_host._plans and caches[1] is triton_host._layouts,
+    "shipped_mid": shipped.mid_chunk,
     "items": {str(m): tickets(4096, m) for m in (1, 4)},
-    "shipped": tickets(triton_host.block_for(torch.float32), 1),
-    "kept": sorted({p.num_stats_items for p in triton_host._plans.values()}),
+    "shipped": tickets(shipped.block, shipped.mid_chunk),
+    "kept": {f"{p.tiles.block} {p.tiles.mid_chunk}": p.num_stats_items for p in triton_plan.plans.values()},
 }))
 """
 
 
 @pytest.mark.skipif(_interpreter_broken() is not None, reason=str(_interpreter_broken()))
-def test_probe_times_other_mid_chunks_and_puts_the_shipped_ones_back(tmp_path: Path) -> None:
-    # --mid-chunk-tiles: each value's plan has its own statistics items (the patch was in effect, through
-    # fresh caches), the results pass the check, and the shipped value and caches are back afterwards.
+def test_probe_times_other_mid_chunks_each_with_its_own_plan(tmp_path: Path) -> None:
+    # --mid-chunk-tiles: each value's plan has its own statistics items (its tiles were in effect), the
+    # results pass the check, and the shipped configuration is still the one the host chooses.
     result = _rehearse(MID_CHUNKS, tmp_path, "--blocks", "4096", "--unrolls", "2", "--mid-chunk-tiles", "1,4")
-    assert result["rc"] == 0 and result["restored"]
+    assert result["rc"] == 0 and result["shipped_mid"] == 1
     doc = json.loads((tmp_path / "gpu_probe.json").read_text())
     rows = {r["variant"]: r for r in doc["rows"]}
     assert doc["cases"]["resnet8 float32"]["shipped_mid_chunk_tiles"] == 1
@@ -136,8 +135,10 @@ def test_probe_times_other_mid_chunks_and_puts_the_shipped_ones_back(tmp_path: P
         assert row["status"] == "ok" and row["mid_tiles"] == mid and row["max_err"] < 1e-5, row
         assert row["extra"]["stats_items"] == result["items"][str(mid)]
     assert result["items"]["4"] < result["items"]["1"]  # the list has tensors the two chunkings split apart
-    # the shipped caches hold plans of the shipped chunking only (the shipped tile's and b4096's)
-    assert result["kept"] == sorted({result["shipped"], result["items"]["1"]})
+    # one plan per configuration, each with its own chunking: the shipped tiles', b4096 m1's and m4's
+    kept = result["kept"]
+    assert kept["4096 1"] == result["items"]["1"] and kept["4096 4"] == result["items"]["4"]
+    assert kept["8192 1"] == result["shipped"]
     bad = subprocess.run(
         [sys.executable, "-m", "bench.gpu_probe", "--device", "cpu", "--out", str(tmp_path),
          "--mid-chunk-tiles", "0"],

@@ -51,7 +51,7 @@ def _setup(device: torch.device, batch: int, backend: str):
         loss.backward()
         opt.step()
 
-    resolved = znorm_kernels.dispatch.resolve_backend(backend, device)
+    resolved = znorm_kernels.registry.resolve_backend(backend, device)
     variants: dict[str, Callable[[], object]] = {
         "no ZNorm": lambda: None,
         "eager loop (step pre-hook)": lambda: opt.register_step_pre_hook(loop_pre_hook(eager_loop)),
@@ -140,25 +140,40 @@ def time_training_step(
 class _PathCounter:
     """Counts, while ``counting`` is set, which path our hook took (GradientGroups: the full checks, or
     gradients that moved to other addresses and were bound again; otherwise the same addresses) and how
-    many Triton plans (a new table copied to the device) were built. Patches the classes for the duration."""
+    many Triton plans (a new table copied to the device) were built (``triton_plan.counts``). Patches the
+    cache's class for the duration."""
 
     def __init__(self) -> None:
-        self.counting = False
+        self._counting = False
+        self._built_at = 0
         self.counts = {"full checks": 0, "moved": 0, "plans built": 0}
 
-    def __enter__(self) -> _PathCounter:
-        from znorm_kernels import dispatch
+    @property
+    def counting(self) -> bool:
+        return self._counting
 
-        self._saved = [(dispatch.GradientGroups, "_check"), (dispatch.GradientGroups, "_moved")]
-        wrap = {"_check": "full checks", "_moved": "moved"}
+    @counting.setter
+    def counting(self, on: bool) -> None:
+        built = self._plans_built()
+        if self._counting and not on:
+            self.counts["plans built"] += built - self._built_at
+        self._built_at, self._counting = built, on
+
+    @staticmethod
+    def _plans_built() -> int:
         try:
-            from znorm_kernels.backends import triton_host
-
-            self._saved.append((triton_host, "_build_plan"))
-            wrap["_build_plan"] = "plans built"
+            from znorm_kernels.backends import triton_plan
         except ImportError:  # no Triton: nothing to count there
-            pass
-        self._saved = [(owner, attr, getattr(owner, attr)) for owner, attr in self._saved]
+            return 0
+        return triton_plan.counts.built
+
+    def __enter__(self) -> _PathCounter:
+        from znorm_kernels import step_cache
+
+        wrap = {"_check": "full checks", "_moved": "moved"}
+        self._saved = [
+            (step_cache.GradientGroups, attr, getattr(step_cache.GradientGroups, attr)) for attr in wrap
+        ]
         for owner, attr, fn in self._saved:
             setattr(owner, attr, self._counted(fn, wrap[attr]))
         return self
@@ -166,13 +181,14 @@ class _PathCounter:
     def _counted(self, fn, what: str):
         def counted(*args, **kwargs):
             result = fn(*args, **kwargs)
-            if self.counting and (what != "moved" or result):
+            if self._counting and (what != "moved" or result):
                 self.counts[what] += 1
             return result
 
         return counted
 
     def __exit__(self, *exc) -> None:
+        self.counting = False
         for owner, attr, fn in self._saved:
             setattr(owner, attr, fn)
 

@@ -15,10 +15,13 @@ import torch
 
 from znorm_kernels.cifar import data as cdata
 from znorm_kernels.cifar.__main__ import main
+from znorm_kernels.cifar.build import build_model
+from znorm_kernels.cifar.checkpoint import load_checkpoint
+from znorm_kernels.cifar.config import Config, UsageError
 from znorm_kernels.cifar.grid import parse_lr, run_grid
 from znorm_kernels.cifar.report import find_runs, markdown_table
 from znorm_kernels.cifar.report import main as report_main
-from znorm_kernels.cifar.train import Config, UsageError, build_model, load_checkpoint, train
+from znorm_kernels.cifar.train import train
 
 TINY = Config(
     model="resnet8",

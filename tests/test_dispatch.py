@@ -7,7 +7,7 @@ import torch
 
 import znorm_kernels
 from tests.utils import known_backends, make_grad
-from znorm_kernels import dispatch
+from znorm_kernels import registry, validation
 
 
 def _good_list():
@@ -83,7 +83,7 @@ def test_collect_groups_by_device_and_dtype_in_order():
         make_grad((6,)),
         make_grad((2, 2), torch.float64),
     )
-    groups = dispatch.collect([a, None, b, torch.randn(1), torch.randn(0), c, d, torch.randn(())])
+    groups = validation.collect([a, None, b, torch.randn(1), torch.randn(0), c, d, torch.randn(())])
     assert list(groups) == [(a.device, torch.float32), (b.device, torch.float16), (d.device, torch.float64)]
     assert groups[(a.device, torch.float32)] == [a, c]
 
@@ -93,7 +93,7 @@ def test_available_backends():
     assert names[-1] == "reference"
     assert set(names) <= set(known_backends())
     # Listed fastest first, in the table's order.
-    assert names == [n for n in dispatch.BACKENDS if n in names]
+    assert names == [n for n in registry.BACKENDS if n in names]
 
 
 @pytest.mark.skipif(
@@ -103,26 +103,26 @@ def test_triton_availability_follows_triton_interpret_when_it_changes(monkeypatc
     pytest.importorskip("triton")
     from znorm_kernels.backends import triton_host
 
-    if triton_host._interpreter_broken():
-        pytest.skip(triton_host._interpreter_broken())
+    if triton_host.interpreter_broken():
+        pytest.skip(triton_host.interpreter_broken())
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert "triton" not in znorm_kernels.available_backends()
     with pytest.raises(RuntimeError, match="triton"):
         znorm_kernels.znorm_([torch.randn(5)], backend="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert "triton" in znorm_kernels.available_backends()
-    assert dispatch.resolve_backend("triton", "cpu") == "triton"
+    assert registry.resolve_backend("triton", "cpu") == "triton"
     monkeypatch.delenv("TRITON_INTERPRET")
     assert "triton" not in znorm_kernels.available_backends()
 
 
 def test_auto_resolution_follows_spec():
     have = znorm_kernels.available_backends()
-    cpu = dispatch.resolve_backend("auto", "cpu")
+    cpu = registry.resolve_backend("auto", "cpu")
     assert cpu == ("cpu" if "cpu" in have else "reference")
-    assert dispatch.resolve_backend("auto", "meta") == "reference"
+    assert registry.resolve_backend("auto", "meta") == "reference"
     if torch.cuda.is_available():
-        cuda = dispatch.resolve_backend("auto", "cuda")
+        cuda = registry.resolve_backend("auto", "cuda")
         expected = next(n for n in ("triton", "cuda", "reference") if n in have)
         assert cuda == expected
 
@@ -131,7 +131,7 @@ def test_auto_resolution_follows_spec():
 def test_explicit_backend_that_cannot_serve_raises_and_modifies_nothing(name):
     for device in ["cpu", "cuda", "meta"]:
         try:
-            dispatch.resolve_backend(name, device)
+            registry.resolve_backend(name, device)
         except RuntimeError as err:
             assert name in str(err)
             if device == "meta":
@@ -183,10 +183,10 @@ def test_triton_interpreter_known_broken_with_numpy_2_4_before_triton_3_7(
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(triton, "__version__", triton_version)
     monkeypatch.setattr(numpy, "__version__", numpy_version)
-    triton_host._interpreter_broken.cache_clear()
-    dispatch._cache_clear()
+    triton_host.interpreter_broken.cache_clear()
+    registry.clear_caches()
     try:
-        why = dispatch._unavailable("triton")
+        why = registry.unavailable("triton")
         assert (why is not None) == broken
         if broken:
             assert "numpy<2.4 or triton>=3.7" in why
@@ -194,5 +194,5 @@ def test_triton_interpreter_known_broken_with_numpy_2_4_before_triton_3_7(
             with pytest.raises(RuntimeError, match=r"numpy<2\.4"):
                 znorm_kernels.znorm_([torch.randn(5)], backend="triton")
     finally:
-        triton_host._interpreter_broken.cache_clear()
-        dispatch._cache_clear()
+        triton_host.interpreter_broken.cache_clear()
+        registry.clear_caches()

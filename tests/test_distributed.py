@@ -486,7 +486,7 @@ def test_stage_rows_match_torch_rows(device: str) -> None:
 
 def test_plain_path_unchanged_without_dtensors() -> None:
     """Plain tensors still take the normal path (and DTensor routing is not triggered by them)."""
-    from znorm_kernels.dispatch import _dtensor_positions
+    from znorm_kernels.dtensors import dtensor_positions as _dtensor_positions
 
     ts = [torch.randn(5, 3), None, torch.randn(4)]
     assert _dtensor_positions(ts) is None

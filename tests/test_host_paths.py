@@ -13,7 +13,9 @@ from torch import nn
 
 import znorm_kernels
 from tests.utils import assert_close_to_float64, make_grad
-from znorm_kernels import dispatch, reference
+from znorm_kernels import dispatch, reference, validation
+from znorm_kernels.check_cache import recent_checks
+from znorm_kernels.overlap import disjoint
 
 
 def _pool(rng: random.Random) -> list:
@@ -49,16 +51,16 @@ def test_fast_checks_agree_with_the_exact_ones(seed):
     for _ in range(150):
         pool = _pool(rng)
         items = [rng.choice(pool) for _ in range(rng.randint(1, 7))]
-        exact = _outcome(lambda items=items: dispatch._exact_groups(items, None, "znorm_"))
-        fast = dispatch._fast_groups(items)
+        exact = _outcome(lambda items=items: validation._exact_groups(items, None, "znorm_"))
+        fast = validation._fast_groups(items)
         if fast is not None:
             fast_used += 1
             assert exact[0] == "ok", f"the fast path accepted what the exact one rejects: {exact}"
             assert list(fast.items()) == list(exact[1].items())
-        assert _outcome(lambda items=items: dispatch.check_and_group(items, None, "znorm_")) == exact
+        assert _outcome(lambda items=items: validation.check_and_group(items, None, "znorm_")) == exact
         # and through the cache, twice (the second call may hit it)
         for _ in range(2):
-            got = _outcome(lambda items=items: dispatch.collect_indices(items)[1])
+            got = _outcome(lambda items=items: validation.collect_indices(items)[1])
             assert got[0] == exact[0] and (got[0] != "ok" or list(got[1].items()) == list(exact[1].items()))
     assert fast_used > 20, "the fast path is exercised"
 
@@ -67,9 +69,9 @@ def test_fast_path_takes_plain_lists_with_nones_and_tiny_tensors():
     a, b = make_grad((5,)), make_grad((5,), torch.float16)
     c, d = make_grad((6, 2)).t(), make_grad((2, 2), torch.float64)
     items = [a, None, b, torch.randn(1), torch.randn(0), c, d, torch.randn(())]
-    fast = dispatch._fast_groups(items)
+    fast = validation._fast_groups(items)
     assert fast is not None
-    assert list(fast.items()) == list(dispatch._exact_groups(items, None, "znorm_").items())
+    assert list(fast.items()) == list(validation._exact_groups(items, None, "znorm_").items())
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -80,17 +82,17 @@ def test_disjoint_agrees_with_brute_force(seed):
         starts = [rng.randrange(0, 40) for _ in range(n)]
         ends = [s + rng.randint(1, 12) for s in starts]
         brute = all(ends[i] <= starts[j] or ends[j] <= starts[i] for i in range(n) for j in range(i + 1, n))
-        assert dispatch._disjoint(starts, ends) == brute, (starts, ends)
+        assert disjoint(starts, ends) == brute, (starts, ends)
 
 
 @pytest.fixture
 def count_checks(monkeypatch):
-    dispatch._checked.clear()
+    recent_checks.clear()
     calls = []
-    real = dispatch.check_and_group
-    monkeypatch.setattr(dispatch, "check_and_group", lambda *a: calls.append(1) or real(*a))
+    real = validation.check_and_group
+    monkeypatch.setattr(validation, "check_and_group", lambda *a: calls.append(1) or real(*a))
     yield calls
-    dispatch._checked.clear()
+    recent_checks.clear()
 
 
 def test_direct_calls_with_the_same_tensors_are_checked_once(count_checks):
@@ -138,12 +140,12 @@ def test_in_place_changes_of_a_known_tensor_are_seen(count_checks):
 def test_the_cache_holds_no_tensor_and_forgets_dead_ones(count_checks):
     grads = [make_grad((30,), seed=1), make_grad((30,), seed=2)]
     znorm_kernels.znorm_(grads, backend="reference")
-    assert len(dispatch._checked.entries) == 1
+    assert len(recent_checks.entries) == 1
     ref = __import__("weakref").ref(grads[1])
     del grads
     gc.collect()
     assert ref() is None, "the cache keeps no tensor alive"
-    assert len(dispatch._checked.entries) == 0, "an entry goes when one of its tensors dies"
+    assert len(recent_checks.entries) == 0, "an entry goes when one of its tensors dies"
 
 
 def test_rejected_lists_are_not_cached(count_checks):
@@ -321,7 +323,7 @@ def _training_outcome(backend: str, case, cached: bool, base=_base):
         if cached:
             opt.step()
         else:
-            dispatch._checked.clear()
+            recent_checks.clear()
             znorm_kernels.znorm_([p.grad for p in params.values()], backend=backend)
     except (TypeError, ValueError) as err:
         return type(err).__name__, buf
@@ -382,14 +384,18 @@ def test_hook_after_a_duplicate_rechecks_a_move(backend):
 @pytest.mark.parametrize("seed", range(3))
 def test_triton_table_from_its_layout_is_the_table(seed):
     """A plan for moved gradients builds its table from the cached layout: the same table, to the bit."""
-    from znorm_kernels.backends import triton_host as th
+    from znorm_kernels.backends import triton_plan as tp
+    from znorm_kernels.backends.tiles import Tiles
 
     rng = random.Random(seed)
     for _ in range(20):
         numels = tuple(rng.choice([2, 7, 4096, 4097, 9000, (1 << 20) + 5]) for _ in range(rng.randint(1, 6)))
         addrs = tuple(rng.randrange(0, 1 << 40) * 16 for _ in numels)
-        elsize, tiles = rng.choice([(4, (4096, 2)), (2, (4096, 4)), (8, (2048, 1)), (4, (4096, 1))])
-        layout = th._layout_for(numels, elsize, tiles)
-        table, s, m = th._table(addrs, numels, elsize, tiles)
-        assert th._table_at(layout, addrs).tolist() == table
+        elsize, tiles = rng.choice(
+            [(4, Tiles(4096, 2)), (2, Tiles(4096, 4)), (8, Tiles(2048)), (4, Tiles(4096))]
+        )
+        tiles = rng.choice([tiles, Tiles(tiles.block, tiles.unroll, mid_chunk=3, large_chunk=5)])
+        layout = tp.layout_for(numels, elsize, tiles)
+        table, s, m = tp.table(addrs, numels, elsize, tiles)
+        assert tp.table_at(layout, addrs).tolist() == table
         assert (layout.num_stats_items, layout.num_small_items) == (s, m)

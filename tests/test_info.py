@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from znorm_kernels import dispatch, info
+from znorm_kernels import cuda_archs, info, registry
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ("Versions", "Devices", "Backends", "Extension znorm_kernels._C", "Environment", "Self-check")
@@ -32,9 +32,9 @@ def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 
 @pytest.fixture
 def fresh_dispatch():
-    dispatch._cache_clear()
+    registry.clear_caches()
     yield
-    dispatch._cache_clear()
+    registry.clear_caches()
 
 
 def test_text_in_process(capsys):
@@ -43,7 +43,7 @@ def test_text_in_process(capsys):
     for section in SECTIONS:
         assert f"\n{section}" in out
     assert f"torch          {torch.__version__}" in out
-    for name in dispatch.BACKENDS:
+    for name in registry.BACKENDS:
         assert f"  {name:<10} " in out
     assert "Result: OK" in out
 
@@ -60,10 +60,10 @@ def test_json_schema_in_process(capsys):
     assert len(r["devices"]["cuda"]) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
     for d in r["devices"]["cuda"]:
         assert set(d) >= {"index", "name", "capability", "total_memory_bytes"}
-    assert [b["name"] for b in r["backends"]] == list(dispatch.BACKENDS)
+    assert [b["name"] for b in r["backends"]] == list(registry.BACKENDS)
     for b in r["backends"]:
-        assert b["available"] == (b["reason"] is None) == (dispatch._unavailable(b["name"]) is None)
-    assert r["auto"]["cpu"] in dispatch.BACKENDS
+        assert b["available"] == (b["reason"] is None) == (registry.unavailable(b["name"]) is None)
+    assert r["auto"]["cpu"] in registry.BACKENDS
     ext = r["extension"]
     assert set(ext) >= {"built", "reason", "path", "cuda_kernel", "cuda_archs", "cuda_archs_source"}
     assert ext["built"] == (ext["reason"] is None)
@@ -74,7 +74,7 @@ def test_json_schema_in_process(capsys):
     assert check["dtypes"] == ["float32", "bfloat16"] and check["ok"] is True
     checked = {(row["backend"], row["device"]) for row in check["results"] if row["status"] != "skipped"}
     for b in r["backends"]:
-        if b["available"] and dispatch.BACKENDS[b["name"]].serves(torch.device("cpu")) is None:
+        if b["available"] and registry.BACKENDS[b["name"]].serves(torch.device("cpu")) is None:
             assert (b["name"], "cpu") in checked
     for row in check["results"]:
         if row["status"] != "skipped":
@@ -99,20 +99,20 @@ def test_subprocess_text_and_json():
     assert r["self_check"]["triton_interpreter"] is False
 
 
-def _bad_backend(name: str, raises: bool) -> dispatch.Backend:
+def _bad_backend(name: str, raises: bool) -> registry.Backend:
     def group(tensors, eps, correction, grad_scale):
         if raises:
             raise RuntimeError("kernel exploded")
         for t in tensors:
             t.fill_(3.0)  # not z-scores
 
-    return dispatch.Backend(name=name, unavailable=lambda: None, serves=lambda d: None, load=lambda: group)
+    return registry.Backend(name=name, unavailable=lambda: None, serves=lambda d: None, load=lambda: group)
 
 
 @pytest.mark.parametrize("raises", [False, True])
 def test_failing_backend_exits_1(monkeypatch, capsys, fresh_dispatch, raises):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setitem(dispatch.BACKENDS, "cpu", _bad_backend("cpu", raises))
+    monkeypatch.setitem(registry.BACKENDS, "cpu", _bad_backend("cpu", raises))
     assert info.main([]) == 1
     out = capsys.readouterr().out
     assert "Result: FAILED" in out
@@ -123,15 +123,6 @@ def test_failing_backend_exits_1(monkeypatch, capsys, fresh_dispatch, raises):
     bad = [row for row in r["self_check"]["results"] if row["status"] == "fail"]
     assert bad and {row["backend"] for row in bad} == {"cpu"}
     assert info.main(["--no-check"]) == 0
-
-
-def test_fallback_bound_matches_bench():
-    from bench.check import allowed_error
-
-    z = torch.tensor([0.0, 0.5, -3.0, 9.9, 25.0, -120.0], dtype=torch.float64)
-    got = z + 1e-3
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        assert torch.equal(info._fallback_allowed_error(z, got, dtype), allowed_error(z, got, dtype))
 
 
 def _fatbin(entries: list[tuple[int, int]]) -> bytes:
@@ -145,22 +136,22 @@ def _fatbin(entries: list[tuple[int, int]]) -> bytes:
 
 def test_cuda_archs_from_the_so(tmp_path, monkeypatch):
     data = b"\x7fELF junk" + _fatbin([(2, 80), (2, 90)]) + b"more" + _fatbin([(2, 90), (1, 90)])
-    assert info.parse_fatbin(data) == ["sm_80", "sm_90", "compute_90"]
-    assert info.parse_fatbin(b"no fatbinary here") == []
+    assert cuda_archs.parse_fatbin(data) == ["sm_80", "sm_90", "compute_90"]
+    assert cuda_archs.parse_fatbin(b"no fatbinary here") == []
     so = tmp_path / "_C.so"
     so.write_bytes(data)
-    monkeypatch.setattr(info, "_archs_from_cuobjdump", lambda path: None)
-    assert info.cuda_archs(so) == (["sm_80", "sm_90", "compute_90"], "fatbinary headers in the .so")
+    monkeypatch.setattr(cuda_archs, "_archs_from_cuobjdump", lambda path: None)
+    assert cuda_archs.cuda_archs(so) == (["sm_80", "sm_90", "compute_90"], "fatbinary headers in the .so")
     so.write_bytes(b"plain")
-    assert info.cuda_archs(so) == (None, "unknown")
-    monkeypatch.setattr(info, "_archs_from_cuobjdump", lambda path: ["sm_90"])
-    assert info.cuda_archs(so) == (["sm_90"], "cuobjdump")
+    assert cuda_archs.cuda_archs(so) == (None, "unknown")
+    monkeypatch.setattr(cuda_archs, "_archs_from_cuobjdump", lambda path: ["sm_90"])
+    assert cuda_archs.cuda_archs(so) == (["sm_90"], "cuobjdump")
 
 
 def test_parse_cuobjdump():
     text = "ELF file    1: _C.abi3.1.sm_80.cubin\nELF file    2: _C.abi3.2.sm_90a.cubin\n"
-    assert info.parse_cuobjdump(text) == ["sm_80", "sm_90a"]
-    assert info.parse_cuobjdump("PTX file    1: _C.abi3.1.sm_90.ptx\n", "compute") == ["compute_90"]
+    assert cuda_archs.parse_cuobjdump(text) == ["sm_80", "sm_90a"]
+    assert cuda_archs.parse_cuobjdump("PTX file    1: _C.abi3.1.sm_90.ptx\n", "compute") == ["compute_90"]
 
 
 def test_arch_warnings():

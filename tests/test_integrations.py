@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import znorm_kernels
-from znorm_kernels.integrations import _common
+from znorm_kernels.integrations import applier
 from znorm_kernels.integrations.deepspeed import check_not_deepspeed_zero, deepspeed_zero_reason
 
 N, D_IN, D_OUT, STEPS, LR = 8, 4, 2, 3, 0.1
@@ -51,13 +51,13 @@ def reference_run(accumulate: int, steps: int = STEPS):
 def spy(monkeypatch):
     """Counts the callbacks' ZNorm calls and keeps a copy of the gradients each call was given."""
     calls = []
-    real = _common.znorm_
+    real = applier.znorm_
 
     def znorm_spy(grads, **kw):
         calls.append(([g.clone() for g in grads], kw.get("grad_scale"), kw.get("names")))
         return real(grads, **kw)
 
-    monkeypatch.setattr(_common, "znorm_", znorm_spy)
+    monkeypatch.setattr(applier, "znorm_", znorm_spy)
     return calls
 
 

@@ -17,14 +17,14 @@ import torch
 
 import znorm_kernels
 from tests.utils import DTYPES, assert_close_to_float64, float64_znorm, make_grad
-from znorm_kernels import dispatch, reference
+from znorm_kernels import reference, registry
 from znorm_kernels.backends import native as native_backend
 
-# Work-item sizes in csrc/: kChunk in znorm_cpu.cpp and znorm_cuda.cu. The boundary tests below are built
-# around them; change them together.
+# Work-item sizes of the native kernels: cpu_tiles::kChunk and cuda_tiles::kChunk in csrc/tiles.h. The
+# boundary tests below are built around them; change them together.
 CPU_CHUNK = 16384
 CUDA_CHUNK = 8192
-# kSerialBelow in znorm_cpu.cpp: lists of fewer elements in all run on one thread.
+# cpu_tiles::kSerialBelow in csrc/tiles.h: lists of fewer elements in all run on one thread.
 CPU_PARALLEL_FROM = 1 << 22
 
 BUILT = native_backend.unavailable("cpu") is None
@@ -61,7 +61,7 @@ def test_extension_is_built():
         pytest.skip("ZNORM_BUILD_NATIVE=0: built without the extension on purpose")
     assert BUILT, native_backend.unavailable("cpu")
     assert "cpu" in znorm_kernels.available_backends()
-    assert dispatch.resolve_backend("auto", "cpu") == "cpu"
+    assert registry.resolve_backend("auto", "cpu") == "cpu"
 
 
 @needs_ext
@@ -76,7 +76,7 @@ def test_cuda_kernel_compiled_and_registered():
 
 @needs_ext
 def test_cuda_table_cache_stats_op_registered():
-    # The CUDA kernel's table cache reports its counters through a device-free op (csrc/znorm_cuda.cu).
+    # The CUDA kernel's table cache reports its counters through a device-free op (csrc/cuda_table_cache.cpp).
     if not _cuda_expected_in_build():
         pytest.skip("torch without CUDA, no nvcc, or ZNORM_BUILD_CUDA=0")
     stats = native_backend.table_cache_stats()
@@ -213,7 +213,7 @@ torch.save(out, sys.argv[1])
     torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"), reason="no AVX2: one version only"
 )
 def test_baseline_and_avx2_loops_bitwise_equal(tmp_path):
-    # csrc/znorm_cpu.cpp compiles its loops twice (portable and AVX2) and picks one at run time; the lane
+    # csrc/cpu_common.h compiles the loops twice (portable and AVX2) and picks one at run time; the lane
     # structure and -ffp-contract=off make them round alike. ZNORM_CPU_ISA=baseline forces the portable one.
     results = []
     for isa in ("baseline", "auto"):
@@ -472,13 +472,13 @@ def not_built(monkeypatch):
         raise ImportError("No module named 'znorm_kernels._C'", name="znorm_kernels._C")
 
     monkeypatch.setattr(native_backend, "_import_extension", missing)
-    monkeypatch.setattr(dispatch, "_fallback_warned", False)
-    native_backend._loaded.cache_clear()
-    dispatch._cache_clear()
+    monkeypatch.setattr(registry, "_fallback_warned", False)
+    native_backend.loaded.cache_clear()
+    registry.clear_caches()
     yield
     monkeypatch.undo()
-    native_backend._loaded.cache_clear()
-    dispatch._cache_clear()
+    native_backend.loaded.cache_clear()
+    registry.clear_caches()
 
 
 def test_explicit_backend_without_extension_says_how_to_build(not_built):
@@ -503,7 +503,7 @@ def test_auto_without_extension_warns_once_and_uses_reference(not_built):
         znorm_kernels.znorm_(grads)
     for got, exp in zip(grads, expected):
         assert torch.equal(got, exp)
-    dispatch._cache_clear()  # even when resolved afresh, the warning is not repeated
+    registry.clear_caches()  # even when resolved afresh, the warning is not repeated
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         znorm_kernels.znorm_([make_grad((5,))])
@@ -693,8 +693,8 @@ def test_cuda_two_streams_share_a_table_and_eviction_waits_for_them():
 @pytest.mark.parametrize("warm", [True, False], ids=["cached", "built_in_capture"])
 def test_cuda_graph_capture_and_replay(warm):
     # A captured launch reads its table at every replay: a cached one is kept for good, and one built during
-    # capture copies from a pinned host buffer that is never freed (znorm_cuda.cu). Three replays with new
-    # gradients copied in between, other calls (which churn the cache and the allocator) in between too.
+    # capture copies from a pinned host buffer that is never freed (csrc/cuda_table_cache.cpp). Three replays
+    # with new gradients copied in between, other calls (which churn the cache and the allocator) in between.
     static = [make_grad((s,), device="cuda", seed=s + int(warm)) for s in (100, 3 * CUDA_CHUNK + 1, 4099)]
     if warm:
         side = torch.cuda.Stream()

@@ -1,5 +1,5 @@
 """The native CPU fused optimizer steps (ops znorm_kernels_C::znorm_sgd_step_ / znorm_adam_step_, wrapped by
-znorm_kernels.backends.native.sgd_step_ / adam_step_) and the ZNorm optimizers' CPU path through them.
+znorm_kernels.backends.native_optim.sgd_step_ / adam_step_) and the ZNorm optimizers' CPU path through them.
 
 Each step is checked three ways, over several steps:
 - against the same formulas written as separate torch ops on the z-scores of the "cpu" backend (each
@@ -32,7 +32,8 @@ from torch.optim.sgd import sgd as torch_sgd
 import znorm_kernels
 from tests.utils import make_grad
 from znorm_kernels.backends import native
-from znorm_kernels.optim import ZNormAdam, ZNormAdamW, ZNormSGD, fused
+from znorm_kernels.backends import native_optim as nsteps  # the native fused steps
+from znorm_kernels.optim import ZNormAdam, ZNormAdamW, ZNormSGD, fused_layout
 
 pytestmark = pytest.mark.skipif(
     "cpu" not in znorm_kernels.available_backends() or not native.has_optim_kernels(),
@@ -174,7 +175,7 @@ def run_sgd(dtype, opts, steps=3, lr=0.1, sizes=SIZES, treated=TREATED, device="
         raw = [g.clone() for g in grads]
         z = cpu(cpu_z(grads, treated))
         first = [step == 0] * len(params)
-        native.sgd_step_(
+        nsteps.sgd_step_(
             params, grads, bufs, treated=treated, first=first, znorm_eps=1e-10, correction=0, lr=lr, **opts
         )
         assert_equal_lists(cpu(grads), cpu(raw), "grads (left raw)")
@@ -205,7 +206,7 @@ def test_sgd_first_step_buffer_is_d_bitwise_as_torch():
     bufs = [torch.full_like(p, float("nan")) for p in params]  # contents of a new buffer are not used
     want_bufs = [None] * len(params)
     opts = dict(momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=True)
-    native.sgd_step_(params, grads, bufs, treated=TREATED, first=[True] * 7, znorm_eps=1e-10, correction=0,
+    nsteps.sgd_step_(params, grads, bufs, treated=TREATED, first=[True] * 7, znorm_eps=1e-10, correction=0,
                      lr=0.1, **opts)  # fmt: skip
     torch_sgd([p.clone() for p in params], z, want_bufs, foreach=False, lr=0.1, **opts)
     assert_equal_lists(bufs, want_bufs, "momentum_buffers")
@@ -225,7 +226,7 @@ def test_sgd_momentum_buffers_new_at_later_steps():
         grads = grads_of(dtype, step, sizes)
         z = cpu_z(grads, [True] * 3)
         idx = [i for i in range(3) if step >= first_steps[i]]
-        native.sgd_step_([params[i] for i in idx], [grads[i] for i in idx], [bufs[i] for i in idx],
+        nsteps.sgd_step_([params[i] for i in idx], [grads[i] for i in idx], [bufs[i] for i in idx],
                          treated=[True] * len(idx), first=[first_steps[i] == step for i in idx],
                          znorm_eps=1e-10, correction=0, lr=0.1, **opts)  # fmt: skip
         for i in idx:
@@ -264,7 +265,7 @@ def run_adam(dtype, opts, steps=3, lr=0.01, betas=(0.9, 0.999), eps=1e-8, step0=
         counts = [c + 1 for c in counts]
         step_size = [lr / (1 - beta1**c) for c in counts]
         bc2 = [(1 - beta2**c) ** 0.5 for c in counts]
-        native.adam_step_(
+        nsteps.adam_step_(
             params, grads, *states, treated=treated, step_size=step_size, bias_correction2_sqrt=bc2,
             beta1=beta1, beta2=beta2, lr=lr, eps=eps, decoupled=decoupled, znorm_eps=1e-10, correction=0,
             **torch_opts,
@@ -339,12 +340,12 @@ def test_write_grad_stores_the_cpu_backends_z_and_stats_bit_for_bit(dtype, kind)
     params = params_of(dtype)
     stats = torch.zeros(len(grads), 2, dtype=torch.float64)
     if kind == "sgd":
-        native.sgd_step_(params, grads, [None] * 7, treated=TREATED, first=[True] * 7, znorm_eps=1e-10,
+        nsteps.sgd_step_(params, grads, [None] * 7, treated=TREATED, first=[True] * 7, znorm_eps=1e-10,
                          correction=0, lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
                          maximize=False, write_grad=True, stats_out=stats)  # fmt: skip
     else:
         states = [[torch.zeros_like(p) for p in params] for _ in range(2)]
-        native.adam_step_(params, grads, *states, [None] * 7, treated=TREATED, step_size=[0.1] * 7,
+        nsteps.adam_step_(params, grads, *states, [None] * 7, treated=TREATED, step_size=[0.1] * 7,
                           bias_correction2_sqrt=[0.05] * 7, amsgrad=False, beta1=0.9, beta2=0.999, lr=0.01,
                           weight_decay=0.0, eps=1e-8, maximize=False, decoupled=False, znorm_eps=1e-10,
                           correction=0, write_grad=True, stats_out=stats)  # fmt: skip
@@ -364,7 +365,7 @@ def test_wide_tensors_take_the_float64_z_bit_for_bit(dtype):
     ]
     z = cpu_z(grads, [True] * 3, eps=0.0)
     params = [torch.zeros_like(g) for g in grads]
-    native.sgd_step_(params, grads, [None] * 3, treated=[True] * 3, first=[True] * 3, znorm_eps=0.0,
+    nsteps.sgd_step_(params, grads, [None] * 3, treated=[True] * 3, first=[True] * 3, znorm_eps=0.0,
                      correction=0, lr=1.0, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
                      maximize=True, write_grad=True)  # fmt: skip
     assert_equal_lists(grads, z, "grads (z)")
@@ -375,7 +376,7 @@ def test_correction_and_eps_reach_the_statistics():
     grads = grads_of(torch.float32, 0)
     z = cpu_z(grads, TREATED, eps=0.5, correction=1)
     params = params_of(torch.float32)
-    native.sgd_step_(params, grads, [None] * 7, treated=TREATED, first=[True] * 7, znorm_eps=0.5,
+    nsteps.sgd_step_(params, grads, [None] * 7, treated=TREATED, first=[True] * 7, znorm_eps=0.5,
                      correction=1, lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
                      maximize=False, write_grad=True)  # fmt: skip
     assert_equal_lists(grads, z, "grads (z)")
@@ -386,7 +387,7 @@ def test_nan_gradient_spoils_only_its_own_tensor():
     grads[1][17] = float("nan")
     params = params_of(torch.float32, sizes=[100, 20000, 300])
     before = [p.clone() for p in params]
-    native.sgd_step_(params, grads, [None] * 3, treated=[True] * 3, first=[True] * 3, znorm_eps=1e-10,
+    nsteps.sgd_step_(params, grads, [None] * 3, treated=[True] * 3, first=[True] * 3, znorm_eps=1e-10,
                      correction=0, lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
                      maximize=False)  # fmt: skip
     assert params[1].isnan().all()
@@ -404,7 +405,7 @@ def test_layouts_channels_last_and_empty():
     opts = dict(lr=0.1, momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.01, maximize=False)
     want_p, want_b = formula_sgd(p.clone(), z, None, True, **opts)
     e = torch.empty(0)
-    native.sgd_step_([p, e], [g, e.clone()], [b, e.clone()], treated=[True, True], first=[True, True],
+    nsteps.sgd_step_([p, e], [g, e.clone()], [b, e.clone()], treated=[True, True], first=[True, True],
                      znorm_eps=1e-10, correction=0, **opts)  # fmt: skip
     assert p.stride() == g.stride() == b.stride()
     assert torch.equal(p, want_p) and torch.equal(b, want_b)
@@ -423,7 +424,7 @@ def test_threads_and_repeats_give_the_same_bits():
             grads = grads_of(torch.float32, 0, sizes)
             states = [[torch.zeros_like(p) for p in params] for _ in range(3)]
             stats = torch.empty(len(sizes), 2, dtype=torch.float64)
-            native.adam_step_(params, grads, *states, treated=[True] * 5, step_size=[0.1] * 5,
+            nsteps.adam_step_(params, grads, *states, treated=[True] * 5, step_size=[0.1] * 5,
                               bias_correction2_sqrt=[0.05] * 5, amsgrad=True, beta1=0.9, beta2=0.999, lr=0.01,
                               weight_decay=0.01, eps=1e-8, maximize=False, decoupled=True, znorm_eps=1e-10,
                               correction=0, write_grad=True, stats_out=stats)  # fmt: skip
@@ -437,6 +438,7 @@ def test_threads_and_repeats_give_the_same_bits():
 _ISA_SCRIPT = """
 import sys, torch
 from znorm_kernels.backends import native
+from znorm_kernels.backends import native_optim as nsteps  # the native fused steps
 from tests.utils import make_grad
 sizes = [1, 7, 1500, 3 * 16384 + 17]
 out = []
@@ -444,12 +446,12 @@ for k, dtype in enumerate([torch.float32, torch.float16, torch.bfloat16, torch.f
     ps = [make_grad((n,), dtype, seed=k * 10 + n) for n in sizes]
     gs = [make_grad((n,), dtype, seed=k * 10 + n + 1) for n in sizes]
     bufs = [make_grad((n,), dtype, seed=k * 10 + n + 2) for n in sizes]
-    native.sgd_step_(ps, gs, bufs, treated=[True] * 4, first=[False] * 4, znorm_eps=1e-10, correction=0,
+    nsteps.sgd_step_(ps, gs, bufs, treated=[True] * 4, first=[False] * 4, znorm_eps=1e-10, correction=0,
                      lr=0.1, momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.01, maximize=False)
     ms = [make_grad((n,), dtype, seed=k * 10 + n + 3) for n in sizes]
     vs = [make_grad((n,), dtype, seed=k * 10 + n + 4).abs() for n in sizes]
     vm = [make_grad((n,), dtype, seed=k * 10 + n + 5).abs() for n in sizes]
-    native.adam_step_(ps, gs, ms, vs, vm, treated=[True] * 4, step_size=[0.1] * 4,
+    nsteps.adam_step_(ps, gs, ms, vs, vm, treated=[True] * 4, step_size=[0.1] * 4,
                       bias_correction2_sqrt=[0.3] * 4, amsgrad=True, beta1=0.9, beta2=0.999, lr=0.01,
                       weight_decay=0.01, eps=1e-8, maximize=True, decoupled=False, znorm_eps=1e-10,
                       correction=0, write_grad=True)
@@ -483,9 +485,9 @@ def test_mismatched_state_layout_is_not_served_and_nothing_changes():
     opts = dict(treated=[True], first=[False], znorm_eps=1e-10, correction=0, lr=0.1, momentum=0.9,
                 dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False)  # fmt: skip
     with pytest.raises(NotImplementedError, match="strides"):
-        native.sgd_step_([p], [g], [buf], **opts)
+        nsteps.sgd_step_([p], [g], [buf], **opts)
     with pytest.raises(RuntimeError, match="strides"):  # the op's own check (the Python one skipped)
-        native.sgd_step_([p], [g], [buf], checked=True, **opts)
+        nsteps.sgd_step_([p], [g], [buf], checked=True, **opts)
     assert all(torch.equal(a, b) for a, b in zip([p, g, buf], before))
 
 
@@ -493,11 +495,11 @@ def test_non_dense_and_wrong_dtype_are_not_served():
     base = make_grad((8, 8), seed=1)
     p = base[:, ::2]
     with pytest.raises(NotImplementedError, match="dense"):
-        native.check_step([[p], [base.clone()[:, ::2]]], ["params", "grads"])
+        nsteps.check_step([[p], [base.clone()[:, ::2]]], ["params", "grads"])
     with pytest.raises(NotImplementedError, match="float64"):
-        native.check_step([[base], [base.double()]], ["params", "grads"])
+        nsteps.check_step([[base], [base.double()]], ["params", "grads"])
     with pytest.raises(ValueError, match="entries"):
-        native.check_step([[base], []], ["params", "grads"])
+        nsteps.check_step([[base], []], ["params", "grads"])
 
 
 def test_bad_stats_out_raises_before_writing():
@@ -505,7 +507,7 @@ def test_bad_stats_out_raises_before_writing():
     before = [t.clone() for t in params + grads]
     bad = torch.empty(3, 2, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="stats"):
-        native.sgd_step_(params, grads, [None] * 2, treated=[True] * 2, first=[True] * 2, znorm_eps=1e-10,
+        nsteps.sgd_step_(params, grads, [None] * 2, treated=[True] * 2, first=[True] * 2, znorm_eps=1e-10,
                          correction=0, lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
                          maximize=False, write_grad=True, stats_out=bad)  # fmt: skip
     assert all(torch.equal(a, b) for a, b in zip(params + grads, before))
@@ -541,13 +543,13 @@ def train(model, opt, data):
 def calls(monkeypatch):
     counts = {"sgd": 0, "adam": 0}
     for name in counts:
-        real = getattr(native, f"{name}_step_")
+        real = nsteps.STEPS[name]
 
         def spy(*args, _real=real, _name=name, **kwargs):
             counts[_name] += 1
             return _real(*args, **kwargs)
 
-        monkeypatch.setattr(native, f"{name}_step_", spy)
+        monkeypatch.setitem(nsteps.STEPS, name, spy)
     return counts
 
 
@@ -653,9 +655,9 @@ def test_cuda_kernels_registered_with_the_cuda_build():
 def test_check_step_wants_one_device():
     p = make_grad((4, 6), seed=1)
     with pytest.raises(NotImplementedError, match="one device"):
-        native.check_step([[p], [torch.empty(4, 6, device="meta")]], ["params", "grads"])
+        nsteps.check_step([[p], [torch.empty(4, 6, device="meta")]], ["params", "grads"])
     with pytest.raises(NotImplementedError, match="meta"):
-        native.check_step([[torch.empty(3, device="meta")]], ["params"])
+        nsteps.check_step([[torch.empty(3, device="meta")]], ["params"])
 
 
 @pytest.mark.parametrize("backend", ["cuda", "auto", "cpu"])
@@ -667,13 +669,10 @@ def test_fused_path_picks_cuda_where_the_backend_resolves_to_it(monkeypatch, bac
             return kind
         raise RuntimeError(f"the {name!r} backend does not serve {kind}")
 
-    monkeypatch.setattr(fused, "resolve_backend", resolve)
-    opt = type("Opt", (), {"_znorm": {"backend": backend}})()
+    monkeypatch.setattr(fused_layout, "resolve_backend", resolve)
     params = [type("P", (), {"device": torch.device("cuda", 0)})()]
     want = "cuda" if backend != "cpu" and native.has_optim_kernels("cuda") else None
-    assert fused._fused_path(opt, params) == want
-    assert fused._options_allow(opt, {"lr": 0.1})
-    assert not fused._options_allow(opt, {"lr": 0.1, "capturable": True})
+    assert fused_layout.fused_path(backend, params) == want
 
 
 @needs_cuda
@@ -717,7 +716,7 @@ def test_cuda_float16_and_unaligned_tensors():
         bufs = [torch.zeros_like(p) for p in ps]
         z = cpu(cpu_z(gs, [True, True]))
         want = [formula_sgd(p.cpu(), zz, None, True, lr=0.1, **opts) for p, zz in zip(ps, z)]
-        native.sgd_step_(ps, gs, bufs, treated=[True, True], first=[True, True], znorm_eps=1e-10,
+        nsteps.sgd_step_(ps, gs, bufs, treated=[True, True], first=[True, True], znorm_eps=1e-10,
                          correction=0, lr=0.1, **opts)  # fmt: skip
         assert_equal_lists(cpu(ps), [w[0] for w in want], f"params (aligned={aligned})")
         assert_equal_lists(cpu(bufs), [w[1] for w in want], f"buffers (aligned={aligned})")
@@ -738,12 +737,12 @@ def test_cuda_write_grad_stores_the_cuda_backends_z_and_stats_bit_for_bit(dtype,
     params = to(params_of(dtype), "cuda")
     stats = torch.zeros(len(grads), 2, dtype=torch.float64, device="cuda")
     if kind == "sgd":
-        native.sgd_step_(params, grads, [None] * 7, treated=TREATED, first=[True] * 7, znorm_eps=1e-10,
+        nsteps.sgd_step_(params, grads, [None] * 7, treated=TREATED, first=[True] * 7, znorm_eps=1e-10,
                          correction=0, lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
                          maximize=False, write_grad=True, stats_out=stats)  # fmt: skip
     else:
         states = [[torch.zeros_like(p) for p in params] for _ in range(2)]
-        native.adam_step_(params, grads, *states, [None] * 7, treated=TREATED, step_size=[0.1] * 7,
+        nsteps.adam_step_(params, grads, *states, [None] * 7, treated=TREATED, step_size=[0.1] * 7,
                           bias_correction2_sqrt=[0.05] * 7, amsgrad=False, beta1=0.9, beta2=0.999, lr=0.01,
                           weight_decay=0.0, eps=1e-8, maximize=False, decoupled=False, znorm_eps=1e-10,
                           correction=0, write_grad=True, stats_out=stats)  # fmt: skip
@@ -764,7 +763,7 @@ def test_cuda_wide_tensors_and_correction(dtype):
         gs = [g.clone() for g in grads]
         z = cpu_z(gs, [True] * 3, eps=eps, correction=correction)
         params = [torch.zeros_like(g) for g in gs]
-        native.sgd_step_(params, gs, [None] * 3, treated=[True] * 3, first=[True] * 3, znorm_eps=eps,
+        nsteps.sgd_step_(params, gs, [None] * 3, treated=[True] * 3, first=[True] * 3, znorm_eps=eps,
                          correction=correction, lr=1.0, momentum=0.0, dampening=0.0, nesterov=False,
                          weight_decay=0.0, maximize=True, write_grad=True)  # fmt: skip
         assert_equal_lists(cpu(gs), cpu(z), "grads (z)")
@@ -782,7 +781,7 @@ def test_cuda_nan_empty_repeats_and_capture():
         gs = [g.clone() for g in grads]
         states = [[torch.zeros_like(p) for p in params] for _ in range(3)]
         stats = torch.zeros(len(sizes), 2, dtype=torch.float64, device="cuda")
-        native.adam_step_(params, gs, *states, treated=[True] * 6, step_size=[0.1, 0.2] * 3,
+        nsteps.adam_step_(params, gs, *states, treated=[True] * 6, step_size=[0.1, 0.2] * 3,
                           bias_correction2_sqrt=[0.05] * 6, amsgrad=True, beta1=0.9, beta2=0.999, lr=0.01,
                           weight_decay=0.01, eps=1e-8, maximize=False, decoupled=True, znorm_eps=1e-10,
                           correction=0, write_grad=True, stats_out=stats)  # fmt: skip
@@ -803,13 +802,13 @@ def test_cuda_nan_empty_repeats_and_capture():
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        native.sgd_step_(p, g, b, **opts)  # warm-up: builds the table
+        nsteps.sgd_step_(p, g, b, **opts)  # warm-up: builds the table
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        native.sgd_step_(p, g, b, **opts)
+        nsteps.sgd_step_(p, g, b, **opts)
     for _ in range(3):
-        native.sgd_step_(ref_p, g, ref_b, **opts)
+        nsteps.sgd_step_(ref_p, g, ref_b, **opts)
     graph.replay()
     graph.replay()
     torch.cuda.synchronize()

@@ -11,6 +11,7 @@ import torch
 import znorm_kernels
 from bench.adversarial import CASES, eager_loop_, make_case
 from tests.utils import assert_close_to_float64, backends_under_test, float64_znorm
+from znorm_kernels.backends.tiles import Tiles
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -131,5 +132,5 @@ def test_rule10_property_triton_chunked(x, block):
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     g = x.clone().to(device)
-    triton_host.znorm_group_([g], 1e-10, 0, None, block=block)
+    triton_host.znorm_group_([g], 1e-10, 0, None, tiles=Tiles(block))
     _check(g, x, 1e-10)

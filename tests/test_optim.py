@@ -340,11 +340,11 @@ def test_triton_takes_the_fused_step_where_it_can(monkeypatch, cls, torch_cls):
     from znorm_kernels.backends import triton_optim
 
     calls = []
-    for name in ("sgd_step_", "adam_step_"):
-        real = getattr(triton_optim, name)
-        monkeypatch.setattr(
-            triton_optim, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k)
-        )
+    for table in (triton_optim.STEPS, triton_optim.STEADY_LAUNCHES):  # a full step's, a remembered step's
+        for family, real in list(table.items()):
+            monkeypatch.setitem(
+                table, family, lambda *a, real=real, family=family, **k: calls.append(family) or real(*a, **k)
+            )
     device = DEVICE_OF["triton"]
     ours, theirs = make_model(device=device), make_model(device=device)
 
@@ -512,7 +512,7 @@ def _remembered_pair(backend, cls, torch_cls, kwargs, mutate, steps=5, full_refe
     from znorm_kernels.optim import fused
 
     opt.remembered_steps = 0
-    original = fused._remembered_step_
+    original = fused.remembered_step_
 
     def counting(*args, **kw):
         if args[0] is ref:
@@ -521,7 +521,7 @@ def _remembered_pair(backend, cls, torch_cls, kwargs, mutate, steps=5, full_refe
         opt.remembered_steps += bool(done) and args[0] is opt
         return done
 
-    fused._remembered_step_ = counting
+    fused.remembered_step_ = counting
     buffers = {}  # the gradients at the same addresses every step, as a training loop has them
     try:
         for step in range(steps):
@@ -537,7 +537,7 @@ def _remembered_pair(backend, cls, torch_cls, kwargs, mutate, steps=5, full_refe
             for a, b in zip(opt.param_groups[0]["params"], ref.param_groups[0]["params"]):
                 torch.testing.assert_close(a, b, **FUSED_TOL[device])
     finally:
-        fused._remembered_step_ = original
+        fused.remembered_step_ = original
     return opt
 
 

@@ -75,14 +75,14 @@ def test_interleaved_views_are_independent(backend, device):
 
 def test_hook_cached_path_does_not_recheck(monkeypatch):
     """The check runs on the full path only: the hook's steps with unchanged gradients skip it."""
-    from znorm_kernels import dispatch
+    from znorm_kernels import validation
 
     model = torch.nn.Linear(4, 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     znorm_kernels.register(opt)
     calls = []
-    real = dispatch.check_and_group
-    monkeypatch.setattr(dispatch, "check_and_group", lambda *a: calls.append(1) or real(*a))
+    real = validation.check_and_group
+    monkeypatch.setattr(validation, "check_and_group", lambda *a: calls.append(1) or real(*a))
     for _ in range(3):
         model(torch.randn(5, 4)).sum().backward()
         opt.step()

@@ -15,6 +15,8 @@ import torch
 import znorm_kernels
 from tests.utils import assert_close_to_float64, make_grad
 from znorm_kernels import reference
+from znorm_kernels.backends.tiles import Tiles
+from znorm_kernels.backends.triton_grid import occupancy
 
 HAS_TRITON = "triton" in znorm_kernels.available_backends()
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton backend not available")
@@ -29,13 +31,20 @@ def gpu_backends() -> list[str]:
 
 
 @pytest.fixture
-def tb(monkeypatch):
+def tp(monkeypatch):
+    """triton_plan, with empty caches for the test (put back after)."""
+    from znorm_kernels.backends import triton_plan
+
+    monkeypatch.setattr(triton_plan, "plans", type(triton_plan.plans)())
+    monkeypatch.setattr(triton_plan, "layouts", type(triton_plan.layouts)())
+    monkeypatch.setattr(triton_plan, "workspace_pool", type(triton_plan.workspace_pool)())
+    return triton_plan
+
+
+@pytest.fixture
+def tb(tp):
     from znorm_kernels.backends import triton_host
 
-    monkeypatch.setattr(triton_host, "_plans", type(triton_host._plans)())
-    # Layouts too: tests patch LARGE_TENSOR and LARGE_CHUNK_TILES, which the layout cache's key leaves out.
-    monkeypatch.setattr(triton_host, "_layouts", type(triton_host._layouts)())
-    monkeypatch.setattr(triton_host, "_workspace_pool", type(triton_host._workspace_pool)())
     return triton_host
 
 
@@ -62,21 +71,23 @@ def test_rule12_launch_runs_under_the_tensors_device(tb, monkeypatch):
         finally:
             current["index"] = before
 
-    monkeypatch.setattr(tb, "_current_device", lambda: current["index"])
-    monkeypatch.setattr(tb, "_device_context", fake_device)
+    from znorm_kernels.backends import triton_common
+
+    monkeypatch.setattr(triton_common, "_current_device", lambda: current["index"])
+    monkeypatch.setattr(triton_common, "_device_context", fake_device)
 
     def seen():  # the device a launch would run on
         return current["index"]
 
-    assert tb._on_device(torch.device("cuda", 1), seen) == 1
+    assert triton_common.on_device(torch.device("cuda", 1), seen) == 1
     assert entered == [1] and current["index"] == 0, "the caller's device is restored"
-    assert tb._on_device(torch.device("cuda", 0), seen) == 0
+    assert triton_common.on_device(torch.device("cuda", 0), seen) == 0
     assert entered == [1], "no switch when the tensors' device is already current"
-    assert tb._on_device(torch.device("cpu"), seen) == 0 and entered == [1]
+    assert triton_common.on_device(torch.device("cpu"), seen) == 0 and entered == [1]
 
 
 @needs_triton
-def test_rule12_each_stream_has_its_own_workspace(tb, monkeypatch):
+def test_rule12_each_stream_has_its_own_workspace(tb, tp, monkeypatch):
     grads = [make_grad((n,), device=DEVICE, seed=n) for n in (5, 300, 70)]
     inputs = [g.clone() for g in grads]
     if DEVICE == "cuda":
@@ -94,20 +105,20 @@ def test_rule12_each_stream_has_its_own_workspace(tb, monkeypatch):
 
     else:  # no streams on the CPU: made-up handles (the interpreter ignores them)
         ids, current = [11, 22], {"id": 11}
-        monkeypatch.setattr(tb, "_stream_of", lambda device: current["id"])
+        monkeypatch.setattr(tb, "stream_of", lambda device: current["id"])
 
         def on(i: int):
             current["id"] = ids[i]
             return contextlib.nullcontext()
 
     with on(0):
-        tb.znorm_group_(grads, 1e-10, 0, None, block=64)
+        tb.znorm_group_(grads, 1e-10, 0, None, tiles=Tiles(64))
         first = [g.clone() for g in grads]
         for g, x in zip(grads, inputs):
             g.copy_(x)
     with on(1):
-        tb.znorm_group_(grads, 1e-10, 0, None, block=64)
-    (plan,) = tb._plans.values()
+        tb.znorm_group_(grads, 1e-10, 0, None, tiles=Tiles(64))
+    (plan,) = tp.plans.values()
     assert sorted(plan.workspaces) == sorted(ids), "one plan (one table), one workspace per stream"
     a, b = plan.workspaces[ids[0]], plan.workspaces[ids[1]]
     assert a.counters.data_ptr() != b.counters.data_ptr() and a.partials.data_ptr() != b.partials.data_ptr()
@@ -137,45 +148,47 @@ def _interrupted(monkeypatch, call) -> None:
 
 
 @needs_triton
-def test_rule12_a_launch_that_fails_drops_its_workspace(tb, monkeypatch):
+def test_rule12_a_launch_that_fails_drops_its_workspace(tb, tp, monkeypatch):
     grads = [make_grad((n,), device=DEVICE, seed=n) for n in (5, 300)]
     inputs = [g.clone() for g in grads]
-    tb.znorm_group_(grads, 1e-10, 0, None, block=64)
-    (plan,) = tb._plans.values()
+    tb.znorm_group_(grads, 1e-10, 0, None, tiles=Tiles(64))
+    (plan,) = tp.plans.values()
     (stale,) = plan.workspaces.values()
 
-    _interrupted(monkeypatch, lambda: tb.znorm_group_(grads, 1e-10, 0, None, block=64))
+    _interrupted(monkeypatch, lambda: tb.znorm_group_(grads, 1e-10, 0, None, tiles=Tiles(64)))
     assert plan.workspaces == {}, "a workspace whose launch did not finish is never used again"
     assert int(stale.counters[0]) == 3
     for g, x in zip(grads, inputs):
         g.copy_(x)
-    tb.znorm_group_(grads, 1e-10, 0, None, block=64)
+    tb.znorm_group_(grads, 1e-10, 0, None, tiles=Tiles(64))
     for g, x in zip(grads, inputs):
         assert_close_to_float64(g, x)
 
 
 @needs_triton
-def test_rule12_plans_of_the_same_sizes_share_a_workspace_until_a_launch_fails(tb, monkeypatch):
+def test_rule12_plans_of_the_same_sizes_share_a_workspace_until_a_launch_fails(tb, tp, monkeypatch):
     # Gradients that moved get a new plan (table) but reuse the workspace of the same sizes on that stream;
     # after a launch that did not finish, no plan uses that workspace again.
     buf = make_grad((1000,), device=DEVICE, seed=3)
     first, second = [buf[0:5], buf[64:364]], [buf[400:405], buf[512:812]]
     inputs = [[t.clone() for t in ts] for ts in (first, second)]
-    tb.znorm_group_(first, 1e-10, 0, None, block=64)
-    tb.znorm_group_(second, 1e-10, 0, None, block=64)
-    plans = list(tb._plans.values())
-    assert len(plans) == 2 and len(tb._workspace_pool) == 1
+    tb.znorm_group_(first, 1e-10, 0, None, tiles=Tiles(64))
+    tb.znorm_group_(second, 1e-10, 0, None, tiles=Tiles(64))
+    plans = list(tp.plans.values())
+    assert len(plans) == 2 and len(tp.workspace_pool) == 1
     assert plans[0].workspaces == plans[1].workspaces
     for ts, xs in zip((first, second), inputs):
         for t, x in zip(ts, xs):
             assert_close_to_float64(t, x)
     (shared,) = plans[0].workspaces.values()
 
-    _interrupted(monkeypatch, lambda: tb.znorm_group_(first, 1e-10, 0, None, block=64))
+    _interrupted(monkeypatch, lambda: tb.znorm_group_(first, 1e-10, 0, None, tiles=Tiles(64)))
     assert shared.dropped and plans[0].workspaces == {}
     for t, x in zip(second, inputs[1]):
         t.copy_(x)
-    tb.znorm_group_(second, 1e-10, 0, None, block=64)  # the other plan: a fresh workspace, a correct result
+    tb.znorm_group_(
+        second, 1e-10, 0, None, tiles=Tiles(64)
+    )  # the other plan: a fresh workspace, a correct result
     (fresh,) = plans[1].workspaces.values()
     assert fresh is not shared and int(fresh.counters.abs().sum()) == 0
     for t, x in zip(second, inputs[1]):
@@ -183,27 +196,29 @@ def test_rule12_plans_of_the_same_sizes_share_a_workspace_until_a_launch_fails(t
 
 
 @needs_triton
-def test_rule12_spin_limit_turns_an_endless_wait_into_an_error(tb, monkeypatch):
+def test_rule12_spin_limit_turns_an_endless_wait_into_an_error(tb, tp, monkeypatch):
     # Counters left non-zero (as by two unordered launches sharing a workspace) make the queue skip a
     # statistics ticket; the normalize items of that tensor would then wait for ever. The debug switch turns
     # the wait into a RuntimeError naming the tensor, which is left unchanged; the workspace is reset.
     monkeypatch.setattr(tb, "_spin_limit", 0)
     grads = [make_grad((n,), device=DEVICE, seed=n) for n in (200, 5)]
     inputs = [g.clone() for g in grads]
-    tb.znorm_group_(grads, 1e-10, 0, None, block=64)
-    (plan,) = tb._plans.values()
+    tb.znorm_group_(grads, 1e-10, 0, None, tiles=Tiles(64))
+    (plan,) = tp.plans.values()
     (ws,) = plan.workspaces.values()
     for g, x in zip(grads, inputs):
         g.copy_(x)
     ws.counters[0] = 1  # the first statistics chunk of tensor 0 is skipped
     tb.set_spin_limit(20)
     with pytest.raises(RuntimeError, match=r"20 polls .* tensor 0 of its group"):
-        tb.znorm_group_(grads, 1e-10, 0, None, block=64)
+        tb.znorm_group_(grads, 1e-10, 0, None, tiles=Tiles(64))
     assert torch.equal(grads[0], inputs[0]), "the tensor whose statistics never came is left unchanged"
     assert_close_to_float64(grads[1], inputs[1])
     assert int(ws.counters.abs().sum()) == 0
     grads[1].copy_(inputs[1])
-    tb.znorm_group_(grads, 1e-10, 0, None, block=64)  # with the limit still set: no error, right results
+    tb.znorm_group_(
+        grads, 1e-10, 0, None, tiles=Tiles(64)
+    )  # with the limit still set: no error, right results
     for g, x in zip(grads, inputs):
         assert_close_to_float64(g, x)
 
@@ -234,18 +249,18 @@ def test_occupancy_from_the_compiled_kernel(tb):
         max_threads_per_multi_processor=2048,
         shared_memory_per_multiprocessor=233472,
     )
-    assert tb.occupancy(128, 0, 8, h100) == 2
-    assert tb.occupancy(126, 0, 8, h100) == 2
-    assert tb.occupancy(129, 0, 8, h100) == 1, "one register past 128 halves the programs per SM"
-    assert tb.occupancy(64, 0, 8, h100) == 4
-    assert tb.occupancy(32, 0, 8, h100) == 8, "threads: 2048 per SM at 256 per program"
-    assert tb.occupancy(32, 100_000, 8, h100) == 2, "shared memory"
-    assert tb.occupancy(255, 0, 16, h100) == 1, "never below one"
+    assert occupancy(128, 0, 8, h100) == 2
+    assert occupancy(126, 0, 8, h100) == 2
+    assert occupancy(129, 0, 8, h100) == 1, "one register past 128 halves the programs per SM"
+    assert occupancy(64, 0, 8, h100) == 4
+    assert occupancy(32, 0, 8, h100) == 8, "threads: 2048 per SM at 256 per program"
+    assert occupancy(32, 100_000, 8, h100) == 2, "shared memory"
+    assert occupancy(255, 0, 16, h100) == 1, "never below one"
 
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_aligned_and_unaligned_groups_give_the_same_bits(tb, dtype):
+def test_aligned_and_unaligned_groups_give_the_same_bits(tb, tp, dtype):
     # The aligned specialization loads full tiles unmasked and tails whose length is a multiple of the vector
     # width with a per-vector mask; other tails and unaligned groups take element-wise accesses. Every path
     # must give the same bits.
@@ -262,9 +277,9 @@ def test_aligned_and_unaligned_groups_give_the_same_bits(tb, dtype):
         unaligned.append(view)
         at += n + 64
     inputs = [x.clone() for x in aligned]
-    tb.znorm_group_(aligned, 1e-10, 0, None, block=block)
-    tb.znorm_group_(unaligned, 1e-10, 0, None, block=block)
-    flags = sorted(p.aligned for p in tb._plans.values())
+    tb.znorm_group_(aligned, 1e-10, 0, None, tiles=Tiles(block))
+    tb.znorm_group_(unaligned, 1e-10, 0, None, tiles=Tiles(block))
+    flags = sorted(p.aligned for p in tp.plans.values())
     assert flags == [False, True]
     for a, u, x in zip(aligned, unaligned, inputs):
         assert torch.equal(a, u)

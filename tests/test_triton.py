@@ -10,7 +10,8 @@ import torch
 
 import znorm_kernels
 from tests.utils import DTYPES, assert_close_to_float64, float64_znorm, make_grad
-from znorm_kernels import dispatch
+from znorm_kernels import registry
+from znorm_kernels.backends.tiles import LARGE_TENSOR, LARGE_UNROLL, Tiles, tiles_for
 
 pytestmark = pytest.mark.skipif(
     "triton" not in znorm_kernels.available_backends(), reason="Triton backend not available"
@@ -19,18 +20,27 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture
-def tb(monkeypatch):
-    from znorm_kernels.backends import triton_host as triton_backend
+def plans(monkeypatch):
+    """The Triton plan cache, empty for the test (and put back after)."""
+    from znorm_kernels.backends import triton_plan
 
-    monkeypatch.setattr(triton_backend, "_plans", type(triton_backend._plans)())
-    # Layouts too: tests patch LARGE_TENSOR and LARGE_CHUNK_TILES, which the layout cache's key leaves out.
-    monkeypatch.setattr(triton_backend, "_layouts", type(triton_backend._layouts)())
-    monkeypatch.setattr(triton_backend, "_workspace_pool", type(triton_backend._workspace_pool)())
-    # And the kernel's constexprs, which hold PBLOCK (patched below): a cached set from another test would
-    # keep its PBLOCK, and two launches of one test could merge partials in different orders.
-    triton_backend._constants.cache_clear()
-    yield triton_backend
-    triton_backend._constants.cache_clear()
+    monkeypatch.setattr(triton_plan, "plans", type(triton_plan.plans)())
+    monkeypatch.setattr(triton_plan, "layouts", type(triton_plan.layouts)())
+    monkeypatch.setattr(triton_plan, "workspace_pool", type(triton_plan.workspace_pool)())
+    return triton_plan.plans
+
+
+@pytest.fixture
+def tb(plans):
+    from znorm_kernels.backends import triton_host
+
+    return triton_host
+
+
+def _counters(plan, device) -> torch.Tensor:
+    from znorm_kernels.backends.triton_common import stream_of
+
+    return plan.workspaces[stream_of(device)].counters
 
 
 def _watch_launches(tb, monkeypatch, record) -> None:
@@ -65,29 +75,28 @@ def test_boundaries_of_block_and_chunks(tb, dtype, block):
     sizes = [2, block - 1, block, block + 1, 2 * block - 1, 2 * block, 2 * block + 1, 5 * block + 3]
     grads = [make_grad((n,), dtype, DEVICE, seed=n) for n in sizes]
     inputs = [g.clone() for g in grads]
-    tb.znorm_group_(grads, 1e-10, 0, None, block=block)
+    tb.znorm_group_(grads, 1e-10, 0, None, tiles=Tiles(block=block))
     for g, x in zip(grads, inputs):
         assert_close_to_float64(g, x)
 
 
 @pytest.mark.parametrize("unroll", [1, 2, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_large_chunk_class(tb, monkeypatch, dtype, unroll):
-    # Above LARGE_TENSOR, chunks hold LARGE_CHUNK_TILES tiles, loaded UNROLL at a time: shrink both sizes to
+def test_large_chunk_class(tb, dtype, unroll):
+    # Above large_tensor, chunks hold large_chunk tiles, loaded UNROLL at a time: shrink both sizes to
     # exercise the grouped loads and their tail tiles, the Chan merge across tiles and the vectorized merge
-    # of many partials (more than PBLOCK of them).
-    monkeypatch.setattr(tb, "LARGE_TENSOR", 100)
-    monkeypatch.setattr(tb, "PBLOCK", 8)
+    # of many partials (more than merge_block of them).
     block = 16
-    chunk = tb.chunk_for(101, block)
-    assert chunk == block * tb.LARGE_CHUNK_TILES
+    tiles = Tiles(block=block, unroll=unroll, large_tensor=100, merge_block=8)
+    chunk = tiles.chunk(101)
+    assert chunk == block * tiles.large_chunk
     sizes = [101, chunk - 1, chunk, chunk + 1, chunk + 2 * block + 3, 3 * chunk, 9 * chunk + 17]
     grads = [make_grad((n,), dtype, DEVICE, seed=n) for n in sizes]
     grads[3][-1] = 1e4  # outliers at the start of a last chunk and of a grouped tile
     grads[4][block * (1 + unroll)] = -3e3
     grads.append(torch.full((4 * chunk + 5,), 0.1, dtype=dtype, device=DEVICE))
     inputs = [g.clone() for g in grads]
-    tb.znorm_group_(grads, 1e-10, 0, None, block=block, unroll=unroll)
+    tb.znorm_group_(grads, 1e-10, 0, None, tiles=tiles)
     for g, x in zip(grads[:-1], inputs):
         assert_close_to_float64(g, x)
     assert torch.equal(grads[-1], torch.zeros_like(grads[-1]))
@@ -95,14 +104,13 @@ def test_large_chunk_class(tb, monkeypatch, dtype, unroll):
 
 @pytest.mark.parametrize("mid_tiles", [2, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_mid_chunk_class(tb, monkeypatch, dtype, mid_tiles):
-    # MID_CHUNK_TILES (1 as shipped; bench.gpu_probe tries others) sets the chunks of tensors between BLOCK
-    # and LARGE_TENSOR elements: several tiles each, a short last chunk, the same bits whatever the unroll.
-    monkeypatch.setattr(tb, "MID_CHUNK_TILES", mid_tiles)
-    monkeypatch.setattr(tb, "LARGE_TENSOR", 10_000)
+def test_mid_chunk_class(tb, plans, dtype, mid_tiles):
+    # mid_chunk (1 as shipped; bench.gpu_probe tries others) sets the chunks of tensors between the block and
+    # large_tensor elements: several tiles each, a short last chunk, the same bits whatever the unroll.
     block = 16
-    chunk = tb.chunk_for(block + 1, block)
-    assert chunk == block * mid_tiles and tb.chunk_for(10_001, block) == block * tb.LARGE_CHUNK_TILES
+    shape = dict(block=block, mid_chunk=mid_tiles, large_tensor=10_000)
+    chunk = Tiles(**shape).chunk(block + 1)
+    assert chunk == block * mid_tiles and Tiles(**shape).chunk(10_001) == block * Tiles(**shape).large_chunk
     sizes = [block + 1, chunk - 1, chunk, chunk + 1, 3 * chunk + block + 5, 10_000]
     inputs = [make_grad((n,), dtype, DEVICE, seed=n) for n in sizes]
     inputs[3][-1] = 2e4  # an outlier alone in a last chunk of one element
@@ -111,22 +119,21 @@ def test_mid_chunk_class(tb, monkeypatch, dtype, mid_tiles):
     for unroll in (1, 2):
         grads = [x.clone() for x in inputs]
         stats = torch.empty((len(grads), 2), dtype=torch.float64, device=DEVICE)
-        tb.znorm_group_(grads, 1e-10, 0, None, stats=stats, block=block, unroll=unroll)
+        tb.znorm_group_(grads, 1e-10, 0, None, stats=stats, tiles=Tiles(**shape, unroll=unroll))
         for g, x in zip(grads, inputs):
             assert_close_to_float64(g, x)
         results.append((grads, stats))
     assert torch.equal(results[0][1], results[1][1])
     for a, b in zip(results[0][0], results[1][0]):
         assert torch.equal(a, b)
-    (plan,) = {p.num_stats_items for p in tb._plans.values()}
+    (plan,) = {p.num_stats_items for p in plans.values()}
     assert plan == sum(-(-n // chunk) for n in sizes)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
-def test_grouped_loads_leave_the_bits_alone(tb, monkeypatch, dtype):
+def test_grouped_loads_leave_the_bits_alone(tb, dtype):
     # UNROLL only changes how many tiles' loads are issued together (the chunks do not depend on it): every
     # unroll gives the same bits, statistics included.
-    monkeypatch.setattr(tb, "LARGE_TENSOR", 100)
     block = 16
     inputs = [make_grad((n,), dtype, DEVICE, seed=n) for n in (101, 1000, 2053, 5000)]
     inputs[2][700] = 5e3
@@ -134,7 +141,7 @@ def test_grouped_loads_leave_the_bits_alone(tb, monkeypatch, dtype):
     for unroll in (1, 2, 4):
         grads = [x.clone() for x in inputs]
         stats = torch.empty((len(grads), 2), dtype=torch.float64, device=DEVICE)
-        tb.znorm_group_(grads, 1e-10, 0, None, stats=stats, block=block, unroll=unroll)
+        tb.znorm_group_(grads, 1e-10, 0, None, stats=stats, tiles=Tiles(block, unroll, large_tensor=100))
         results.append((grads, stats))
     for grads, stats in results[1:]:
         assert torch.equal(stats, results[0][1])
@@ -142,47 +149,53 @@ def test_grouped_loads_leave_the_bits_alone(tb, monkeypatch, dtype):
             assert torch.equal(a, b)
 
 
+def test_the_list_sets_unroll():
+    # A list with a tensor above LARGE_TENSOR runs with LARGE_UNROLL (float64: 1), any other with 1; the block
+    # is the dtype's. (The tests above show that a tensor's bits do not depend on the unroll.)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        block = 2048 if dtype == torch.float64 else 8192
+        assert tiles_for(dtype) == Tiles(block)
+        assert tiles_for(dtype, [2, LARGE_TENSOR]) == Tiles(block)
+        large = 1 if dtype == torch.float64 else LARGE_UNROLL
+        assert tiles_for(dtype, [2, LARGE_TENSOR + 1, 5]) == Tiles(block, large)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-def test_the_list_sets_unroll_and_a_tensor_keeps_its_bits(tb, monkeypatch, dtype):
-    # A list with a tensor above LARGE_TENSOR runs with LARGE_UNROLL (float64: 1), any other with 1; a
-    # tensor's chunks, and so its bits, are its own whatever list it is normalized in.
-    monkeypatch.setattr(tb, "LARGE_TENSOR", 100)
-    monkeypatch.setattr(tb, "BLOCK", {torch.float64: 16})
-    monkeypatch.setattr(tb, "DEFAULT_BLOCK", 16)
+def test_a_tensor_keeps_its_bits_in_any_list(tb, plans, dtype):
+    # Normalized alone, or in a list whose tiles unroll its loads: the same chunks, so the same bits. A call
+    # without tiles runs with the list's own (tiles_for).
+    tiles = Tiles(16, large_tensor=100)
     small = [make_grad((n,), dtype, DEVICE, seed=n) for n in (2, 16, 17, 100)]
     large = make_grad((1000,), dtype, DEVICE, seed=7)
     large[300] = -2e3
-    assert tb.tiles_for(dtype, [t.numel() for t in small]) == (16, 1)
-    unroll = 1 if dtype == torch.float64 else tb.LARGE_UNROLL
-    assert tb.tiles_for(dtype, [t.numel() for t in [*small, large]]) == (16, unroll)
-    assert tb.tiles_for(dtype) == (16, 1)
     alone = [x.clone() for x in small]
-    tb.znorm_group_(alone, 1e-10, 0, None)
+    tb.znorm_group_(alone, 1e-10, 0, None, tiles=tiles)
     big_alone = [large.clone()]
-    tb.znorm_group_(big_alone, 1e-10, 0, None)
+    tb.znorm_group_(big_alone, 1e-10, 0, None, tiles=tiles)
     together = [x.clone() for x in [*small, large]]
-    stats = torch.empty((len(together), 2), dtype=torch.float64, device=DEVICE)
-    tb.znorm_group_(together, 1e-10, 0, None, stats=stats)
+    unrolled = Tiles(16, 1 if dtype == torch.float64 else LARGE_UNROLL, large_tensor=100)
+    tb.znorm_group_(together, 1e-10, 0, None, tiles=unrolled)
     for a, b in zip(together, [*alone, *big_alone]):
         assert torch.equal(a, b)
-    plans = {p.numels: p.tiles for p in tb._plans.values()}
-    assert plans[tuple(t.numel() for t in together)] == (16, unroll)
+    plans.clear()
+    tb.znorm_group_([x.clone() for x in small], 1e-10, 0, None)
+    (plan,) = plans.values()
+    assert plan.tiles == tiles_for(dtype, [x.numel() for x in small])
 
 
 @pytest.mark.parametrize(
-    "tiles", [{"unroll": 0}, {"unroll": 3}, {"block": 24}, {"block": 8}, {"block": 64.0}], ids=str
-)
-def test_bad_tiles_are_refused_and_change_nothing(tb, tiles):
-    grads = [make_grad((n,), device=DEVICE, seed=n) for n in (5, 300)]
-    inputs = [g.clone() for g in grads]
-    with pytest.raises(ValueError, match=r"(unroll|block) must be"):
-        tb.znorm_group_(grads, 1e-10, 0, None, **tiles)
-    for g, x in zip(grads, inputs):
-        assert torch.equal(g, x)
+    "tiles",
+    [{"unroll": 0}, {"unroll": 3}, {"block": 24}, {"block": 8}, {"block": 64.0}, {"merge_block": 6},
+     {"mid_chunk": 0}, {"num_warps": 0}, {"programs": 0}],
+    ids=str,
+)  # fmt: skip
+def test_bad_tiles_are_refused(tiles):
+    with pytest.raises(ValueError, match=r"(unroll|block|mid_chunk|num_warps|programs) must be"):
+        Tiles(**{"block": 64, **tiles})
 
 
 def test_default_block_boundaries(tb):
-    block = tb.block_for(torch.float32)
+    block = tiles_for(torch.float32).block
     sizes = [block - 1, block, block + 1, 2 * block, 2 * block + 1]
     grads = [make_grad((n,), torch.float32, DEVICE, seed=n) for n in sizes]
     inputs = [g.clone() for g in grads]
@@ -193,7 +206,7 @@ def test_default_block_boundaries(tb):
 
 def test_a_kept_kernel_key_fixes_every_constexpr(tb, monkeypatch):
     # On a GPU the direct launcher reuses the kernel compiled for a key: launches with the same key must pass
-    # the same constexprs, or a patched PBLOCK (or tile) would run the kernel compiled for another.
+    # the same constexprs and options, or another tile configuration would run the kernel compiled for one.
     seen: dict = {}
 
     def record(grid, stream, args, key, **kwargs):
@@ -201,11 +214,11 @@ def test_a_kept_kernel_key_fixes_every_constexpr(tb, monkeypatch):
 
     _watch_launches(tb, monkeypatch, record)
     grads = [make_grad((n,), device=DEVICE, seed=n) for n in (5, 300)]
-    for pblock, block, unroll in ((1024, 16, 1), (8, 16, 1), (8, 16, 2), (8, 64, 2)):
-        monkeypatch.setattr(tb, "PBLOCK", pblock)
-        tb._constants.cache_clear()
-        tb.znorm_group_(grads, 1e-10, 0, None, block=block, unroll=unroll)
-    assert len(seen) == 4 and all(len(v) == 1 for v in seen.values())
+    for merge_block, block, unroll, warps in ((1024, 16, 1, 8), (8, 16, 1, 8), (8, 16, 2, 8), (8, 64, 2, 8),
+                                              (8, 64, 2, 4)):  # fmt: skip
+        tiles = Tiles(block, unroll, merge_block=merge_block, num_warps=warps)
+        tb.znorm_group_(grads, 1e-10, 0, None, tiles=tiles)
+    assert len(seen) == 5 and all(len(v) == 1 for v in seen.values())
 
 
 def test_one_launch_per_group_whatever_the_count(tb, launches):
@@ -231,25 +244,25 @@ def test_5000_tensors_in_one_call(tb, launches):
         assert_close_to_float64(g, x)
 
 
-def test_plan_is_cached_and_counters_reset(tb):
+def test_plan_is_cached_and_counters_reset(tb, plans):
     grads = [make_grad((n,), device=DEVICE, seed=n) for n in (3, 100, 5000, 20000)]
     inputs = [g.clone() for g in grads]
     tb.znorm_group_(grads, 1e-10, 0, None)
-    assert len(tb._plans) == 1
-    plan = next(iter(tb._plans.values()))
-    counters = plan.workspaces[tb._stream_of(grads[0].device)].counters
+    assert len(plans) == 1
+    plan = next(iter(plans.values()))
+    counters = _counters(plan, grads[0].device)
     assert int(counters.abs().sum()) == 0, "the last program must leave the counters at zero"
     first = [g.clone() for g in grads]
     for g, x in zip(grads, inputs):
         g.copy_(x)
     tb.znorm_group_(grads, 1e-10, 0, None)
-    assert len(tb._plans) == 1 and next(iter(tb._plans.values())) is plan
+    assert len(plans) == 1 and next(iter(plans.values())) is plan
     for a, b in zip(first, grads):
         assert torch.equal(a, b)
     # New addresses: a new plan, the same bits.
     fresh = [x.clone() for x in inputs]
     tb.znorm_group_(fresh, 1e-10, 0, None)
-    assert len(tb._plans) == 2
+    assert len(plans) == 2
     for a, b in zip(first, fresh):
         assert torch.equal(a, b)
 
@@ -320,7 +333,7 @@ def test_triton_backend_serves_cpu_only_under_interpreter(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_auto_picks_triton_for_cuda():
-    assert dispatch.resolve_backend("auto", "cuda") == "triton"
+    assert registry.resolve_backend("auto", "cuda") == "triton"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -365,24 +378,24 @@ def test_more_than_2_31_elements_bfloat16(tb):
 
 
 @pytest.mark.parametrize("programs", [2, 5])
-def test_several_programs_share_the_queue_and_the_last_resets(tb, monkeypatch, programs):
+def test_several_programs_share_the_queue_and_the_last_resets(tb, plans, launches, programs):
     # Under the interpreter programs run one after another: the first drains the queue, the others find it
     # empty; whichever leaves last must reset the counters for the next launch.
-    monkeypatch.setattr(tb, "_num_programs", lambda device, items, key: programs)
     grads = [make_grad((n,), device=DEVICE, seed=n) for n in (3, 100, 1000)]
     inputs = [g.clone() for g in grads]
     for _ in range(2):  # the second launch needs the first to have reset the counters
         for g, x in zip(grads, inputs):
             g.copy_(x)
-        tb.znorm_group_(grads, 1e-10, 0, None, block=64)
+        tb.znorm_group_(grads, 1e-10, 0, None, tiles=Tiles(64, programs=programs))
         for g, x in zip(grads, inputs):
             assert_close_to_float64(g, x)
-    plan = next(iter(tb._plans.values()))
-    assert int(plan.workspaces[tb._stream_of(grads[0].device)].counters.abs().sum()) == 0
+    assert launches == [(programs,), (programs,)]
+    plan = next(iter(plans.values()))
+    assert int(_counters(plan, grads[0].device).abs().sum()) == 0
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_hook_steps_reuse_the_bound_plan(tb, launches, channels_last):
+def test_hook_steps_reuse_the_bound_plan(tb, plans, launches, channels_last):
     # The hook binds the group to the gradients' addresses; later steps skip the plan look-up.
     from torch import nn
 
@@ -409,7 +422,7 @@ def test_hook_steps_reuse_the_bound_plan(tb, launches, channels_last):
         for p, e in zip(net.parameters(), expected):
             torch.testing.assert_close(p.grad, e, atol=2e-6, rtol=0)
         assert len(launches) == step + 1
-    assert len(tb._plans) == 1
+    assert len(plans) == 1
 
 
 def test_bound_group_sees_a_new_dtype_at_the_old_addresses(tb, launches):
@@ -459,11 +472,11 @@ def _rows_of(xs: list[torch.Tensor], unknown_bounds: bool = False) -> torch.Tens
 
 @pytest.mark.parametrize("unknown_bounds", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_apply_given_statistics(tb, monkeypatch, dtype, unknown_bounds):
+def test_apply_given_statistics(tb, dtype, unknown_bounds):
     # apply_ with rows from apply_rows: the kernel's normalize pass alone (small items, chunked and grouped
     # large ones), within rule 10 of the float64 z-scores; constants exactly 0; the tensors' own statistics
     # are not recomputed (a wrong row shows); no normalize item waits (no statistics item publishes).
-    monkeypatch.setattr(tb, "LARGE_TENSOR", 100)
+    tiles = Tiles(64, 1 if dtype == torch.float64 else LARGE_UNROLL, large_tensor=100)
     sizes = [1, 2, 7, 64, 65, 300, 1000, 2053]
     xs = [make_grad((n,), dtype, DEVICE, seed=n) for n in sizes]
     xs[6][500] = 3e3  # an outlier inside a grouped tile
@@ -474,7 +487,7 @@ def test_apply_given_statistics(tb, monkeypatch, dtype, unknown_bounds):
     assert rows.shape == (len(xs), 4) and rows.dtype == torch.float64
     tb.set_spin_limit(1000)  # a normalize item that waited would give up and report
     try:
-        tb.apply_(grads, rows, block=64)
+        tb.apply_(grads, rows, tiles=tiles)
     finally:
         tb.set_spin_limit(0)
     for g, x in zip(grads[1:-2], xs[1:-2]):
@@ -486,7 +499,7 @@ def test_apply_given_statistics(tb, monkeypatch, dtype, unknown_bounds):
     shifted = rows.clone()
     shifted[:, 0] += 1.0 / shifted[:, 2].clamp(min=1.0)
     again = [x.clone() for x in xs]
-    tb.apply_(again, shifted, block=64)
+    tb.apply_(again, shifted, tiles=tiles)
     assert not torch.equal(again[3], grads[3]) and not torch.equal(again[4], grads[4])  # small and chunked
 
 

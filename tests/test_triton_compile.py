@@ -18,14 +18,16 @@ pytest.importorskip("triton")
 SCRIPT = textwrap.dedent(
     """
     import json, sys, torch
-    from znorm_kernels.backends.triton_host import compile_for_target
+    from znorm_kernels.backends.tiles import Tiles, tiles_for
+    from znorm_kernels.backends.triton_aot import compile_for_target
     out = {}
     for case in json.loads(sys.argv[1]):
         dtype, arch, scale, norm, aligned, *rest = case
         given, unroll = bool(rest and rest[0]), (rest[1] if len(rest) > 1 else 1)
+        tiles = Tiles(tiles_for(getattr(torch, dtype)).block, unroll)
         k = compile_for_target(
             getattr(torch, dtype), arch, has_scale=scale, normalize=norm, aligned=aligned, given=given,
-            unroll=unroll,
+            tiles=tiles,
         )
         out["-".join(map(str, case))] = k.asm["ptx"]
     print(json.dumps(out))
@@ -105,7 +107,7 @@ def test_registers_leave_two_programs_per_sm(ptx, case, tmp_path):
     # compiled kernel on a GPU; this keeps the kernel from growing past it unnoticed). Spills, in bytes, with
     # 8192-element tiles (ptxas of CUDA 13.0): Triton 3.8 spills nothing in the aligned unroll-1 variants and
     # 0-12 bytes unrolled; Triton 3.6 (the GPU machine's) 28-44 and 96-172. The H100 probe measured those
-    # tiles, spills included, as the fastest on the 707 M list (bench/RESULTS.md, third GPU run). The
+    # tiles, spills included, as the fastest on the 707 M list (bench/log/2026-11-27-h100-run3.md). The
     # element-wise variant for unaligned views (rare) spills more.
     regs, spills, report = ptxas_usage(ptx["-".join(map(str, case))], tmp_path)
     assert regs <= 128, f"{regs} registers: fewer programs fit an SM"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import re
 import textwrap
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from torch.optim.sgd import sgd as torch_sgd
 import znorm_kernels
 import znorm_kernels.reference as reference
 from tests.utils import compiled_ptx, make_grad, ptxas_usage
+from znorm_kernels.backends.tiles import UpdateTiles
 
 pytestmark = pytest.mark.skipif(
     "triton" not in znorm_kernels.available_backends(), reason="Triton backend not available"
@@ -36,15 +38,31 @@ TOL = {
 }
 
 
+def small_tiles(dtype: torch.dtype) -> UpdateTiles:
+    """Tiles small enough for the interpreter's sizes to cross tile and item boundaries (float64: half)."""
+    return UpdateTiles(SMALL_BLOCK // 2 if dtype == torch.float64 else SMALL_BLOCK, tiles_per_item=2)
+
+
 @pytest.fixture
 def to(monkeypatch):
-    from znorm_kernels.backends import triton_optim
+    """triton_optim with an empty plan cache, whose steps run with ``small_tiles``."""
+    from znorm_kernels.backends import triton_optim, triton_optim_plan
 
-    monkeypatch.setattr(triton_optim, "_plans", type(triton_optim._plans)())
-    monkeypatch.setattr(triton_optim, "DEFAULT_BLOCK", SMALL_BLOCK)
-    monkeypatch.setattr(triton_optim, "BLOCK", {torch.float64: SMALL_BLOCK // 2})
-    monkeypatch.setattr(triton_optim, "TILES", 2)
-    return triton_optim
+    monkeypatch.setattr(triton_optim_plan, "plans", type(triton_optim_plan.plans)())
+
+    def with_small_tiles(step):
+        def run(params, *args, **kwargs):
+            dtype = params[0].dtype if params else torch.float32
+            return step(params, *args, tiles=small_tiles(dtype), **kwargs)
+
+        return run
+
+    return SimpleNamespace(
+        plans=triton_optim_plan.plans,
+        check=triton_optim.check,
+        sgd_step_=with_small_tiles(triton_optim.sgd_step_),
+        adam_step_=with_small_tiles(triton_optim.adam_step_),
+    )
 
 
 def stats_of(grads, grad_scale=None, eps=1e-10):
@@ -407,7 +425,7 @@ def test_empty_lists_and_tensors(to):
 def test_deterministic_and_plan_reused(to):
     opts = dict(momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.01, maximize=False)
     a = run_sgd(to, torch.float32, opts, steps=2)
-    plans = len(to._plans)
+    plans = len(to.plans)
     b = run_sgd(to, torch.float32, opts, steps=2)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert plans == 2  # the first step's table (new buffers) and the later steps'
@@ -417,7 +435,7 @@ def test_deterministic_and_plan_reused(to):
 COMPILE_SCRIPT = textwrap.dedent(
     """
     import json, sys, torch
-    from znorm_kernels.backends import triton_optim as to
+    from znorm_kernels.backends import triton_aot as to
     out = {}
     for kind, dtype, aligned in json.loads(sys.argv[1]):
         fn = to.compile_sgd_for_target if kind == "sgd" else to.compile_adam_for_target

@@ -1,5 +1,5 @@
-"""Shared test helpers: the float64 formula, contract rule 10 (its bound lives in bench/check.py, which the
-benchmark's accuracy gate shares), input makers, backends under test."""
+"""Shared test helpers: the float64 formula, contract rule 10 (its bound is znorm_kernels.accuracy, which the
+benchmark's accuracy gate and the diagnostics share), input makers, backends under test."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 import znorm_kernels
-from bench.check import allowed_error
-from znorm_kernels.dispatch import BACKENDS, resolve_backend
+from znorm_kernels.accuracy import allowed_error
+from znorm_kernels.registry import BACKENDS, resolve_backend
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 

@@ -13,10 +13,10 @@ from . import reference
 from .api import available_backends, znorm_
 from .baselines import clip_grad_norm_, gc_, register_clip, register_gc
 from .hook import register
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
+    "__version__",
     "available_backends",
     "clip_grad_norm_",
     "gc_",

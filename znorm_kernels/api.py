@@ -8,8 +8,10 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from .dispatch import as_scale, available_backends, run_znorm_
+from .dispatch import run_znorm_
 from .ops import znorm_op
+from .options import as_scale
+from .registry import available_backends
 
 __all__ = ["available_backends", "znorm_"]
 

@@ -15,8 +15,8 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from .backends.reference import accumulation_dtype
-from .dispatch import collect
-from .hook import register_grad_hook
+from .step_hooks import register_grad_hook
+from .validation import collect
 
 __all__ = ["clip_grad_norm_", "gc_", "register_clip", "register_gc"]
 

@@ -4,19 +4,16 @@ It prints, in order:
 
 - versions: znorm_kernels, Python, torch (and the CUDA it was built with), Triton, NumPy, the platform;
 - devices: the CUDA devices torch sees (name, compute capability, memory), or none;
-- backends: each of ``dispatch.BACKENDS``, available or not and why (the library's own reasons), and what
+- backends: each of ``registry.BACKENDS``, available or not and why (the library's own reasons), and what
   backend="auto" picks on each device present;
 - the native extension ``znorm_kernels._C``: its path, whether it holds the CUDA kernel and the fused
-  optimizer kernels, and the CUDA architectures it was compiled for (setup.py records no arch list in the
-  build, so they are read from the .so: ``cuobjdump --list-elf/--list-ptx`` when it is installed, else the
-  headers of its embedded fatbinary; "unknown" when neither says);
+  optimizer kernels, and the CUDA architectures it was compiled for (``cuda_archs``; "unknown" when the .so
+  does not say);
 - the environment switches that matter (TRITON_INTERPRET, CUDA_VISIBLE_DEVICES, every ZNORM_* variable);
 - a self-check: every available backend, on every device it serves, normalizes a few small random tensors
   (float32 and bfloat16); the results are compared with the float64 z-scores of the same values and pass
-  within contract rule 10's bound (bench/check.py's ``allowed_error`` when that file is next to the package,
-  else the same rule restated here: 1e-5 absolute up to |z| = 10, 1e-6 relative beyond, plus half an ulp of
-  the result's dtype for 16-bit results). The Triton interpreter on the CPU is checked only when
-  TRITON_INTERPRET=1 is already set.
+  within contract rule 10's bound (``znorm_kernels.accuracy``). The Triton interpreter on the CPU is checked
+  only when TRITON_INTERPRET=1 is already set.
 
 ``--json`` prints the same as one JSON object (``SCHEMA_VERSION``). The exit status is 0 when every available
 backend passes its self-check, 1 otherwise.
@@ -31,30 +28,28 @@ import json
 import os
 import platform
 import re
-import shutil
-import struct
-import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-import znorm_kernels
-
-from . import dispatch
+from . import registry
+from .accuracy import z_error, z_float64
+from .api import znorm_
 from .backends import native, triton_interpret
+from .cuda_archs import cuda_archs
+from .version import __version__
 
 __all__ = [
     "CHECK_DTYPES",
     "CHECK_SHAPES",
     "SCHEMA_VERSION",
     "collect",
-    "cuda_archs",
     "format_text",
     "main",
     "self_check",
@@ -65,41 +60,6 @@ CHECK_SHAPES: tuple[tuple[int, ...], ...] = ((2,), (257,), (64, 33), (16, 3, 3, 
 CHECK_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
 CHECK_EPS = 1e-10
 INTERPRETER_SKIP = "the Triton interpreter runs CPU tensors only when TRITON_INTERPRET=1 is set"
-
-# Mantissa bits (without the implicit one), for the fallback bound (the same rule as bench/check.py).
-_MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23, torch.float64: 52}
-
-
-# --------------------------------------------------------------------------------------------- accuracy rule
-
-
-def _fallback_allowed_error(expected: Tensor, got: Tensor, dtype: torch.dtype, atol: float = 1e-5) -> Tensor:
-    """Contract rule 10's bound, as bench/check.py states it (used when bench/ is not next to the package)."""
-    bound = atol * torch.clamp(expected.abs() / 10, min=1.0)
-    if dtype in (torch.float16, torch.bfloat16):
-        mag = torch.maximum(expected.abs(), got.abs()).clamp_min(torch.finfo(dtype).tiny)
-        bound = bound + torch.exp2(torch.floor(torch.log2(mag)) - _MANTISSA_BITS[dtype] - 1)
-    return bound
-
-
-def _accuracy_rule() -> tuple[Callable[[Tensor, Tensor, torch.dtype], Tensor], str]:
-    """(allowed_error, where it comes from): bench/check.py's in a source checkout (it imports only torch),
-    else the fallback above."""
-    path = Path(__file__).resolve().parent.parent / "bench" / "check.py"
-    if path.is_file():
-        try:
-            spec = importlib.util.spec_from_file_location("_znorm_bench_check", path)
-            if spec is not None and spec.loader is not None:
-                module = importlib.util.module_from_spec(spec)
-                spec.loader.exec_module(module)
-                return module.allowed_error, "bench/check.py allowed_error (contract rule 10)"
-        except Exception:  # a broken checkout: the restated rule is the same
-            pass
-    return (
-        _fallback_allowed_error,
-        "contract rule 10: 1e-5 abs up to |z|=10, 1e-6 rel beyond, +1/2 ulp for 16-bit",
-    )
-
 
 # --------------------------------------------------------------------------------------------- sections
 
@@ -115,8 +75,8 @@ def _version(dist: str, module: str | None = None) -> str | None:
 
 def versions() -> dict[str, Any]:
     return {
-        "znorm_kernels": znorm_kernels.__version__,
-        "znorm_kernels_path": str(Path(znorm_kernels.__file__).resolve().parent),
+        "znorm_kernels": __version__,
+        "znorm_kernels_path": str(Path(__file__).resolve().parent),
         "python": sys.version.split()[0],
         "python_executable": sys.executable,
         "torch": torch.__version__,
@@ -155,96 +115,22 @@ def _device_types(dev: dict[str, Any]) -> list[str]:
 
 def backends(dev: dict[str, Any]) -> dict[str, Any]:
     rows = []
-    for name in dispatch.BACKENDS:
-        reason = dispatch._unavailable(name)
+    for name in registry.BACKENDS:
+        reason = registry.unavailable(name)
         rows.append({"name": name, "available": reason is None, "reason": reason})
     auto: dict[str, str] = {}
     for device_type in _device_types(dev):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the fallback warning: the table above already says why
             try:
-                auto[device_type] = dispatch.resolve_backend("auto", device_type)
+                auto[device_type] = registry.resolve_backend("auto", device_type)
             except Exception as err:
                 auto[device_type] = f"error: {type(err).__name__}: {err}"
     return {"backends": rows, "auto": auto}
 
 
-def _archs_from_cuobjdump(so: Path) -> list[str] | None:
-    exe = shutil.which("cuobjdump")
-    if exe is None:
-        home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
-        candidate = Path(home) / "bin" / "cuobjdump"
-        exe = str(candidate) if candidate.is_file() else None
-    if exe is None:
-        return None
-    archs: list[str] = []
-    for flag, kind in (("--list-elf", "sm"), ("--list-ptx", "compute")):
-        try:
-            done = subprocess.run([exe, flag, str(so)], capture_output=True, text=True, timeout=20)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        archs += parse_cuobjdump(done.stdout, kind)
-    return archs
-
-
-def parse_cuobjdump(text: str, kind: str = "sm") -> list[str]:
-    """The architectures in ``cuobjdump --list-elf`` (kind "sm") or ``--list-ptx`` (kind "compute") output,
-    whose lines read e.g. ``ELF file    1: _C.1.sm_90.cubin`` or ``PTX file    1: _C.1.sm_90.ptx``."""
-    found = []
-    for m in re.finditer(r"\bsm_(\d+[a-z]?)\.(?:cubin|ptx)\b", text):
-        arch = f"{kind}_{m.group(1)}"
-        if arch not in found:
-            found.append(arch)
-    return found
-
-
-_FATBIN_MAGIC = 0xBA55ED50
-
-
-def parse_fatbin(data: bytes) -> list[str]:
-    """The architectures of the entries of every fatbinary embedded in ``data`` (an ELF shared object):
-    "sm_XY" for a cubin, "compute_XY" for PTX. Each fatbinary is a 16-byte header (magic 0xBA55ED50,
-    version 1, header size, payload size) followed by entries, each with a header of (kind: 1 PTX, 2 cubin;
-    version; header size; payload size; ...; arch at byte 28). Headers are never compressed, payloads may
-    be."""
-    found: list[str] = []
-    magic = struct.pack("<I", _FATBIN_MAGIC)
-    at = data.find(magic)
-    while at >= 0 and at + 16 <= len(data):
-        _, version, header, size = struct.unpack_from("<IHHQ", data, at)
-        end = at + header + size
-        if version == 1 and header == 16 and end <= len(data):
-            p = at + header
-            while p + 32 <= end:
-                kind, _, entry_header, payload = struct.unpack_from("<HHIQ", data, p)
-                (arch,) = struct.unpack_from("<I", data, p + 28)
-                if entry_header < 32 or kind not in (1, 2):
-                    break
-                name = f"{'sm' if kind == 2 else 'compute'}_{arch}"
-                if name not in found:
-                    found.append(name)
-                p += entry_header + payload
-        at = data.find(magic, at + 4)
-    return found
-
-
-def cuda_archs(so: Path) -> tuple[list[str] | None, str]:
-    """(the CUDA architectures ``so`` holds code for, how that was found); (None, "unknown") when nothing
-    says. setup.py passes ZNORM_CUDA_ARCHS to nvcc but records no list in the build, so the .so is read."""
-    archs = _archs_from_cuobjdump(so)
-    if archs:
-        return archs, "cuobjdump"
-    try:
-        archs = parse_fatbin(so.read_bytes())
-    except OSError:
-        archs = []
-    if archs:
-        return archs, "fatbinary headers in the .so"
-    return None, "unknown"
-
-
 def extension() -> dict[str, Any]:
-    module, why = native._loaded()
+    module, why = native.loaded()
     out: dict[str, Any] = {
         "built": module is not None,
         "reason": why,
@@ -312,9 +198,7 @@ def _inputs(seed: int = 0) -> list[Tensor]:
     return out
 
 
-def _check_one(
-    backend: str, device: str, dtype: torch.dtype, inputs: list[Tensor], allowed: Callable[..., Tensor]
-) -> dict[str, Any]:
+def _check_one(backend: str, device: str, dtype: torch.dtype, inputs: list[Tensor]) -> dict[str, Any]:
     row: dict[str, Any] = {
         "backend": backend,
         "device": device,
@@ -328,21 +212,10 @@ def _check_one(
     start = time.perf_counter()
     try:
         tensors = [x.to(dtype).to(device) for x in inputs]
-        expected = [t.detach().double().cpu().reshape(-1) for t in tensors]
-        expected = [(v - v.mean()) / (v.var(correction=0).sqrt() + CHECK_EPS) for v in expected]
-        znorm_kernels.znorm_(tensors, eps=CHECK_EPS, backend=backend)
-        worst, excess = 0.0, float("-inf")
-        for out, z in zip(tensors, expected, strict=True):
-            got = out.detach().double().cpu().reshape(-1)
-            err = (got - z).abs()
-            if not bool(torch.isfinite(err).all()):
-                worst, excess = float("nan"), float("inf")
-                break
-            worst = max(worst, float(err.max()))
-            excess = max(excess, float((err - allowed(z, got, dtype)).max()))
-        row["max_error"] = worst
-        row["max_excess"] = excess
-        row["status"] = "pass" if excess <= 0 else "fail"
+        expected = [z_float64(t, CHECK_EPS) for t in tensors]
+        znorm_(tensors, eps=CHECK_EPS, backend=backend)
+        row["max_error"], row["max_excess"] = z_error(tensors, expected)
+        row["status"] = "pass" if row["max_excess"] <= 0 else "fail"
     except Exception as err:
         row["error"] = f"{type(err).__name__}: {err}"
     row["seconds"] = round(time.perf_counter() - start, 4)
@@ -352,23 +225,23 @@ def _check_one(
 def self_check(dev: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every available backend on every device it serves, against the float64 z-scores of its input."""
     dev = devices() if dev is None else dev
-    allowed, rule = _accuracy_rule()
     device_names = ["cpu", *(f"cuda:{d['index']}" for d in dev["cuda"])]
     inputs = _inputs()
     rows: list[dict[str, Any]] = []
     start = time.perf_counter()
-    for name, backend in dispatch.BACKENDS.items():
+    for name, backend in registry.BACKENDS.items():
         if name == "triton" and not triton_interpret() and importlib.util.find_spec("triton") is not None:
             rows.append({"backend": name, "device": "cpu", "status": "skipped", "note": INTERPRETER_SKIP})
-        if dispatch._unavailable(name) is not None:
+        if registry.unavailable(name) is not None:
             continue
         for device in device_names:
             if backend.serves(torch.device(device)) is not None:
                 continue
             for dtype in CHECK_DTYPES:
-                rows.append(_check_one(name, device, dtype, inputs, allowed))
+                rows.append(_check_one(name, device, dtype, inputs))
     return {
-        "rule": rule,
+        "rule": "contract rule 10 (znorm_kernels.accuracy): 1e-5 abs up to |z|=10, 1e-6 rel beyond, "
+        "+1/2 ulp for 16-bit",
         "eps": CHECK_EPS,
         "shapes": [list(s) for s in CHECK_SHAPES],
         "dtypes": [str(d).removeprefix("torch.") for d in CHECK_DTYPES],

@@ -23,7 +23,7 @@
 # they finished: the training script writes metrics.jsonl and an atomic checkpoint after every epoch (the
 # checkpoint, its authority, is read back here to repair a metrics.jsonl that the kill cut short). Same seed,
 # same initial weights and data: the training script draws the initial weights from the CPU RNG forked and
-# seeded by ("init", seed) (train.build_model), and the validation split and each epoch's batch order from CPU
+# seeded by ("init", seed) (build.build_model), and the validation split and each epoch's batch order from CPU
 # generators seeded by (seed) and (seed, epoch) (data.py), never from the global RNG, so every optimizer x
 # method starts from the same weights and sees the same batches (bit for bit only up to cuDNN's
 # non-deterministic kernels).
@@ -311,7 +311,7 @@ try:
 except Exception as err:
     print("matplotlib.pyplot: cannot import:", err)
 try:
-    from znorm_kernels.dispatch import resolve_backend
+    from znorm_kernels.registry import resolve_backend
 
     print("ZNorm backend auto on", sys.argv[1], "->", resolve_backend("auto", sys.argv[1]))
 except Exception as err:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import is_dense
+from ..memory import is_dense
 
-__all__ = ["STEP_DTYPES", "check_lengths", "check_tensors", "scalars"]
+__all__ = ["LIST_NAMES", "STEP_DTYPES", "check_lengths", "check_tensors", "list_names", "scalars"]
 
 STEP_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -62,3 +62,15 @@ def check_tensors(lists: list[list], names: list[str], device: torch.device, ste
                 )
         if not is_dense(p):
             raise NotImplementedError(f"params[{i}] is not dense (a view with gaps or overlaps)")
+
+
+# The names of a fused step's lists, in the kernels' order ([params, grads, *states]), for error messages.
+LIST_NAMES = {
+    "sgd": ("params", "grads", "momentum_buffers"),
+    "adam": ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
+}
+
+
+def list_names(kind: str, count: int) -> list[str]:
+    """The names of the first ``count`` lists of a ``kind`` ("sgd" or "adam") step."""
+    return list(LIST_NAMES[kind][:count])

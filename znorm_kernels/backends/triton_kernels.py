@@ -54,13 +54,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Layout of the int64 metadata table (S statistics items, M small items, T tensors):
-# items, 4 per ticket in ticket order (S statistics, M small, S normalize):
-#     [address of the item's first element, element count, tensor, aux]
-#     aux: a statistics item's partial slot; for a normalize item, the value the tensor's counter reaches
-#     when its statistics are published (chunks + 1); 0 for a small item;
-# then 4 per tensor, read only where a tensor's last chunk merges its partials:
-#     [numel, chunk, first slot, chunks]
+from .triton_tile_ops import load_tile, normalized, store_tile, to_output
+
+# The int64 table of work items and tensors: its layout is in triton_plan.py.
 ITEM = tl.constexpr(4)
 
 # Float32 tiles take the float32 path when every |x| <= FAST_MAX and their spread (max - min) is 0 or at least
@@ -85,39 +81,6 @@ def _corrected(m, s1, q, n):
     """Mean and M2 (float64) from the sums s1 = sum(x - m) and q = sum((x - m)^2) around a rounded mean m."""
     s1 = s1.to(tl.float64)
     return m.to(tl.float64) + s1 / n, q.to(tl.float64) - s1 * (s1 / n)
-
-
-@triton.jit
-def _load(ptr, rem, ACC: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr, ALIGNED: tl.constexpr):
-    """ptr[0 : min(rem, BLOCK)] in ACC (0 beyond) and its mask. ALIGNED (ptr 16-byte aligned): a full tile
-    unmasked, a tail of a multiple of VEC values with a mask constant per vector: 16 bytes per load."""
-    offs = tl.arange(0, BLOCK)
-    mask = offs < rem
-    if ALIGNED:
-        if rem >= BLOCK:
-            x = tl.load(ptr + offs)
-        elif rem % VEC == 0:
-            x = tl.load(ptr + offs, mask=offs < tl.multiple_of(rem, VEC), other=0.0)
-        else:
-            x = tl.load(ptr + offs, mask=mask, other=0.0)
-    else:
-        x = tl.load(ptr + offs, mask=mask, other=0.0)
-    return x.to(ACC), mask
-
-
-@triton.jit
-def _store(ptr, v, rem, BLOCK: tl.constexpr, VEC: tl.constexpr, ALIGNED: tl.constexpr):
-    """ptr[0 : min(rem, BLOCK)] <- v, with the accesses of _load."""
-    offs = tl.arange(0, BLOCK)
-    if ALIGNED:
-        if rem >= BLOCK:
-            tl.store(ptr + offs, v)
-        elif rem % VEC == 0:
-            tl.store(ptr + offs, v, mask=offs < tl.multiple_of(rem, VEC))
-        else:
-            tl.store(ptr + offs, v, mask=offs < rem)
-    else:
-        tl.store(ptr + offs, v, mask=offs < rem)
 
 
 @triton.jit
@@ -203,7 +166,7 @@ def _chunk_moments(
     first tile's arithmetic, so a program keeps UNROLL tiles in flight (bytes in flight per SM set the
     bandwidth); the tiles still merge one by one, so the bits do not depend on UNROLL."""
     tl.static_assert((UNROLL == 1) | (UNROLL == 2) | (UNROLL == 4))
-    y, mask = _load(ptr, count, ACC, BLOCK, VEC, ALIGNED)
+    y, mask = load_tile(ptr, count, ACC, BLOCK, VEC, ALIGNED)
     first = tl.minimum(count, BLOCK)
     mean, m2, lo, hi = _tile_moments(y, mask, ptr, first, ACC, SUB)
     n = first.to(tl.float64)
@@ -232,7 +195,7 @@ def _chunk_moments(
         start = BLOCK + groups * (UNROLL * BLOCK)
     for tile in range(start, count, BLOCK):
         rem = count - tile
-        y, mask = _load(ptr + tile, rem, ACC, BLOCK, VEC, ALIGNED)
+        y, mask = load_tile(ptr + tile, rem, ACC, BLOCK, VEC, ALIGNED)
         size = tl.minimum(rem, BLOCK)
         mean_b, m2_b, lo_b, hi_b = _tile_moments(y, mask, ptr + tile, size, ACC, SUB)
         mean, m2, n, lo, hi = _merge(mean, m2, n, lo, hi, mean_b, m2_b, size.to(tl.float64), lo_b, hi_b)
@@ -265,28 +228,16 @@ def _normalize_chunk(
             if UNROLL == 4:
                 x2 = tl.load(at + 2 * BLOCK + offs)
                 x3 = tl.load(at + 3 * BLOCK + offs)
-            tl.store(at + offs, _normalized(x0.to(ACC), mean, inv, DTYPE, ACC))
-            tl.store(at + BLOCK + offs, _normalized(x1.to(ACC), mean, inv, DTYPE, ACC))
+            tl.store(at + offs, normalized(x0.to(ACC), mean, inv, DTYPE, ACC))
+            tl.store(at + BLOCK + offs, normalized(x1.to(ACC), mean, inv, DTYPE, ACC))
             if UNROLL == 4:
-                tl.store(at + 2 * BLOCK + offs, _normalized(x2.to(ACC), mean, inv, DTYPE, ACC))
-                tl.store(at + 3 * BLOCK + offs, _normalized(x3.to(ACC), mean, inv, DTYPE, ACC))
+                tl.store(at + 2 * BLOCK + offs, normalized(x2.to(ACC), mean, inv, DTYPE, ACC))
+                tl.store(at + 3 * BLOCK + offs, normalized(x3.to(ACC), mean, inv, DTYPE, ACC))
         start = groups * (UNROLL * BLOCK)
     for tile in range(start, count, BLOCK):
         rem = count - tile
-        x, _ = _load(ptr + tile, rem, ACC, BLOCK, VEC, ALIGNED)
-        _store(ptr + tile, _normalized(x, mean, inv, DTYPE, ACC), rem, BLOCK, VEC, ALIGNED)
-
-
-@triton.jit
-def _to_output(v, DTYPE: tl.constexpr):
-    """Round float32 to the tensor's dtype, to nearest even. bfloat16 is rounded by hand: Triton's interpreter
-    truncates, and the same integer steps on the GPU give the hardware's rounding bit for bit."""
-    if DTYPE == tl.bfloat16:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        rounded = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
-        v = tl.where(v != v, v, rounded)  # NaN stays NaN whatever its payload
-    return v.to(DTYPE)
+        x, _ = load_tile(ptr + tile, rem, ACC, BLOCK, VEC, ALIGNED)
+        store_tile(ptr + tile, normalized(x, mean, inv, DTYPE, ACC), rem, BLOCK, VEC, ALIGNED)
 
 
 @triton.jit
@@ -312,26 +263,13 @@ def _publish(stats_ptr, t, n, mean, m2, lo, hi, scale, eps, correction):
 
 
 @triton.jit
-def _normalized(x, mean, inv, DTYPE: tl.constexpr, ACC: tl.constexpr):
-    """(x - mean) * inv in the tensor's dtype. In float32 the mean is subtracted as a float32 pair, hi then lo
-    (x - hi is exact near the mean), which keeps its float64 precision at float32 cost."""
-    if ACC == tl.float64:
-        z = (x - mean) * inv
-    else:
-        hi = mean.to(tl.float32)
-        lo = (mean - hi.to(tl.float64)).to(tl.float32)
-        z = ((x - hi) - lo) * inv.to(tl.float32)
-    return _to_output(z, DTYPE)
-
-
-@triton.jit
 def _normalize_wide(ptr, count, mean, inv, DTYPE: tl.constexpr, ACC: tl.constexpr, SUB: tl.constexpr):
     """ptr[0:count] <- (x - mean) * inv in float64, SUB values at a time (the rare "wide" tensors)."""
     offs = tl.arange(0, SUB)
     for sub in range(0, count, SUB):
         mask = offs < count - sub
         x = tl.load(ptr + sub + offs, mask=mask, other=0.0).to(ACC)
-        tl.store(ptr + sub + offs, _to_output(((x.to(tl.float64) - mean) * inv).to(ACC), DTYPE), mask=mask)
+        tl.store(ptr + sub + offs, to_output(((x.to(tl.float64) - mean) * inv).to(ACC), DTYPE), mask=mask)
 
 
 @triton.jit
@@ -448,7 +386,7 @@ def znorm_queue_kernel(
                 tl.atomic_add(counter_ptr + 3 + t, 1, sem="release")
         elif ticket < S + M:
             # A small tensor: read once, statistics in registers, written once.
-            y, mask = _load(ptr, count, ACC, BLOCK, VEC, ALIGNED)
+            y, mask = load_tile(ptr, count, ACC, BLOCK, VEC, ALIGNED)
             if GIVEN:
                 mean = tl.load(stats_ptr + 4 * t)
                 inv = tl.load(stats_ptr + 4 * t + 2)
@@ -460,7 +398,7 @@ def znorm_queue_kernel(
                 if wide != 0.0:
                     _normalize_wide(ptr, count, mean, inv, DTYPE, ACC, SUB)
                 else:
-                    _store(ptr, _normalized(y, mean, inv, DTYPE, ACC), count, BLOCK, VEC, ALIGNED)
+                    store_tile(ptr, normalized(y, mean, inv, DTYPE, ACC), count, BLOCK, VEC, ALIGNED)
         else:
             # A normalize chunk: wait for the tensor's statistics (published when the tensor's counter
             # reaches aux), then one pass over the chunk.

@@ -2,11 +2,11 @@
 
 ``kernel[grid](*args, **constexprs)`` makes Triton bind every argument, derive its specialization (a tensor's
 dtype and 16-byte alignment, an integer's width and value class), build a cache key and look the compiled
-kernel up, on every call: on the first H100 run that was about 60 µs of the hook's 101 µs of host time
-(bench/RESULTS.md, "First GPU run"). ``DirectLauncher`` lets the first call of each specialization go through
-Triton (which compiles the kernel), keeps the ``CompiledKernel`` it returns, and launches it directly through
-its own launcher (``compiled[grid](*all_args, stream=...)``, the call Triton's ``run`` ends with) while the
-specialization stays the same.
+kernel up, on every call: most of a hook call's host time on a GPU host (bench/log/2026-11-27-h100-run1.md).
+``DirectLauncher`` lets the first call of each specialization go through Triton (which compiles the kernel),
+keeps the ``CompiledKernel`` it returns, and launches it directly through its own launcher
+(``compiled[grid](*all_args, stream=...)``, the call Triton's ``run`` ends with) while the specialization
+stays the same.
 
 The key is at least as fine as Triton's own specialization of the runtime arguments, so a kept kernel is only
 reused where Triton would pick the same one: per tensor its dtype and whether its address is 16-byte aligned;

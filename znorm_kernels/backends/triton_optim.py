@@ -32,90 +32,93 @@ mixed devices or dtypes, dtypes other than float32/float16/bfloat16/float64, a d
 sparse tensors, non-dense tensors, or a parameter whose gradient or states differ from it in shape or
 strides. Malformed calls (list lengths, the stats tensor's shape) raise ValueError.
 
-The int64 table of work items and tensor addresses is cached by the tensors' addresses and sizes (as
-triton_host caches its plans), reaches the device through pinned memory without blocking, and is kept for the
-life of the process once a launch that reads it was captured in a CUDA graph. Hyperparameters are kernel
-arguments (float64 bit patterns), so an optimizer step captured in a graph replays with the values it was
-captured with, as torch's non-capturable optimizers would; Adam's per-tensor step sizes, when they differ
-between tensors, travel in a small per-call table and raise NotImplementedError under capture.
+The table of work items is a plan (triton_optim_plan.py). Hyperparameters are kernel arguments (float64 bit
+patterns), so an optimizer step captured in a graph replays with the values it was captured with, as torch's
+non-capturable optimizers would; Adam's per-tensor step sizes, when they differ between tensors, travel in a
+small per-call table and raise NotImplementedError under capture. The two update families (SGD; Adam and
+AdamW) are entries of one table, ``KERNELS``: their kernel, pointer and scalar arguments and constexpr
+flags; the tiles are ``tiles.UpdateTiles``; triton_aot.py compiles them ahead of time.
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
-import struct
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from . import optim_steps
-from .triton_host import _on_device, _stream_of, _triton_dtypes, compile_ahead, device_table, serves
+from .tiles import UpdateTiles
+from .triton_common import (
+    ALIGNMENT,
+    element_size,
+    f64_bits,
+    on_device,
+    stream_of,
+    triton_dtypes,
+)  # fmt: skip
+from .triton_host import serves
 from .triton_launch import launcher_for
+from .triton_optim_plan import Plan, keep_table, update_plan
 
-__all__ = ["adam_step_", "check", "compile_adam_for_target", "compile_sgd_for_target", "sgd_step_"]
-
-# Elements per tile (registers): float64 tiles are half as long, so every dtype holds the same bytes.
-BLOCK = {torch.float64: 1024}
-DEFAULT_BLOCK = 2048
-TILES = 8  # tiles per work item: an item (one program) covers at most BLOCK * TILES elements
-NUM_WARPS = 8
-ALIGNMENT = 16
-ITEM = 4
-TENSOR = 8
-PLAN_CACHE_SIZE = 16
-# As triton_host: no FMA contraction, so every operation rounds as under the interpreter and in torch.
-OPTIONS = {"num_warps": NUM_WARPS, "enable_fp_fusion": False}
-
-
-def block_for(dtype: torch.dtype) -> int:
-    return BLOCK.get(dtype, DEFAULT_BLOCK)
+__all__ = [
+    "adam_launch",
+    "adam_plan",
+    "adam_step_",
+    "check",
+    "kernel",
+    "sgd_launch",
+    "sgd_plan",
+    "sgd_step_",
+    "steady_launch",
+    "steady_plan",
+    "update_plan",
+]
 
 
-def _bits(x: float) -> int:
-    """The int64 bit pattern of float64 x (the kernels' scalar arguments)."""
-    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+@dataclass(frozen=True)
+class UpdateKernel:
+    """One family of fused updates: its kernel in triton_optim_kernels.py, the pointer arguments it takes
+    after the common four, its float64 scalar arguments, and its own constexpr flags (in signature order)."""
+
+    kernel: str
+    pointers: tuple[str, ...]
+    scalars: tuple[str, ...]
+    flags: tuple[str, ...]
 
 
-@dataclass(eq=False)
-class Plan:
-    meta: Tensor  # int64 table (layout in triton_optim_kernels)
-    num_items: int
-    aligned: bool
-    numels: tuple = ()
-    host: Tensor | None = None  # pinned source kept when built during graph capture
-    streams: set = field(default_factory=set)
-    captured: bool = False
+KERNELS = {
+    "sgd": UpdateKernel(
+        "znorm_sgd_kernel", (), ("lr", "momentum", "one_minus_dampening", "weight_decay"),
+        ("MOMENTUM", "NESTEROV", "FIRST"),
+    ),
+    "adam": UpdateKernel(
+        "znorm_adam_kernel", ("steps",),
+        ("lerp_weight", "beta2", "one_minus_beta2", "weight_decay", "decay_factor", "eps", "step_size",
+         "bc2_sqrt"),
+        ("DECOUPLED", "AMSGRAD", "PER_TENSOR"),
+    ),
+}  # fmt: skip
 
 
-_plans: OrderedDict[tuple, Plan] = OrderedDict()
-_captured_plans: list[Plan] = []  # tables a captured graph reads: kept for the life of the process
-
-
-def _checked_group(lists: list[list], names: list[str], stats: Tensor) -> tuple[torch.device, torch.dtype]:
+def _checked_group(lists: list[list], names: list[str]) -> tuple[torch.device, torch.dtype]:
     """(device, dtype) of lists the caller validated with ``check`` (lengths still compared: cheap)."""
     n = optim_steps.check_lengths(lists, names)
     return (lists[0][0].device, lists[0][0].dtype) if n else (None, None)
 
 
 def check(lists: list[list], names: list[str], stats: Tensor) -> tuple[torch.device, torch.dtype]:
-    """The validation the steps run (public, for callers that validate once and pass ``checked=True``)."""
-    return _check(lists, names, stats)
-
-
-def _check(lists: list[list], names: list[str], stats: Tensor) -> tuple[torch.device, torch.dtype]:
     """Validate one group: ValueError for malformed calls, NotImplementedError for what the kernel does not
     serve (a device or dtype Triton does not serve, and what ``optim_steps.check_tensors`` refuses).
-    ``lists[0]`` are the params; entries of the other lists may be None only where unused (the caller passes
-    None lists for unused states)."""
+    ``lists[0]`` are the params; entries of the other lists may be None only where unused. Returns the
+    group's (device, dtype), (None, None) for empty lists."""
     n = optim_steps.check_lengths(lists, names)
     if n == 0:
         return None, None
     params = lists[0]
     device, dtype = params[0].device, params[0].dtype
-    if dtype not in _triton_dtypes():
+    if dtype not in triton_dtypes():
         raise NotImplementedError(f"the fused Triton step does not serve {dtype} tensors")
     why = serves("triton", device)
     if why is not None:
@@ -131,56 +134,6 @@ def _check(lists: list[list], names: list[str], stats: Tensor) -> tuple[torch.de
     return device, dtype
 
 
-def _table(addrs, numels, firsts, block: int) -> tuple[list[int], int]:
-    items, tensors = [], []
-    chunk = block * TILES
-    for row, (a, n, first) in enumerate(zip(addrs, numels, firsts)):
-        if n == 0:
-            continue
-        t = len(tensors) // TENSOR
-        tensors += (*a, n, int(first), row)
-        for start in range(0, n, chunk):
-            items += (t, start, min(chunk, n - start), 0)
-    return items + tensors, len(items) // ITEM
-
-
-def _plan_for(device, dtype, addrs, numels, firsts, first_key) -> Plan:
-    block = block_for(dtype)
-    key = (device, dtype, block, addrs, numels, first_key)
-    plan = _plans.get(key)
-    if plan is not None:
-        _plans.move_to_end(key)
-        return plan
-    table, num_items = _table(addrs, numels, firsts, block)
-    meta, host = device_table(table, device)
-    plan = Plan(
-        meta=meta,
-        num_items=num_items,
-        aligned=all(x % ALIGNMENT == 0 for a in addrs for x in a),
-        numels=numels,
-        host=host,
-    )
-    _plans[key] = plan
-    if len(_plans) > PLAN_CACHE_SIZE:
-        _plans.popitem(last=False)
-    return plan
-
-
-def _prepare(plan: Plan, device: torch.device) -> None:
-    """Keep the table alive for every stream (and every captured graph) that reads it."""
-    if device.type != "cuda":
-        return
-    if torch.cuda.is_current_stream_capturing():
-        if not plan.captured:
-            plan.captured = True
-            _captured_plans.append(plan)
-        return
-    stream = _stream_of(device)
-    if stream not in plan.streams:
-        plan.streams.add(stream)
-        plan.meta.record_stream(torch.cuda.current_stream(device))
-
-
 def _device_scalar(x: Tensor | None, device: torch.device, name: str, dtype=None) -> Tensor | None:
     if x is None:
         return None
@@ -189,45 +142,57 @@ def _device_scalar(x: Tensor | None, device: torch.device, name: str, dtype=None
     return x.to(device=device, dtype=dtype or x.dtype, non_blocking=True)
 
 
-def _zeros(n: int):
-    return itertools.repeat(0, n)
-
-
 @functools.cache
-def _vec(dtype: torch.dtype) -> int:
-    return ALIGNMENT // torch.empty((), dtype=dtype).element_size()
-
-
-def _common_constants(dtype, aligned, has_scale, has_found_inf, maximize, weight_decay, write_grad) -> dict:
-    tl_dtype, tl_acc = _triton_dtypes()[dtype]
+def constants(kind: str, dtype, tiles: UpdateTiles, aligned, has_scale, has_found_inf, maximize, weight_decay,
+              write_grad, flags: tuple) -> dict:  # fmt: skip
+    """The constexprs of one specialization (``flags``: the kind's own, in KERNELS' order). Cached for good:
+    a dict's id then identifies the specialization (the direct launcher's key)."""
+    tl_dtype, tl_acc = triton_dtypes()[dtype]
     return {
-        "DTYPE": tl_dtype, "ACC": tl_acc, "BLOCK": block_for(dtype), "VEC": _vec(dtype), "ALIGNED": aligned,
-        "HAS_SCALE": has_scale, "HAS_FOUND_INF": has_found_inf, "MAXIMIZE": maximize,
-        "WEIGHT_DECAY": weight_decay, "WRITE_GRAD": write_grad,
+        "DTYPE": tl_dtype, "ACC": tl_acc, "BLOCK": tiles.block, "VEC": ALIGNMENT // element_size(dtype),
+        "ALIGNED": aligned, "HAS_SCALE": has_scale, "HAS_FOUND_INF": has_found_inf, "MAXIMIZE": maximize,
+        "WEIGHT_DECAY": weight_decay, "WRITE_GRAD": write_grad, **dict(zip(KERNELS[kind].flags, flags)),
     }  # fmt: skip
 
 
-def _launch(kernel, device, plan, stats, grad_scale, found_inf, pre: tuple, scalars: tuple, constants: dict):
+@functools.cache
+def compile_options(tiles: UpdateTiles) -> dict:
+    # As triton_host: no FMA contraction, so every operation rounds as under the interpreter and in torch.
+    return {"num_warps": tiles.num_warps, "enable_fp_fusion": False}
+
+
+def kernel(kind: str):
+    from . import triton_optim_kernels
+
+    return getattr(triton_optim_kernels, KERNELS[kind].kernel)
+
+
+def _launch(kind: str, plan: Plan, device, dtype, stats, grad_scale, found_inf, pointers: tuple,
+            scalars: tuple, maximize, weight_decay, write_grad, flags: tuple) -> None:  # fmt: skip
+    if plan.num_items == 0:
+        return
+    consts = constants(
+        kind, dtype, plan.tiles, plan.aligned, grad_scale is not None, found_inf is not None, bool(maximize),
+        weight_decay != 0, bool(write_grad), flags,
+    )  # fmt: skip
+
     def go():
-        _prepare(plan, device)
+        keep_table(plan, device)
         scale = _device_scalar(grad_scale, device, "grad_scale", torch.float32)
         inf = _device_scalar(found_inf, device, "found_inf")
         args = (
-            plan.meta,
-            stats,
-            stats if scale is None else scale,
-            stats if inf is None else inf,
-            *pre,
-            plan.num_items,
-            *map(_bits, scalars),
-        )
-        launcher = launcher_for(kernel)
+            plan.meta, stats, stats if scale is None else scale, stats if inf is None else inf, *pointers,
+            plan.num_items, *map(f64_bits, scalars),
+        )  # fmt: skip
         # Triton's binding of ~20 arguments per step is host time the fused step exists to save.
-        # constants: a dict of _sgd_constants or _adam_constants, cached for good (its id is never reused).
-        key = (device.index, id(constants))
-        launcher((plan.num_items,), _stream_of(device), args, key, **constants, **OPTIONS)
+        key = (device.index, id(consts))
+        launcher_for(kernel(kind))((plan.num_items,), stream_of(device), args, key, **consts,
+                                    **compile_options(plan.tiles))  # fmt: skip
 
-    _on_device(device, go)
+    on_device(device, go)
+
+
+# --- SGD ---
 
 
 def sgd_step_(
@@ -247,6 +212,7 @@ def sgd_step_(
     found_inf: Tensor | None = None,
     write_grad: bool = False,
     checked: bool = False,
+    tiles: UpdateTiles | None = None,
 ) -> None:
     """torch.optim.SGD's step on z-scores of the gradients (one (device, dtype) group, one launch).
     ``checked=True``: the caller has validated these very lists with ``check`` (skips it).
@@ -257,15 +223,14 @@ def sgd_step_(
     lr, momentum, dampening, weight_decay = optim_steps.scalars(
         "fused Triton step", lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay
     )
-    use_momentum = momentum != 0
-    lists = [params, grads] + ([momentum_buffers] if use_momentum else [])
-    names = ["params", "grads"] + (["momentum_buffers"] if use_momentum else [])
+    lists = [params, grads] + ([momentum_buffers] if momentum != 0 else [])
+    names = optim_steps.list_names("sgd", len(lists))
     if len(first) != len(params):
         raise ValueError(f"first has {len(first)} entries for {len(params)} params")
-    device, dtype = _checked_group(lists, names, stats) if checked else _check(lists, names, stats)
+    device, dtype = _checked_group(lists, names) if checked else check(lists, names, stats)
     if device is None:
         return
-    plan, mode = sgd_plan(lists, first, device, dtype)
+    plan, mode = sgd_plan(lists, first, device, dtype, tiles)
     sgd_launch(
         plan, mode, device, dtype, stats, lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
         weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
@@ -273,60 +238,29 @@ def sgd_step_(
     )  # fmt: skip
 
 
-def sgd_plan(lists: list[list[Tensor]], first, device, dtype) -> tuple[Plan, int]:
-    """(plan, FIRST mode) of validated SGD lists ([params, grads] or [params, grads, momentum_buffers]):
-    what ``sgd_launch`` needs that depends on the tensors' addresses and sizes only (a caller that knows
-    them unchanged keeps it)."""
-    use_momentum = len(lists) == 3
+def sgd_plan(
+    lists: list[list[Tensor]], first, device, dtype, tiles: UpdateTiles | None = None
+) -> tuple[Plan, int]:
+    """(plan, FIRST mode) of validated SGD lists ([params, grads] or [params, grads, momentum_buffers])."""
     n = len(lists[0])
-    firsts = tuple(map(bool, first)) if use_momentum else (False,) * n
+    firsts = tuple(map(bool, first)) if len(lists) == 3 else (False,) * n
     mode = 1 if all(firsts) else 0 if not any(firsts) else 2
-    if use_momentum:
-        addrs = tuple(zip(*(map(Tensor.data_ptr, lst) for lst in lists), _zeros(n), _zeros(n)))
-    else:
-        addrs = tuple(zip(*(map(Tensor.data_ptr, lst) for lst in lists), _zeros(n), _zeros(n), _zeros(n)))
-    numels = tuple(p.numel() for p in lists[0])
-    return _plan_for(device, dtype, addrs, numels, firsts, firsts if mode == 2 else mode), mode
+    return update_plan(lists, firsts, firsts if mode == 2 else mode, device, dtype, tiles), mode
 
 
-def sgd_launch(
-    plan: Plan,
-    mode: int,
-    device,
-    dtype,
-    stats: Tensor,
-    *,
-    lr: float,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    weight_decay: float,
-    maximize: bool,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    write_grad: bool = False,
-) -> None:
+def sgd_launch(plan: Plan, mode: int, device, dtype, stats: Tensor, *, lr: float, momentum: float,
+               dampening: float, nesterov: bool, weight_decay: float, maximize: bool,
+               grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
+               write_grad: bool = False) -> None:  # fmt: skip
     """The SGD update launch of a plan from ``sgd_plan`` (the hyperparameters already Python floats)."""
-    if plan.num_items == 0:
-        return
-    from .triton_optim_kernels import znorm_sgd_kernel
-
-    constants = _sgd_constants(
-        dtype, plan.aligned, grad_scale is not None, found_inf is not None, bool(maximize), weight_decay != 0,
-        bool(write_grad), momentum != 0, bool(nesterov), mode,
-    )  # fmt: skip
     scalars = (lr, momentum, 1 - dampening, weight_decay)
-    _launch(znorm_sgd_kernel, device, plan, stats, grad_scale, found_inf, (), scalars, constants)
+    _launch(
+        "sgd", plan, device, dtype, stats, grad_scale, found_inf, (), scalars, maximize, weight_decay,
+        write_grad, (momentum != 0, bool(nesterov), mode),
+    )  # fmt: skip
 
 
-@functools.cache
-def _sgd_constants(dtype, aligned, has_scale, has_found_inf, maximize, weight_decay, write_grad, momentum,
-                   nesterov, mode) -> dict:  # fmt: skip
-    constants = _common_constants(
-        dtype, aligned, has_scale, has_found_inf, maximize, weight_decay, write_grad
-    )
-    constants.update(MOMENTUM=momentum, NESTEROV=nesterov, FIRST=mode)
-    return constants
+# --- Adam and AdamW ---
 
 
 def adam_step_(
@@ -351,6 +285,7 @@ def adam_step_(
     found_inf: Tensor | None = None,
     write_grad: bool = False,
     checked: bool = False,
+    tiles: UpdateTiles | None = None,
 ) -> None:
     """torch.optim.Adam's (``decoupled=False``) or AdamW's (``decoupled=True``) non-capturable step on
     z-scores of the gradients (one (device, dtype) group, one launch). The caller has incremented the step
@@ -362,16 +297,15 @@ def adam_step_(
         "fused Triton step", beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps
     )
     lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
-    names = ["params", "grads", "exp_avgs", "exp_avg_sqs"] + (["max_exp_avg_sqs"] if amsgrad else [])
+    names = optim_steps.list_names("adam", len(lists))
     n = len(params)
     if len(step_size) != n or len(bias_correction2_sqrt) != n:
         raise ValueError("step_size and bias_correction2_sqrt need one entry per param")
-    device, dtype = _checked_group(lists, names, stats) if checked else _check(lists, names, stats)
+    device, dtype = _checked_group(lists, names) if checked else check(lists, names, stats)
     if device is None:
         return
-    plan = adam_plan(lists, device, dtype)
-    numels = plan.numels
-    live = [i for i in range(n) if numels[i]]
+    plan = adam_plan(lists, device, dtype, tiles)
+    live = [i for i in range(n) if plan.numels[i]]
     sizes = {float(step_size[i]) for i in live}
     bc2s = {float(bias_correction2_sqrt[i]) for i in live}
     if len(sizes) > 1 or len(bc2s) > 1:
@@ -387,40 +321,19 @@ def adam_step_(
     )  # fmt: skip
 
 
-def adam_plan(lists: list[list[Tensor]], device, dtype) -> Plan:
+def adam_plan(lists: list[list[Tensor]], device, dtype, tiles: UpdateTiles | None = None) -> Plan:
     """The plan of validated Adam lists ([params, grads, exp_avgs, exp_avg_sqs] and max_exp_avg_sqs with
-    amsgrad): what ``adam_launch`` needs that depends on the tensors' addresses and sizes only."""
-    n = len(lists[0])
-    if len(lists) == 5:
-        addrs = tuple(zip(*(map(Tensor.data_ptr, lst) for lst in lists)))
-    else:
-        addrs = tuple(zip(*(map(Tensor.data_ptr, lst) for lst in lists), _zeros(n)))
-    numels = tuple(p.numel() for p in lists[0])
-    return _plan_for(device, dtype, addrs, numels, (False,) * n, 0)
+    amsgrad)."""
+    return update_plan(lists, (False,) * len(lists[0]), 0, device, dtype, tiles)
 
 
-def adam_launch(
-    plan: Plan,
-    device,
-    dtype,
-    stats: Tensor,
-    *,
-    step_size: float | list[float],
-    bias_correction2_sqrt: float | list[float],
-    amsgrad: bool,
-    beta1: float,
-    beta2: float,
-    lr: float,
-    weight_decay: float,
-    eps: float,
-    maximize: bool,
-    decoupled: bool,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    write_grad: bool = False,
-) -> None:
+def adam_launch(plan: Plan, device, dtype, stats: Tensor, *, step_size: float | list[float],
+                bias_correction2_sqrt: float | list[float], amsgrad: bool, beta1: float, beta2: float,
+                lr: float, weight_decay: float, eps: float, maximize: bool, decoupled: bool,
+                grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
+                write_grad: bool = False) -> None:  # fmt: skip
     """The Adam/AdamW update launch of a plan from ``adam_plan``: ``step_size`` and
-    ``bias_correction2_sqrt`` one float for every tensor, or lists of floats (one per tensor: the per-tensor
+    ``bias_correction2_sqrt`` one float for every tensor, or lists of floats (one per tensor: a per-call
     table, not capturable); the hyperparameters already Python floats."""
     if plan.num_items == 0:
         return
@@ -434,87 +347,29 @@ def adam_launch(
     else:
         steps = stats  # never read
         one_size, one_bc2 = step_size, bias_correction2_sqrt
-    from .triton_optim_kernels import znorm_adam_kernel
-
-    constants = _adam_constants(
-        dtype, plan.aligned, grad_scale is not None, found_inf is not None, bool(maximize), weight_decay != 0,
-        bool(write_grad), bool(decoupled), bool(amsgrad), per_tensor,
-    )  # fmt: skip
     scalars = (1 - beta1, beta2, 1 - beta2, weight_decay, 1 - lr * weight_decay, eps, one_size, one_bc2)
-    _launch(znorm_adam_kernel, device, plan, stats, grad_scale, found_inf, (steps,), scalars, constants)
-
-
-@functools.cache
-def _adam_constants(dtype, aligned, has_scale, has_found_inf, maximize, weight_decay, write_grad, decoupled,
-                    amsgrad, per_tensor) -> dict:  # fmt: skip
-    constants = _common_constants(
-        dtype, aligned, has_scale, has_found_inf, maximize, weight_decay, write_grad
-    )
-    constants.update(DECOUPLED=decoupled, AMSGRAD=amsgrad, PER_TENSOR=per_tensor)
-    return constants
-
-
-# Ahead-of-time compilation (no GPU needed), for CI and register reports: see triton_host.compile_for_target.
-
-_COMMON_SIGNATURE = {"meta_ptr": "*i64", "stats_ptr": "*fp64", "scale_ptr": "*fp32", "found_inf_ptr": "*fp32"}
-
-
-def compile_sgd_for_target(
-    dtype: torch.dtype,
-    arch: int = 90,
-    *,
-    aligned: bool = True,
-    has_scale: bool = True,
-    has_found_inf: bool = True,
-    maximize: bool = False,
-    weight_decay: bool = True,
-    momentum: bool = True,
-    nesterov: bool = False,
-    first: int = 2,
-    write_grad: bool = False,
-):
-    """The SGD kernel compiled for a CUDA architecture; ``.asm["ptx"]`` holds its PTX."""
-    from .triton_optim_kernels import znorm_sgd_kernel
-
-    signature = dict(_COMMON_SIGNATURE)
-    signature.update(
-        num_items="i32", lr_bits="i64", momentum_bits="i64", one_minus_dampening_bits="i64",
-        weight_decay_bits="i64",
+    _launch(
+        "adam", plan, device, dtype, stats, grad_scale, found_inf, (steps,), scalars, maximize, weight_decay,
+        write_grad, (bool(decoupled), bool(amsgrad), per_tensor),
     )  # fmt: skip
-    constants = _common_constants(
-        dtype, aligned, has_scale, has_found_inf, maximize, weight_decay, write_grad
-    )
-    constants.update(MOMENTUM=momentum, NESTEROV=nesterov, FIRST=first)
-    return compile_ahead(znorm_sgd_kernel, signature, constants, arch, OPTIONS)
 
 
-def compile_adam_for_target(
-    dtype: torch.dtype,
-    arch: int = 90,
-    *,
-    aligned: bool = True,
-    has_scale: bool = True,
-    has_found_inf: bool = True,
-    maximize: bool = False,
-    weight_decay: bool = True,
-    decoupled: bool = False,
-    amsgrad: bool = True,
-    per_tensor: bool = False,
-    write_grad: bool = False,
-):
-    """The Adam/AdamW kernel compiled for a CUDA architecture; ``.asm["ptx"]`` holds its PTX."""
-    from .triton_optim_kernels import znorm_adam_kernel
+# --- by family (the fused optimizer step's table, optim/updates.py, names the family) ---
 
-    signature = dict(_COMMON_SIGNATURE)
-    signature["steps_ptr"] = "*fp64"
-    signature["num_items"] = "i32"
-    for name in (
-        "lerp_weight_bits", "beta2_bits", "one_minus_beta2_bits", "weight_decay_bits", "decay_factor_bits",
-        "eps_bits", "step_size_bits", "bc2_sqrt_bits",
-    ):  # fmt: skip
-        signature[name] = "i64"
-    constants = _common_constants(
-        dtype, aligned, has_scale, has_found_inf, maximize, weight_decay, write_grad
-    )
-    constants.update(DECOUPLED=decoupled, AMSGRAD=amsgrad, PER_TENSOR=per_tensor)
-    return compile_ahead(znorm_adam_kernel, signature, constants, arch, OPTIONS)
+
+def steady_plan(lists: list[list[Tensor]], device, dtype) -> Plan:
+    """The plan of a step that creates no state (every SGD momentum buffer exists): any family."""
+    return update_plan(lists, (False,) * len(lists[0]), 0, device, dtype)
+
+
+def _sgd_steady_launch(plan: Plan, device, dtype, stats: Tensor, **kwargs) -> None:
+    sgd_launch(plan, 0, device, dtype, stats, **kwargs)
+
+
+STEPS = {"sgd": sgd_step_, "adam": adam_step_}
+STEADY_LAUNCHES = {"sgd": _sgd_steady_launch, "adam": adam_launch}
+
+
+def steady_launch(family: str, plan: Plan, device, dtype, stats: Tensor, **kwargs) -> None:
+    """The update launch of a ``steady_plan`` (the hyperparameters already Python floats)."""
+    STEADY_LAUNCHES[family](plan, device, dtype, stats, **kwargs)

@@ -10,8 +10,8 @@ so the result is bitwise deterministic; nothing but the parameters, the states (
 gradient) is written, so there is no workspace to reset.
 
 The z-score is the value the normalize pass would have written into the gradient, bit for bit:
-``_normalized`` (the float32 pair subtraction) or, for a "wide" tensor, (g - mean) * inv in float64, rounded
-to the tensor's dtype by ``_to_output``. Tensors of fewer than 2 elements, which ZNorm leaves unchanged, take
+``normalized`` (the float32 pair subtraction) or, for a "wide" tensor, (g - mean) * inv in float64, rounded
+to the tensor's dtype by ``to_output``. Tensors of fewer than 2 elements, which ZNorm leaves unchanged, take
 z = g whatever their statistics row holds. With a grad scale s (GradScaler and an optimizer that unscales
 itself), the statistics are those of the scaled gradient s*g computed with grad_scale=s, so that value is s*z
 (what the hook writes for a fused optimizer), and the kernel divides it by s as torch's fused optimizers do.
@@ -32,7 +32,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_kernels import _load, _normalized, _store, _to_output
+from .triton_tile_ops import load_tile, normalized, store_tile, to_output
 
 # Layout of the int64 table: I items of ITEM fields, [tensor record, first element, element count, 0]; then T
 # tensor records of TENSOR fields:
@@ -113,11 +113,11 @@ def _z(
     HAS_SCALE: tl.constexpr,
 ):
     """A tile's z-scores in ACC: the normalize pass's value in the tensor's dtype, divided by the scale."""
-    x, _ = _load(g_ptr, rem, ACC, BLOCK, VEC, ALIGNED)
+    x, _ = load_tile(g_ptr, rem, ACC, BLOCK, VEC, ALIGNED)
     if wide != 0.0:
-        z = _to_output(((x.to(tl.float64) - mean) * inv).to(ACC), DTYPE).to(ACC)
+        z = to_output(((x.to(tl.float64) - mean) * inv).to(ACC), DTYPE).to(ACC)
     else:
-        z = _normalized(x, mean, inv, DTYPE, ACC).to(ACC)
+        z = normalized(x, mean, inv, DTYPE, ACC).to(ACC)
     if HAS_SCALE:
         z = _div(z, scale, ACC)
     return z
@@ -147,8 +147,8 @@ def _direction(
     with WRITE_GRAD, and the parameter tile."""
     z = _z(g_ptr, rem, mean, inv, wide, scale, DTYPE, ACC, BLOCK, VEC, ALIGNED, HAS_SCALE)
     if WRITE_GRAD:
-        _store(g_ptr, _to_output(z, DTYPE), rem, BLOCK, VEC, ALIGNED)
-    p, _ = _load(p_ptr, rem, ACC, BLOCK, VEC, ALIGNED)
+        store_tile(g_ptr, to_output(z, DTYPE), rem, BLOCK, VEC, ALIGNED)
+    p, _ = load_tile(p_ptr, rem, ACC, BLOCK, VEC, ALIGNED)
     if MAXIMIZE:
         d = -z
     else:
@@ -216,16 +216,16 @@ def znorm_sgd_kernel(
                 if first:
                     buf = d
                 else:
-                    buf, _ = _load(b_ptr + tile, rem, ACC, BLOCK, VEC, ALIGNED)
+                    buf, _ = load_tile(b_ptr + tile, rem, ACC, BLOCK, VEC, ALIGNED)
                     buf = buf * momentum + one_minus_dampening * d
-                buf = _to_output(buf, DTYPE)
-                _store(b_ptr + tile, buf, rem, BLOCK, VEC, ALIGNED)
+                buf = to_output(buf, DTYPE)
+                store_tile(b_ptr + tile, buf, rem, BLOCK, VEC, ALIGNED)
                 if NESTEROV:
                     d = d + momentum * buf.to(ACC)
                 else:
                     d = buf.to(ACC)
             p = p - lr * d
-            _store(p_ptr + tile, _to_output(p, DTYPE), rem, BLOCK, VEC, ALIGNED)
+            store_tile(p_ptr + tile, to_output(p, DTYPE), rem, BLOCK, VEC, ALIGNED)
 
 
 @triton.jit(do_not_specialize=["num_items"])
@@ -293,21 +293,21 @@ def znorm_adam_kernel(
                     p = p * decay_factor
                 else:
                     d = d + weight_decay * p
-            m, _ = _load(m_ptr + tile, rem, ACC, BLOCK, VEC, ALIGNED)
+            m, _ = load_tile(m_ptr + tile, rem, ACC, BLOCK, VEC, ALIGNED)
             if small_weight:
                 m = m + weight * (d - m)
             else:
                 m = d - (d - m) * one_minus_weight
-            m = _to_output(m, DTYPE)
-            _store(m_ptr + tile, m, rem, BLOCK, VEC, ALIGNED)
-            v, _ = _load(v_ptr + tile, rem, ACC, BLOCK, VEC, ALIGNED)
-            v = _to_output(v * beta2 + one_minus_beta2 * d * d, DTYPE)
-            _store(v_ptr + tile, v, rem, BLOCK, VEC, ALIGNED)
+            m = to_output(m, DTYPE)
+            store_tile(m_ptr + tile, m, rem, BLOCK, VEC, ALIGNED)
+            v, _ = load_tile(v_ptr + tile, rem, ACC, BLOCK, VEC, ALIGNED)
+            v = to_output(v * beta2 + one_minus_beta2 * d * d, DTYPE)
+            store_tile(v_ptr + tile, v, rem, BLOCK, VEC, ALIGNED)
             v = v.to(ACC)
             if AMSGRAD:
-                vmax, _ = _load(vmax_ptr + tile, rem, ACC, BLOCK, VEC, ALIGNED)
+                vmax, _ = load_tile(vmax_ptr + tile, rem, ACC, BLOCK, VEC, ALIGNED)
                 v = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
-                _store(vmax_ptr + tile, v.to(DTYPE), rem, BLOCK, VEC, ALIGNED)
+                store_tile(vmax_ptr + tile, v.to(DTYPE), rem, BLOCK, VEC, ALIGNED)
             denom = _div(_sqrt(v, ACC), bc2_sqrt, ACC) + eps
             p = p - _div(step_size * m.to(ACC), denom, ACC)
-            _store(p_ptr + tile, _to_output(p, DTYPE), rem, BLOCK, VEC, ALIGNED)
+            store_tile(p_ptr + tile, to_output(p, DTYPE), rem, BLOCK, VEC, ALIGNED)

@@ -15,9 +15,10 @@ import argparse
 import sys
 from dataclasses import fields
 
+from .config import AMP, METHODS, OPTIMIZERS, SCHEDULES, Config, UsageError
 from .data import DATASETS, DEFAULT_DATA_DIRS
 from .grid import parse_lr, run_grid, run_name
-from .train import AMP, METHODS, OPTIMIZERS, SCHEDULES, Config, UsageError, train
+from .train import train
 
 
 def _list(text: str) -> list[str]:

@@ -11,7 +11,9 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from .train import CHECKPOINT, METHODS, OPTIMIZERS, Config, UsageError, check_config, load_checkpoint, train
+from .checkpoint import load_checkpoint
+from .config import CHECKPOINT, METHODS, OPTIMIZERS, Config, UsageError, check_config
+from .train import train
 
 __all__ = ["LrSpec", "parse_lr", "run_grid", "run_name"]
 

@@ -42,7 +42,9 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.placement_types import Replicate
 
 from ..backends.reference import write_z_
-from ..dispatch import resolve_backend
+from ..backends.triton_common import device_table
+from ..naming import where
+from ..registry import resolve_backend
 
 __all__ = ["local_statistics", "mean_and_std", "merge_statistics", "shard_statistics", "znorm_dtensors_"]
 
@@ -52,19 +54,14 @@ _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _N, _MEAN, _M2, _MIN, _MAX = range(5)
 
 
-def _where(position: int, names: Sequence[str] | None) -> str:
-    if names is not None and position < len(names) and names[position]:
-        return f"DTensor at position {position} (parameter {names[position]!r})"
-    return f"DTensor at position {position}"
-
-
 def _sharded_mesh_dims(t: DTensor, position: int, names: Sequence[str] | None) -> tuple[int, ...]:
     """The mesh dimensions over which ``t``'s elements are split (statistics are combined over those)."""
     dims = []
     for mesh_dim, placement in enumerate(t.placements):
         if placement.is_partial():
             raise ValueError(
-                f"znorm_: {_where(position, names)} has a Partial placement on mesh dimension {mesh_dim} "
+                f"znorm_: {where(position, names, 'DTensor')} has a Partial placement on mesh dimension "
+                f"{mesh_dim} "
                 f"({placement}): its values are unreduced partial sums, whose z-scores mean nothing; reduce "
                 "the gradient first (e.g. .redistribute(placements=[Replicate() or Shard(d)])) and then "
                 "normalize it"
@@ -231,8 +228,8 @@ def znorm_dtensors_(
     for k, (i, t) in enumerate(zip(pos, tensors)):
         if t.dtype not in _SUPPORTED:
             raise TypeError(
-                f"znorm_: {_where(i, names)} has dtype {t.dtype}; supported: float32, float16, bfloat16, "
-                "float64"
+                f"znorm_: {where(i, names, 'DTensor')} has dtype {t.dtype}; supported: float32, float16, "
+                "bfloat16, float64"
             )
         dims = _sharded_mesh_dims(t, i, names)
         local = t._local_tensor
@@ -289,9 +286,7 @@ def _to_device(values: list[int] | Tensor, device: torch.device) -> Tensor:
     """``values`` (a list of ints, or a CPU tensor) on ``device``, through pinned memory without blocking (a
     list copied to a GPU would wait for it); under CUDA-graph capture every replay reads the pinned copy
     again, so it is kept."""
-    from ..backends import triton_host
-
-    out, host = triton_host.device_table(values, device)
+    out, host = device_table(values, device)
     if host is not None:
         _kept_for_replay.append(host)
     return out

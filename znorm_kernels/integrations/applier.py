@@ -11,8 +11,9 @@ import torch
 from torch import Tensor
 
 from ..api import znorm_
-from ..hook import ParamSelector
-from .deepspeed import check_not_deepspeed_zero
+from ..deepspeed_zero import check_not_deepspeed_zero
+from ..options import check_min_ndim
+from ..step_hooks import ParamSelector
 
 __all__ = ["ZNormApplier", "unwrap_optimizer"]
 
@@ -50,8 +51,7 @@ class ZNormApplier:
     """ZNorm on the gradients an optimizer is about to use, for callbacks that run just before its step."""
 
     def __init__(self, eps: float, correction: float, backend: str, min_ndim: int) -> None:
-        if isinstance(min_ndim, bool) or not isinstance(min_ndim, int) or min_ndim < 0:
-            raise ValueError(f"min_ndim must be an int >= 0, got {min_ndim!r}")
+        check_min_ndim(min_ndim)
         self.eps, self.correction, self.backend, self.min_ndim = eps, correction, backend, min_ndim
         self._selectors: dict[int, ParamSelector] = {}
         self._names: dict[int, tuple[list, list[str]]] = {}

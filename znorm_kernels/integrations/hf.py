@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from transformers import TrainerCallback
 
-from ._common import ZNormApplier
+from .applier import ZNormApplier
 
 if not hasattr(TrainerCallback, "on_pre_optimizer_step"):
     import transformers

@@ -21,7 +21,7 @@ try:
 except ImportError:  # the standalone package
     from pytorch_lightning import Callback
 
-from ._common import ZNormApplier
+from .applier import ZNormApplier
 
 __all__ = ["ZNormCallback"]
 

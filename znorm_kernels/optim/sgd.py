@@ -7,21 +7,18 @@ from typing import Any
 
 import torch
 
-from .base import ZNormOptimizer
+from .base import ZNORM_OPTIONS_DOC, ZNormOptimizer
 
 __all__ = ["ZNormSGD"]
 
 
 class ZNormSGD(ZNormOptimizer, torch.optim.SGD):
-    """``torch.optim.SGD`` (momentum, dampening, nesterov, weight_decay, maximize, foreach, fused) on the
+    __doc__ = (
+        """``torch.optim.SGD`` (momentum, dampening, nesterov, weight_decay, maximize, foreach, fused) on the
     z-scores of the gradients: the update of ``register(torch.optim.SGD(...))``.
-
-    ZNorm options: ``znorm_eps`` (added to the std, default 1e-10), ``correction`` (0: population std),
-    ``min_ndim`` (only parameters with at least this many dimensions; per group too), ``backend`` (as for
-    ``znorm_``), ``normalize_grad`` (write the z-scores into ``.grad``; default: leave it raw),
-    ``track_stats`` (keep each step's gradient mean and std for ``grad_stats()``). A param group with
-    ``znorm=False`` gets the plain SGD update.
-    """
+"""
+        + ZNORM_OPTIONS_DOC
+    )
 
     _torch_class = torch.optim.SGD
     _fused_kind = "sgd"

@@ -1,0 +1,96 @@
+"""The tile configurations of the Triton kernels, as values: ``Tiles`` for the ZNorm queue kernel and
+``UpdateTiles`` for the fused optimizer updates, each chosen by one function (``tiles_for``,
+``update_tiles_for``) and carried by the plan of every launch. Callers that want another configuration (the
+probe in bench/gpu_probe.py, tests) pass one; nothing patches module globals. A tensor's bits depend only on
+its own size and the configuration's block and chunking, never on the rest of the list.
+
+The native CUDA and CPU kernels have compile-time tiles of their own, in csrc/tiles.h.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Tiles", "UpdateTiles", "tiles_for", "update_tiles_for"]
+
+# Elements a program of the queue kernel holds in registers per tile (float64 tiles hold as many bytes).
+QUEUE_BLOCK = {torch.float64: 2048}
+DEFAULT_QUEUE_BLOCK = 8192
+# Above this many elements a tensor is "large": chunks of LARGE_CHUNK tiles, and the list's loads unrolled.
+LARGE_TENSOR = 1 << 20
+LARGE_CHUNK = 32
+# Tiles whose loads a large tensor's chunk issues together, in lists that hold a large tensor.
+LARGE_UNROLL = 2
+# Tiles per chunk of the tensors between one tile and LARGE_TENSOR elements.
+MID_CHUNK = 1
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """One launch configuration of the queue kernel (backends/triton_kernels.py)."""
+
+    block: int  # elements per tile; a tensor of at most `block` elements is one small item
+    unroll: int = 1  # full tiles whose loads a large tensor's chunk issues together: 1, 2 or 4
+    mid_chunk: int = MID_CHUNK  # tiles per chunk of tensors above `block`, up to `large_tensor` elements
+    large_chunk: int = LARGE_CHUNK  # tiles per chunk of tensors above `large_tensor` elements
+    large_tensor: int = LARGE_TENSOR
+    merge_block: int = 1024  # chunk partials a tensor's merge reads per vector step
+    sub: int = 512  # values per step of the rare float64 paths (re-read from cache, few registers)
+    num_warps: int = 8
+    programs: int | None = None  # a fixed grid (clamped to the work items); None: as many as fit the GPU
+
+    def __post_init__(self) -> None:
+        for name, least in (("block", 16), ("merge_block", 2), ("sub", 16)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two >= {least}, got {value!r}")
+        if self.unroll not in (1, 2, 4):
+            raise ValueError(f"unroll must be 1, 2 or 4, got {self.unroll!r}")
+        for name in ("mid_chunk", "large_chunk", "large_tensor", "num_warps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.programs is not None and (not isinstance(self.programs, int) or self.programs < 1):
+            raise ValueError(f"programs must be None or an int >= 1, got {self.programs!r}")
+
+    def chunk(self, numel: int) -> int:
+        """Chunk length of a tensor of more than ``block`` elements: a function of its own size only."""
+        return self.block * (self.large_chunk if numel > self.large_tensor else self.mid_chunk)
+
+
+def tiles_for(dtype: torch.dtype, numels: Sequence[int] = ()) -> Tiles:
+    """The shipped configuration for a list of this dtype and these sizes: the dtype's block, and loads of
+    LARGE_UNROLL tiles issued together where the list holds a tensor above LARGE_TENSOR elements (float64
+    excepted: its tiles hold as many bytes without unrolling)."""
+    block = QUEUE_BLOCK.get(dtype, DEFAULT_QUEUE_BLOCK)
+    large = dtype != torch.float64 and bool(numels) and max(numels) > LARGE_TENSOR
+    return Tiles(block=block, unroll=LARGE_UNROLL if large else 1)
+
+
+@dataclass(frozen=True)
+class UpdateTiles:
+    """One launch configuration of the fused optimizer updates (backends/triton_optim_kernels.py)."""
+
+    block: int  # elements per tile
+    tiles_per_item: int = 8  # a work item (one program) covers at most block * tiles_per_item elements
+    num_warps: int = 8
+
+    def __post_init__(self) -> None:
+        if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 16:
+            raise ValueError(f"block must be a power of two >= 16, got {self.block!r}")
+        if self.block & (self.block - 1):
+            raise ValueError(f"block must be a power of two >= 16, got {self.block!r}")
+        if not isinstance(self.tiles_per_item, int) or self.tiles_per_item < 1:
+            raise ValueError(f"tiles_per_item must be an int >= 1, got {self.tiles_per_item!r}")
+
+    @property
+    def chunk(self) -> int:
+        return self.block * self.tiles_per_item
+
+
+def update_tiles_for(dtype: torch.dtype) -> UpdateTiles:
+    """The shipped update configuration: float64 tiles half as long, so every dtype holds the same bytes."""
+    return UpdateTiles(block=1024 if dtype == torch.float64 else 2048)
