@@ -20,8 +20,9 @@ SOURCES := setup.py pyproject.toml requirements.txt $(wildcard csrc/*)
 
 .PHONY: test bench lint train gpu-check clean setup-system
 
+# The library's tests and the benchmark's own (its logic, and the GPU probe rehearsed on the CPU).
 test: $(SETUP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests bench
 
 bench: $(SETUP)
 	$(PY) -m bench $(ARGS)
