@@ -67,6 +67,17 @@ def assert_close_lists(got, want, **tol):
         torch.testing.assert_close(a, b, **tol)
 
 
+def assert_once_per_step_as_register(spy, weights, accumulate: int):
+    """A callback's run (``spy``'s calls, the final ``weights``) against ``reference_run``: ZNorm once per
+    optimizer step, unscaled, on the gradients ``register`` sees, and the same weights."""
+    seen, want = reference_run(accumulate)
+    assert len(spy) == STEPS  # once per optimizer step, not per micro-batch
+    for (grads, scale, _), ref in zip(spy, seen):
+        assert scale is None
+        assert_close_lists(grads, ref, rtol=1e-5, atol=1e-7)
+    assert_close_lists(weights, want, rtol=1e-5, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------- Lightning
 
 
@@ -114,12 +125,7 @@ def test_lightning_callback_once_per_step_equals_register(spy, accumulate):
     from znorm_kernels.integrations.lightning import ZNormCallback
 
     weights = lightning_run(ZNormCallback(), accumulate)
-    seen, want = reference_run(accumulate)
-    assert len(spy) == STEPS  # once per optimizer step, not per micro-batch
-    for (grads, scale, _), ref in zip(spy, seen):
-        assert scale is None
-        assert_close_lists(grads, ref, rtol=1e-5, atol=1e-7)
-    assert_close_lists(weights, want, rtol=1e-5, atol=1e-6)
+    assert_once_per_step_as_register(spy, weights, accumulate)
 
 
 def test_lightning_callback_runs_before_clipping(spy):
@@ -232,12 +238,7 @@ def test_hf_callback_once_per_step_equals_register(spy, accumulate, tmp_path):
     from znorm_kernels.integrations.hf import ZNormTrainerCallback
 
     weights = hf_run(ZNormTrainerCallback(), accumulate, tmp_path)
-    seen, want = reference_run(accumulate)
-    assert len(spy) == STEPS  # once per optimizer step, not per micro-batch
-    for (grads, scale, _), ref in zip(spy, seen):
-        assert scale is None
-        assert_close_lists(grads, ref, rtol=1e-5, atol=1e-7)
-    assert_close_lists(weights, want, rtol=1e-5, atol=1e-6)
+    assert_once_per_step_as_register(spy, weights, accumulate)
 
 
 def test_hf_callback_runs_after_clipping_and_undoes_it(spy, tmp_path):

@@ -8,15 +8,13 @@ messages when the extension is missing, and, on a GPU, the CUDA kernel against t
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import warnings
 
 import pytest
 import torch
 
 import znorm_kernels
-from tests.utils import DTYPES, assert_close_to_float64, float64_znorm, make_grad
+from tests.utils import DTYPES, assert_close_to_float64, float64_znorm, make_grad, saved_per_cpu_isa
 from znorm_kernels import reference, registry
 from znorm_kernels.backends import native as native_backend
 
@@ -215,13 +213,7 @@ torch.save(out, sys.argv[1])
 def test_baseline_and_avx2_loops_bitwise_equal(tmp_path):
     # csrc/cpu_common.h compiles the loops twice (portable and AVX2) and picks one at run time; the lane
     # structure and -ffp-contract=off make them round alike. ZNORM_CPU_ISA=baseline forces the portable one.
-    results = []
-    for isa in ("baseline", "auto"):
-        env = {**os.environ, "ZNORM_CPU_ISA": isa}
-        path = tmp_path / f"{isa}.pt"
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(path)], env=env, cwd=root, check=True)
-        results.append(torch.load(path))
+    results = saved_per_cpu_isa(_ISA_SCRIPT, tmp_path)
     for a, b in zip(*results):
         assert torch.equal(a, b), a.dtype
 
@@ -431,17 +423,23 @@ def _bad_stats_cases(n):
     }
 
 
-@needs_ext
-def test_bad_stats_tensor_raises_and_modifies_nothing():
-    grads = [make_grad((5,)), torch.tensor([1.0]), make_grad((CPU_CHUNK + 1,), seed=1)]
+def _assert_bad_stats_refused(grads, cases):
+    """Each (stats, message) of ``cases`` raises a RuntimeError that matches the message, and neither the
+    stats tensor nor the gradients are written."""
     inputs = [g.clone() for g in grads]
-    for name, (stats, match) in _bad_stats_cases(len(grads)).items():
+    for name, (stats, match) in cases.items():
         stats.fill_(-1.0)
         with pytest.raises(RuntimeError, match=match):
             _op(grads, stats=stats)
         assert (stats == -1.0).all(), name
         for g, x in zip(grads, inputs):
             assert torch.equal(g, x), name
+
+
+@needs_ext
+def test_bad_stats_tensor_raises_and_modifies_nothing():
+    grads = [make_grad((5,)), torch.tensor([1.0]), make_grad((CPU_CHUNK + 1,), seed=1)]
+    _assert_bad_stats_refused(grads, _bad_stats_cases(len(grads)))
     with pytest.raises(RuntimeError, match="float64"):
         _op([], stats=torch.zeros(0, 2))
     _op([], stats=torch.zeros(0, 2, dtype=torch.float64))
@@ -783,16 +781,9 @@ def test_cuda_stats_rows_of_a_mixed_list_without_host_sync():
 @pytest.mark.cuda
 def test_cuda_bad_stats_tensor_raises_and_modifies_nothing():
     grads = [make_grad((5,), device="cuda"), make_grad((CUDA_CHUNK + 1,), device="cuda", seed=1)]
-    inputs = [g.clone() for g in grads]
     cases = {k: (v.cuda(), m) for k, (v, m) in _bad_stats_cases(len(grads)).items()}
     cases["on the CPU"] = (torch.zeros(len(grads), 2, dtype=torch.float64), "device")
-    for name, (stats, match) in cases.items():
-        stats.fill_(-1.0)
-        with pytest.raises(RuntimeError, match=match):
-            _op(grads, stats=stats)
-        assert (stats == -1.0).all(), name
-        for g, x in zip(grads, inputs):
-            assert torch.equal(g, x), name
+    _assert_bad_stats_refused(grads, cases)
     cpu_grads = [make_grad((5,))]
     with pytest.raises(RuntimeError, match="device"):
         _op(cpu_grads, stats=torch.zeros(1, 2, dtype=torch.float64, device="cuda"))

@@ -18,11 +18,6 @@ registration and the optimizers' choice of path run."""
 
 from __future__ import annotations
 
-import itertools
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -30,7 +25,15 @@ from torch.optim.adam import adam as torch_adam
 from torch.optim.sgd import sgd as torch_sgd
 
 import znorm_kernels
-from tests.utils import make_grad
+from tests.utils import (
+    ADAM_OPTIONS,
+    SGD_OPTIONS,
+    adam_step_sizes,
+    make_grad,
+    options_id,
+    saved_per_cpu_isa,
+    torch_adam_step,
+)
 from znorm_kernels.backends import native
 from znorm_kernels.backends import native_optim as nsteps  # the native fused steps
 from znorm_kernels.optim import ZNormAdam, ZNormAdamW, ZNormSGD, fused_layout
@@ -152,15 +155,6 @@ def formula_adam(p, z, m, v, vmax, *, step_size, bc2, amsgrad, beta1, beta2, lr,
 
 # --- the kernels against the formulas and torch ---
 
-SGD_OPTIONS = [
-    dict(momentum=m, dampening=d, nesterov=n, weight_decay=wd, maximize=mx)
-    for m, d, n, wd, mx in itertools.product(
-        [0.0, 0.9], [0.0, 0.1], [False, True], [0.0, 0.01], [False, True]
-    )
-    if not (n and (m == 0 or d != 0))  # torch.optim.SGD refuses nesterov without momentum or with dampening
-    and not (m == 0 and d != 0)  # dampening is unused without momentum
-]
-
 
 def run_sgd(dtype, opts, steps=3, lr=0.1, sizes=SIZES, treated=TREATED, device="cpu"):
     """The step on ``device``; the formulas and torch's step on the CPU, on that device's z-scores."""
@@ -192,7 +186,7 @@ def run_sgd(dtype, opts, steps=3, lr=0.1, sizes=SIZES, treated=TREATED, device="
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("opts", SGD_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("opts", SGD_OPTIONS, ids=options_id)
 def test_sgd_matches_formulas_bitwise_and_torch(dtype, opts):
     run_sgd(dtype, opts)
 
@@ -237,13 +231,6 @@ def test_sgd_momentum_buffers_new_at_later_steps():
         assert_equal_lists([bufs[i] for i in idx], [formula_bufs[i] for i in idx], "buffers")
 
 
-ADAM_OPTIONS = [
-    dict(amsgrad=a, decoupled=dc, weight_decay=wd, maximize=mx)
-    for a, dc, wd, mx in itertools.product([False, True], [False, True], [0.0, 0.01], [False, True])
-    if not (dc and wd == 0)  # AdamW without weight decay is Adam
-]
-
-
 def run_adam(dtype, opts, steps=3, lr=0.01, betas=(0.9, 0.999), eps=1e-8, step0=None, sizes=SIZES,
              treated=TREATED, device="cpu"):  # fmt: skip
     params = to(params_of(dtype, sizes), device)
@@ -255,27 +242,22 @@ def run_adam(dtype, opts, steps=3, lr=0.01, betas=(0.9, 0.999), eps=1e-8, step0=
     want_states = [[torch.zeros_like(p) for p in formula] for _ in range(3)]
     counts = list(step0) if step0 else [0] * n
     want_steps = [torch.tensor(float(c)) for c in counts]
-    decoupled = opts["decoupled"]
-    torch_opts = {k: v for k, v in opts.items() if k != "decoupled"}
     beta1, beta2 = betas
     for step in range(steps):
         grads = to(grads_of(dtype, step, sizes), device)
         raw = [g.clone() for g in grads]
         z = cpu(cpu_z(grads, treated))
         counts = [c + 1 for c in counts]
-        step_size = [lr / (1 - beta1**c) for c in counts]
-        bc2 = [(1 - beta2**c) ** 0.5 for c in counts]
+        step_size, bc2 = adam_step_sizes(counts, lr, betas)
         nsteps.adam_step_(
             params, grads, *states, treated=treated, step_size=step_size, bias_correction2_sqrt=bc2,
-            beta1=beta1, beta2=beta2, lr=lr, eps=eps, decoupled=decoupled, znorm_eps=1e-10, correction=0,
-            **torch_opts,
+            beta1=beta1, beta2=beta2, lr=lr, eps=eps, znorm_eps=1e-10, correction=0, **opts,
         )  # fmt: skip
         assert_equal_lists(cpu(grads), cpu(raw), "grads (left raw)")
         for i in range(n):
             p, m, v, vmax = formula_adam(
                 formula[i], z[i], formula_states[0][i], formula_states[1][i], formula_states[2][i],
-                step_size=step_size[i], bc2=bc2[i], beta1=beta1, beta2=beta2, lr=lr, eps=eps,
-                decoupled=decoupled, **torch_opts,
+                step_size=step_size[i], bc2=bc2[i], beta1=beta1, beta2=beta2, lr=lr, eps=eps, **opts,
             )  # fmt: skip
             formula[i], formula_states[0][i], formula_states[1][i] = p, m, v
             if vmax is not None:
@@ -285,10 +267,7 @@ def run_adam(dtype, opts, steps=3, lr=0.01, betas=(0.9, 0.999), eps=1e-8, step0=
         assert_equal_lists(cpu(states[1]), formula_states[1], f"step {step} exp_avg_sqs")
         if opts["amsgrad"]:
             assert_equal_lists(cpu(states[2]), formula_states[2], f"step {step} max_exp_avg_sqs")
-        torch_adam(
-            want, z, *want_states, want_steps, foreach=False, decoupled_weight_decay=decoupled,
-            beta1=beta1, beta2=beta2, lr=lr, eps=eps, **torch_opts,
-        )  # fmt: skip
+        torch_adam_step(want, z, want_states, want_steps, opts, lr=lr, betas=betas, eps=eps)
         assert_close_lists(cpu(params), want, dtype, f"step {step} params against torch")
         assert_close_lists(cpu(states[0]), want_states[0], dtype, f"step {step} exp_avgs against torch")
         assert_close_lists(cpu(states[1]), want_states[1], dtype, f"step {step} exp_avg_sqs against torch")
@@ -300,7 +279,7 @@ def run_adam(dtype, opts, steps=3, lr=0.01, betas=(0.9, 0.999), eps=1e-8, step0=
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("opts", ADAM_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("opts", ADAM_OPTIONS, ids=options_id)
 def test_adam_matches_formulas_bitwise_and_torch(dtype, opts):
     run_adam(dtype, opts)
 
@@ -326,19 +305,19 @@ def test_float16():
              sizes=sizes, treated=treated)  # fmt: skip
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
-@pytest.mark.parametrize("kind", ["sgd", "adam"])
-def test_write_grad_stores_the_cpu_backends_z_and_stats_bit_for_bit(dtype, kind):
-    grads = grads_of(dtype, 0)
+def check_write_grad_stores_the_backends_z_and_stats(dtype, kind, device):
+    """The step with write_grad and stats_out leaves in the grads the z-scores of the backend of ``device``
+    ("cpu" or "cuda") and writes its statistics (NaN rows for the tensors it leaves alone), bit for bit."""
+    grads = to(grads_of(dtype, 0), device)
     z = cpu_z(grads, TREATED)
-    want_stats = torch.full((len(grads), 2), float("nan"), dtype=torch.float64)
+    want_stats = torch.full((len(grads), 2), float("nan"), dtype=torch.float64, device=device)
     picked = [i for i, t in enumerate(TREATED) if t and grads[i].numel() >= 2]
     expected = [grads[i].clone() for i in picked]
-    rows = torch.empty(len(picked), 2, dtype=torch.float64)
+    rows = torch.empty(len(picked), 2, dtype=torch.float64, device=device)
     torch.ops.znorm_kernels_C.znorm_(expected, 1e-10, 0.0, None, rows)
     want_stats[picked] = rows
-    params = params_of(dtype)
-    stats = torch.zeros(len(grads), 2, dtype=torch.float64)
+    params = to(params_of(dtype), device)
+    stats = torch.zeros(len(grads), 2, dtype=torch.float64, device=device)
     if kind == "sgd":
         nsteps.sgd_step_(params, grads, [None] * 7, treated=TREATED, first=[True] * 7, znorm_eps=1e-10,
                          correction=0, lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
@@ -349,9 +328,15 @@ def test_write_grad_stores_the_cpu_backends_z_and_stats_bit_for_bit(dtype, kind)
                           bias_correction2_sqrt=[0.05] * 7, amsgrad=False, beta1=0.9, beta2=0.999, lr=0.01,
                           weight_decay=0.0, eps=1e-8, maximize=False, decoupled=False, znorm_eps=1e-10,
                           correction=0, write_grad=True, stats_out=stats)  # fmt: skip
-    assert_equal_lists(grads, z, "grads (z)")
+    assert_equal_lists(cpu(grads), cpu(z), "grads (z)")
     assert torch.equal(stats.isnan(), want_stats.isnan())
     assert torch.equal(stats.nan_to_num(), want_stats.nan_to_num())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_write_grad_stores_the_cpu_backends_z_and_stats_bit_for_bit(dtype, kind):
+    check_write_grad_stores_the_backends_z_and_stats(dtype, kind, "cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -464,13 +449,7 @@ torch.save(out, sys.argv[1])
     torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"), reason="no AVX2: one version only"
 )
 def test_baseline_and_avx2_loops_bitwise_equal(tmp_path):
-    results = []
-    for isa in ("baseline", "auto"):
-        env = {**os.environ, "ZNORM_CPU_ISA": isa}
-        path = tmp_path / f"{isa}.pt"
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(path)], env=env, cwd=root, check=True)
-        results.append(torch.load(path))
+    results = saved_per_cpu_isa(_ISA_SCRIPT, tmp_path)
     assert_equal_lists(results[1], results[0], "avx2 against baseline")
 
 
@@ -677,14 +656,14 @@ def test_fused_path_picks_cuda_where_the_backend_resolves_to_it(monkeypatch, bac
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("opts", SGD_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("opts", SGD_OPTIONS, ids=options_id)
 def test_cuda_sgd_matches_formulas_bitwise_and_torch(dtype, opts):
     run_sgd(dtype, opts, device="cuda")
 
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("opts", ADAM_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("opts", ADAM_OPTIONS, ids=options_id)
 def test_cuda_adam_matches_formulas_bitwise_and_torch(dtype, opts):
     run_adam(dtype, opts, device="cuda")
 
@@ -726,29 +705,7 @@ def test_cuda_float16_and_unaligned_tensors():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("kind", ["sgd", "adam"])
 def test_cuda_write_grad_stores_the_cuda_backends_z_and_stats_bit_for_bit(dtype, kind):
-    grads = to(grads_of(dtype, 0), "cuda")
-    z = cpu_z(grads, TREATED)
-    want_stats = torch.full((len(grads), 2), float("nan"), dtype=torch.float64, device="cuda")
-    picked = [i for i, t in enumerate(TREATED) if t and grads[i].numel() >= 2]
-    expected = [grads[i].clone() for i in picked]
-    rows = torch.empty(len(picked), 2, dtype=torch.float64, device="cuda")
-    torch.ops.znorm_kernels_C.znorm_(expected, 1e-10, 0.0, None, rows)
-    want_stats[picked] = rows
-    params = to(params_of(dtype), "cuda")
-    stats = torch.zeros(len(grads), 2, dtype=torch.float64, device="cuda")
-    if kind == "sgd":
-        nsteps.sgd_step_(params, grads, [None] * 7, treated=TREATED, first=[True] * 7, znorm_eps=1e-10,
-                         correction=0, lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
-                         maximize=False, write_grad=True, stats_out=stats)  # fmt: skip
-    else:
-        states = [[torch.zeros_like(p) for p in params] for _ in range(2)]
-        nsteps.adam_step_(params, grads, *states, [None] * 7, treated=TREATED, step_size=[0.1] * 7,
-                          bias_correction2_sqrt=[0.05] * 7, amsgrad=False, beta1=0.9, beta2=0.999, lr=0.01,
-                          weight_decay=0.0, eps=1e-8, maximize=False, decoupled=False, znorm_eps=1e-10,
-                          correction=0, write_grad=True, stats_out=stats)  # fmt: skip
-    assert_equal_lists(cpu(grads), cpu(z), "grads (z)")
-    assert torch.equal(stats.isnan(), want_stats.isnan())
-    assert torch.equal(stats.nan_to_num(), want_stats.nan_to_num())
+    check_write_grad_stores_the_backends_z_and_stats(dtype, kind, "cuda")
 
 
 @needs_cuda

@@ -7,19 +7,26 @@ On a CPU-only machine these run through TRITON_INTERPRET=1 (set by conftest.py),
 
 from __future__ import annotations
 
-import itertools
 import re
 import textwrap
 from types import SimpleNamespace
 
 import pytest
 import torch
-from torch.optim.adam import adam as torch_adam
 from torch.optim.sgd import sgd as torch_sgd
 
 import znorm_kernels
 import znorm_kernels.reference as reference
-from tests.utils import compiled_ptx, make_grad, ptxas_usage
+from tests.utils import (
+    ADAM_OPTIONS,
+    SGD_OPTIONS,
+    adam_step_sizes,
+    compiled_ptx,
+    make_grad,
+    options_id,
+    ptxas_usage,
+    torch_adam_step,
+)
 from znorm_kernels.backends.tiles import UpdateTiles
 
 pytestmark = pytest.mark.skipif(
@@ -98,16 +105,6 @@ def assert_lists_close(got, want, dtype, what):
         torch.testing.assert_close(a, b, **TOL[dtype], msg=lambda m, i=i: f"{what}[{i}]: {m}")
 
 
-SGD_OPTIONS = [
-    dict(momentum=m, dampening=d, nesterov=n, weight_decay=wd, maximize=mx)
-    for m, d, n, wd, mx in itertools.product(
-        [0.0, 0.9], [0.0, 0.1], [False, True], [0.0, 0.01], [False, True]
-    )
-    if not (n and (m == 0 or d != 0))  # torch.optim.SGD refuses nesterov without momentum or with dampening
-    and not (m == 0 and d != 0)  # dampening is unused without momentum
-]
-
-
 def run_sgd(to, dtype, opts, steps=3, oracle=reference_z, lr=0.1):
     params = params_of(dtype)
     want = [p.clone() for p in params]
@@ -125,7 +122,7 @@ def run_sgd(to, dtype, opts, steps=3, oracle=reference_z, lr=0.1):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("opts", SGD_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("opts", SGD_OPTIONS, ids=options_id)
 def test_sgd_matches_torch_on_z_scores(to, dtype, opts):
     run_sgd(to, dtype, opts)
 
@@ -150,13 +147,6 @@ def test_sgd_some_momentum_buffers_new(to):
     assert_lists_close(bufs, want_bufs, dtype, "momentum_buffers")
 
 
-ADAM_OPTIONS = [
-    dict(amsgrad=a, decoupled=dc, weight_decay=wd, maximize=mx)
-    for a, dc, wd, mx in itertools.product([False, True], [False, True], [0.0, 0.01], [False, True])
-    if not (dc and wd == 0)  # AdamW without weight decay is Adam
-]
-
-
 def run_adam(
     to,
     dtype,
@@ -176,23 +166,17 @@ def run_adam(
     want_states = [[torch.zeros_like(p) for p in params] for _ in range(3)]
     counts = list(step0) if step0 else [0] * n
     want_steps = [torch.tensor(float(c)) for c in counts]
-    decoupled = opts["decoupled"]
-    torch_opts = {k: v for k, v in opts.items() if k != "decoupled"}
     beta1, beta2 = betas
     for step in range(steps):
         grads = grads_of(dtype, step, sizes)
         z = oracle(grads)
         counts = [c + 1 for c in counts]
-        step_size = [lr / (1 - beta1**c) for c in counts]
-        bc2 = [(1 - beta2**c) ** 0.5 for c in counts]
+        step_size, bc2 = adam_step_sizes(counts, lr, betas)
         to.adam_step_(
             params, grads, *states, stats_of(grads), step_size=step_size, bias_correction2_sqrt=bc2,
-            beta1=beta1, beta2=beta2, lr=lr, eps=eps, decoupled=decoupled, **torch_opts,
+            beta1=beta1, beta2=beta2, lr=lr, eps=eps, **opts,
         )  # fmt: skip
-        torch_adam(
-            want, z, *want_states, want_steps, foreach=False, decoupled_weight_decay=decoupled,
-            beta1=beta1, beta2=beta2, lr=lr, eps=eps, **torch_opts,
-        )  # fmt: skip
+        torch_adam_step(want, z, want_states, want_steps, opts, lr=lr, betas=betas, eps=eps)
         assert_lists_close(params, want, dtype, f"step {step} params")
         assert_lists_close(states[0], want_states[0], dtype, f"step {step} exp_avgs")
         assert_lists_close(states[1], want_states[1], dtype, f"step {step} exp_avg_sqs")
@@ -202,7 +186,7 @@ def run_adam(
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("opts", ADAM_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("opts", ADAM_OPTIONS, ids=options_id)
 def test_adam_matches_torch_on_z_scores(to, dtype, opts):
     run_adam(to, dtype, opts)
 

@@ -27,14 +27,20 @@ backend_device = pytest.mark.parametrize(("backend", "device"), BACKENDS, ids=id
 SIZES = [2, 3, 7, 31, 32, 33, 127, 128, 129, 255, 256, 257, 1000, 1023, 1024, 1025, 4095, 4096, 4097, 9000]
 
 
+def assert_znorm_matches_float64(g, backend, **options):
+    """ZNorm on ``g`` alone, in place, with ``backend`` and ``options`` (eps, correction): rule 10 against its
+    values before."""
+    x = g.clone()
+    znorm_kernels.znorm_([g], backend=backend, **options)
+    assert_close_to_float64(g, x, **options)
+
+
 @backend_device
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n", SIZES)
 def test_rule10_matches_float64_formula(backend, device, dtype, n):
     g = make_grad((n,), dtype, device, seed=n)
-    x = g.clone()
-    znorm_kernels.znorm_([g], backend=backend)
-    assert_close_to_float64(g, x)
+    assert_znorm_matches_float64(g, backend)
 
 
 @backend_device
@@ -56,9 +62,7 @@ def test_rule10_matches_reference(backend, device, dtype):
 @pytest.mark.parametrize("eps", [1e-10, 1e-3, 0.5])
 def test_formula_correction_and_eps(backend, device, correction, eps):
     g = make_grad((300,), torch.float32, device, std=0.01)
-    x = g.clone()
-    znorm_kernels.znorm_([g], eps=eps, correction=correction, backend=backend)
-    assert_close_to_float64(g, x, eps=eps, correction=correction)
+    assert_znorm_matches_float64(g, backend, eps=eps, correction=correction)
 
 
 @backend_device
@@ -92,9 +96,7 @@ def test_rule03_constant_tensor_is_exactly_zero_with_eps_zero(backend, device, d
         assert torch.equal(g, torch.zeros_like(g)), g
     # A varying tensor with eps=0 is the plain z-score, and NaN still propagates.
     g = make_grad((n,), dtype, device)
-    x = g.clone()
-    znorm_kernels.znorm_([g], eps=0.0, backend=backend)
-    assert_close_to_float64(g, x, eps=0.0)
+    assert_znorm_matches_float64(g, backend, eps=0.0)
     g = torch.full((n,), 0.1, dtype=dtype, device=device)
     g[-1] = float("nan")
     znorm_kernels.znorm_([g], eps=0.0, backend=backend)
@@ -106,14 +108,10 @@ def test_rule03_constant_tensor_is_exactly_zero_with_eps_zero(backend, device, d
 def test_rule03_no_cancellation(backend, device, n):
     # Rule 3: float32, mean 1, std 1e-3 (E[x^2]-E[x]^2 in float32 fails even 1e-3 here); rule 10's 1e-5 holds.
     g = make_grad((n,), torch.float32, device, mean=1.0, std=1e-3)
-    x = g.clone()
-    znorm_kernels.znorm_([g], backend=backend)
-    assert_close_to_float64(g, x)
+    assert_znorm_matches_float64(g, backend)
     # Far from zero too: mean 1e4, std 1.
     g = make_grad((n,), torch.float32, device, mean=1e4, std=1.0, seed=1)
-    x = g.clone()
-    znorm_kernels.znorm_([g], backend=backend)
-    assert_close_to_float64(g, x)
+    assert_znorm_matches_float64(g, backend)
 
 
 @backend_device
@@ -204,9 +202,7 @@ def test_rule01_low_precision_accumulates_in_float32(backend, device, dtype):
     # 200k elements around 100: the sum (2e7) and the sum of squares overflow float16 and lose everything in
     # bfloat16; accumulated in float32 the z-scores stay within rule 10.
     g = make_grad((200_000,), dtype, device, mean=100.0, std=3.0)
-    x = g.clone()
-    znorm_kernels.znorm_([g], backend=backend)
-    assert_close_to_float64(g, x)
+    assert_znorm_matches_float64(g, backend)
 
 
 @backend_device

@@ -1,8 +1,10 @@
 """Shared test helpers: the float64 formula, contract rule 10 (its bound is znorm_kernels.accuracy, which the
-benchmark's accuracy gate and the diagnostics share), input makers, backends under test."""
+benchmark's accuracy gate and the diagnostics share), input makers, backends under test, the option grids and
+torch's Adam for the fused optimizer steps, subprocess runs (CPU ISA, PTX)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -13,12 +15,52 @@ import sys
 import pytest
 import torch
 from torch import Tensor
+from torch.optim.adam import adam as torch_adam
 
 import znorm_kernels
 from znorm_kernels.accuracy import allowed_error
 from znorm_kernels.registry import BACKENDS, resolve_backend
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+# The option combinations of torch's functional sgd and adam the fused optimizer steps are checked over
+# (test_native_optim.py, test_triton_optim.py); "decoupled" is AdamW's decoupled weight decay.
+SGD_OPTIONS = [
+    dict(momentum=m, dampening=d, nesterov=n, weight_decay=wd, maximize=mx)
+    for m, d, n, wd, mx in itertools.product(
+        [0.0, 0.9], [0.0, 0.1], [False, True], [0.0, 0.01], [False, True]
+    )
+    if not (n and (m == 0 or d != 0))  # torch.optim.SGD refuses nesterov without momentum or with dampening
+    and not (m == 0 and d != 0)  # dampening is unused without momentum
+]
+ADAM_OPTIONS = [
+    dict(amsgrad=a, decoupled=dc, weight_decay=wd, maximize=mx)
+    for a, dc, wd, mx in itertools.product([False, True], [False, True], [0.0, 0.01], [False, True])
+    if not (dc and wd == 0)  # AdamW without weight decay is Adam
+]
+
+
+def options_id(opts: dict) -> str:
+    """A test id for one of SGD_OPTIONS or ADAM_OPTIONS: "momentum=0.9-dampening=0.0-..."."""
+    return "-".join(f"{k}={v}" for k, v in opts.items())
+
+
+def adam_step_sizes(counts: list[int], lr: float, betas: tuple[float, float]) -> tuple[list, list]:
+    """The fused Adam step's per-tensor step_size, lr / (1 - beta1**t), and bias_correction2_sqrt,
+    sqrt(1 - beta2**t), for each tensor's step count t (the step being taken included)."""
+    beta1, beta2 = betas
+    return [lr / (1 - beta1**t) for t in counts], [(1 - beta2**t) ** 0.5 for t in counts]
+
+
+def torch_adam_step(params, z, states, steps, opts: dict, *, lr, betas, eps) -> None:
+    """One step of torch's functional Adam (foreach=False) with the z-scores ``z`` as gradients, ``opts`` one
+    of ADAM_OPTIONS; ``states`` the exp_avgs, exp_avg_sqs and max_exp_avg_sqs lists, ``steps`` torch's step
+    tensors."""
+    torch_opts = {k: v for k, v in opts.items() if k != "decoupled"}
+    torch_adam(
+        params, z, *states, steps, foreach=False, decoupled_weight_decay=opts["decoupled"],
+        beta1=betas[0], beta2=betas[1], lr=lr, eps=eps, **torch_opts,
+    )  # fmt: skip
 
 
 def backends_under_test() -> list[tuple[str, str]]:
@@ -104,6 +146,20 @@ def layouts(shape: tuple[int, ...], dtype: torch.dtype, device: str, seed: int =
     view.copy_(base)
     out["strided_view"] = view
     return out
+
+
+def saved_per_cpu_isa(script: str, tmp_path) -> list:
+    """What ``script`` saves with torch.save to the path it is given (its argv[1]), run in a fresh interpreter
+    with the portable CPU loops (ZNORM_CPU_ISA=baseline) and with the ones picked at run time ("auto"): the
+    two results, in that order."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    results = []
+    for isa in ("baseline", "auto"):
+        env = {**os.environ, "ZNORM_CPU_ISA": isa}
+        path = tmp_path / f"{isa}.pt"
+        subprocess.run([sys.executable, "-c", script, str(path)], env=env, cwd=root, check=True)
+        results.append(torch.load(path))
+    return results
 
 
 def compiled_ptx(script: str, cases: list) -> dict[str, str]:

@@ -50,14 +50,7 @@ from torch import Tensor
 
 from . import optim_steps
 from .tiles import UpdateTiles
-from .triton_common import (
-    ALIGNMENT,
-    element_size,
-    f64_bits,
-    on_device,
-    stream_of,
-    triton_dtypes,
-)  # fmt: skip
+from .triton_common import ALIGNMENT, element_size, f64_bits, on_device, stream_of, triton_dtypes
 from .triton_host import serves
 from .triton_launch import launcher_for
 from .triton_optim_plan import Plan, keep_table, update_plan

@@ -55,14 +55,17 @@ def _adam_init(default_weight_decay: float):
     return __init__
 
 
-class ZNormAdam(ZNormOptimizer, torch.optim.Adam):
-    __doc__ = (
-        """``torch.optim.Adam`` (betas, eps, weight_decay, amsgrad, maximize, foreach, capturable,
-    differentiable, fused) on the z-scores of the gradients: the update of
-    ``register(torch.optim.Adam(...))``.
+def _doc(name: str, decay: str) -> str:
+    return (
+        f"""``torch.optim.{name}`` ({decay}betas, eps, amsgrad, maximize, foreach, capturable, differentiable,
+    fused) on the z-scores of the gradients: the update of ``register(torch.optim.{name}(...))``.
 """
         + ZNORM_OPTIONS_DOC
     )
+
+
+class ZNormAdam(ZNormOptimizer, torch.optim.Adam):
+    __doc__ = _doc("Adam", "weight_decay, ")
 
     _torch_class = torch.optim.Adam
     _fused_kind = "adam"
@@ -71,13 +74,7 @@ class ZNormAdam(ZNormOptimizer, torch.optim.Adam):
 
 
 class ZNormAdamW(ZNormOptimizer, torch.optim.AdamW):
-    __doc__ = (
-        """``torch.optim.AdamW`` (decoupled weight decay; betas, eps, amsgrad, maximize, foreach, capturable,
-    differentiable, fused) on the z-scores of the gradients: the update of
-    ``register(torch.optim.AdamW(...))``.
-"""
-        + ZNORM_OPTIONS_DOC
-    )
+    __doc__ = _doc("AdamW", "decoupled weight decay; ")
 
     _torch_class = torch.optim.AdamW
     _fused_kind = "adamw"
