@@ -1,6 +1,7 @@
 // What the CPU ops (znorm_ in cpu_znorm.cpp, the fused optimizer steps in cpu_optim.cpp) share: the two copies
-// of their inner loops (portable and AVX2), the work items and the threads that run them, the statistics of a
-// run, and the normalize pass's constants. The top of cpu_znorm.cpp describes the items and the statistics.
+// of their inner loops (portable and AVX2) and the choice between them, the work items, their three phases and
+// the threads that run them, the statistics of a run, the rows of the `stats` output, and the normalize pass's
+// constants. The top of cpu_znorm.cpp describes the items and the statistics.
 //
 // Everything here is in an anonymous namespace, as it was when both ops lived in one file: each including
 // translation unit gets its own internal copies (the loops are not exported from the shared library, and no
@@ -25,6 +26,7 @@
 #include <immintrin.h>  // the optimizer loops' square roots (cpu_optim_kernels.h)
 #endif
 
+#include "optim_args.h"
 #include "tiles.h"
 #include "znorm.h"
 
@@ -62,11 +64,15 @@ struct Plan {
   std::vector<Item> items;
   std::vector<int64_t> chunk_items;  // indices into items of the chunk items, in tensor then chunk order
   std::vector<int64_t> big;          // tensors split into chunks
+  int64_t ntensors = 0;              // the tensors' count
+  int64_t total = 0;                 // their elements, all together (for run_items)
 };
 
 // Items over tensors of the given sizes; tensors of fewer than `min_numel` elements are left out.
 inline Plan make_plan(const std::vector<int64_t>& numels, int64_t min_numel) {
   Plan plan;
+  plan.ntensors = static_cast<int64_t>(numels.size());
+  for (const int64_t n : numels) plan.total += n;
   int64_t batch_start = -1, batch_elems = 0;
   auto close_batch = [&](int64_t end) {
     if (batch_start >= 0) plan.items.push_back({batch_start, end, 0, 0});
@@ -111,6 +117,39 @@ void run_items(int64_t count, int64_t total_elems, const F& fn) {
   });
 }
 
+// The three phases of an op over `plan` (the top of cpu_znorm.cpp). Phase 1: whole(t) for each tensor t of a
+// batch item; partial(t, begin, len), the moments of elements [begin, begin + len) of tensor t, for each chunk
+// item. Phase 2, serially: each large tensor's partials merged in chunk order, and r[t] = merged(t, moments).
+// Phase 3: part(t, begin, len, r[t]) for each chunk item.
+template <typename Partial, typename Whole, typename Merged, typename Part>
+void run_plan(const Plan& plan, const Partial& partial, const Whole& whole, const Merged& merged, const Part& part) {
+  std::vector<Moments> partials(plan.items.size());
+  run_items(static_cast<int64_t>(plan.items.size()), plan.total, [&](int64_t i) {
+    const Item& item = plan.items[i];
+    if (item.last < 0) {
+      partials[i] = partial(item.first, item.begin, item.len);
+      return;
+    }
+    for (int64_t t = item.first; t < item.last; ++t) whole(t);
+  });
+  if (plan.big.empty()) return;
+
+  std::vector<std::invoke_result_t<Merged, int64_t, const Moments&>> results(plan.ntensors);
+  size_t next_chunk = 0;
+  for (int64_t t : plan.big) {
+    Moments m;
+    while (next_chunk < plan.chunk_items.size() && plan.items[plan.chunk_items[next_chunk]].first == t) {
+      m = merge(m, partials[plan.chunk_items[next_chunk]]);
+      ++next_chunk;
+    }
+    results[t] = merged(t, m);
+  }
+  run_items(static_cast<int64_t>(plan.chunk_items.size()), plan.total, [&](int64_t i) {
+    const Item& item = plan.items[plan.chunk_items[i]];
+    part(item.first, item.begin, item.len, results[item.first]);
+  });
+}
+
 inline bool use_avx2() {
 #ifdef ZNORM_HAVE_AVX2_COPY
   // ZNORM_CPU_ISA=baseline forces the portable loops (tests check both give bitwise the same values).
@@ -123,6 +162,32 @@ inline bool use_avx2() {
 #else
   return false;
 #endif
+}
+
+// f.template operator()<K, KO>() with the copy of the loops this machine runs: K its znorm_ loops (Kernels), KO
+// its optimizer loops (OptimKernels).
+template <typename F>
+void with_isa(const F& f) {
+#ifdef ZNORM_HAVE_AVX2_COPY
+  if (use_avx2()) return f.template operator()<cpu_avx2::Kernels, cpu_avx2::OptimKernels>();
+#endif
+  f.template operator()<cpu_baseline::Kernels, cpu_baseline::OptimKernels>();
+}
+
+// Row `row` of the `stats` output (nullptr: not asked for): the mean and std that the normalization used.
+inline void record_row(double* stats, int64_t row, const Final& f) {
+  if (stats == nullptr) return;
+  stats[2 * row] = f.mean;
+  stats[2 * row + 1] = f.stdev;
+}
+
+// NaN rows of the `stats` output (nullptr: not asked for) for the tensors i < n that get no statistics (none(i)).
+template <typename F>
+void nan_rows(double* stats, size_t n, const F& none) {
+  if (stats == nullptr) return;
+  for (size_t i = 0; i < n; ++i) {
+    if (none(i)) stats[2 * i] = stats[2 * i + 1] = std::numeric_limits<double>::quiet_NaN();
+  }
 }
 
 // The two in-cache passes over a run (see the top of cpu_znorm.cpp): its moments.

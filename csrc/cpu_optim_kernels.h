@@ -11,38 +11,8 @@
 // (momentum buffer, exp_avg, exp_avg_sq, max_exp_avg_sq, parameter) rounded once to the tensor's dtype and read
 // back from that rounded value.
 //
-// Needs: <immintrin.h> on x86-64, and, per copy, cpu_znorm_kernels.h (its to_acc/from_acc) included before it.
-
-#ifndef ZNORM_OPTIM_SCALARS_DEFINED
-#define ZNORM_OPTIM_SCALARS_DEFINED
-// SGD's per-call scalars in A (Python floats rounded once to A, as torch's kernels take their double scalars).
-template <typename A>
-struct SgdScalars {
-  A lr;
-  A momentum;
-  A one_minus_dampening;
-  A weight_decay;
-  A sign;  // -1 with maximize, else 1 (z * -1 is exactly -z)
-  bool nesterov;
-  bool first;  // per tensor: the momentum buffer is new and becomes d
-};
-
-// Adam's per-tensor scalars in A.
-template <typename A>
-struct AdamScalars {
-  A weight;            // 1 - beta1, the lerp weight
-  A one_minus_weight;  // 1 - weight, in A
-  bool small_weight;   // |1 - beta1| < 0.5 (in double): torch.lerp's first formula
-  A beta2;
-  A one_minus_beta2;
-  A weight_decay;  // L2
-  A decay_factor;  // 1 - lr * weight_decay (decoupled)
-  A eps;
-  A sign;
-  A step_size;  // per tensor: lr / (1 - beta1**step)
-  A bc2_sqrt;   // per tensor: (1 - beta2**step) ** 0.5
-};
-#endif
+// Needs: <immintrin.h> on x86-64, optim_args.h (OptScalars, the per-call scalars), and, per copy,
+// cpu_znorm_kernels.h (its to_acc/from_acc) included before it.
 
 namespace ZNORM_ISA {
 
@@ -79,11 +49,12 @@ inline A round_to(A x) {
 }
 
 // torch.optim.SGD on z: d = ±z (+ weight_decay * p); buf = d (first) or buf * momentum + (1 - dampening) * d,
-// stored; d = d + momentum * buf (nesterov) or buf; p <- p - lr * d.
+// stored; d = d + momentum * buf (nesterov) or buf; p <- p - lr * d. `first`: the buffer is new and becomes d.
 template <typename T, typename A, bool WD, bool MOM>
-void sgd_run(T* __restrict p, const A* __restrict z, T* __restrict b, int64_t n, const SgdScalars<A>& s) {
+void sgd_run(T* __restrict p, const A* __restrict z, T* __restrict b, int64_t n, const OptScalars<A>& s,
+             bool first) {
   const A lr = s.lr, momentum = s.momentum, omd = s.one_minus_dampening, wd = s.weight_decay, sign = s.sign;
-  const bool nesterov = s.nesterov, first = s.first;
+  const bool nesterov = s.nesterov;
   for (int64_t i = 0; i < n; ++i) {
     const A pv = static_cast<A>(to_acc(p[i]));
     A d = z[i] * sign;
@@ -129,7 +100,7 @@ inline void sqrt_run(double* __restrict x, int64_t n) {
 // roots; the parameters (p and the stored m read again: the same values).
 template <typename T, typename A, int WD, bool AMS>
 void adam_run(T* __restrict p, A* __restrict z, T* __restrict m, T* __restrict v, T* __restrict vmax,
-              int64_t n, const AdamScalars<A>& s) {
+              int64_t n, const OptScalars<A>& s) {
   const A weight = s.weight, omw = s.one_minus_weight, beta2 = s.beta2, omb2 = s.one_minus_beta2;
   const A wd = s.weight_decay, decay = s.decay_factor, eps = s.eps, sign = s.sign;
   const A step_size = s.step_size, bc2 = s.bc2_sqrt;
@@ -179,11 +150,11 @@ struct OptimKernels {
     ZNORM_ISA::store_run<T, A>(g, z, n);
   }
   template <typename T, typename A, bool WD, bool MOM>
-  static void sgd_run(T* p, const A* z, T* b, int64_t n, const SgdScalars<A>& s) {
-    ZNORM_ISA::sgd_run<T, A, WD, MOM>(p, z, b, n, s);
+  static void sgd_run(T* p, const A* z, T* b, int64_t n, const OptScalars<A>& s, bool first) {
+    ZNORM_ISA::sgd_run<T, A, WD, MOM>(p, z, b, n, s, first);
   }
   template <typename T, typename A, int WD, bool AMS>
-  static void adam_run(T* p, A* z, T* m, T* v, T* vmax, int64_t n, const AdamScalars<A>& s) {
+  static void adam_run(T* p, A* z, T* m, T* v, T* vmax, int64_t n, const OptScalars<A>& s) {
     ZNORM_ISA::adam_run<T, A, WD, AMS>(p, z, m, v, vmax, n, s);
   }
 };

@@ -1,6 +1,6 @@
-// The CPU kernel of znorm_kernels_C::znorm_: ZNorm of a whole list of tensors in one call. The work items, the
-// threads and the statistics of a run are shared with the fused optimizer steps (cpu_common.h); the sizes are in
-// tiles.h (cpu_tiles).
+// The CPU kernel of znorm_kernels_C::znorm_: ZNorm of a whole list of tensors in one call. The work items, their
+// phases (run_plan), the threads and the statistics of a run are shared with the fused optimizer steps
+// (cpu_common.h); the sizes are in tiles.h (cpu_tiles).
 //
 // Work is cut into items of at most kChunk elements, so one huge tensor and thousands of small ones both
 // spread over the threads:
@@ -21,12 +21,10 @@
 //
 // The optional `stats` output (row = the tensor's position in the list: mean, std) is written where each
 // tensor's statistics are finalized (its batch item, or the serial merge of phase 2): no extra pass.
-#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include <cstdint>
-#include <limits>
 #include <optional>
 #include <vector>
 
@@ -36,79 +34,40 @@
 namespace znorm {
 namespace {
 
-Plan make_plan(const std::vector<Span>& spans) {
-  std::vector<int64_t> numels;
-  numels.reserve(spans.size());
-  for (const Span& s : spans) numels.push_back(s.numel);
-  return make_plan(numels, 2);
-}
+constexpr char kDispatch[] = "znorm_cpu";
 
 // The whole op for one dtype; K is the kernel namespace (baseline or AVX2), chosen once per call.
 template <typename T, typename K>
 void znorm_typed(std::vector<Span>& spans, double eps, double correction, const double* scale, double* stats) {
   using A = acc_t<T>;
-  const Plan plan = make_plan(spans);
-  int64_t total = 0;
-  for (const Span& s : spans) total += s.numel;
+  std::vector<int64_t> numels;
+  numels.reserve(spans.size());
+  for (const Span& s : spans) numels.push_back(s.numel);
 
   auto ptr = [&](int64_t t) { return static_cast<T*>(spans[t].data); };
-  auto moments = [](const T* p, int64_t n) { return run_stats<T, K>(p, n); };
   auto normalize = [](T* p, int64_t n, const Final& f) {
     const ZConst<A> c = zconst<A>(f);
     if (c.wide) return K::normalize_run_wide(p, n, c.mean, c.inv);
     K::normalize_run(p, n, c.hi, c.lo, c.mult);
   };
-  // Tensor t's row of the stats output: each tensor's own row, so items on different threads never share one.
-  auto record = [&](int64_t t, const Final& f) {
-    if (stats == nullptr) return;
-    stats[2 * spans[t].index] = f.mean;
-    stats[2 * spans[t].index + 1] = f.stdev;
+  // Tensor t's statistics: its row of the stats output (each tensor's own row, so items on different threads
+  // never share one), and what normalize needs.
+  auto final_of = [&](int64_t t, const Moments& m) {
+    const Final f = finalize(m, eps, correction, scale);
+    record_row(stats, spans[t].index, f);
+    return f;
   };
-  // Phase 1: batches done completely; chunk partials into their slots.
-  std::vector<Moments> partial(plan.items.size());
-  run_items(static_cast<int64_t>(plan.items.size()), total, [&](int64_t i) {
-    const Item& item = plan.items[i];
-    if (item.last < 0) {
-      partial[i] = moments(ptr(item.first) + item.begin, item.len);
-      return;
-    }
-    for (int64_t t = item.first; t < item.last; ++t) {
-      const int64_t n = spans[t].numel;
-      if (n < 2) continue;
-      const Final f = finalize(moments(ptr(t), n), eps, correction, scale);
-      record(t, f);
-      normalize(ptr(t), n, f);
-    }
-  });
-  if (plan.big.empty()) return;
-
-  // Phase 2: per large tensor, merge its partials in chunk order.
-  std::vector<Final> finals(spans.size());
-  size_t next_chunk = 0;
-  for (int64_t t : plan.big) {
-    Moments m;
-    while (next_chunk < plan.chunk_items.size() && plan.items[plan.chunk_items[next_chunk]].first == t) {
-      m = merge(m, partial[plan.chunk_items[next_chunk]]);
-      ++next_chunk;
-    }
-    finals[t] = finalize(m, eps, correction, scale);
-    record(t, finals[t]);
-  }
-
-  // Phase 3: normalize the chunks.
-  run_items(static_cast<int64_t>(plan.chunk_items.size()), total, [&](int64_t i) {
-    const Item& item = plan.items[plan.chunk_items[i]];
-    normalize(ptr(item.first) + item.begin, item.len, finals[item.first]);
-  });
-}
-
-template <typename T>
-void znorm_dispatch_isa(std::vector<Span>& spans, double eps, double correction, const double* scale,
-                        double* stats) {
-#ifdef ZNORM_HAVE_AVX2_COPY
-  if (use_avx2()) return znorm_typed<T, cpu_avx2::Kernels>(spans, eps, correction, scale, stats);
-#endif
-  znorm_typed<T, cpu_baseline::Kernels>(spans, eps, correction, scale, stats);
+  run_plan(
+      make_plan(numels, 2),
+      // Phase 1: chunk partials into their slots; batches done completely.
+      [&](int64_t t, int64_t begin, int64_t len) { return run_stats<T, K>(ptr(t) + begin, len); },
+      [&](int64_t t) {
+        const int64_t n = spans[t].numel;
+        if (n < 2) return;
+        normalize(ptr(t), n, final_of(t, run_stats<T, K>(ptr(t), n)));
+      },
+      // Phase 2: per large tensor, its partials merged in chunk order; phase 3: normalize the chunks.
+      final_of, [&](int64_t t, int64_t begin, int64_t len, const Final& f) { normalize(ptr(t) + begin, len, f); });
 }
 
 void znorm_cpu(at::TensorList tensors, double eps, double correction, const std::optional<at::Tensor>& grad_scale,
@@ -124,18 +83,11 @@ void znorm_cpu(at::TensorList tensors, double eps, double correction, const std:
   bool skipped = false;
   double* stats = check_stats(stats_out, tensors, cpu, skipped);
   auto by_dtype = spans_by_dtype(tensors, cpu);  // the last check: nothing is written before it passes
-  if (stats != nullptr && skipped) {
-    for (size_t i = 0; i < tensors.size(); ++i) {
-      if (tensors[i].numel() < 2) stats[2 * i] = stats[2 * i + 1] = std::numeric_limits<double>::quiet_NaN();
-    }
-  }
-  for (int k = 0; k < 4; ++k) {
-    if (by_dtype[k].empty()) continue;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, kDtypes[k], "znorm_cpu", [&] {
-      znorm_dispatch_isa<scalar_t>(by_dtype[k], eps, correction, scale, stats);
-    });
+  if (skipped) nan_rows(stats, tensors.size(), [&](size_t i) { return tensors[i].numel() < 2; });
+  for_each_dtype<kDispatch>(by_dtype, [&]<typename T>(int k) {
+    with_isa([&]<typename K, typename>() { znorm_typed<T, K>(by_dtype[k], eps, correction, scale, stats); });
     for (Span& s : by_dtype[k]) s.finish();
-  }
+  });
 }
 
 }  // namespace

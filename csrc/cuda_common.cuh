@@ -1,14 +1,18 @@
 // What the CUDA kernels (cuda_znorm.cu, cuda_optim.cu) share: the bits of the fused optimizer steps' per-tensor
 // flags, 128-bit packs, the view of a device table (built by cuda_table_cache.cpp) and the chunk a block works on,
-// the visit of a chunk in a fixed order, the block reductions, and the element -> accumulation type conversion.
-// The sizes (kThreads, kUnroll, kChunk) are in tiles.h (cuda_tiles).
+// the visit of a chunk in a fixed order, the block reductions, the element -> accumulation type conversion, and,
+// on the host, the device of a call (cuda_call). The sizes (kThreads, kUnroll, kChunk) are in tiles.h (cuda_tiles).
 //
 // Everything here is in an anonymous namespace, as it was when the kernels lived in one file: each .cu gets its
 // own internal copies (the build uses no relocatable device code, so device code never crosses a translation
 // unit), and no definition is shared between files for the one-definition rule to check.
 #pragma once
 
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+
 #include <cstdint>
+#include <optional>
 #include <type_traits>
 
 #include "tiles.h"
@@ -82,29 +86,35 @@ __device__ __forceinline__ ChunkRef<T> chunk_of(const TableView& table, int64_t 
 // kThreads * (u + kUnroll * k) covers elements [kVec * s, kVec * s + kVec); slot u of each round feeds
 // accumulator u, element by element in index order. Aligned chunks load a full slot as one 128-bit vector
 // (a whole round of kUnroll slots at once when it fits: kUnroll loads in flight); unaligned tensors, and the
-// partial slot at a tensor's end, go element by element, in the same order. f(u, value) folds one element.
-template <typename T, typename F>
-__device__ __forceinline__ void visit_chunk(const T* __restrict__ x, int len, bool aligned, F&& f) {
-  constexpr int V = kVec<T>;
+// partial slot at a tensor's end, go element by element, in the same order. f(u, v) takes each element v as an
+// lvalue: Write, it may change it, and every slot is stored back (a vector slot as one 128-bit store); else x
+// may point to const and nothing is stored. The rare partial round of a Write visit is not unrolled (compact
+// code).
+template <bool Write, typename T, typename F>
+__device__ __forceinline__ void chunk_slots(T* __restrict__ x, int len, bool aligned, F&& f) {
+  using E = std::remove_const_t<T>;
+  constexpr int V = kVec<E>;
   for (int base = V * static_cast<int>(threadIdx.x); base < len; base += V * kUnroll * kThreads) {
     if (aligned && base + (kUnroll - 1) * V * kThreads + V <= len) {
-      Pack<T> p[kUnroll];
+      Pack<E> p[kUnroll];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) p[u] = *reinterpret_cast<const Pack<T>*>(x + base + u * V * kThreads);
+      for (int u = 0; u < kUnroll; ++u) p[u] = *reinterpret_cast<const Pack<E>*>(x + base + u * V * kThreads);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
 #pragma unroll
         for (int j = 0; j < V; ++j) f(u, p[u].v[j]);
+        if constexpr (Write) *reinterpret_cast<Pack<E>*>(x + base + u * V * kThreads) = p[u];
       }
       continue;
     }
-#pragma unroll
+#pragma unroll (Write ? 1 : kUnroll)
     for (int u = 0; u < kUnroll; ++u) {
       const int i = base + u * V * kThreads;
       if (aligned && i + V <= len) {
-        const Pack<T> p = *reinterpret_cast<const Pack<T>*>(x + i);
+        Pack<E> p = *reinterpret_cast<const Pack<E>*>(x + i);
 #pragma unroll
         for (int j = 0; j < V; ++j) f(u, p.v[j]);
+        if constexpr (Write) *reinterpret_cast<Pack<E>*>(x + i) = p;
       } else {
 #pragma unroll
         for (int j = 0; j < V; ++j) {
@@ -115,39 +125,16 @@ __device__ __forceinline__ void visit_chunk(const T* __restrict__ x, int len, bo
   }
 }
 
-// x[i] = f(x[i]) over this thread's share of a chunk (the same slots as visit_chunk; order is immaterial).
+// f(u, value) folds each element of this thread's share of a chunk (chunk_slots), in its fixed order.
+template <typename T, typename F>
+__device__ __forceinline__ void visit_chunk(const T* __restrict__ x, int len, bool aligned, F&& f) {
+  chunk_slots<false>(x, len, aligned, f);
+}
+
+// x[i] = f(x[i]) over this thread's share of a chunk (chunk_slots; order is immaterial).
 template <typename T, typename F>
 __device__ __forceinline__ void transform_chunk(T* __restrict__ x, int len, bool aligned, F&& f) {
-  constexpr int V = kVec<T>;
-  for (int base = V * static_cast<int>(threadIdx.x); base < len; base += V * kUnroll * kThreads) {
-    if (aligned && base + (kUnroll - 1) * V * kThreads + V <= len) {
-      Pack<T> p[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) p[u] = *reinterpret_cast<const Pack<T>*>(x + base + u * V * kThreads);
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-#pragma unroll
-        for (int j = 0; j < V; ++j) p[u].v[j] = f(p[u].v[j]);
-        *reinterpret_cast<Pack<T>*>(x + base + u * V * kThreads) = p[u];
-      }
-      continue;
-    }
-#pragma unroll 1  // the rare partial round: compact code (f does not depend on u here)
-    for (int u = 0; u < kUnroll; ++u) {
-      const int i = base + u * V * kThreads;
-      if (aligned && i + V <= len) {
-        Pack<T> p = *reinterpret_cast<const Pack<T>*>(x + i);
-#pragma unroll
-        for (int j = 0; j < V; ++j) p.v[j] = f(p.v[j]);
-        *reinterpret_cast<Pack<T>*>(x + i) = p;
-      } else {
-#pragma unroll
-        for (int j = 0; j < V; ++j) {
-          if (i + j < len) x[i + j] = f(x[i + j]);
-        }
-      }
-    }
-  }
+  chunk_slots<true>(x, len, aligned, [&](int, T& v) { v = f(v); });
 }
 
 // Reduction over the block in a fixed order (shuffle tree per warp, then the warp results by warp 0); every
@@ -182,6 +169,29 @@ __device__ A block_reduce(A v) {
 template <typename T>
 __device__ __forceinline__ acc_t<T> to_acc(T v) {
   return static_cast<acc_t<T>>(v);
+}
+
+// The start of a CUDA op's call (znorm_, the fused optimizer steps): its device, its first tensor's, with the
+// `stats` output checked against it (check_stats, znorm.h) before the caller's device guard (a CUDA stats tensor
+// with CPU tensors must get check_stats's error, not the guard's). An empty list has no device: its `stats`, when
+// given, is checked against its own, and the op has nothing to do.
+struct CudaCall {
+  std::optional<c10::Device> device;
+  double* stats = nullptr;  // check_stats's
+  bool skipped = false;     // check_stats's
+};
+
+inline CudaCall cuda_call(at::TensorList tensors, const std::optional<at::Tensor>& stats_out) {
+  CudaCall call;
+  if (tensors.empty()) {
+    if (stats_out.has_value() && stats_out->defined()) {
+      check_stats(stats_out, tensors, stats_out->device(), call.skipped);
+    }
+    return call;
+  }
+  call.device = tensors[0].device();
+  call.stats = check_stats(stats_out, tensors, *call.device, call.skipped);
+  return call;
 }
 
 }  // namespace

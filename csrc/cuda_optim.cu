@@ -1,4 +1,5 @@
-// The CUDA kernels of the fused optimizer steps, znorm_sgd_step_ and znorm_adam_step_ (schemas in znorm.h).
+// The CUDA kernels of the fused optimizer steps, znorm_sgd_step_ and znorm_adam_step_ (schemas in znorm.h; the
+// ops' entry points, argument checks and per-call scalars, shared with the CPU kernels, in optim_args.h).
 //
 // Per dtype, three launches on the current stream: stats_kernel and finalize_kernel, the very kernels of
 // znorm_ (cuda_znorm.cu, through launch_stats_finalize: so mean and multiplier, hence z, are bitwise what the
@@ -15,7 +16,6 @@
 // bias_correction2_sqrt: kernel arguments when every tensor of the call has the same (the common case), else
 // a per-call float64 array uploaded by TableCache::upload (cuda_table_cache.h; graph-capturable, the values of
 // the captured call).
-#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -36,6 +36,7 @@
 #include "cuda_common.cuh"
 #include "cuda_table_cache.h"
 #include "cuda_znorm.cuh"
+#include "optim_args.h"
 #include "tiles.h"
 #include "znorm.h"
 
@@ -59,17 +60,12 @@ __device__ __forceinline__ A round_to(A x) {
   return static_cast<A>(to_acc(static_cast<T>(x)));
 }
 
-// The per-call scalars in A (Python floats rounded once to A on the host, as the CPU kernels take them).
+// The kernel's argument: the per-call scalars in A (OptScalars, optim_args.h: rounded once to A on the host, as
+// the CPU kernels take them; its step_size and bc2_sqrt are every tensor's when per_tensor is nullptr), then
+// what only the kernel needs.
 template <typename A>
-struct OptArgs {
-  // SGD
-  A lr, momentum, one_minus_dampening, weight_decay, sign;
-  bool nesterov;
-  // Adam (weight_decay and sign above too)
-  A weight, one_minus_weight, beta2, one_minus_beta2, decay_factor, eps;
-  bool small_weight;
-  A step_size, bc2_sqrt;        // when per_tensor is nullptr: every tensor's
-  const double* per_tensor;     // else [2 * ntensors]: (step_size, bias_correction2_sqrt) of tensor t
+struct OptArgs : OptScalars<A> {
+  const double* per_tensor;  // nullptr, or [2 * ntensors]: (step_size, bias_correction2_sqrt) of tensor t
   bool write_grad;
 };
 
@@ -206,51 +202,6 @@ struct OptItem {
   double step_size, bc2;
 };
 
-// Checks the lists of one step (nothing is written before every check has passed; the CPU op's checks) and
-// splits the tensors of at least one element by dtype.
-std::array<std::vector<OptItem>, 4> cuda_optim_items(const char* op, at::TensorList params, at::TensorList grads,
-                                                     const std::vector<at::TensorList>& states,
-                                                     at::IntArrayRef treated, const c10::Device& device) {
-  const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n, op, ": ", grads.size(), " grads for ", n, " params");
-  TORCH_CHECK(treated.size() == n, op, ": ", treated.size(), " treated flags for ", n, " params");
-  for (const at::TensorList& l : states) {
-    TORCH_CHECK(l.size() == n, op, ": a state list has ", l.size(), " tensors for ", n, " params");
-  }
-  std::array<std::vector<OptItem>, 4> by_dtype;
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& p = params[i];
-    TORCH_CHECK(p.device() == device, op, ": params[", i, "] is on ", p.device(), ", expected ", device);
-    TORCH_CHECK(p.layout() == at::kStrided, op, ": params[", i, "] is not a dense (strided) tensor");
-    TORCH_CHECK(p.is_non_overlapping_and_dense(), op, ": params[", i, "] is not dense (a view with gaps or overlaps)");
-    int k = 0;
-    while (k < 4 && kDtypes[k] != p.scalar_type()) ++k;
-    TORCH_CHECK(k < 4, op, ": params[", i, "] has dtype ", p.scalar_type(),
-                "; supported: float32, float16, bfloat16, float64");
-    auto same = [&](const at::Tensor& t, const char* what) {
-      TORCH_CHECK(t.defined() && t.device() == p.device() && t.layout() == at::kStrided &&
-                      t.scalar_type() == p.scalar_type(),
-                  op, ": ", what, "[", i, "] must be a strided ", p.scalar_type(), " tensor on ", p.device(),
-                  " like its param");
-      TORCH_CHECK(t.sizes() == p.sizes() && t.strides() == p.strides(), op, ": ", what, "[", i, "] has shape ",
-                  t.sizes(), " and strides ", t.strides(), ", its param ", p.sizes(), " and ", p.strides());
-    };
-    same(grads[i], "grads");
-    for (const at::TensorList& l : states) same(l[i], "states");
-    if (p.numel() == 0) continue;
-    OptItem e{&grads[i], static_cast<int64_t>(i), {0, 0, 0, 0}, 0, 0.0, 1.0};
-    e.ptrs[0] = reinterpret_cast<int64_t>(p.data_ptr());
-    bool aligned = e.ptrs[0] % 16 == 0 && reinterpret_cast<int64_t>(grads[i].data_ptr()) % 16 == 0;
-    for (size_t j = 0; j < states.size(); ++j) {
-      e.ptrs[j + 1] = reinterpret_cast<int64_t>(states[j][i].data_ptr());
-      aligned = aligned && e.ptrs[j + 1] % 16 == 0;
-    }
-    e.flags = (treated[i] != 0 && p.numel() >= 2 ? kTreated : 0) | (aligned ? kAligned : 0);
-    by_dtype[k].push_back(e);
-  }
-  return by_dtype;
-}
-
 template <typename T, int KIND, int WD, bool X>
 void launch_optim(const std::vector<OptItem>& items, at::ScalarType dtype, double eps, double correction,
                   double* stats, OptArgs<acc_t<T>> args, c10::Device device) {
@@ -305,117 +256,72 @@ void nan_rows_of_empty(const std::optional<at::Tensor>& stats_out, double* stats
   if (any) stats_out->fill_(std::numeric_limits<double>::quiet_NaN());
 }
 
-void znorm_sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                         at::IntArrayRef treated, at::IntArrayRef first, double znorm_eps, double correction,
-                         double lr, double momentum, double dampening, bool nesterov, double weight_decay,
-                         bool maximize, bool write_grad, const std::optional<at::Tensor>& stats_out) {
-  const char* op = "znorm_sgd_step_";
-  const bool mom = momentum != 0.0;
-  TORCH_CHECK(mom || momentum_buffers.empty(), op, ": momentum_buffers must be empty without momentum");
-  TORCH_CHECK(first.size() == params.size(), op, ": ", first.size(), " first flags for ", params.size(), " params");
-  bool skipped = false;
-  if (params.empty()) {
-    if (stats_out.has_value() && stats_out->defined()) check_stats(stats_out, params, stats_out->device(), skipped);
-    return;
-  }
-  const c10::Device device = params[0].device();
-  double* stats = check_stats(stats_out, params, device, skipped);
+// A step once its own arguments are checked (optim_args.h): `stats` checked and the device guard set (cuda_call),
+// the lists checked (step_entries: nothing is written before every check has passed), each entry completed by
+// fill(entry) (its per-tensor arguments), NaN rows of `stats` for empty tensors, then
+// launch.template operator()<T>(entries, dtype, stats, device) per dtype.
+template <const char* Name, typename Fill, typename Launch>
+void optim_step(const StepLists& l, const Fill& fill, const Launch& launch) {
+  const CudaCall call = cuda_call(l.params, l.stats_out);
+  if (!call.device) return;
+  const c10::Device device = *call.device;
   const c10::cuda::CUDAGuard guard(device);
-  std::vector<at::TensorList> states;
-  if (mom) states.push_back(momentum_buffers);
-  auto by_dtype = cuda_optim_items(op, params, grads, states, treated, device);  // the last check
-  for (auto& items : by_dtype) {
-    for (OptItem& e : items) e.flags |= first[e.index] != 0 ? kFirst : 0;
-  }
-  nan_rows_of_empty(stats_out, stats, params);
-  const bool wd = weight_decay != 0.0;
-  for (int k = 0; k < 4; ++k) {
-    if (by_dtype[k].empty()) continue;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, kDtypes[k], "znorm_sgd_step_cuda", [&] {
-      using A = acc_t<scalar_t>;
-      OptArgs<A> a{};
-      a.lr = static_cast<A>(lr);
-      a.momentum = static_cast<A>(momentum);
-      a.one_minus_dampening = static_cast<A>(1.0 - dampening);
-      a.weight_decay = static_cast<A>(weight_decay);
-      a.sign = maximize ? A(-1) : A(1);
-      a.nesterov = nesterov;
-      a.per_tensor = nullptr;
-      a.write_grad = write_grad;
-      const auto& items = by_dtype[k];
-      const auto dt = kDtypes[k];
-      if (wd && mom) return launch_optim<scalar_t, 0, 1, true>(items, dt, znorm_eps, correction, stats, a, device);
-      if (wd) return launch_optim<scalar_t, 0, 1, false>(items, dt, znorm_eps, correction, stats, a, device);
-      if (mom) return launch_optim<scalar_t, 0, 0, true>(items, dt, znorm_eps, correction, stats, a, device);
-      launch_optim<scalar_t, 0, 0, false>(items, dt, znorm_eps, correction, stats, a, device);
-    });
-  }
+  const auto by_dtype = step_entries<OptItem>(l, device, [&](size_t i) {
+    const at::Tensor& p = l.params[i];
+    OptItem e{&l.grads[i], static_cast<int64_t>(i), {0, 0, 0, 0}, 0, 0.0, 1.0};
+    e.ptrs[0] = reinterpret_cast<int64_t>(p.data_ptr());
+    bool aligned = e.ptrs[0] % 16 == 0 && reinterpret_cast<int64_t>(l.grads[i].data_ptr()) % 16 == 0;
+    for (size_t j = 0; j < l.states.size(); ++j) {
+      e.ptrs[j + 1] = reinterpret_cast<int64_t>(l.states[j][i].data_ptr());
+      aligned = aligned && e.ptrs[j + 1] % 16 == 0;
+    }
+    e.flags = (l.treated[i] != 0 && p.numel() >= 2 ? kTreated : 0) | (aligned ? kAligned : 0);
+    fill(e);
+    return e;
+  });  // the last check
+  nan_rows_of_empty(l.stats_out, call.stats, l.params);
+  for_each_dtype<Name>(by_dtype, [&]<typename T>(int k) {
+    launch.template operator()<T>(by_dtype[k], kDtypes[k], call.stats, device);
+  });
 }
 
-void znorm_adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                          at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::IntArrayRef treated,
-                          c10::ArrayRef<double> step_size, c10::ArrayRef<double> bias_correction2_sqrt,
-                          double znorm_eps, double correction, bool amsgrad, double beta1, double beta2, double lr,
-                          double weight_decay, double eps, bool maximize, bool decoupled, bool write_grad,
-                          const std::optional<at::Tensor>& stats_out) {
-  const char* op = "znorm_adam_step_";
-  TORCH_CHECK(amsgrad || max_exp_avg_sqs.empty(), op, ": max_exp_avg_sqs must be empty without amsgrad");
-  TORCH_CHECK(step_size.size() == params.size() && bias_correction2_sqrt.size() == params.size(), op,
-              ": step_size and bias_correction2_sqrt need one entry per param");
-  bool skipped = false;
-  if (params.empty()) {
-    if (stats_out.has_value() && stats_out->defined()) check_stats(stats_out, params, stats_out->device(), skipped);
-    return;
-  }
-  const c10::Device device = params[0].device();
-  double* stats = check_stats(stats_out, params, device, skipped);
-  const c10::cuda::CUDAGuard guard(device);
-  std::vector<at::TensorList> states{exp_avgs, exp_avg_sqs};
-  if (amsgrad) states.push_back(max_exp_avg_sqs);
-  auto by_dtype = cuda_optim_items(op, params, grads, states, treated, device);  // the last check
-  for (auto& items : by_dtype) {
-    for (OptItem& e : items) {
-      e.step_size = step_size[e.index];
-      e.bc2 = bias_correction2_sqrt[e.index];
-    }
-  }
-  nan_rows_of_empty(stats_out, stats, params);
-  const int wd = weight_decay == 0.0 ? 0 : decoupled ? 2 : 1;
-  for (int k = 0; k < 4; ++k) {
-    if (by_dtype[k].empty()) continue;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, kDtypes[k], "znorm_adam_step_cuda", [&] {
-      using A = acc_t<scalar_t>;
-      OptArgs<A> a{};
-      const double weight = 1.0 - beta1;
-      a.weight = static_cast<A>(weight);
-      a.one_minus_weight = A(1) - a.weight;  // in A on the host, as the CPU kernels
-      a.small_weight = std::abs(weight) < 0.5;
-      a.beta2 = static_cast<A>(beta2);
-      a.one_minus_beta2 = static_cast<A>(1.0 - beta2);
-      a.weight_decay = static_cast<A>(weight_decay);
-      a.decay_factor = static_cast<A>(1.0 - lr * weight_decay);
-      a.eps = static_cast<A>(eps);
-      a.sign = maximize ? A(-1) : A(1);
-      a.per_tensor = nullptr;
-      a.write_grad = write_grad;
-      const auto& items = by_dtype[k];
-      const auto dt = kDtypes[k];
-      if (amsgrad) {
-        if (wd == 0) return launch_optim<scalar_t, 1, 0, true>(items, dt, znorm_eps, correction, stats, a, device);
-        if (wd == 1) return launch_optim<scalar_t, 1, 1, true>(items, dt, znorm_eps, correction, stats, a, device);
-        return launch_optim<scalar_t, 1, 2, true>(items, dt, znorm_eps, correction, stats, a, device);
-      }
-      if (wd == 0) return launch_optim<scalar_t, 1, 0, false>(items, dt, znorm_eps, correction, stats, a, device);
-      if (wd == 1) return launch_optim<scalar_t, 1, 1, false>(items, dt, znorm_eps, correction, stats, a, device);
-      launch_optim<scalar_t, 1, 2, false>(items, dt, znorm_eps, correction, stats, a, device);
+constexpr char kSgdDispatch[] = "znorm_sgd_step_cuda";
+constexpr char kAdamDispatch[] = "znorm_adam_step_cuda";
+
+// The CUDA kernels of the ops (znorm_sgd_step, znorm_adam_step in optim_args.h): per dtype, OptArgs from the
+// shared scalars and launch_optim of the variant they select.
+struct CudaSteps {
+  static void sgd(const StepLists& l, at::IntArrayRef first, const SgdHyper& h) {
+    auto fill = [&](OptItem& e) { e.flags |= first[e.index] != 0 ? kFirst : 0; };
+    optim_step<kSgdDispatch>(l, fill, [&]<typename T>(const std::vector<OptItem>& items, at::ScalarType dtype,
+                                                      double* stats, c10::Device device) {
+      const OptArgs<acc_t<T>> a{sgd_scalars<acc_t<T>>(h), nullptr, h.write_grad};
+      sgd_variant(h, [&]<bool WD, bool MOM>() {
+        launch_optim<T, 0, WD ? 1 : 0, MOM>(items, dtype, h.znorm_eps, h.correction, stats, a, device);
+      });
     });
   }
-}
+
+  static void adam(const StepLists& l, c10::ArrayRef<double> step_size, c10::ArrayRef<double> bc2_sqrt,
+                   const AdamHyper& h) {
+    auto fill = [&](OptItem& e) {
+      e.step_size = step_size[e.index];
+      e.bc2 = bc2_sqrt[e.index];
+    };
+    optim_step<kAdamDispatch>(l, fill, [&]<typename T>(const std::vector<OptItem>& items, at::ScalarType dtype,
+                                                       double* stats, c10::Device device) {
+      const OptArgs<acc_t<T>> a{adam_scalars<acc_t<T>>(h), nullptr, h.write_grad};
+      adam_variant(h, [&]<int WD, bool AMS>() {
+        launch_optim<T, 1, WD, AMS>(items, dtype, h.znorm_eps, h.correction, stats, a, device);
+      });
+    });
+  }
+};
 
 }  // namespace
 }  // namespace znorm
 
 TORCH_LIBRARY_IMPL(znorm_kernels_C, CUDA, m) {
-  m.impl("znorm_sgd_step_", &znorm::znorm_sgd_step_cuda);
-  m.impl("znorm_adam_step_", &znorm::znorm_adam_step_cuda);
+  m.impl("znorm_sgd_step_", &znorm::znorm_sgd_step<znorm::CudaSteps>);
+  m.impl("znorm_adam_step_", &znorm::znorm_adam_step<znorm::CudaSteps>);
 }

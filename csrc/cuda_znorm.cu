@@ -23,7 +23,6 @@
 //
 // Stages 1 and 2 also serve the fused optimizer steps (cuda_optim.cu), through launch_stats_finalize
 // (cuda_znorm.cuh). The sizes (kThreads, kUnroll, kChunk) are in tiles.h (cuda_tiles).
-#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -201,16 +200,14 @@ void launch(const std::vector<Span>& spans, at::ScalarType dtype, double eps, do
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+constexpr char kDispatch[] = "znorm_cuda";
+
 void znorm_cuda(at::TensorList tensors, double eps, double correction, const std::optional<at::Tensor>& grad_scale,
                 const std::optional<at::Tensor>& stats_out) {
-  bool skipped = false;
-  if (tensors.empty()) {
-    if (stats_out.has_value() && stats_out->defined()) check_stats(stats_out, tensors, stats_out->device(), skipped);
-    return;
-  }
-  const c10::Device device = tensors[0].device();
-  // Before the guard: a CUDA stats tensor with CPU tensors lands here, and must get this error, not the guard's.
-  double* stats = check_stats(stats_out, tensors, device, skipped);
+  const CudaCall call = cuda_call(tensors, stats_out);  // `stats` checked before the guard
+  if (!call.device) return;
+  const c10::Device device = *call.device;
+  double* stats = call.stats;
   const c10::cuda::CUDAGuard guard(device);  // every allocation and launch below runs on the tensors' device
 
   // The scale as a double on the device: converted there, read by the finalize kernel (no .item()).
@@ -224,14 +221,11 @@ void znorm_cuda(at::TensorList tensors, double eps, double correction, const std
   auto by_dtype = spans_by_dtype(tensors, device);  // the last check: nothing is written before it passes
   // Rows of tensors left unchanged get NaN: one fill of the whole output, only in the lists that have them (the
   // Python dispatcher never passes them); the finalize kernels then write the other rows.
-  if (stats != nullptr && skipped) stats_out->fill_(std::numeric_limits<double>::quiet_NaN());
-  for (int k = 0; k < 4; ++k) {
-    if (by_dtype[k].empty()) continue;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, kDtypes[k], "znorm_cuda", [&] {
-      launch<scalar_t>(by_dtype[k], kDtypes[k], eps, correction, scale_ptr, stats, device);
-    });
+  if (stats != nullptr && call.skipped) stats_out->fill_(std::numeric_limits<double>::quiet_NaN());
+  for_each_dtype<kDispatch>(by_dtype, [&]<typename T>(int k) {
+    launch<T>(by_dtype[k], kDtypes[k], eps, correction, scale_ptr, stats, device);
     for (Span& s : by_dtype[k]) s.finish();
-  }
+  });
 }
 
 }  // namespace

@@ -1,8 +1,10 @@
 // Shared by the CPU and CUDA kernels of znorm_kernels._C: the ops' names and schemas, the accumulation type, the
-// statistics merge (Chan et al.), and the span logic that lets a kernel work on a tensor's storage whatever its
-// layout. The tile sizes are in tiles.h.
+// statistics merge (Chan et al.), the span logic that lets a kernel work on a tensor's storage whatever its
+// layout, and the split of a list by dtype (kDtypes, for_each_dtype). The tile sizes are in tiles.h; what only the
+// fused optimizer steps share, in optim_args.h.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/core/ATen_fwd.h>
 #include <ATen/core/Tensor.h>
 #include <c10/macros/Macros.h>
@@ -144,8 +146,26 @@ struct Span {
   }
 };
 
-// The dtypes the op takes; spans_by_dtype fills one slot per entry, in this order.
+// The dtypes the ops take; spans_by_dtype (and step_entries, optim_args.h) fill one slot per entry, in this order.
 inline constexpr at::ScalarType kDtypes[4] = {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble};
+
+// The slot of `dtype` in kDtypes; 4 for a dtype the ops do not take.
+inline int dtype_slot(at::ScalarType dtype) {
+  int k = 0;
+  while (k < 4 && kDtypes[k] != dtype) ++k;
+  return k;
+}
+
+// Runs f.template operator()<T>(k) for each slot k of `by_dtype` (one list per entry of kDtypes) that holds
+// work, in slot order, T being the slot's element type. Name: AT_DISPATCH's name for it (a constant).
+template <const char* Name, typename Lists, typename F>
+void for_each_dtype(const Lists& by_dtype, const F& f) {
+  for (int k = 0; k < 4; ++k) {
+    if (by_dtype[k].empty()) continue;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, kDtypes[k], Name,
+                                    [&] { f.template operator()<scalar_t>(k); });
+  }
+}
 
 // The op's tensors as spans split by dtype, after checking that each is a strided tensor on `device` of a
 // supported dtype; tensors of fewer than 2 elements are left out (contract rule 2). The Python dispatcher passes
@@ -157,8 +177,7 @@ inline std::array<std::vector<Span>, 4> spans_by_dtype(at::TensorList tensors, c
     TORCH_CHECK(t.device() == device, "znorm_: tensor ", i, " is on ", t.device(), ", expected ", device);
     TORCH_CHECK(t.layout() == at::kStrided, "znorm_: tensor ", i, " is not a dense (strided) tensor");
     if (t.numel() < 2) continue;
-    int k = 0;
-    while (k < 4 && kDtypes[k] != t.scalar_type()) ++k;
+    const int k = dtype_slot(t.scalar_type());
     TORCH_CHECK(k < 4, "znorm_: tensor ", i, " has dtype ", t.scalar_type(),
                 "; supported: float32, float16, bfloat16, float64");
     by_dtype[k].emplace_back(t, static_cast<int64_t>(i));
