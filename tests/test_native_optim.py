@@ -36,6 +36,7 @@ from tests.utils import (
 )
 from znorm_kernels.backends import native
 from znorm_kernels.backends import native_optim as nsteps  # the native fused steps
+from znorm_kernels.backends.optim_steps import AdamArgs, SgdArgs
 from znorm_kernels.optim import ZNormAdam, ZNormAdamW, ZNormSGD, fused_layout
 
 pytestmark = pytest.mark.skipif(
@@ -164,13 +165,14 @@ def run_sgd(dtype, opts, steps=3, lr=0.1, sizes=SIZES, treated=TREATED, device="
     bufs = [torch.zeros_like(p) for p in params]
     formula_bufs = [None] * len(params)
     want_bufs = [None] * len(params)
+    args = SgdArgs(lr=lr, **opts)
     for step in range(steps):
         grads = to(grads_of(dtype, step, sizes), device)
         raw = [g.clone() for g in grads]
         z = cpu(cpu_z(grads, treated))
         first = [step == 0] * len(params)
         nsteps.sgd_step_(
-            params, grads, bufs, treated=treated, first=first, znorm_eps=1e-10, correction=0, lr=lr, **opts
+            params, grads, bufs, args, treated=treated, first=first, znorm_eps=1e-10, correction=0
         )
         assert_equal_lists(cpu(grads), cpu(raw), "grads (left raw)")
         for i in range(len(params)):
@@ -200,8 +202,8 @@ def test_sgd_first_step_buffer_is_d_bitwise_as_torch():
     bufs = [torch.full_like(p, float("nan")) for p in params]  # contents of a new buffer are not used
     want_bufs = [None] * len(params)
     opts = dict(momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=True)
-    nsteps.sgd_step_(params, grads, bufs, treated=TREATED, first=[True] * 7, znorm_eps=1e-10, correction=0,
-                     lr=0.1, **opts)  # fmt: skip
+    nsteps.sgd_step_(params, grads, bufs, SgdArgs(lr=0.1, **opts), treated=TREATED, first=[True] * 7,
+                     znorm_eps=1e-10, correction=0)  # fmt: skip
     torch_sgd([p.clone() for p in params], z, want_bufs, foreach=False, lr=0.1, **opts)
     assert_equal_lists(bufs, want_bufs, "momentum_buffers")
 
@@ -221,8 +223,9 @@ def test_sgd_momentum_buffers_new_at_later_steps():
         z = cpu_z(grads, [True] * 3)
         idx = [i for i in range(3) if step >= first_steps[i]]
         nsteps.sgd_step_([params[i] for i in idx], [grads[i] for i in idx], [bufs[i] for i in idx],
-                         treated=[True] * len(idx), first=[first_steps[i] == step for i in idx],
-                         znorm_eps=1e-10, correction=0, lr=0.1, **opts)  # fmt: skip
+                         SgdArgs(lr=0.1, **opts), treated=[True] * len(idx),
+                         first=[first_steps[i] == step for i in idx], znorm_eps=1e-10,
+                         correction=0)  # fmt: skip
         for i in idx:
             formula[i], formula_bufs[i] = formula_sgd(
                 formula[i], z[i], formula_bufs[i], first_steps[i] == step, lr=0.1, **opts
@@ -249,10 +252,10 @@ def run_adam(dtype, opts, steps=3, lr=0.01, betas=(0.9, 0.999), eps=1e-8, step0=
         z = cpu(cpu_z(grads, treated))
         counts = [c + 1 for c in counts]
         step_size, bc2 = adam_step_sizes(counts, lr, betas)
-        nsteps.adam_step_(
-            params, grads, *states, treated=treated, step_size=step_size, bias_correction2_sqrt=bc2,
-            beta1=beta1, beta2=beta2, lr=lr, eps=eps, znorm_eps=1e-10, correction=0, **opts,
-        )  # fmt: skip
+        args = AdamArgs(
+            step_size=step_size, bias_correction2_sqrt=bc2, beta1=beta1, beta2=beta2, lr=lr, eps=eps, **opts
+        )
+        nsteps.adam_step_(params, grads, *states, args, treated=treated, znorm_eps=1e-10, correction=0)
         assert_equal_lists(cpu(grads), cpu(raw), "grads (left raw)")
         for i in range(n):
             p, m, v, vmax = formula_adam(
@@ -319,14 +322,15 @@ def check_write_grad_stores_the_backends_z_and_stats(dtype, kind, device):
     params = to(params_of(dtype), device)
     stats = torch.zeros(len(grads), 2, dtype=torch.float64, device=device)
     if kind == "sgd":
-        nsteps.sgd_step_(params, grads, [None] * 7, treated=TREATED, first=[True] * 7, znorm_eps=1e-10,
-                         correction=0, lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
-                         maximize=False, write_grad=True, stats_out=stats)  # fmt: skip
+        args = SgdArgs(lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False)
+        nsteps.sgd_step_(params, grads, [None] * 7, args, treated=TREATED, first=[True] * 7, znorm_eps=1e-10,
+                         correction=0, write_grad=True, stats_out=stats)  # fmt: skip
     else:
         states = [[torch.zeros_like(p) for p in params] for _ in range(2)]
-        nsteps.adam_step_(params, grads, *states, [None] * 7, treated=TREATED, step_size=[0.1] * 7,
-                          bias_correction2_sqrt=[0.05] * 7, amsgrad=False, beta1=0.9, beta2=0.999, lr=0.01,
-                          weight_decay=0.0, eps=1e-8, maximize=False, decoupled=False, znorm_eps=1e-10,
+        args = AdamArgs(step_size=[0.1] * 7, bias_correction2_sqrt=[0.05] * 7, amsgrad=False, beta1=0.9,
+                        beta2=0.999, lr=0.01, weight_decay=0.0, eps=1e-8, maximize=False,
+                        decoupled=False)  # fmt: skip
+        nsteps.adam_step_(params, grads, *states, [None] * 7, args, treated=TREATED, znorm_eps=1e-10,
                           correction=0, write_grad=True, stats_out=stats)  # fmt: skip
     assert_equal_lists(cpu(grads), cpu(z), "grads (z)")
     assert torch.equal(stats.isnan(), want_stats.isnan())
@@ -350,9 +354,9 @@ def test_wide_tensors_take_the_float64_z_bit_for_bit(dtype):
     ]
     z = cpu_z(grads, [True] * 3, eps=0.0)
     params = [torch.zeros_like(g) for g in grads]
-    nsteps.sgd_step_(params, grads, [None] * 3, treated=[True] * 3, first=[True] * 3, znorm_eps=0.0,
-                     correction=0, lr=1.0, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
-                     maximize=True, write_grad=True)  # fmt: skip
+    args = SgdArgs(lr=1.0, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=True)
+    nsteps.sgd_step_(params, grads, [None] * 3, args, treated=[True] * 3, first=[True] * 3, znorm_eps=0.0,
+                     correction=0, write_grad=True)  # fmt: skip
     assert_equal_lists(grads, z, "grads (z)")
     assert_equal_lists(params, z, "params")
 
@@ -361,9 +365,9 @@ def test_correction_and_eps_reach_the_statistics():
     grads = grads_of(torch.float32, 0)
     z = cpu_z(grads, TREATED, eps=0.5, correction=1)
     params = params_of(torch.float32)
-    nsteps.sgd_step_(params, grads, [None] * 7, treated=TREATED, first=[True] * 7, znorm_eps=0.5,
-                     correction=1, lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
-                     maximize=False, write_grad=True)  # fmt: skip
+    args = SgdArgs(lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False)
+    nsteps.sgd_step_(params, grads, [None] * 7, args, treated=TREATED, first=[True] * 7, znorm_eps=0.5,
+                     correction=1, write_grad=True)  # fmt: skip
     assert_equal_lists(grads, z, "grads (z)")
 
 
@@ -372,9 +376,9 @@ def test_nan_gradient_spoils_only_its_own_tensor():
     grads[1][17] = float("nan")
     params = params_of(torch.float32, sizes=[100, 20000, 300])
     before = [p.clone() for p in params]
-    nsteps.sgd_step_(params, grads, [None] * 3, treated=[True] * 3, first=[True] * 3, znorm_eps=1e-10,
-                     correction=0, lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
-                     maximize=False)  # fmt: skip
+    args = SgdArgs(lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False)
+    nsteps.sgd_step_(params, grads, [None] * 3, args, treated=[True] * 3, first=[True] * 3, znorm_eps=1e-10,
+                     correction=0)  # fmt: skip
     assert params[1].isnan().all()
     assert params[0].isfinite().all() and params[2].isfinite().all()
     assert not torch.equal(params[0], before[0])
@@ -390,8 +394,8 @@ def test_layouts_channels_last_and_empty():
     opts = dict(lr=0.1, momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.01, maximize=False)
     want_p, want_b = formula_sgd(p.clone(), z, None, True, **opts)
     e = torch.empty(0)
-    nsteps.sgd_step_([p, e], [g, e.clone()], [b, e.clone()], treated=[True, True], first=[True, True],
-                     znorm_eps=1e-10, correction=0, **opts)  # fmt: skip
+    nsteps.sgd_step_([p, e], [g, e.clone()], [b, e.clone()], SgdArgs(**opts), treated=[True, True],
+                     first=[True, True], znorm_eps=1e-10, correction=0)  # fmt: skip
     assert p.stride() == g.stride() == b.stride()
     assert torch.equal(p, want_p) and torch.equal(b, want_b)
 
@@ -409,10 +413,11 @@ def test_threads_and_repeats_give_the_same_bits():
             grads = grads_of(torch.float32, 0, sizes)
             states = [[torch.zeros_like(p) for p in params] for _ in range(3)]
             stats = torch.empty(len(sizes), 2, dtype=torch.float64)
-            nsteps.adam_step_(params, grads, *states, treated=[True] * 5, step_size=[0.1] * 5,
-                              bias_correction2_sqrt=[0.05] * 5, amsgrad=True, beta1=0.9, beta2=0.999, lr=0.01,
-                              weight_decay=0.01, eps=1e-8, maximize=False, decoupled=True, znorm_eps=1e-10,
-                              correction=0, write_grad=True, stats_out=stats)  # fmt: skip
+            args = AdamArgs(step_size=[0.1] * 5, bias_correction2_sqrt=[0.05] * 5, amsgrad=True, beta1=0.9,
+                            beta2=0.999, lr=0.01, weight_decay=0.01, eps=1e-8, maximize=False,
+                            decoupled=True)  # fmt: skip
+            nsteps.adam_step_(params, grads, *states, args, treated=[True] * 5, znorm_eps=1e-10, correction=0,
+                              write_grad=True, stats_out=stats)  # fmt: skip
             results.append([*params, *grads, *states[0], *states[1], *states[2], stats])
     finally:
         torch.set_num_threads(threads)
@@ -424,6 +429,7 @@ _ISA_SCRIPT = """
 import sys, torch
 from znorm_kernels.backends import native
 from znorm_kernels.backends import native_optim as nsteps  # the native fused steps
+from znorm_kernels.backends.optim_steps import AdamArgs, SgdArgs
 from tests.utils import make_grad
 sizes = [1, 7, 1500, 3 * 16384 + 17]
 out = []
@@ -431,15 +437,15 @@ for k, dtype in enumerate([torch.float32, torch.float16, torch.bfloat16, torch.f
     ps = [make_grad((n,), dtype, seed=k * 10 + n) for n in sizes]
     gs = [make_grad((n,), dtype, seed=k * 10 + n + 1) for n in sizes]
     bufs = [make_grad((n,), dtype, seed=k * 10 + n + 2) for n in sizes]
-    nsteps.sgd_step_(ps, gs, bufs, treated=[True] * 4, first=[False] * 4, znorm_eps=1e-10, correction=0,
-                     lr=0.1, momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.01, maximize=False)
+    sgd = SgdArgs(lr=0.1, momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.01, maximize=False)
+    nsteps.sgd_step_(ps, gs, bufs, sgd, treated=[True] * 4, first=[False] * 4, znorm_eps=1e-10, correction=0)
     ms = [make_grad((n,), dtype, seed=k * 10 + n + 3) for n in sizes]
     vs = [make_grad((n,), dtype, seed=k * 10 + n + 4).abs() for n in sizes]
     vm = [make_grad((n,), dtype, seed=k * 10 + n + 5).abs() for n in sizes]
-    nsteps.adam_step_(ps, gs, ms, vs, vm, treated=[True] * 4, step_size=[0.1] * 4,
-                      bias_correction2_sqrt=[0.3] * 4, amsgrad=True, beta1=0.9, beta2=0.999, lr=0.01,
-                      weight_decay=0.01, eps=1e-8, maximize=True, decoupled=False, znorm_eps=1e-10,
-                      correction=0, write_grad=True)
+    adam = AdamArgs(step_size=[0.1] * 4, bias_correction2_sqrt=[0.3] * 4, amsgrad=True, beta1=0.9,
+                    beta2=0.999, lr=0.01, weight_decay=0.01, eps=1e-8, maximize=True, decoupled=False)
+    nsteps.adam_step_(ps, gs, ms, vs, vm, adam, treated=[True] * 4, znorm_eps=1e-10, correction=0,
+                      write_grad=True)
     out += ps + gs + bufs + ms + vs + vm
 torch.save(out, sys.argv[1])
 """
@@ -461,12 +467,12 @@ def test_mismatched_state_layout_is_not_served_and_nothing_changes():
     g = make_grad((4, 6), seed=2)
     buf = torch.zeros(6, 4).t()  # same shape, other strides
     before = [p.clone(), g.clone(), buf.clone()]
-    opts = dict(treated=[True], first=[False], znorm_eps=1e-10, correction=0, lr=0.1, momentum=0.9,
-                dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False)  # fmt: skip
+    args = SgdArgs(lr=0.1, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False)
+    opts = dict(treated=[True], first=[False], znorm_eps=1e-10, correction=0)
     with pytest.raises(NotImplementedError, match="strides"):
-        nsteps.sgd_step_([p], [g], [buf], **opts)
+        nsteps.sgd_step_([p], [g], [buf], args, **opts)
     with pytest.raises(RuntimeError, match="strides"):  # the op's own check (the Python one skipped)
-        nsteps.sgd_step_([p], [g], [buf], checked=True, **opts)
+        nsteps.sgd_step_([p], [g], [buf], args, checked=True, **opts)
     assert all(torch.equal(a, b) for a, b in zip([p, g, buf], before))
 
 
@@ -485,10 +491,10 @@ def test_bad_stats_out_raises_before_writing():
     params, grads = params_of(torch.float32, [5, 7]), grads_of(torch.float32, 0, [5, 7])
     before = [t.clone() for t in params + grads]
     bad = torch.empty(3, 2, dtype=torch.float64)
+    args = SgdArgs(lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False)
     with pytest.raises(RuntimeError, match="stats"):
-        nsteps.sgd_step_(params, grads, [None] * 2, treated=[True] * 2, first=[True] * 2, znorm_eps=1e-10,
-                         correction=0, lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
-                         maximize=False, write_grad=True, stats_out=bad)  # fmt: skip
+        nsteps.sgd_step_(params, grads, [None] * 2, args, treated=[True] * 2, first=[True] * 2,
+                         znorm_eps=1e-10, correction=0, write_grad=True, stats_out=bad)  # fmt: skip
     assert all(torch.equal(a, b) for a, b in zip(params + grads, before))
 
 
@@ -695,8 +701,8 @@ def test_cuda_float16_and_unaligned_tensors():
         bufs = [torch.zeros_like(p) for p in ps]
         z = cpu(cpu_z(gs, [True, True]))
         want = [formula_sgd(p.cpu(), zz, None, True, lr=0.1, **opts) for p, zz in zip(ps, z)]
-        nsteps.sgd_step_(ps, gs, bufs, treated=[True, True], first=[True, True], znorm_eps=1e-10,
-                         correction=0, lr=0.1, **opts)  # fmt: skip
+        nsteps.sgd_step_(ps, gs, bufs, SgdArgs(lr=0.1, **opts), treated=[True, True], first=[True, True],
+                         znorm_eps=1e-10, correction=0)  # fmt: skip
         assert_equal_lists(cpu(ps), [w[0] for w in want], f"params (aligned={aligned})")
         assert_equal_lists(cpu(bufs), [w[1] for w in want], f"buffers (aligned={aligned})")
 
@@ -720,9 +726,9 @@ def test_cuda_wide_tensors_and_correction(dtype):
         gs = [g.clone() for g in grads]
         z = cpu_z(gs, [True] * 3, eps=eps, correction=correction)
         params = [torch.zeros_like(g) for g in gs]
-        nsteps.sgd_step_(params, gs, [None] * 3, treated=[True] * 3, first=[True] * 3, znorm_eps=eps,
-                         correction=correction, lr=1.0, momentum=0.0, dampening=0.0, nesterov=False,
-                         weight_decay=0.0, maximize=True, write_grad=True)  # fmt: skip
+        args = SgdArgs(lr=1.0, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=True)
+        nsteps.sgd_step_(params, gs, [None] * 3, args, treated=[True] * 3, first=[True] * 3, znorm_eps=eps,
+                         correction=correction, write_grad=True)  # fmt: skip
         assert_equal_lists(cpu(gs), cpu(z), "grads (z)")
         assert_equal_lists(cpu(params), cpu(z), "params")
 
@@ -738,10 +744,11 @@ def test_cuda_nan_empty_repeats_and_capture():
         gs = [g.clone() for g in grads]
         states = [[torch.zeros_like(p) for p in params] for _ in range(3)]
         stats = torch.zeros(len(sizes), 2, dtype=torch.float64, device="cuda")
-        nsteps.adam_step_(params, gs, *states, treated=[True] * 6, step_size=[0.1, 0.2] * 3,
-                          bias_correction2_sqrt=[0.05] * 6, amsgrad=True, beta1=0.9, beta2=0.999, lr=0.01,
-                          weight_decay=0.01, eps=1e-8, maximize=False, decoupled=True, znorm_eps=1e-10,
-                          correction=0, write_grad=True, stats_out=stats)  # fmt: skip
+        args = AdamArgs(step_size=[0.1, 0.2] * 3, bias_correction2_sqrt=[0.05] * 6, amsgrad=True, beta1=0.9,
+                        beta2=0.999, lr=0.01, weight_decay=0.01, eps=1e-8, maximize=False,
+                        decoupled=True)  # fmt: skip
+        nsteps.adam_step_(params, gs, *states, args, treated=[True] * 6, znorm_eps=1e-10, correction=0,
+                          write_grad=True, stats_out=stats)  # fmt: skip
         results.append(cpu([*params, *gs, *states[0], *states[1], *states[2], stats]))
     assert_equal_lists(results[1], results[0], "repeat")
     params = results[0][: len(sizes)]
@@ -754,18 +761,18 @@ def test_cuda_nan_empty_repeats_and_capture():
     g = to(grads_of(torch.float32, 1, [5000, 70]), "cuda")
     b = [torch.zeros_like(t) for t in p]
     ref_p, ref_b = [t.clone() for t in p], [t.clone() for t in b]
-    opts = dict(treated=[True, True], first=[False, False], znorm_eps=1e-10, correction=0, lr=0.1,
-                momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.01, maximize=False)  # fmt: skip
+    args = SgdArgs(lr=0.1, momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.01, maximize=False)
+    opts = dict(treated=[True, True], first=[False, False], znorm_eps=1e-10, correction=0)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        nsteps.sgd_step_(p, g, b, **opts)  # warm-up: builds the table
+        nsteps.sgd_step_(p, g, b, args, **opts)  # warm-up: builds the table
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        nsteps.sgd_step_(p, g, b, **opts)
+        nsteps.sgd_step_(p, g, b, args, **opts)
     for _ in range(3):
-        nsteps.sgd_step_(ref_p, g, ref_b, **opts)
+        nsteps.sgd_step_(ref_p, g, ref_b, args, **opts)
     graph.replay()
     graph.replay()
     torch.cuda.synchronize()

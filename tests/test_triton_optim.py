@@ -27,6 +27,7 @@ from tests.utils import (
     ptxas_usage,
     torch_adam_step,
 )
+from znorm_kernels.backends.optim_steps import AdamArgs, SgdArgs
 from znorm_kernels.backends.tiles import UpdateTiles
 
 pytestmark = pytest.mark.skipif(
@@ -110,10 +111,11 @@ def run_sgd(to, dtype, opts, steps=3, oracle=reference_z, lr=0.1):
     want = [p.clone() for p in params]
     bufs = [torch.zeros_like(p) for p in params]
     want_bufs = [None] * len(params)
+    args = SgdArgs(lr=lr, **opts)
     for step in range(steps):
         grads = grads_of(dtype, step)
         z = oracle(grads)
-        to.sgd_step_(params, grads, bufs, stats_of(grads), first=[step == 0] * len(params), lr=lr, **opts)
+        to.sgd_step_(params, grads, bufs, stats_of(grads), args, first=[step == 0] * len(params))
         torch_sgd(want, z, want_bufs, foreach=False, lr=lr, **opts)
         assert_lists_close(params, want, dtype, f"step {step} params")
         if opts["momentum"]:
@@ -141,7 +143,7 @@ def test_sgd_some_momentum_buffers_new(to):
     want_bufs = [None if f else b.clone() for b, f in zip(bufs, first)]
     grads = grads_of(dtype, 0)
     z = reference_z(grads)
-    to.sgd_step_(params, grads, bufs, stats_of(grads), first=first, lr=0.1, **opts)
+    to.sgd_step_(params, grads, bufs, stats_of(grads), SgdArgs(lr=0.1, **opts), first=first)
     torch_sgd(want, z, want_bufs, foreach=False, lr=0.1, **opts)
     assert_lists_close(params, want, dtype, "params")
     assert_lists_close(bufs, want_bufs, dtype, "momentum_buffers")
@@ -172,10 +174,10 @@ def run_adam(
         z = oracle(grads)
         counts = [c + 1 for c in counts]
         step_size, bc2 = adam_step_sizes(counts, lr, betas)
-        to.adam_step_(
-            params, grads, *states, stats_of(grads), step_size=step_size, bias_correction2_sqrt=bc2,
-            beta1=beta1, beta2=beta2, lr=lr, eps=eps, **opts,
-        )  # fmt: skip
+        args = AdamArgs(
+            step_size=step_size, bias_correction2_sqrt=bc2, beta1=beta1, beta2=beta2, lr=lr, eps=eps, **opts
+        )
+        to.adam_step_(params, grads, *states, stats_of(grads), args)
         torch_adam_step(want, z, want_states, want_steps, opts, lr=lr, betas=betas, eps=eps)
         assert_lists_close(params, want, dtype, f"step {step} params")
         assert_lists_close(states[0], want_states[0], dtype, f"step {step} exp_avgs")
@@ -233,8 +235,8 @@ def test_one_element_tensors_use_the_raw_gradient(to):
     stats = stats_of(g)
     assert stats[0, 2].item() == 0.0  # inv of a "constant" tensor
     p = [torch.ones(1, device=DEVICE), torch.zeros(10, device=DEVICE)]
-    to.sgd_step_(p, g, [None, None], stats, first=[True, True], lr=0.5, momentum=0.0, dampening=0.0,
-                 nesterov=False, weight_decay=0.0, maximize=False)  # fmt: skip
+    args = SgdArgs(lr=0.5, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False)
+    to.sgd_step_(p, g, [None, None], stats, args, first=[True, True])
     assert p[0].item() == 1.0 - 0.5 * 0.75
 
 
@@ -248,8 +250,8 @@ def test_identity_row_gives_the_raw_gradient(to):
     z = reference_z(grads)
     z[2] = grads[2].clone()
     written = [g.clone() for g in grads]
-    to.sgd_step_(params, written, [None] * 5, stats, first=[True] * 5, lr=0.1, momentum=0.0, dampening=0.0,
-                 nesterov=False, weight_decay=0.0, maximize=False, write_grad=True)  # fmt: skip
+    args = SgdArgs(lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False)
+    to.sgd_step_(params, written, [None] * 5, stats, args, first=[True] * 5, write_grad=True)
     torch_sgd(want, z, [None] * len(want), foreach=False, lr=0.1, momentum=0.0, dampening=0.0, nesterov=False,
               weight_decay=0.0, maximize=False)  # fmt: skip
     assert_lists_close(params, want, torch.float32, "params")
@@ -262,9 +264,10 @@ def test_write_grad_stores_the_hooks_z_bit_for_bit(to, dtype):
     hook = triton_z(grads)
     params = params_of(dtype)
     exp_avgs, exp_avg_sqs = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
-    to.adam_step_(params, grads, exp_avgs, exp_avg_sqs, [None] * len(params), stats_of(grads),
-                  step_size=[0.1] * 5, bias_correction2_sqrt=[0.05] * 5, amsgrad=False, beta1=0.9,
-                  beta2=0.999, lr=0.01, weight_decay=0.0, eps=1e-8, maximize=False, decoupled=False,
+    args = AdamArgs(step_size=[0.1] * 5, bias_correction2_sqrt=[0.05] * 5, amsgrad=False, beta1=0.9,
+                    beta2=0.999, lr=0.01, weight_decay=0.0, eps=1e-8, maximize=False,
+                    decoupled=False)  # fmt: skip
+    to.adam_step_(params, grads, exp_avgs, exp_avg_sqs, [None] * len(params), stats_of(grads), args,
                   write_grad=True)  # fmt: skip
     for g, h in zip(grads, hook):
         assert torch.equal(g, h)
@@ -285,8 +288,8 @@ def test_wide_tensors_take_the_float64_z_bit_for_bit(to, dtype):
     assert stats[:, 3].tolist() == [1.0, 1.0, 0.0]
     hook = triton_z(grads, eps=0.0)
     params = [torch.zeros_like(g) for g in grads]
-    to.sgd_step_(params, grads, [None] * 3, stats, first=[True] * 3, lr=1.0, momentum=0.0, dampening=0.0,
-                 nesterov=False, weight_decay=0.0, maximize=True, write_grad=True)  # fmt: skip
+    args = SgdArgs(lr=1.0, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=True)
+    to.sgd_step_(params, grads, [None] * 3, stats, args, first=[True] * 3, write_grad=True)
     for g, h, p in zip(grads, hook, params):
         assert torch.equal(g, h)
         assert torch.equal(p, h)
@@ -297,8 +300,8 @@ def test_grad_left_untouched_by_default(to):
     before = [g.clone() for g in grads]
     params = params_of(torch.float32)
     bufs = [torch.zeros_like(p) for p in params]
-    to.sgd_step_(params, grads, bufs, stats_of(grads), first=[True] * 5, lr=0.1, momentum=0.9, dampening=0.0,
-                 nesterov=False, weight_decay=0.0, maximize=False)  # fmt: skip
+    args = SgdArgs(lr=0.1, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False)
+    to.sgd_step_(params, grads, bufs, stats_of(grads), args, first=[True] * 5)
     assert all(torch.equal(a, b) for a, b in zip(grads, before))
 
 
@@ -318,14 +321,15 @@ def test_scaled_gradients_give_the_unscaled_step(to, dtype, kind):
         states = [[torch.zeros_like(p) for p in params] for _ in range(3)]
         stats = stats_of(grads, grad_scale=scale)
         if kind == "sgd":
-            to.sgd_step_(params, grads, states[0], stats, first=[True] * 5, lr=0.1, momentum=0.9,
-                         dampening=0.0, nesterov=True, weight_decay=0.01, maximize=False, grad_scale=scale,
+            args = SgdArgs(lr=0.1, momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.01,
+                           maximize=False)  # fmt: skip
+            to.sgd_step_(params, grads, states[0], stats, args, first=[True] * 5, grad_scale=scale,
                          write_grad=True)  # fmt: skip
         else:
-            to.adam_step_(params, grads, *states, stats, step_size=[0.1] * 5,
-                          bias_correction2_sqrt=[0.05] * 5, amsgrad=True, beta1=0.9, beta2=0.999, lr=0.01,
-                          weight_decay=0.01, eps=1e-8,
-                          maximize=False, decoupled=True, grad_scale=scale, write_grad=True)  # fmt: skip
+            args = AdamArgs(step_size=[0.1] * 5, bias_correction2_sqrt=[0.05] * 5, amsgrad=True, beta1=0.9,
+                            beta2=0.999, lr=0.01, weight_decay=0.01, eps=1e-8, maximize=False,
+                            decoupled=True)  # fmt: skip
+            to.adam_step_(params, grads, *states, stats, args, grad_scale=scale, write_grad=True)
         runs.append(params + grads + [t for ts in states for t in ts])
     assert all(torch.equal(x, y) for x, y in zip(*runs))
 
@@ -344,15 +348,16 @@ def test_found_inf_skips_the_step_on_the_device(to, kind):
         scale = torch.tensor(1.0, device=DEVICE)
         stats = stats_of(grads, grad_scale=scale)
         if kind == "sgd":
-            to.sgd_step_(params, grads, states[0], stats, first=[False] * 5, lr=0.1, momentum=0.9,
-                         dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False, grad_scale=scale,
+            args = SgdArgs(lr=0.1, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0,
+                           maximize=False)  # fmt: skip
+            to.sgd_step_(params, grads, states[0], stats, args, first=[False] * 5, grad_scale=scale,
                          found_inf=found_inf, write_grad=True)  # fmt: skip
             touched = [states[0]]
         else:
-            to.adam_step_(params, grads, *states, stats, step_size=[0.1] * 5,
-                          bias_correction2_sqrt=[0.05] * 5, amsgrad=True, beta1=0.9, beta2=0.999, lr=0.01,
-                          weight_decay=0.0, eps=1e-8,
-                          maximize=False, decoupled=False, grad_scale=scale, found_inf=found_inf,
+            args = AdamArgs(step_size=[0.1] * 5, bias_correction2_sqrt=[0.05] * 5, amsgrad=True, beta1=0.9,
+                            beta2=0.999, lr=0.01, weight_decay=0.0, eps=1e-8, maximize=False,
+                            decoupled=False)  # fmt: skip
+            to.adam_step_(params, grads, *states, stats, args, grad_scale=scale, found_inf=found_inf,
                           write_grad=True)  # fmt: skip
             touched = states
         same = all(torch.equal(a, b) for a, b in zip(params, before))
@@ -371,10 +376,9 @@ def test_dense_layouts_with_matching_strides(to):
     odd_grads = [grads[0].to(memory_format=torch.channels_last), grads[1].t().contiguous().t()]
     odd_bufs = [torch.zeros_like(p) for p in odd]  # zeros_like keeps the strides
     bufs = [torch.zeros_like(p) for p in params]
-    kw = dict(first=[True, True], lr=0.1, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.01,
-              maximize=False)  # fmt: skip
-    to.sgd_step_(params, grads, bufs, stats_of(grads), **kw)
-    to.sgd_step_(odd, odd_grads, odd_bufs, stats_of(odd_grads), **kw)
+    args = SgdArgs(lr=0.1, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.01, maximize=False)
+    to.sgd_step_(params, grads, bufs, stats_of(grads), args, first=[True, True])
+    to.sgd_step_(odd, odd_grads, odd_bufs, stats_of(odd_grads), args, first=[True, True])
     for a, b in zip(params, odd):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
@@ -382,28 +386,26 @@ def test_dense_layouts_with_matching_strides(to):
 def test_what_the_kernel_does_not_serve_raises_not_implemented(to):
     p = torch.zeros(4, 6, device=DEVICE)
     g = make_grad((4, 6), torch.float32, DEVICE)
-    kw = dict(
-        first=[True], lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False
-    )
+    args = SgdArgs(lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False)
     with pytest.raises(NotImplementedError, match="strides"):
-        to.sgd_step_([p], [g.t().contiguous().t()], [None], stats_of([g]), **kw)
+        to.sgd_step_([p], [g.t().contiguous().t()], [None], stats_of([g]), args, first=[True])
     with pytest.raises(NotImplementedError, match="dense"):
-        to.sgd_step_([p[:, ::2]], [g[:, ::2]], [None], stats_of([g[:, ::2].contiguous()]), **kw)
+        to.sgd_step_([p[:, ::2]], [g[:, ::2]], [None], stats_of([g[:, ::2].contiguous()]), args, first=[True])
     with pytest.raises(NotImplementedError):
-        to.sgd_step_([p.double()], [g], [None], stats_of([g]), **kw)
+        to.sgd_step_([p.double()], [g], [None], stats_of([g]), args, first=[True])
     with pytest.raises(NotImplementedError):
-        to.sgd_step_([p.int()], [g.int()], [None], stats_of([g]), **kw)
+        to.sgd_step_([p.int()], [g.int()], [None], stats_of([g]), args, first=[True])
     with pytest.raises(ValueError, match="stats"):
-        to.sgd_step_([p], [g], [None], stats_of([g, g]), **kw)
+        to.sgd_step_([p], [g], [None], stats_of([g, g]), args, first=[True])
     assert torch.equal(p, torch.zeros(4, 6, device=DEVICE))
 
 
 def test_empty_lists_and_tensors(to):
-    kw = dict(lr=0.1, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False)
-    to.sgd_step_([], [], [], torch.zeros(0, 4, dtype=torch.float64, device=DEVICE), first=[], **kw)
+    args = SgdArgs(lr=0.1, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0, maximize=False)
+    to.sgd_step_([], [], [], torch.zeros(0, 4, dtype=torch.float64, device=DEVICE), args, first=[])
     e = torch.zeros(0, device=DEVICE)
-    to.sgd_step_([e], [e.clone()], [e.clone()], torch.zeros(1, 4, dtype=torch.float64, device=DEVICE),
-                 first=[True], **kw)  # fmt: skip
+    to.sgd_step_([e], [e.clone()], [e.clone()], torch.zeros(1, 4, dtype=torch.float64, device=DEVICE), args,
+                 first=[True])  # fmt: skip
 
 
 def test_deterministic_and_plan_reused(to):

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from . import optim_steps
 from .native import BUILD_HINT, has_optim_kernels
+from .optim_steps import AdamArgs, SgdArgs
 
 __all__ = ["STEPS", "adam_step_", "check_step", "sgd_step_", "steady_step_"]
 
@@ -51,24 +52,19 @@ def sgd_step_(
     params: list[Tensor],
     grads: list[Tensor],
     momentum_buffers: list[Tensor | None],
+    args: SgdArgs,
     *,
     treated: list[bool],
     first: list[bool] | None = None,
     znorm_eps: float,
     correction: float,
-    lr: float,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    weight_decay: float,
-    maximize: bool,
     write_grad: bool = False,
     stats_out: Tensor | None = None,
     checked: bool = False,
 ) -> None:
     """torch.optim.SGD's step on the z-scores of the gradients, for CPU or CUDA tensors, in one op call (the
-    arguments of ``triton_optim.sgd_step_``, with ``treated``, ``znorm_eps`` and ``correction`` for its stats
-    tensor).
+    arguments of ``triton_optim.sgd_step_``, the hyperparameters ``args`` an ``optim_steps.SgdArgs``, with
+    ``treated``, ``znorm_eps`` and ``correction`` for its stats tensor).
 
     ``treated[i]``: whether tensor i gets ZNorm (else, and for tensors of fewer than 2 elements, z = g).
     ``momentum_buffers[i]`` is unused (may be None) when momentum is 0; where ``first[i]`` is True (None:
@@ -78,10 +74,7 @@ def sgd_step_(
     ``znorm_``'s ``stats`` (NaN rows elsewhere). ``checked=True``: the caller has validated these very lists
     with ``check_step`` (skips it; the op checks them again in C++ before writing anything, raising
     RuntimeError)."""
-    lr, momentum, dampening, weight_decay = optim_steps.scalars(
-        "native fused step", lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay
-    )
-    use_momentum = momentum != 0
+    use_momentum = args.momentum != 0
     lists = [params, grads] + ([momentum_buffers] if use_momentum else [])
     if not checked:
         check_step(lists, optim_steps.list_names("sgd", len(lists)))
@@ -93,8 +86,8 @@ def sgd_step_(
     with torch.no_grad():
         torch.ops.znorm_kernels_C.znorm_sgd_step_(
             params, grads, momentum_buffers if use_momentum else [], treated, first, float(znorm_eps),
-            float(correction), lr, momentum, dampening, bool(nesterov), weight_decay, bool(maximize),
-            bool(write_grad), stats_out,
+            float(correction), args.lr, args.momentum, args.dampening, args.nesterov, args.weight_decay,
+            args.maximize, bool(write_grad), stats_out,
         )  # fmt: skip
 
 
@@ -104,39 +97,27 @@ def adam_step_(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     max_exp_avg_sqs: list[Tensor | None],
+    args: AdamArgs,
     *,
     treated: list[bool],
-    step_size: float | list[float],
-    bias_correction2_sqrt: float | list[float],
-    amsgrad: bool,
-    beta1: float,
-    beta2: float,
-    lr: float,
-    weight_decay: float,
-    eps: float,
-    maximize: bool,
-    decoupled: bool,
     znorm_eps: float,
     correction: float,
     write_grad: bool = False,
     stats_out: Tensor | None = None,
     checked: bool = False,
 ) -> None:
-    """torch.optim.Adam's (``decoupled=False``) or AdamW's (``decoupled=True``) non-capturable step on the
-    z-scores of the gradients, for CPU or CUDA tensors, in one op call (the arguments of
-    ``triton_optim.adam_step_``, with ``treated``, ``znorm_eps`` and ``correction`` for its stats tensor;
-    ``eps`` is Adam's). The caller
-    has incremented the step counters and passes, per tensor, ``step_size = lr / (1 - beta1**step)`` and
-    ``bias_correction2_sqrt = (1 - beta2**step) ** 0.5``. ``max_exp_avg_sqs`` is read only with amsgrad.
-    ``treated``, ``write_grad``, ``stats_out`` and ``checked`` as for ``sgd_step_``."""
-    beta1, beta2, lr, weight_decay, eps = optim_steps.scalars(
-        "native fused step", beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps
-    )
-    lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
+    """torch.optim.Adam's (``args.decoupled`` False) or AdamW's (True) non-capturable step on the z-scores of
+    the gradients, for CPU or CUDA tensors, in one op call (the arguments of ``triton_optim.adam_step_``, the
+    hyperparameters ``args`` an ``optim_steps.AdamArgs`` whose ``step_size`` and ``bias_correction2_sqrt``
+    may also be one float for every tensor, with ``treated``, ``znorm_eps`` and ``correction`` for its stats
+    tensor). ``max_exp_avg_sqs`` is read only with amsgrad. ``treated``, ``write_grad``, ``stats_out`` and
+    ``checked`` as for ``sgd_step_``."""
+    lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if args.amsgrad else [])
     if not checked:
         check_step(lists, optim_steps.list_names("adam", len(lists)))
     n = len(params)
     treated = _flags("treated", treated, n)
+    step_size, bias_correction2_sqrt = args.step_size, args.bias_correction2_sqrt
     if not isinstance(step_size, list):  # one value for every tensor
         step_size, bias_correction2_sqrt = [step_size] * n, [bias_correction2_sqrt] * n
     if len(step_size) != n or len(bias_correction2_sqrt) != n:
@@ -145,19 +126,19 @@ def adam_step_(
         return
     with torch.no_grad():
         torch.ops.znorm_kernels_C.znorm_adam_step_(
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [], treated,
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if args.amsgrad else [], treated,
             [float(x) for x in step_size], [float(x) for x in bias_correction2_sqrt], float(znorm_eps),
-            float(correction), bool(amsgrad), beta1, beta2, lr, weight_decay, eps, bool(maximize),
-            bool(decoupled), bool(write_grad), stats_out,
+            float(correction), args.amsgrad, args.beta1, args.beta2, args.lr, args.weight_decay, args.eps,
+            args.maximize, args.decoupled, bool(write_grad), stats_out,
         )  # fmt: skip
 
 
 STEPS = {"sgd": sgd_step_, "adam": adam_step_}
 
 
-def steady_step_(family: str, lists: list[list[Tensor]], **kwargs) -> None:
+def steady_step_(family: str, lists: list[list[Tensor]], args: SgdArgs | AdamArgs, **kwargs) -> None:
     """A step that creates no state, of lists validated by an earlier full step ([params, grads, *states]
     as far as the family's update reads them): the family's step with its unused lists padded."""
     n = len(lists[0])
     lists = [*lists, *([[None] * n] * (len(optim_steps.LIST_NAMES[family]) - len(lists)))]
-    STEPS[family](*lists, checked=True, **kwargs)
+    STEPS[family](*lists, args, checked=True, **kwargs)

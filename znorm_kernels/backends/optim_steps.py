@@ -1,5 +1,6 @@
-"""What the fused optimizer steps' host sides share (``triton_optim`` and ``native``): reading their
-hyperparameters and checking their lists of tensors before anything is launched.
+"""What the fused optimizer steps' host sides share (``triton_optim`` and ``native_optim``): their
+hyperparameters (``SgdArgs``, ``AdamArgs``) and the checks of their lists of tensors before anything is
+launched.
 
 Both kernels pair the elements of a parameter, its gradient and its states by memory order, so every tensor
 must have its parameter's shape, strides, dtype and device, and the parameter must be dense. What they do
@@ -9,25 +10,88 @@ ValueError.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from ..memory import is_dense
 
-__all__ = ["LIST_NAMES", "STEP_DTYPES", "check_lengths", "check_tensors", "list_names", "scalars"]
+__all__ = [
+    "LIST_NAMES",
+    "STEP_DTYPES",
+    "AdamArgs",
+    "SgdArgs",
+    "check_lengths",
+    "check_tensors",
+    "list_names",
+    "scalars",
+]
 
 STEP_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _scalar(name: str, x, step: str) -> float:
+    if isinstance(x, Tensor) and (x.device.type != "cpu" or x.numel() != 1):
+        raise NotImplementedError(f"{name} as a device tensor is not supported by the {step}")
+    return float(x)
 
 
 def scalars(step: str, **values) -> tuple[float, ...]:
     """The hyperparameters as Python floats, in the order given: numbers, or 1-element CPU tensors (a device
     tensor would need a host sync to read: NotImplementedError)."""
-    out = []
-    for name, x in values.items():
-        if isinstance(x, Tensor) and (x.device.type != "cpu" or x.numel() != 1):
-            raise NotImplementedError(f"{name} as a device tensor is not supported by the {step}")
-        out.append(float(x))
-    return tuple(out)
+    return tuple(_scalar(name, x, step) for name, x in values.items())
+
+
+def _read(args, floats: tuple[str, ...], flags: tuple[str, ...]) -> None:
+    """An Args object's ``floats`` made Python floats (as ``scalars`` reads them) and its ``flags`` Python
+    bools, in place, as it is made (its ``__dict__``: the dataclass is frozen)."""
+    fields = args.__dict__
+    for name in floats:
+        if type(fields[name]) is not float:
+            fields[name] = _scalar(name, fields[name], "fused step")
+    for name in flags:
+        if type(fields[name]) is not bool:
+            fields[name] = bool(fields[name])
+
+
+@dataclass(frozen=True)
+class SgdArgs:
+    """torch.optim.SGD's hyperparameters, as the fused SGD steps of both hosts take them (one set per call;
+    optim/updates.py makes them from a param group). Numbers become Python floats as the object is made
+    (1-element CPU tensors read; a device tensor would need a host sync: NotImplementedError), flags Python
+    bools."""
+
+    lr: float  # the learning rate
+    momentum: float  # the momentum factor (0: no momentum buffers)
+    dampening: float  # the momentum's dampening (the gradient's weight in the buffer is 1 - dampening)
+    nesterov: bool  # Nesterov momentum
+    weight_decay: float  # L2 penalty, added to the gradient
+    maximize: bool  # ascend (the update takes -z)
+
+    def __post_init__(self) -> None:
+        _read(self, ("lr", "momentum", "dampening", "weight_decay"), ("nesterov", "maximize"))
+
+
+@dataclass(frozen=True)
+class AdamArgs:
+    """torch.optim.Adam's and AdamW's hyperparameters, as the fused Adam steps take them (one set per call;
+    the step counters already incremented). Numbers become Python floats as for ``SgdArgs`` (``step_size`` and
+    ``bias_correction2_sqrt`` are taken as given: the steps read them as floats), flags Python bools."""
+
+    step_size: float | list[float]  # lr / (1 - beta1**step): one for every tensor, or one per tensor
+    bias_correction2_sqrt: float | list[float]  # (1 - beta2**step) ** 0.5, as step_size
+    amsgrad: bool  # keep the maximum of the second moments (max_exp_avg_sqs)
+    beta1: float  # the first moment's decay
+    beta2: float  # the second moment's decay
+    lr: float  # the learning rate (decoupled weight decay scales the parameter by 1 - lr * weight_decay)
+    weight_decay: float  # L2 penalty (Adam: added to the gradient; AdamW: decoupled)
+    eps: float  # Adam's eps, added to the denominator (not ZNorm's)
+    maximize: bool  # ascend (the update takes -z)
+    decoupled: bool  # AdamW's decoupled weight decay
+
+    def __post_init__(self) -> None:
+        _read(self, ("beta1", "beta2", "lr", "weight_decay", "eps"), ("amsgrad", "maximize", "decoupled"))
 
 
 def check_lengths(lists: list[list], names: list[str]) -> int:

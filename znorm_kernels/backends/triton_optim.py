@@ -32,23 +32,25 @@ mixed devices or dtypes, dtypes other than float32/float16/bfloat16/float64, a d
 sparse tensors, non-dense tensors, or a parameter whose gradient or states differ from it in shape or
 strides. Malformed calls (list lengths, the stats tensor's shape) raise ValueError.
 
-The table of work items is a plan (triton_optim_plan.py). Hyperparameters are kernel arguments (float64 bit
-patterns), so an optimizer step captured in a graph replays with the values it was captured with, as torch's
-non-capturable optimizers would; Adam's per-tensor step sizes, when they differ between tensors, travel in a
-small per-call table and raise NotImplementedError under capture. The two update families (SGD; Adam and
-AdamW) are entries of one table, ``KERNELS``: their kernel, pointer and scalar arguments and constexpr
-flags; the tiles are ``tiles.UpdateTiles``; triton_aot.py compiles them ahead of time.
+The table of work items is a plan (triton_optim_plan.py). Hyperparameters (``optim_steps.SgdArgs``,
+``AdamArgs``) are kernel arguments (float64 bit patterns), so an optimizer step captured in a graph replays
+with the values it was captured with, as torch's non-capturable optimizers would; Adam's per-tensor step
+sizes, when they differ between tensors, travel in a small per-call table and raise NotImplementedError under
+capture. The two update families (SGD; Adam and AdamW) are entries of one table, ``KERNELS``: their kernel,
+pointer and scalar arguments and constexpr flags; the tiles are ``tiles.UpdateTiles``; triton_aot.py
+compiles them ahead of time.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
 from . import optim_steps
+from .optim_steps import AdamArgs, SgdArgs
 from .tiles import UpdateTiles
 from .triton_common import ALIGNMENT, element_size, f64_bits, on_device, stream_of, triton_dtypes
 from .triton_host import serves
@@ -193,30 +195,23 @@ def sgd_step_(
     grads: list[Tensor],
     momentum_buffers: list[Tensor | None],
     stats: Tensor,
+    args: SgdArgs,
     *,
     first: list[bool],
-    lr: float,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    weight_decay: float,
-    maximize: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     write_grad: bool = False,
     checked: bool = False,
     tiles: UpdateTiles | None = None,
 ) -> None:
-    """torch.optim.SGD's step on z-scores of the gradients (one (device, dtype) group, one launch).
-    ``checked=True``: the caller has validated these very lists with ``check`` (skips it).
+    """torch.optim.SGD's step on z-scores of the gradients (one (device, dtype) group, one launch), with the
+    hyperparameters ``args`` (``optim_steps.SgdArgs``). ``checked=True``: the caller has validated these very
+    lists with ``check`` (skips it).
 
     ``momentum_buffers[i]``: the parameter's momentum buffer (unused, may be None, when momentum is 0); where
     ``first[i]`` is True it is a buffer the caller just allocated, which becomes d as torch's first step
     makes it (its old contents are not read)."""
-    lr, momentum, dampening, weight_decay = optim_steps.scalars(
-        "fused Triton step", lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay
-    )
-    lists = [params, grads] + ([momentum_buffers] if momentum != 0 else [])
+    lists = [params, grads] + ([momentum_buffers] if args.momentum != 0 else [])
     names = optim_steps.list_names("sgd", len(lists))
     if len(first) != len(params):
         raise ValueError(f"first has {len(first)} entries for {len(params)} params")
@@ -224,11 +219,8 @@ def sgd_step_(
     if device is None:
         return
     plan, mode = sgd_plan(lists, first, device, dtype, tiles)
-    sgd_launch(
-        plan, mode, device, dtype, stats, lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
-        weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
-        write_grad=write_grad,
-    )  # fmt: skip
+    sgd_launch(plan, mode, device, dtype, stats, args, grad_scale=grad_scale, found_inf=found_inf,
+               write_grad=write_grad)  # fmt: skip
 
 
 def sgd_plan(
@@ -241,15 +233,14 @@ def sgd_plan(
     return update_plan(lists, firsts, firsts if mode == 2 else mode, device, dtype, tiles), mode
 
 
-def sgd_launch(plan: Plan, mode: int, device, dtype, stats: Tensor, *, lr: float, momentum: float,
-               dampening: float, nesterov: bool, weight_decay: float, maximize: bool,
+def sgd_launch(plan: Plan, mode: int, device, dtype, stats: Tensor, args: SgdArgs, *,
                grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
                write_grad: bool = False) -> None:  # fmt: skip
-    """The SGD update launch of a plan from ``sgd_plan`` (the hyperparameters already Python floats)."""
-    scalars = (lr, momentum, 1 - dampening, weight_decay)
+    """The SGD update launch of a plan from ``sgd_plan``."""
+    scalars = (args.lr, args.momentum, 1 - args.dampening, args.weight_decay)
     _launch(
-        "sgd", plan, device, dtype, stats, grad_scale, found_inf, (), scalars, maximize, weight_decay,
-        write_grad, (momentum != 0, bool(nesterov), mode),
+        "sgd", plan, device, dtype, stats, grad_scale, found_inf, (), scalars, args.maximize,
+        args.weight_decay, write_grad, (args.momentum != 0, args.nesterov, mode),
     )  # fmt: skip
 
 
@@ -263,35 +254,23 @@ def adam_step_(
     exp_avg_sqs: list[Tensor],
     max_exp_avg_sqs: list[Tensor | None],
     stats: Tensor,
+    args: AdamArgs,
     *,
-    step_size: list[float],
-    bias_correction2_sqrt: list[float],
-    amsgrad: bool,
-    beta1: float,
-    beta2: float,
-    lr: float,
-    weight_decay: float,
-    eps: float,
-    maximize: bool,
-    decoupled: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     write_grad: bool = False,
     checked: bool = False,
     tiles: UpdateTiles | None = None,
 ) -> None:
-    """torch.optim.Adam's (``decoupled=False``) or AdamW's (``decoupled=True``) non-capturable step on
-    z-scores of the gradients (one (device, dtype) group, one launch). The caller has incremented the step
-    counters and passes, per tensor, ``step_size = lr / (1 - beta1**step)`` and ``bias_correction2_sqrt =
-    (1 - beta2**step) ** 0.5`` in Python floats, as torch's single-tensor code computes them.
-    ``max_exp_avg_sqs`` is read only with amsgrad (entries may be None otherwise). ``checked``: as for
-    ``sgd_step_``."""
-    beta1, beta2, lr, weight_decay, eps = optim_steps.scalars(
-        "fused Triton step", beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps
-    )
-    lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
+    """torch.optim.Adam's (``args.decoupled`` False) or AdamW's (True) non-capturable step on z-scores of the
+    gradients (one (device, dtype) group, one launch), with the hyperparameters ``args``
+    (``optim_steps.AdamArgs``; here ``step_size`` and ``bias_correction2_sqrt`` are lists, one entry per
+    tensor). ``max_exp_avg_sqs`` is read only with amsgrad (entries may be None otherwise). ``checked``: as
+    for ``sgd_step_``."""
+    lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if args.amsgrad else [])
     names = optim_steps.list_names("adam", len(lists))
     n = len(params)
+    step_size, bias_correction2_sqrt = args.step_size, args.bias_correction2_sqrt
     if len(step_size) != n or len(bias_correction2_sqrt) != n:
         raise ValueError("step_size and bias_correction2_sqrt need one entry per param")
     device, dtype = _checked_group(lists, names) if checked else check(lists, names, stats)
@@ -306,12 +285,9 @@ def adam_step_(
         bias_correction2_sqrt = list(map(float, bias_correction2_sqrt))
     else:
         step_size, bias_correction2_sqrt = (sizes.pop(), bc2s.pop()) if live else (0.0, 0.0)
-    adam_launch(
-        plan, device, dtype, stats, step_size=step_size, bias_correction2_sqrt=bias_correction2_sqrt,
-        amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps,
-        maximize=maximize, decoupled=decoupled, grad_scale=grad_scale, found_inf=found_inf,
-        write_grad=write_grad,
-    )  # fmt: skip
+    args = replace(args, step_size=step_size, bias_correction2_sqrt=bias_correction2_sqrt)
+    adam_launch(plan, device, dtype, stats, args, grad_scale=grad_scale, found_inf=found_inf,
+                write_grad=write_grad)  # fmt: skip
 
 
 def adam_plan(lists: list[list[Tensor]], device, dtype, tiles: UpdateTiles | None = None) -> Plan:
@@ -320,30 +296,28 @@ def adam_plan(lists: list[list[Tensor]], device, dtype, tiles: UpdateTiles | Non
     return update_plan(lists, (False,) * len(lists[0]), 0, device, dtype, tiles)
 
 
-def adam_launch(plan: Plan, device, dtype, stats: Tensor, *, step_size: float | list[float],
-                bias_correction2_sqrt: float | list[float], amsgrad: bool, beta1: float, beta2: float,
-                lr: float, weight_decay: float, eps: float, maximize: bool, decoupled: bool,
-                grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
-                write_grad: bool = False) -> None:  # fmt: skip
-    """The Adam/AdamW update launch of a plan from ``adam_plan``: ``step_size`` and
-    ``bias_correction2_sqrt`` one float for every tensor, or lists of floats (one per tensor: a per-call
-    table, not capturable); the hyperparameters already Python floats."""
+def adam_launch(plan: Plan, device, dtype, stats: Tensor, args: AdamArgs, *, grad_scale: Tensor | None = None,
+                found_inf: Tensor | None = None, write_grad: bool = False) -> None:  # fmt: skip
+    """The Adam/AdamW update launch of a plan from ``adam_plan``: ``args.step_size`` and
+    ``args.bias_correction2_sqrt`` one float for every tensor, or lists of floats (one per tensor: a per-call
+    table, not capturable)."""
     if plan.num_items == 0:
         return
-    per_tensor = isinstance(step_size, list)
+    per_tensor = isinstance(args.step_size, list)
     if per_tensor:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise NotImplementedError("per-tensor Adam step sizes cannot be captured in a CUDA graph")
-        host = torch.tensor(list(zip(step_size, bias_correction2_sqrt)), dtype=torch.float64)
+        host = torch.tensor(list(zip(args.step_size, args.bias_correction2_sqrt)), dtype=torch.float64)
         steps = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
         one_size = one_bc2 = 0.0
     else:
         steps = stats  # never read
-        one_size, one_bc2 = step_size, bias_correction2_sqrt
-    scalars = (1 - beta1, beta2, 1 - beta2, weight_decay, 1 - lr * weight_decay, eps, one_size, one_bc2)
+        one_size, one_bc2 = args.step_size, args.bias_correction2_sqrt
+    beta1, beta2, lr, weight_decay = args.beta1, args.beta2, args.lr, args.weight_decay
+    scalars = (1 - beta1, beta2, 1 - beta2, weight_decay, 1 - lr * weight_decay, args.eps, one_size, one_bc2)
     _launch(
-        "adam", plan, device, dtype, stats, grad_scale, found_inf, (steps,), scalars, maximize, weight_decay,
-        write_grad, (bool(decoupled), bool(amsgrad), per_tensor),
+        "adam", plan, device, dtype, stats, grad_scale, found_inf, (steps,), scalars, args.maximize,
+        weight_decay, write_grad, (args.decoupled, args.amsgrad, per_tensor),
     )  # fmt: skip
 
 
@@ -355,14 +329,15 @@ def steady_plan(lists: list[list[Tensor]], device, dtype) -> Plan:
     return update_plan(lists, (False,) * len(lists[0]), 0, device, dtype)
 
 
-def _sgd_steady_launch(plan: Plan, device, dtype, stats: Tensor, **kwargs) -> None:
-    sgd_launch(plan, 0, device, dtype, stats, **kwargs)
+def _sgd_steady_launch(plan: Plan, device, dtype, stats: Tensor, args: SgdArgs, **kwargs) -> None:
+    sgd_launch(plan, 0, device, dtype, stats, args, **kwargs)
 
 
 STEPS = {"sgd": sgd_step_, "adam": adam_step_}
 STEADY_LAUNCHES = {"sgd": _sgd_steady_launch, "adam": adam_launch}
 
 
-def steady_launch(family: str, plan: Plan, device, dtype, stats: Tensor, **kwargs) -> None:
-    """The update launch of a ``steady_plan`` (the hyperparameters already Python floats)."""
-    STEADY_LAUNCHES[family](plan, device, dtype, stats, **kwargs)
+def steady_launch(family: str, plan: Plan, device, dtype, stats: Tensor, args: SgdArgs | AdamArgs,
+                  **kwargs) -> None:  # fmt: skip
+    """The update launch of a ``steady_plan``, with the family's Args."""
+    STEADY_LAUNCHES[family](plan, device, dtype, stats, args, **kwargs)

@@ -45,8 +45,8 @@ def _options_allow(opt, group: dict[str, Any], settings: ZNormSettings) -> bool:
 
 class _Engine:
     """One bucket's fused update on one path: ``check(lists, names)`` (NotImplementedError for what it does
-    not serve, nothing touched) and ``step(family, lists, **options)``, the family's step function of that
-    path with ``checked=True`` among the options."""
+    not serve, nothing touched) and ``step(family, lists, args, **options)``, the family's step function of
+    that path with its Args (backends/optim_steps.py) and ``checked=True`` among the options."""
 
     def __init__(self, name: str, check, step) -> None:
         self.name, self.check, self.step = name, check, step
@@ -58,7 +58,7 @@ def _triton_engine(stats: Tensor) -> _Engine:
     return _Engine(
         "triton",
         lambda lists, names: triton_optim.check(lists, names, stats),
-        lambda family, lists, **kw: triton_optim.STEPS[family](*lists, stats, **kw),
+        lambda family, lists, args, **kw: triton_optim.STEPS[family](*lists, stats, args, **kw),
     )
 
 
@@ -70,7 +70,7 @@ def _native_engine(
     return _Engine(
         name,
         native_optim.check_step,
-        lambda family, lists, **kw: native_optim.STEPS[family](*lists, **znorm, **kw),
+        lambda family, lists, args, **kw: native_optim.STEPS[family](*lists, args, **znorm, **kw),
     )
 
 
@@ -135,14 +135,14 @@ def try_fused_step_(
                 if settings.track_stats:
                     stats = torch.full((len(ps), 2), float("nan"), dtype=torch.float64, device=ps[0].device)
                 engine = _native_engine(layout.path, treated, eps, correction, stats)
-            checked, call, kwargs, after = update.prepare(opt, group, ps, gs, update)
+            checked, call, args, extra, after = update.prepare(opt, group, ps, gs, update)
             _validate(caches, checked, optim_steps.list_names(update.family, len(checked)), engine)
-            launches.append((ps, treated, stats, engine, call, kwargs, after))
+            launches.append((ps, treated, stats, engine, call, args, extra, after))
     except NotImplementedError:
         return False
     # Phase 2: the updates.
-    for _, _, _, engine, call, kwargs, after in launches:
-        engine.step(update.family, call, write_grad=settings.normalize_grad, checked=True, **kwargs)
+    for _, _, _, engine, call, args, extra, after in launches:
+        engine.step(update.family, call, args, write_grad=settings.normalize_grad, checked=True, **extra)
         after()
     if settings.track_stats and znorm:
         selected = [p for p in group["params"] if p.dim() >= min_ndim]

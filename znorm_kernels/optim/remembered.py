@@ -150,12 +150,12 @@ def remembered_step_(
             from ..backends import triton_optim
 
             triton_optim.steady_launch(
-                update.family, plan, device, dtype, stats, write_grad=settings.normalize_grad, **bucket
+                update.family, plan, device, dtype, stats, bucket, write_grad=settings.normalize_grad
             )
         else:
             native_optim.steady_step_(
-                update.family, sub, treated=treated, znorm_eps=eps, correction=correction, stats_out=stats,
-                write_grad=settings.normalize_grad, **bucket,
+                update.family, sub, bucket, treated=treated, znorm_eps=eps, correction=correction,
+                stats_out=stats, write_grad=settings.normalize_grad,
             )  # fmt: skip
     if counters:
         count_steps_(counters)

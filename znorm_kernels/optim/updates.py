@@ -8,7 +8,7 @@ update. docs/extending.md has the checklist for adding one.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
 from ..backends import optim_steps
+from ..backends.optim_steps import AdamArgs, SgdArgs
 
 __all__ = ["FUSED_UPDATES", "FusedUpdate", "bias_corrections", "bucket_args"]
 
@@ -33,12 +34,12 @@ def bias_corrections(lr: float, beta1: float, beta2: float, counts: list[float])
     return [lr / (1 - beta1**c) for c in counts], [(1 - beta2**c) ** 0.5 for c in counts]
 
 
-def bucket_args(args: dict[str, Any], idx: list[int]) -> dict[str, Any]:
-    """The kernel arguments of the tensors at ``idx`` (per-tensor lists picked, scalars kept)."""
-    if not isinstance(args.get("step_size"), list):
+def bucket_args(args: SgdArgs | AdamArgs, idx: list[int]) -> SgdArgs | AdamArgs:
+    """The hyperparameters of the tensors at ``idx`` (per-tensor lists picked, scalars kept)."""
+    if not isinstance(getattr(args, "step_size", None), list):
         return args
-    step_size, bc2 = args["step_size"], args["bias_correction2_sqrt"]
-    return dict(args, step_size=[step_size[i] for i in idx], bias_correction2_sqrt=[bc2[i] for i in idx])
+    step_size, bc2 = args.step_size, args.bias_correction2_sqrt
+    return replace(args, step_size=[step_size[i] for i in idx], bias_correction2_sqrt=[bc2[i] for i in idx])
 
 
 # --- SGD ---
@@ -48,18 +49,16 @@ def _sgd_state_keys(group: dict[str, Any]) -> tuple[str, ...]:
     return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
 
-def _sgd_args(group: dict[str, Any], counters: list[Tensor]) -> dict[str, Any]:
-    lr, momentum, dampening, weight_decay = optim_steps.scalars(
-        "fused step", lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
-        weight_decay=group["weight_decay"],
-    )  # fmt: skip
-    return dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=group["nesterov"],
-                weight_decay=weight_decay, maximize=group["maximize"])  # fmt: skip
+def _sgd_args(group: dict[str, Any], counters: list[Tensor]) -> SgdArgs:
+    return SgdArgs(lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
+                   nesterov=group["nesterov"], weight_decay=group["weight_decay"],
+                   maximize=group["maximize"])  # fmt: skip
 
 
 def _sgd_prepare(opt, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], update: FusedUpdate):
     """The SGD update's lists (momentum buffers allocated for a first step, as torch's first step makes
-    them), its keyword arguments and what to do after it."""
+    them), its hyperparameters, its ``first`` flags and what to do after it."""
+    args = _sgd_args(group, [])
     momentum = group["momentum"]
     bufs, first = [], []
     for p in params:
@@ -71,16 +70,13 @@ def _sgd_prepare(opt, group: dict[str, Any], params: list[Tensor], grads: list[T
             first.append(False)
         bufs.append(buf)
     lists = [params, grads] + ([bufs] if momentum != 0 else [])
-    kwargs = dict(first=first, lr=group["lr"], momentum=momentum, dampening=group["dampening"],
-                  nesterov=group["nesterov"], weight_decay=group["weight_decay"],
-                  maximize=group["maximize"])  # fmt: skip
 
     def after() -> None:
         if momentum != 0:  # torch keeps the buffer only with momentum
             for p, buf in zip(params, bufs):
                 opt.state[p]["momentum_buffer"] = buf
 
-    return lists, [params, grads, bufs], kwargs, after
+    return lists, [params, grads, bufs], args, dict(first=first), after
 
 
 # --- Adam and AdamW ---
@@ -90,28 +86,32 @@ def _adam_state_keys(group: dict[str, Any]) -> tuple[str, ...]:
     return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
 
 
+def _adam_group_args(group: dict[str, Any], decoupled: bool, step_size, bias_correction2_sqrt) -> AdamArgs:
+    """The group's AdamArgs with these step sizes."""
+    beta1, beta2 = group["betas"]
+    return AdamArgs(step_size=step_size, bias_correction2_sqrt=bias_correction2_sqrt,
+                    amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"],
+                    weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
+                    decoupled=decoupled)  # fmt: skip
+
+
 def _adam_args(decoupled: bool):
-    def args(group: dict[str, Any], counters: list[Tensor]) -> dict[str, Any]:
+    def args(group: dict[str, Any], counters: list[Tensor]) -> AdamArgs:
         beta1, beta2 = group["betas"]
-        beta1, beta2, lr, weight_decay, eps = optim_steps.scalars(
-            "fused step", beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
-            eps=group["eps"],
-        )  # fmt: skip
+        beta1, beta2, lr = optim_steps.scalars("fused step", beta1=beta1, beta2=beta2, lr=group["lr"])
         counts = [float(s) + 1 for s in counters]  # CPU tensors: no device sync
         if counts.count(counts[0]) == len(counts):  # one value for every tensor
             (step_size,), (bc2_sqrt,) = bias_corrections(lr, beta1, beta2, counts[:1])
         else:
             step_size, bc2_sqrt = bias_corrections(lr, beta1, beta2, counts)
-        return dict(step_size=step_size, bias_correction2_sqrt=bc2_sqrt, amsgrad=group["amsgrad"],
-                    beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps,
-                    maximize=group["maximize"], decoupled=decoupled)  # fmt: skip
+        return _adam_group_args(group, decoupled, step_size, bc2_sqrt)
 
     return args
 
 
 def _adam_prepare(opt, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], update: FusedUpdate):
     """The Adam/AdamW update's lists (state created as torch's Adam._init_group makes it for a group neither
-    capturable nor fused), its keyword arguments, and the step count after it."""
+    capturable nor fused), its hyperparameters, no further options, and the step count after it."""
     beta1, beta2 = group["betas"]
     amsgrad = group["amsgrad"]
     exp_avgs, exp_avg_sqs, max_sqs, steps = [], [], [], []
@@ -132,10 +132,8 @@ def _adam_prepare(opt, group: dict[str, Any], params: list[Tensor], grads: list[
     lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_sqs] if amsgrad else [])
     counts = [float(s) + 1 for s in steps]  # CPU tensors: no device sync
     step_size, bc2_sqrt = bias_corrections(group["lr"], beta1, beta2, counts)
-    kwargs = dict(step_size=step_size, bias_correction2_sqrt=bc2_sqrt, amsgrad=amsgrad, beta1=beta1,
-                  beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
-                  maximize=group["maximize"], decoupled=update.decoupled)  # fmt: skip
-    return lists, [params, grads, exp_avgs, exp_avg_sqs, max_sqs], kwargs, lambda: count_steps_(steps)
+    args = _adam_group_args(group, update.decoupled, step_size, bc2_sqrt)
+    return lists, [params, grads, exp_avgs, exp_avg_sqs, max_sqs], args, {}, lambda: count_steps_(steps)
 
 
 @dataclass(frozen=True)
@@ -145,15 +143,17 @@ class FusedUpdate:
     ``family``: its kernels ("sgd" or "adam": triton_optim.KERNELS, native_optim's ``<family>_step_``);
     ``state_keys(group)``: the state tensors the update reads per parameter, in the kernels' list order;
     ``counts_steps``: whether each parameter has a CPU ``step`` counter the update advances (Adam);
-    ``args(group, counters)``: the kernels' hyperparameters for a remembered step (Python floats);
+    ``args(group, counters)``: the kernels' hyperparameters for a remembered step (the family's Args of
+    backends/optim_steps.py);
     ``prepare(opt, group, params, grads, update)``: for a full step, (the lists to check, the lists the
-    kernels take, their keyword arguments, what to run after the launch), creating missing state as
-    torch's optimizer would; ``decoupled``: AdamW's weight decay."""
+    kernels take, their hyperparameters (the family's Args), the step's other keyword options, what to run
+    after the launch), creating missing state as torch's optimizer would; ``decoupled``: AdamW's weight
+    decay."""
 
     family: str
     state_keys: Callable[[dict[str, Any]], tuple[str, ...]]
     counts_steps: bool
-    args: Callable[[dict[str, Any], list[Tensor]], dict[str, Any]]
+    args: Callable[[dict[str, Any], list[Tensor]], SgdArgs | AdamArgs]
     prepare: Callable
     decoupled: bool = False
 
