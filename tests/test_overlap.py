@@ -57,6 +57,56 @@ def test_rule11_partial_overlap_raises_and_modifies_nothing(backend, device, pai
         assert torch.equal(t, b), "nothing is modified when the input is rejected"
 
 
+@backend_device
+@pytest.mark.parametrize(
+    "pair",
+    [
+        "prefix first",  # a[:40] and a: the same first byte, fewer elements
+        "prefix last",
+        "suffix first",  # a[60:] and a: the same last byte
+        "suffix last",
+        "rows of a matrix",  # m[:3] and m: a dense prefix of another shape
+        "prefix as a matrix",  # a[:40].view(4, 10) and a.view(10, 10)
+        "one element short",  # a[:-1] and a
+    ],
+)
+def test_rule11_a_prefix_or_suffix_of_the_same_memory_raises(backend, device, pair):
+    # Views that start (or end) at the same address but cover fewer elements are partial overlaps, not the
+    # same tensor twice: normalizing one would change part of the other.
+    a = make_grad((100,), device=device)
+    m = make_grad((10, 10), device=device, seed=1)
+    views = {
+        "prefix first": (a[:40], a),
+        "prefix last": (a, a[:40]),
+        "suffix first": (a[60:], a),
+        "suffix last": (a, a[60:]),
+        "rows of a matrix": (m[:3], m),
+        "prefix as a matrix": (a[:40].view(4, 10), a.view(10, 10)),
+        "one element short": (a[:-1], a),
+    }[pair]
+    before = [a.clone(), m.clone()]
+    with pytest.raises(ValueError, match=r"position 0 .*position 1.* share part of their memory"):
+        znorm_kernels.znorm_(list(views), backend=backend)
+    for t, b in zip((a, m), before):
+        assert torch.equal(t, b), "nothing is modified when the input is rejected"
+
+
+def test_rule11_a_prefix_at_the_same_address_through_the_hook():
+    # The hook's cached path: gradients that move onto one buffer, the first a prefix of the second, must
+    # take the full check (and raise), not the cache's verdict for disjoint gradients.
+    a, b = torch.nn.Parameter(torch.zeros(40)), torch.nn.Parameter(torch.zeros(100))
+    opt = torch.optim.SGD([a, b], lr=0.1)
+    znorm_kernels.register(opt, backend="reference")
+    a.grad, b.grad = make_grad((40,), seed=1), make_grad((100,), seed=2)
+    opt.step()  # disjoint gradients: cached
+    buf = make_grad((100,), seed=3)
+    a.grad, b.grad = buf[:40], buf
+    before = buf.clone()
+    with pytest.raises(ValueError, match="share part of their memory"):
+        opt.step()
+    assert torch.equal(buf, before)
+
+
 def test_rule11_error_names_parameters():
     a = torch.randn(30)
     with pytest.raises(ValueError, match=r"'w'.*'w_window'"):

@@ -86,13 +86,7 @@ def _register_fake() -> None:
         return
 
     @torch.library.register_fake(OP_NAME)
-    def _(
-        tensors: list[Tensor],
-        eps: float,
-        correction: float,
-        grad_scale: Tensor | None,
-        stats: Tensor | None = None,
-    ) -> None:
+    def _(tensors, eps, correction, grad_scale, stats=None) -> None:
         return None  # in place (the tensors, and stats when given): nothing to allocate, shapes unchanged
 
     if has_kernel(SGD_OP_NAME, "CPU"):
