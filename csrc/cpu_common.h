@@ -197,6 +197,15 @@ Moments run_stats(const T* p, int64_t n) {
   A sum, lo, hi;
   K::sum_min_max(p, n, sum, lo, hi);
   const double dn = static_cast<double>(n);
+  if constexpr (std::is_same_v<A, double>) {
+    const double factor = range_factor(lo, hi);
+    if (factor != 1.0) {  // huge or tiny float64 values: both passes again, on scaled values (rare)
+      const double m = K::scaled_sum(p, n, factor) / dn;
+      double s1, q;
+      K::scaled_centred_sums(p, n, m, factor, s1, q);
+      return run_moments(dn, m, s1, q, lo, hi, factor);
+    }
+  }
   if (std::is_same_v<A, double> || float_safe(lo, hi)) {
     const A m = sum / static_cast<A>(n);
     double s1, q;
@@ -210,12 +219,13 @@ Moments run_stats(const T* p, int64_t n) {
   return run_moments(dn, m, s1, q, lo, hi);
 }
 
-// The normalize pass's constants: the mean as a pair hi + lo of A values, the multiplier in A; `wide` (float
-// tensors only) takes the float64 mean and multiplier instead.
+// The normalize pass's constants: the mean as a pair hi + lo of A values, the multiplier in A; `wide` takes
+// the float64 mean, multiplier and factor instead (float tensors beyond float's comfortable range, and any
+// tensor whose statistics are scaled: Final::factor).
 template <typename A>
 struct ZConst {
   A hi = 0, lo = 0, mult = 1;  // the identity: z = g
-  double mean = 0.0, inv = 1.0;
+  double mean = 0.0, inv = 1.0, factor = 1.0;
   bool wide = false;
 };
 
@@ -227,7 +237,8 @@ ZConst<A> zconst(const Final& f) {
   c.mult = static_cast<A>(f.inv);
   c.mean = f.mean;
   c.inv = f.inv;
-  c.wide = f.wide && !std::is_same_v<A, double>;
+  c.factor = f.factor;
+  c.wide = f.wide && (!std::is_same_v<A, double> || f.factor != 1.0);
   return c;
 }
 

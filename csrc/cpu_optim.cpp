@@ -67,7 +67,7 @@ void optim_typed(const std::vector<OptEntry>& es, double eps, double correction,
     for (int64_t off = 0; off < len; off += kOptBlock) {
       const int64_t n = std::min(kOptBlock, len - off);
       if (c.wide) {
-        KO::template z_run_wide<T, A>(g + off, z, n, c.mean, c.inv);
+        KO::template z_run_wide<T, A>(g + off, z, n, c.mean, c.inv, c.factor);
       } else {
         KO::template z_run<T, A>(g + off, z, n, c.hi, c.lo, c.mult);
       }

@@ -27,11 +27,12 @@ void z_run(const T* __restrict g, A* __restrict z, int64_t n, A hi, A lo, A mult
 
 // The value normalize_run_wide writes, read back in A.
 template <typename T, typename A>
-void z_run_wide(const T* __restrict g, A* __restrict z, int64_t n, double mean, double mult) {
+void z_run_wide(const T* __restrict g, A* __restrict z, int64_t n, double mean, double mult, double factor) {
   using F = decltype(to_acc(g[0]));
+  const double mean_f = mean * factor;
   for (int64_t i = 0; i < n; ++i) {
     z[i] = static_cast<A>(
-        to_acc(from_acc<T>(static_cast<F>((static_cast<double>(to_acc(g[i])) - mean) * mult))));
+        to_acc(from_acc<T>(static_cast<F>((static_cast<double>(to_acc(g[i])) * factor - mean_f) * mult))));
   }
 }
 
@@ -142,8 +143,8 @@ struct OptimKernels {
     ZNORM_ISA::z_run<T, A>(g, z, n, hi, lo, mult);
   }
   template <typename T, typename A>
-  static void z_run_wide(const T* g, A* z, int64_t n, double mean, double mult) {
-    ZNORM_ISA::z_run_wide<T, A>(g, z, n, mean, mult);
+  static void z_run_wide(const T* g, A* z, int64_t n, double mean, double mult, double factor) {
+    ZNORM_ISA::z_run_wide<T, A>(g, z, n, mean, mult, factor);
   }
   template <typename T, typename A>
   static void store_run(T* g, const A* z, int64_t n) {

@@ -47,7 +47,7 @@ void znorm_typed(std::vector<Span>& spans, double eps, double correction, const 
   auto ptr = [&](int64_t t) { return static_cast<T*>(spans[t].data); };
   auto normalize = [](T* p, int64_t n, const Final& f) {
     const ZConst<A> c = zconst<A>(f);
-    if (c.wide) return K::normalize_run_wide(p, n, c.mean, c.inv);
+    if (c.wide) return K::normalize_run_wide(p, n, c.mean, c.inv, c.factor);
     K::normalize_run(p, n, c.hi, c.lo, c.mult);
   };
   // Tensor t's statistics: its row of the stats output (each tensor's own row, so items on different threads

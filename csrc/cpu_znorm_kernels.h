@@ -140,6 +140,40 @@ void centred_sums(const T* __restrict p, int64_t n, A m, double& s1, double& q) 
   q = reduce_lanes<double, L>(sq);
 }
 
+// sum(x * factor) over a float64 run, in the lanes of sum_min_max (huge or tiny values, scaled: rare).
+inline double scaled_sum(const double* __restrict p, int64_t n, double factor) {
+  constexpr int L = Lanes<double>::value;
+  double acc[L] = {};
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    for (int j = 0; j < L; ++j) acc[j] += p[i + j] * factor;
+  }
+  for (int j = 0; i + j < n; ++j) acc[j] += p[i + j] * factor;
+  return reduce_lanes<double, L>(acc);
+}
+
+// centred_sums of a float64 run's values times factor: d = x * factor - m.
+inline void scaled_centred_sums(const double* __restrict p, int64_t n, double m, double factor, double& s1,
+                                double& q) {
+  constexpr int L = Lanes<double>::value;
+  double acc[L] = {}, sq[L] = {};
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    for (int j = 0; j < L; ++j) {
+      const double d = p[i + j] * factor - m;
+      acc[j] += d;
+      sq[j] += d * d;
+    }
+  }
+  for (int j = 0; i + j < n; ++j) {
+    const double d = p[i + j] * factor - m;
+    acc[j] += d;
+    sq[j] += d * d;
+  }
+  s1 = reduce_lanes<double, L>(acc);
+  q = reduce_lanes<double, L>(sq);
+}
+
 // x <- ((x - hi) - lo) * mult, the mean given as a pair hi + lo of A values: x - hi is exact near the mean, so
 // the pair keeps the float64 mean's precision at A's cost. A constant tensor has hi = its value, lo = 0 and
 // mult = 0: every result is exactly 0.
@@ -148,12 +182,14 @@ void normalize_run(T* __restrict p, int64_t n, A hi, A lo, A mult) {
   for (int64_t i = 0; i < n; ++i) p[i] = from_acc<T>(((to_acc(p[i]) - hi) - lo) * mult);
 }
 
-// x <- (x - mean) * mult in double, for tensors beyond float's comfortable range ("wide"; rare).
+// x <- (x * factor - mean * factor) * mult in double, for tensors beyond float's comfortable range and those
+// whose statistics are scaled ("wide"; rare); factor is 1 but for the latter (Final::factor).
 template <typename T>
-void normalize_run_wide(T* __restrict p, int64_t n, double mean, double mult) {
+void normalize_run_wide(T* __restrict p, int64_t n, double mean, double mult, double factor) {
   using A = decltype(to_acc(p[0]));
+  const double mean_f = mean * factor;
   for (int64_t i = 0; i < n; ++i) {
-    p[i] = from_acc<T>(static_cast<A>((static_cast<double>(to_acc(p[i])) - mean) * mult));
+    p[i] = from_acc<T>(static_cast<A>((static_cast<double>(to_acc(p[i])) * factor - mean_f) * mult));
   }
 }
 
@@ -175,9 +211,15 @@ struct Kernels {
   static void normalize_run(T* p, int64_t n, A hi, A lo, A mult) {
     ZNORM_ISA::normalize_run<T, A>(p, n, hi, lo, mult);
   }
+  static double scaled_sum(const double* p, int64_t n, double factor) {
+    return ZNORM_ISA::scaled_sum(p, n, factor);
+  }
+  static void scaled_centred_sums(const double* p, int64_t n, double m, double factor, double& s1, double& q) {
+    ZNORM_ISA::scaled_centred_sums(p, n, m, factor, s1, q);
+  }
   template <typename T>
-  static void normalize_run_wide(T* p, int64_t n, double mean, double mult) {
-    ZNORM_ISA::normalize_run_wide<T>(p, n, mean, mult);
+  static void normalize_run_wide(T* p, int64_t n, double mean, double mult, double factor) {
+    ZNORM_ISA::normalize_run_wide<T>(p, n, mean, mult, factor);
   }
 };
 

@@ -135,8 +135,11 @@ __global__ void __launch_bounds__(kThreads)
   const bool aligned = (flags & kAligned) != 0;
   const bool first = (flags & kFirst) != 0;
   const bool store_g = a.write_grad && (flags & kTreated) != 0;  // z = g elsewhere: nothing to write
-  const double mean = finals[3 * t], inv = finals[3 * t + 1];
-  const bool wide = !std::is_same_v<A, double> && finals[3 * t + 2] != 0.0;
+  const double mean = finals[3 * t], inv = finals[3 * t + 1], factor = finals[3 * t + 2];
+  // As normalize_kernel: float tensors beyond float's range (their factor is 1), float64 tensors whose
+  // statistics are scaled.
+  constexpr bool f64 = std::is_same_v<A, double>;
+  const bool wide = f64 ? factor != 0.0 && factor != 1.0 : factor != 0.0;
   const A hi = static_cast<A>(mean);
   const A lo = static_cast<A>(mean - static_cast<double>(hi));
   const A mult = static_cast<A>(inv);
@@ -147,9 +150,8 @@ __global__ void __launch_bounds__(kThreads)
   }
   // z exactly as normalize_kernel writes it (rounded to T), in A.
   const auto zscore = [&](T x) -> T {
-    if (wide) {
-      return static_cast<T>(static_cast<A>(__dmul_rn(__dsub_rn(static_cast<double>(to_acc(x)), mean), inv)));
-    }
+    if (wide && f64) return static_cast<T>(__dmul_rn(__dsub_rn(__dmul_rn(to_acc(x), factor), mean * factor), inv));
+    if (wide) return static_cast<T>(static_cast<A>(__dmul_rn(__dsub_rn(static_cast<double>(to_acc(x)), mean), inv)));
     return static_cast<T>(mul_rn(sub_rn(sub_rn(to_acc(x), hi), lo), mult));
   };
   const auto elem = [&](T& gv, T& pv, T& s0, T& s1, T& s2) {

@@ -70,6 +70,36 @@ __device__ B chunk_sum(const ChunkRef<T>& c) {
   return block_reduce<0, B>((acc[0] + acc[1]) + (acc[2] + acc[3]));
 }
 
+// Pass 2 of a chunk, as stats_kernel's ending: its moments into its slot of `partials`.
+__device__ __forceinline__ void store_moments(const Moments& m, double* slot) {
+  if (threadIdx.x == 0) {
+    slot[0] = m.n;
+    slot[1] = m.mean;
+    slot[2] = m.m2;
+    slot[3] = m.lo;
+    slot[4] = m.hi;
+  }
+}
+
+// Both passes again for a float64 chunk of huge or tiny values (range_factor in znorm.h: rare), on its values
+// times `factor`, M2 so scaled. Out of line, the chunk by value: the common path keeps its registers.
+__device__ __noinline__ void scaled_chunk(const ChunkRef<double> c, double lo, double hi, double factor,
+                                          double* slot) {
+  double acc[kUnroll] = {};
+  visit_chunk<double>(c.x, c.len, c.aligned, [&](int u, double v) { acc[u] += __dmul_rn(v, factor); });
+  const double len = static_cast<double>(c.len);
+  const double m = block_reduce<0, double>((acc[0] + acc[1]) + (acc[2] + acc[3])) / len;
+  double sums[kUnroll] = {}, sq[kUnroll] = {};
+  visit_chunk<double>(c.x, c.len, c.aligned, [&](int u, double v) {
+    const double d = __dsub_rn(__dmul_rn(v, factor), m);
+    sums[u] += d;
+    sq[u] += d * d;
+  });
+  const double s1 = block_reduce<0, double>((sums[0] + sums[1]) + (sums[2] + sums[3]));
+  const double q = block_reduce<0, double>((sq[0] + sq[1]) + (sq[2] + sq[3]));
+  store_moments(run_moments(len, m, s1, q, lo, hi, factor), slot);
+}
+
 // At least kStatsMinBlocksPerSm blocks per SM: without the bound the float32 kernel takes more registers than
 // that many blocks leave room for.
 template <typename T>
@@ -95,6 +125,13 @@ __global__ void __launch_bounds__(kThreads, cuda_tiles::kStatsMinBlocksPerSm)
   const A sum = block_reduce<0, A>((acc[0] + acc[1]) + (acc[2] + acc[3]));
   const double lo = block_reduce<1, A>(mn), hi = block_reduce<2, A>(mx);
   const double len = static_cast<double>(c.len);
+  if constexpr (std::is_same_v<A, double>) {
+    const double factor = range_factor(lo, hi);  // uniform over the block, as lo and hi are
+    if (factor != 1.0) {
+      scaled_chunk(c, lo, hi, factor, partials + 5 * chunk);
+      return;
+    }
+  }
   double s1, q;
   Moments m;
   if (std::is_same_v<A, double> || float_safe(lo, hi)) {
@@ -106,14 +143,7 @@ __global__ void __launch_bounds__(kThreads, cuda_tiles::kStatsMinBlocksPerSm)
     centred_sums<double>(c, mean, s1, q);
     m = run_moments(len, mean, s1, q, lo, hi);
   }
-  if (threadIdx.x == 0) {
-    double* slot = partials + 5 * chunk;
-    slot[0] = m.n;
-    slot[1] = m.mean;
-    slot[2] = m.m2;
-    slot[3] = m.lo;
-    slot[4] = m.hi;
-  }
+  store_moments(m, partials + 5 * chunk);
 }
 
 // `stats` (nullptr: not asked for) receives (mean, std) at row rows[t], or row t when rows is nullptr.
@@ -154,7 +184,7 @@ __global__ void __launch_bounds__(kThreads)
     const Final f = finalize(s_m[0], eps, correction, scale);
     finals[3 * t] = f.mean;
     finals[3 * t + 1] = f.inv;
-    finals[3 * t + 2] = f.wide ? 1.0 : 0.0;
+    finals[3 * t + 2] = f.wide ? f.factor : 0.0;
     if (stats != nullptr) {
       const int64_t row = rows == nullptr ? t : rows[t];
       stats[2 * row] = f.mean;
@@ -168,8 +198,16 @@ __global__ void __launch_bounds__(kThreads) normalize_kernel(TableView table, co
   using A = acc_t<T>;
   int64_t t;
   const ChunkRef<T> c = chunk_of<T>(table, blockIdx.x, t);
-  const double mean = finals[3 * t], inv = finals[3 * t + 1];
-  if (!std::is_same_v<A, double> && finals[3 * t + 2] != 0.0) {
+  const double mean = finals[3 * t], inv = finals[3 * t + 1], wide = finals[3 * t + 2];
+  if constexpr (std::is_same_v<A, double>) {
+    // A float64 tensor whose statistics are scaled: `wide` is its factor, `inv` is stored divided by it.
+    if (wide != 0.0 && wide != 1.0) {
+      const double mean_w = mean * wide;
+      transform_chunk<T>(c.x, c.len, c.aligned, [&](T x) { return (x * wide - mean_w) * inv; });
+      return;
+    }
+  } else if (wide != 0.0) {
+    // Beyond float's comfortable range: in double (a float tensor's factor is always 1).
     transform_chunk<T>(c.x, c.len, c.aligned, [&](T x) {
       return static_cast<T>(static_cast<A>((static_cast<double>(to_acc(x)) - mean) * inv));
     });

@@ -59,12 +59,29 @@ struct Moments {
   double hi = -INFINITY;
 };
 
+// float64 values near the top or the bottom of the range: a run (chunk, partial, tensor) whose largest finite
+// magnitude is beyond kHuge could overflow a sum or a square, one whose largest magnitude is below kTiny loses
+// its squares to underflow. Such a run has its sums taken on its values times range_factor (a power of two:
+// exact) and its M2 kept so scaled wherever it is stored or merged; its mean, min and max are not scaled, so
+// whether an M2 is scaled follows from the bounds beside it. Every other run's factor is 1, and its arithmetic
+// is unchanged bit for bit. The same convention as the Triton kernels' (triton_moments.py) and the host's
+// (float64_range.py).
+inline constexpr double kHuge = 0x1p400, kTiny = 0x1p-400, kShrink = 0x1p-600, kGrow = 0x1p600;
+
+C10_HOST_DEVICE inline double range_factor(double lo, double hi) {
+  const double big = -lo > hi ? -lo : hi;
+  if (big > kHuge && big < INFINITY) return kShrink;
+  return big < kTiny && big > 0.0 ? kGrow : 1.0;
+}
+
 // The moments of a run from its two in-cache passes: sum, min and max, then s1 = sum(x - m) and q = sum((x - m)^2)
 // around its rounded mean m. mean = m + s1/n recovers what rounding m cost, and M2 = q - s1^2/n (exact for
 // s1 = 0); no element is used as a shift, so an outlier costs precision only in its own square. A constant
-// run (min == max, an exact test) has exactly its value as mean and 0 as M2.
-C10_HOST_DEVICE inline Moments run_moments(double n, double m, double s1, double q, double lo, double hi) {
-  Moments r{n, m + s1 / n, q - s1 * (s1 / n), lo, hi};
+// run (min == max, an exact test) has exactly its value as mean and 0 as M2. The sums are of the values times
+// `factor` (range_factor(lo, hi)): M2 stays so scaled, the mean is unscaled.
+C10_HOST_DEVICE inline Moments run_moments(double n, double m, double s1, double q, double lo, double hi,
+                                           double factor = 1.0) {
+  Moments r{n, (m + s1 / n) / factor, q - s1 * (s1 / n), lo, hi};
   if (!(r.m2 > 0.0)) r.m2 = r.m2 != r.m2 ? r.m2 : 0.0;  // rounding may take M2 just below 0; NaN stays
   if (lo == hi && r.mean == r.mean) {
     r.mean = lo;
@@ -81,17 +98,21 @@ C10_HOST_DEVICE inline bool float_safe(double lo, double hi) {
 }
 
 // Chan's parallel update: the moments of the concatenation a ++ b. Callers merge in a fixed order, which
-// makes the result independent of which thread or block produced each partial.
+// makes the result independent of which thread or block produced each partial. Each M2 is scaled by its own
+// range_factor, the result's by the merged bounds' (all 1, and the arithmetic the plain one, in every run whose
+// values are neither huge nor all tiny).
 C10_HOST_DEVICE inline Moments merge(const Moments& a, const Moments& b) {
   if (a.n == 0.0) return b;
   if (b.n == 0.0) return a;
   Moments r;
   r.n = a.n + b.n;
-  const double delta = b.mean - a.mean;
-  r.mean = a.mean + delta * (b.n / r.n);
-  r.m2 = a.m2 + b.m2 + delta * delta * (a.n * (b.n / r.n));
   r.lo = b.lo < a.lo ? b.lo : a.lo;
   r.hi = b.hi > a.hi ? b.hi : a.hi;
+  const double f = range_factor(r.lo, r.hi);
+  const double fa = f / range_factor(a.lo, a.hi), fb = f / range_factor(b.lo, b.hi);
+  const double delta = b.mean * f - a.mean * f;
+  r.mean = (a.mean * f + delta * (b.n / r.n)) / f;
+  r.m2 = a.m2 * fa * fa + b.m2 * fb * fb + delta * delta * (a.n * (b.n / r.n));
   return r;
 }
 
@@ -99,26 +120,32 @@ C10_HOST_DEVICE inline Moments merge(const Moments& a, const Moments& b) {
 // s / (std + s * eps) under a GradScaler scale s (a fused optimizer divides by s afterwards); torch.var_mean's
 // denominator max(0, n - correction). A constant tensor (min == max) gets its value as mean and inv = 0, so
 // every result is exactly 0 (eps = 0 too); so does std + eps == 0. `wide`: the spread or the multiplier is
-// beyond float's comfortable range, so a float tensor is normalized in double. `stdev`: the standard deviation
-// the multiplier came from (0 for a constant tensor), for the op's optional `stats` output.
+// beyond float's comfortable range, so a float tensor is normalized in double. `factor`: the range_factor its
+// statistics are scaled by; a tensor whose factor is not 1 is wide too, its `inv` is stored as inv / factor
+// (from the scaled statistics: inv itself could overflow or lose its bits), and the wide normalize computes
+// (x * factor - mean * factor) * inv. `stdev`: the standard deviation the multiplier came from (0 for a
+// constant tensor), for the op's optional `stats` output.
 struct Final {
   double mean = 0.0;
   double inv = 0.0;
   double stdev = 0.0;
   bool wide = false;
+  double factor = 1.0;
 };
 
 C10_HOST_DEVICE inline Final finalize(const Moments& m, double eps, double correction, const double* scale) {
   const bool constant = m.lo == m.hi && m.mean == m.mean;
   const double dof = m.n - correction > 0.0 ? m.n - correction : 0.0;
-  const double stdev = ::sqrt(m.m2 / dof);
+  const double factor = range_factor(m.lo, m.hi);
+  const double stdev = ::sqrt(m.m2 / dof);  // times factor
   const double s = scale == nullptr ? 1.0 : *scale;
-  const double denom = stdev + s * eps;
+  const double denom = stdev + s * eps * factor;
   Final f;
   f.mean = constant ? m.lo : m.mean;
   f.inv = constant || denom == 0.0 ? 0.0 : s / denom;
-  f.stdev = constant ? 0.0 : stdev;
-  f.wide = m.hi - m.lo >= 0x1p100 || f.inv > 0x1p100 || (f.inv < 0x1p-100 && f.inv != 0.0);
+  f.stdev = constant ? 0.0 : stdev / factor;
+  f.factor = factor;
+  f.wide = factor != 1.0 || m.hi - m.lo >= 0x1p100 || f.inv > 0x1p100 || (f.inv < 0x1p-100 && f.inv != 0.0);
   return f;
 }
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -86,10 +87,16 @@ def known_backends() -> list[str]:
 
 
 def float64_znorm(x: Tensor, eps: float = 1e-10, correction: float = 0, scale: float | None = None) -> Tensor:
-    """The formula in float64 on the input's values (a separate computation from the reference's)."""
+    """The formula in float64 on the input's values (a separate computation from the reference's). Values
+    beyond 2**500 or below 2**-500 in magnitude are first scaled by a power of two, eps with them (exact: the
+    z-scores are the same), so that the formula's own sums and squares neither overflow nor underflow."""
     v = x.detach().to(torch.float64).cpu()
     if v.numel() < 2:
         return v.clone()
+    big = float(v.abs().max())
+    if math.isfinite(big) and big > 0 and not 2.0**-500 <= big <= 2.0**500:
+        k = max(-1000, min(1000, math.frexp(big)[1]))
+        v, eps = v * 2.0**-k, eps * 2.0**-k
     mean = v.mean()
     var = ((v - mean) ** 2).sum() / (v.numel() - correction)
     std = var.sqrt()

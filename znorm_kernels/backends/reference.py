@@ -14,8 +14,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .float64_range import scales_of
+
 __all__ = [
-    "accumulation_dtype", "group_fn", "serves", "unavailable", "write_z_", "znorm_group_", "znorm_tensor_",
+    "accumulation_dtype", "group_fn", "serves", "unavailable", "write_z_", "znorm_group_",
+    "znorm_tensor_",
 ]  # fmt: skip
 
 
@@ -43,23 +46,30 @@ def znorm_tensor_(
         return
     x = grad.detach().reshape(-1).to(torch.float64)
     lo, hi = torch.aminmax(x)
+    # Values far from 1 are brought near it by a power of two, so that no sum or square overflows or loses
+    # its bits to underflow; the scaling is exact, eps is scaled with them, and the z-scores are the same.
+    grow, shrink = scales_of(lo, hi)
+    x = x * shrink
     mean = x.mean()
     centred = x - mean
     centred = centred - centred.mean()  # what rounding the mean cost (the corrected two-pass)
     var = centred.square().sum() / max(n - correction, 0.0)
     # Constant (an exact test; NaN never compares equal): centred values exactly 0, whatever eps is.
     constant = lo == hi
-    centred = torch.where(constant, x - lo, centred)
+    centred = torch.where(constant, x - lo * shrink, centred)
     denom = var.sqrt()
     if stats is not None:
-        stats[0] = torch.where(constant, lo, mean + (x - mean).mean())
-        stats[1] = torch.where(constant, 0.0, denom)
-    write_z_(grad, centred, denom, eps, grad_scale)
+        stats[0] = torch.where(constant, lo, (mean + (x - mean).mean()) * grow)
+        stats[1] = torch.where(constant, 0.0, denom * grow)
+    write_z_(grad, centred, denom, eps * shrink, grad_scale)
 
 
-def write_z_(grad: Tensor, centred: Tensor, std: Tensor, eps: float, grad_scale: Tensor | None) -> None:
+def write_z_(
+    grad: Tensor, centred: Tensor, std: Tensor, eps: float | Tensor, grad_scale: Tensor | None
+) -> None:
     """grad <- centred / (std + eps), or centred * s / (std + s*eps) with a grad scale s; ``centred`` is the
-    flat float64 x - mean (exact zeros for a constant tensor), ``std`` a float64 0-d tensor."""
+    flat float64 x - mean (exact zeros for a constant tensor), ``std`` a float64 0-d tensor (``centred``,
+    ``std`` and ``eps`` may all be scaled by one power of two)."""
     if grad_scale is None:
         s = None
         denom = std + eps

@@ -26,15 +26,9 @@ from torch import Tensor
 
 from ..memory import is_dense
 from . import triton_interpret
+from .float64_range import factor_of
 from .tiles import Tiles
-from .triton_common import (
-    ALIGNMENT,
-    element_size,
-    f64_bits,
-    on_device,
-    stream_of,
-    triton_dtypes,
-)
+from .triton_common import ALIGNMENT, element_size, f64_bits, on_device, stream_of, triton_dtypes
 from .triton_grid import known, learn_occupancy, num_programs
 from .triton_launch import launcher_for
 from .triton_plan import Plan, Workspace, plan_for, workspace_for
@@ -309,14 +303,7 @@ def _bound(tensors: list[Tensor], numels: tuple[int, ...] | None = None, addrs=N
     plan = plan_for(tensors, None, numels, addrs)
     numels = plan.numels
 
-    def run(
-        tensors: list[Tensor],
-        eps: float,
-        correction: float,
-        grad_scale: Tensor | None = None,
-        *,
-        stats: Tensor | None = None,
-    ) -> None:
+    def run(tensors, eps, correction, grad_scale=None, *, stats=None):  # the group function's signature
         if tensors[0].dtype is not dtype:
             return znorm_group_(tensors, eps, correction, grad_scale, stats=stats)
         ws = launch(tensors, eps, correction, grad_scale, plan=plan)
@@ -364,19 +351,23 @@ _WIDE = 2.0**100  # triton_kernels.WIDE_SPREAD and WIDE_INV
 
 def apply_rows(stats: Tensor, eps: float, correction: float, grad_scale: Tensor | None = None) -> Tensor:
     """The float64 [T, 4] rows (mean, std, inv, wide) of ``apply_`` from float64 [T, 5] statistics (count,
-    mean, M2, min, max), computed as the kernel publishes its own (_publish): a tensor whose min equals its
-    max is constant (mean = that value, std = 0, inv = 0: every result exactly 0); inv = s / (std + s * eps)
-    for gradients scaled by s, else 1 / (std + eps); 0 where that denominator is 0. A tensor is "wide" (its
-    z-scores computed in float64) where its spread reaches 2**100, or, where min and max are unknown (+-inf),
-    where sqrt(M2), which bounds every |x - mean|, does; or where inv leaves [2**-100, 2**100]."""
+    mean, M2, min, max; M2 scaled by ``float64_range.factor_of(min, max)**2``, as the kernels keep it),
+    computed as the kernel publishes its own (_publish): a tensor whose min equals its max is constant (mean =
+    that value, std = 0, inv = 0: every result exactly 0); inv = s / (std + s * eps) for gradients scaled by
+    s, else 1 / (std + eps); 0 where that denominator is 0. A tensor is "wide" (its z-scores computed in
+    float64) where its spread reaches 2**100, or, where min and max are unknown (+-inf), where sqrt(M2), which
+    bounds every |x - mean|, does; or where inv leaves [2**-100, 2**100], or where the statistics are scaled
+    (``float64_range.factor_of`` not 1); wide holds that factor f (the wide normalize scales x and the mean by
+    it, and inv is stored as inv / f), 0 elsewhere."""
     n, mean, m2, lo, hi = stats.to(torch.float64).unbind(1)
+    f = factor_of(lo, hi)
     constant = (lo == hi) & (mean == mean)
     mean = torch.where(constant, lo, mean)
-    std = torch.where(constant, 0.0, (m2 / (n - correction).clamp(min=0.0)).sqrt())
+    std_f = torch.where(constant, 0.0, (m2 / (n - correction).clamp(min=0.0)).sqrt())  # std * f
     s = 1.0 if grad_scale is None else grad_scale.to(device=stats.device, dtype=torch.float64).reshape(())
-    denom = std + s * eps
-    inv = torch.where(constant | (denom == 0), 0.0, s / denom)
+    denom_f = std_f + s * eps * f
+    inv = torch.where(constant | (denom_f == 0), 0.0, s / denom_f)  # inv / f
     spread = hi - lo
     spread = torch.where(spread.isinf() & (lo.isinf() | hi.isinf()), m2.sqrt(), spread)
-    wide = (spread >= _WIDE) | (inv > _WIDE) | ((inv < 1.0 / _WIDE) & (inv != 0))
-    return torch.stack([mean, std, inv, wide.to(torch.float64)], dim=1)
+    wide = (f != 1) | (spread >= _WIDE) | (inv > _WIDE) | ((inv < 1.0 / _WIDE) & (inv != 0))
+    return torch.stack([mean, std_f / f, inv, torch.where(wide, f, 0.0)], dim=1)

@@ -30,20 +30,12 @@ item's 64-bit base address. For a group whose data pointers are all 16-byte alig
 are loaded and stored unmasked, and tails whose length is a multiple of VEC with a mask that is constant over
 each vector, so both move 16 bytes per instruction; other groups keep element-wise accesses.
 
-Numerics (docs/contract.md): no value is shifted by another one. Each tile of at most BLOCK values, in
-registers, gives its count, sum, minimum and maximum, then the sums of d = x - m and d^2 around its rounded
-mean m: mean = m + sum(d)/count and M2 = sum(d^2) - sum(d)^2/count, taken to float64. The correction term
-recovers what rounding m cost, so the tile's statistics are accurate relative to its spread, not to its
-magnitude, and an outlier only costs precision in its own square. A tile whose magnitude or spread would
-overflow or underflow float32 squares is computed in float64 instead (rare, decided per tile by its min and
-max). Tiles merge with Chan's formula and chunk partials merge as sums over all partials (mean =
-sum(n_i mean_i) / n, M2 = sum(M2_i + n_i (mean_i - mean)^2)), all in float64, by fixed trees and in fixed
-order: no float atomics, bitwise deterministic. A tensor whose minimum equals its maximum is constant: its
-mean is set to that value and its multiplier to 0, so every result is exactly 0. The per-tensor scalars
-(mean, std, 1/(std+eps)) are computed in float64 with correctly rounded division and square root, and the
-float32 normalize pass subtracts the mean as a float32 pair (hi, then lo), so ((x - hi) - lo) * inv keeps
-the mean's float64 precision; a tensor whose spread or multiplier is beyond float32's comfortable range is
-normalized in float64.
+Numerics (docs/contract.md): the statistics of tiles, chunks and tensors are triton_moments.py's. A tensor
+whose minimum equals its maximum is constant: its mean is set to that value and its multiplier to 0, so every
+result is exactly 0. The per-tensor scalars (mean, std, 1/(std+eps)) are computed in float64 with correctly
+rounded division and square root, and the float32 normalize pass subtracts the mean as a float32 pair (hi,
+then lo), so ((x - hi) - lo) * inv keeps the mean's float64 precision; a tensor whose spread or multiplier is
+beyond float32's comfortable range is normalized in float64 ("wide").
 
 ``stats`` keeps (mean, std, inv, wide) of every tensor after the launch (float64), so a fused optimizer can
 reuse them: z = (g - mean) * inv.
@@ -54,152 +46,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_tile_ops import load_tile, normalized, store_tile, to_output
+from .triton_moments import chunk_moments, merge_partials, range_factor, tile_moments
+from .triton_tile_ops import load_tile, normalized, store_tile, to_output, wide_z
 
 # The int64 table of work items and tensors: its layout is in triton_plan.py.
 ITEM = tl.constexpr(4)
 
-# Float32 tiles take the float32 path when every |x| <= FAST_MAX and their spread (max - min) is 0 or at least
-# FAST_MIN_SPREAD: then sums and squares stay far from float32's overflow and subnormal ranges.
-FAST_MAX = tl.constexpr(2.0**50)
-FAST_MIN_SPREAD = tl.constexpr(2.0**-50)
 # A tensor is normalized in float64 ("wide") when its spread reaches WIDE_SPREAD or its multiplier leaves
 # [1/WIDE_INV, WIDE_INV]: x - mean or the float32 multiplier could overflow or lose bits there.
 WIDE_SPREAD = tl.constexpr(2.0**100)
 WIDE_INV = tl.constexpr(2.0**100)
-
-
-@triton.jit
-def _centred_sums(y, mask, m):
-    """sum(d) and sum(d^2) over the unmasked values, d = y - m."""
-    d = tl.where(mask, y - m, 0.0)
-    return tl.sum(d, axis=0), tl.sum(d * d, axis=0)
-
-
-@triton.jit
-def _corrected(m, s1, q, n):
-    """Mean and M2 (float64) from the sums s1 = sum(x - m) and q = sum((x - m)^2) around a rounded mean m."""
-    s1 = s1.to(tl.float64)
-    return m.to(tl.float64) + s1 / n, q.to(tl.float64) - s1 * (s1 / n)
-
-
-@triton.jit
-def _wide_moments(ptr, count, n, ACC: tl.constexpr, SUB: tl.constexpr):
-    """Mean and M2 of ptr[0:count] in float64, SUB values at a time, read again from memory (L1/L2): the
-    rare tiles whose float32 squares could overflow or underflow, kept out of the common path's registers."""
-    offs = tl.arange(0, SUB)
-    acc = tl.zeros([SUB], dtype=tl.float64)
-    for sub in range(0, count, SUB):
-        y = tl.load(ptr + sub + offs, mask=offs < count - sub, other=0.0)
-        acc += y.to(tl.float64)
-    m = tl.sum(acc, axis=0) / n
-    acc = tl.zeros([SUB], dtype=tl.float64)
-    acc2 = tl.zeros([SUB], dtype=tl.float64)
-    for sub in range(0, count, SUB):
-        mask = offs < count - sub
-        y = tl.load(ptr + sub + offs, mask=mask, other=0.0)
-        d = tl.where(mask, y.to(tl.float64) - m, 0.0)
-        acc += d
-        acc2 += d * d
-    return _corrected(m, tl.sum(acc, axis=0), tl.sum(acc2, axis=0), n)
-
-
-@triton.jit
-def _tile_moments(y, mask, ptr, count, ACC: tl.constexpr, SUB: tl.constexpr):
-    """Mean and M2 (float64) and min and max (float64) of the unmasked values y = ptr[0:count] (in ACC)."""
-    s = tl.sum(y, axis=0)
-    lo = tl.min(tl.where(mask, y, float("inf")), axis=0).to(tl.float64)
-    hi = tl.max(tl.where(mask, y, float("-inf")), axis=0).to(tl.float64)
-    n = count.to(tl.float64)
-    if ACC == tl.float64:
-        m = s / n
-        s1, q = _centred_sums(y, mask, m)
-        mean, m2 = _corrected(m, s1, q, n)
-    else:
-        spread = hi - lo
-        if (tl.maximum(-lo, hi) <= FAST_MAX) & ((spread >= FAST_MIN_SPREAD) | (spread == 0.0)):
-            m32 = tl.div_rn(s, count.to(tl.float32))
-            s32, q32 = _centred_sums(y, mask, m32)
-            mean, m2 = _corrected(m32, s32, q32, n)
-        else:
-            mean, m2 = _wide_moments(ptr, count, n, ACC, SUB)
-    # Exact for a constant tile; the correction above can only round M2 below 0, never above.
-    constant = (lo == hi) & (mean == mean)
-    mean = tl.where(constant, lo, mean)
-    m2 = tl.where(constant, 0.0, tl.maximum(m2, 0.0))
-    return mean, m2, lo, hi
-
-
-@triton.jit
-def _merge(mean, m2, n, lo, hi, mean_b, m2_b, n_b, lo_b, hi_b):
-    """Chan's merge of a tile's statistics (mean_b, m2_b over n_b values, float64) into the running ones."""
-    total = n + n_b
-    delta = mean_b - mean
-    frac = n_b / total
-    mean = mean + delta * frac
-    m2 = m2 + m2_b + delta * delta * n * frac
-    return mean, m2, total, tl.minimum(lo, lo_b), tl.maximum(hi, hi_b)
-
-
-@triton.jit
-def _merge_full_tile(y, ptr, mean, m2, n, lo, hi, ACC: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr):
-    """Merge the loaded full tile y = ptr[0:BLOCK] (in the tensor's dtype) into the running statistics."""
-    mask = tl.full([BLOCK], 1, tl.int1)
-    size = tl.full([], BLOCK, tl.int32)
-    mean_b, m2_b, lo_b, hi_b = _tile_moments(y.to(ACC), mask, ptr, size, ACC, SUB)
-    return _merge(mean, m2, n, lo, hi, mean_b, m2_b, size.to(tl.float64), lo_b, hi_b)
-
-
-@triton.jit
-def _chunk_moments(
-    ptr,
-    count,
-    ACC: tl.constexpr,
-    BLOCK: tl.constexpr,
-    UNROLL: tl.constexpr,
-    SUB: tl.constexpr,
-    VEC: tl.constexpr,
-    ALIGNED: tl.constexpr,
-):
-    """Mean, M2, min and max of ptr[0:count], tile by tile, merged with Chan's formula in float64, in tile
-    order. After the first tile, whole groups of UNROLL full tiles have all their loads issued before the
-    first tile's arithmetic, so a program keeps UNROLL tiles in flight (bytes in flight per SM set the
-    bandwidth); the tiles still merge one by one, so the bits do not depend on UNROLL."""
-    tl.static_assert((UNROLL == 1) | (UNROLL == 2) | (UNROLL == 4))
-    y, mask = load_tile(ptr, count, ACC, BLOCK, VEC, ALIGNED)
-    first = tl.minimum(count, BLOCK)
-    mean, m2, lo, hi = _tile_moments(y, mask, ptr, first, ACC, SUB)
-    n = first.to(tl.float64)
-    # The tiles after the first start at BLOCK, a multiple the compiler can see (so 16-byte aligned for the
-    # vector loads); starting at `first` lost that. Where count <= BLOCK the loops below are empty either way.
-    start = BLOCK + first * 0
-    if UNROLL > 1:
-        offs = tl.arange(0, BLOCK)
-        groups = (count - first) // (UNROLL * BLOCK)
-        for g in range(0, groups):
-            at = ptr + BLOCK + g * (UNROLL * BLOCK)
-            y0 = tl.load(at + offs)
-            y1 = tl.load(at + BLOCK + offs)
-            if UNROLL == 4:
-                y2 = tl.load(at + 2 * BLOCK + offs)
-                y3 = tl.load(at + 3 * BLOCK + offs)
-            mean, m2, n, lo, hi = _merge_full_tile(y0, at, mean, m2, n, lo, hi, ACC, BLOCK, SUB)
-            mean, m2, n, lo, hi = _merge_full_tile(y1, at + BLOCK, mean, m2, n, lo, hi, ACC, BLOCK, SUB)
-            if UNROLL == 4:
-                mean, m2, n, lo, hi = _merge_full_tile(
-                    y2, at + 2 * BLOCK, mean, m2, n, lo, hi, ACC, BLOCK, SUB
-                )
-                mean, m2, n, lo, hi = _merge_full_tile(
-                    y3, at + 3 * BLOCK, mean, m2, n, lo, hi, ACC, BLOCK, SUB
-                )
-        start = BLOCK + groups * (UNROLL * BLOCK)
-    for tile in range(start, count, BLOCK):
-        rem = count - tile
-        y, mask = load_tile(ptr + tile, rem, ACC, BLOCK, VEC, ALIGNED)
-        size = tl.minimum(rem, BLOCK)
-        mean_b, m2_b, lo_b, hi_b = _tile_moments(y, mask, ptr + tile, size, ACC, SUB)
-        mean, m2, n, lo, hi = _merge(mean, m2, n, lo, hi, mean_b, m2_b, size.to(tl.float64), lo_b, hi_b)
-    return mean, m2, lo, hi
 
 
 @triton.jit
@@ -216,7 +72,7 @@ def _normalize_chunk(
     ALIGNED: tl.constexpr,
 ):
     """ptr[0:count] <- (x - mean) * inv, tile by tile; whole groups of UNROLL full tiles first, their loads
-    issued together (as in _chunk_moments)."""
+    issued together (as in triton_moments.chunk_moments)."""
     start = count * 0
     if UNROLL > 1:
         offs = tl.arange(0, BLOCK)
@@ -241,20 +97,31 @@ def _normalize_chunk(
 
 
 @triton.jit
-def _publish(stats_ptr, t, n, mean, m2, lo, hi, scale, eps, correction):
+def _publish(stats_ptr, t, n, mean, m2, lo, hi, scale, eps, correction, ACC: tl.constexpr):
     """The tensor's (mean, std, inv, wide), float64, stored at stats[t]; returns (mean, inv, wide).
     inv = 1 / (std + eps), or s / (std + s*eps) for gradients scaled by s (scale is 1 otherwise); 0 for a
-    constant tensor (its mean is then its value, so every result is exactly 0) and where std + eps is 0."""
+    constant tensor (its mean is then its value, so every result is exactly 0) and where std + eps is 0.
+    wide is 0, or the factor f the float64 normalize scales x and the mean by (wide_z): 1, or, in a float64
+    tensor of huge or tiny values, range_factor, which its statistics are scaled by; inv is then stored as
+    inv / f, computed from the scaled statistics (inv itself could overflow or lose its bits there)."""
     constant = (lo == hi) & (mean == mean)
     mean = tl.where(constant, lo, mean)
     dof = tl.maximum(n.to(tl.float64) - tl.cast(correction, tl.float64), 0.0)
     # float64: sqrt.rn and div.rn on the GPU, correctly rounded like numpy's. A constant tensor's std is 0
     # exactly (merging chunk means can leave a rounding residue in m2: float64 1/3 repeated gave 5.6e-17).
     std = tl.where(constant, 0.0, tl.sqrt(m2 / dof))
-    denom = std + scale * tl.cast(eps, tl.float64)
-    inv = tl.where(constant | (denom == 0.0), 0.0, scale / denom)
+    if tl.float64 == ACC:
+        f = range_factor(lo, hi)  # std is the std times f here, as m2 is scaled
+        denom = std + scale * tl.cast(eps, tl.float64) * f
+    else:
+        denom = std + scale * tl.cast(eps, tl.float64)
+    inv = tl.where(constant | (denom == 0.0), 0.0, scale / denom)  # inv / f in float64
     wide = (hi - lo >= WIDE_SPREAD) | (inv > WIDE_INV) | ((inv < 1.0 / WIDE_INV) & (inv != 0.0))
-    wide = wide.to(tl.float64)
+    if tl.float64 == ACC:
+        std = std / f
+        wide = tl.where(wide | (f != 1.0), f, 0.0)
+    else:
+        wide = wide.to(tl.float64)
     tl.store(stats_ptr + 4 * t, mean)
     tl.store(stats_ptr + 4 * t + 1, std)
     tl.store(stats_ptr + 4 * t + 2, inv)
@@ -263,48 +130,13 @@ def _publish(stats_ptr, t, n, mean, m2, lo, hi, scale, eps, correction):
 
 
 @triton.jit
-def _normalize_wide(ptr, count, mean, inv, DTYPE: tl.constexpr, ACC: tl.constexpr, SUB: tl.constexpr):
-    """ptr[0:count] <- (x - mean) * inv in float64, SUB values at a time (the rare "wide" tensors)."""
+def _normalize_wide(ptr, count, mean, inv, wide, DTYPE: tl.constexpr, ACC: tl.constexpr, SUB: tl.constexpr):
+    """ptr[0:count] <- (x - mean) * inv in float64 (wide_z), SUB values at a time (rare "wide" tensors)."""
     offs = tl.arange(0, SUB)
     for sub in range(0, count, SUB):
         mask = offs < count - sub
         x = tl.load(ptr + sub + offs, mask=mask, other=0.0).to(ACC)
-        tl.store(ptr + sub + offs, to_output(((x.to(tl.float64) - mean) * inv).to(ACC), DTYPE), mask=mask)
-
-
-@triton.jit
-def _load_partials(partial_ptr, first, b, nchunks, chunk, n, PBLOCK: tl.constexpr):
-    """Counts, means, M2s, minima and maxima of a tensor's partials b .. b+PBLOCK (neutral past the last)."""
-    idx = b + tl.arange(0, PBLOCK)
-    live = idx < nchunks
-    count = tl.where(live, tl.minimum(chunk, n - idx * chunk).to(tl.float64), 0.0)
-    slot = partial_ptr + 4 * (first + idx)
-    mean = tl.load(slot, mask=live, other=0.0, cache_modifier=".cg")
-    m2 = tl.load(slot + 1, mask=live, other=0.0, cache_modifier=".cg")
-    lo = tl.load(slot + 2, mask=live, other=float("inf"), cache_modifier=".cg")
-    hi = tl.load(slot + 3, mask=live, other=float("-inf"), cache_modifier=".cg")
-    return count, mean, m2, lo, hi
-
-
-@triton.jit
-def _merge_partials(partial_ptr, first, nchunks, chunk, n, PBLOCK: tl.constexpr):
-    """Mean, M2, min and max of a whole tensor from its chunk partials, in chunk order, as vectorized float64
-    sums: mean = sum(n_i mean_i) / n, then M2 = sum(M2_i + n_i (mean_i - mean)^2) (no cancellation)."""
-    acc = tl.zeros([PBLOCK], dtype=tl.float64)
-    lo = tl.full([PBLOCK], float("inf"), dtype=tl.float64)
-    hi = tl.full([PBLOCK], float("-inf"), dtype=tl.float64)
-    for b in range(0, nchunks, PBLOCK):
-        count, mu, _, lo_b, hi_b = _load_partials(partial_ptr, first, b, nchunks, chunk, n, PBLOCK)
-        acc += count * mu
-        lo = tl.minimum(lo, lo_b)
-        hi = tl.maximum(hi, hi_b)
-    mean = tl.sum(acc, axis=0) / n.to(tl.float64)
-    acc = tl.zeros([PBLOCK], dtype=tl.float64)
-    for b in range(0, nchunks, PBLOCK):
-        count, mu, q, _, _ = _load_partials(partial_ptr, first, b, nchunks, chunk, n, PBLOCK)
-        d = tl.where(count > 0.0, mu - mean, 0.0)
-        acc += q + count * d * d
-    return mean, tl.sum(acc, axis=0), tl.min(lo, axis=0), tl.max(hi, axis=0)
+        tl.store(ptr + sub + offs, to_output(wide_z(x, mean, inv, wide, ACC).to(ACC), DTYPE), mask=mask)
 
 
 @triton.jit
@@ -369,7 +201,7 @@ def znorm_queue_kernel(
             ptr = tl.multiple_of(ptr, 16)
         if ticket < S:
             # A statistics chunk of a large tensor.
-            mean, m2, lo, hi = _chunk_moments(ptr, count, ACC, BLOCK, UNROLL, SUB, VEC, ALIGNED)
+            mean, m2, lo, hi = chunk_moments(ptr, count, ACC, BLOCK, UNROLL, SUB, VEC, ALIGNED)
             tl.store(partial_ptr + 4 * aux, mean)
             tl.store(partial_ptr + 4 * aux + 1, m2)
             tl.store(partial_ptr + 4 * aux + 2, lo)
@@ -381,8 +213,8 @@ def znorm_queue_kernel(
                 n = tl.load(tensor_table + ITEM * t)
                 chunk = tl.load(tensor_table + ITEM * t + 1)
                 first = tl.load(tensor_table + ITEM * t + 2)
-                mean, m2, lo, hi = _merge_partials(partial_ptr, first, nchunks, chunk, n, PBLOCK)
-                _publish(stats_ptr, t, n, mean, m2, lo, hi, scale, eps, correction)
+                mean, m2, lo, hi = merge_partials(partial_ptr, first, nchunks, chunk, n, ACC, PBLOCK)
+                _publish(stats_ptr, t, n, mean, m2, lo, hi, scale, eps, correction, ACC)
                 tl.atomic_add(counter_ptr + 3 + t, 1, sem="release")
         elif ticket < S + M:
             # A small tensor: read once, statistics in registers, written once.
@@ -392,11 +224,11 @@ def znorm_queue_kernel(
                 inv = tl.load(stats_ptr + 4 * t + 2)
                 wide = tl.load(stats_ptr + 4 * t + 3)
             else:
-                mean, m2, lo, hi = _tile_moments(y, mask, ptr, count, ACC, SUB)
-                mean, inv, wide = _publish(stats_ptr, t, count, mean, m2, lo, hi, scale, eps, correction)
+                mean, m2, lo, hi = tile_moments(y, mask, ptr, count, ACC, SUB)
+                mean, inv, wide = _publish(stats_ptr, t, count, mean, m2, lo, hi, scale, eps, correction, ACC)
             if NORMALIZE:
                 if wide != 0.0:
-                    _normalize_wide(ptr, count, mean, inv, DTYPE, ACC, SUB)
+                    _normalize_wide(ptr, count, mean, inv, wide, DTYPE, ACC, SUB)
                 else:
                     store_tile(ptr, normalized(y, mean, inv, DTYPE, ACC), count, BLOCK, VEC, ALIGNED)
         else:
@@ -419,7 +251,7 @@ def znorm_queue_kernel(
                 inv = tl.load(stats_ptr + 4 * t + 2, volatile=True)
                 wide = tl.load(stats_ptr + 4 * t + 3, volatile=True)
                 if wide != 0.0:
-                    _normalize_wide(ptr, count, mean, inv, DTYPE, ACC, SUB)
+                    _normalize_wide(ptr, count, mean, inv, wide, DTYPE, ACC, SUB)
                 else:
                     _normalize_chunk(ptr, count, mean, inv, DTYPE, ACC, BLOCK, UNROLL, VEC, ALIGNED)
         ticket = following

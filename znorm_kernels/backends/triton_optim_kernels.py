@@ -32,7 +32,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_tile_ops import load_tile, normalized, store_tile, to_output
+from .triton_tile_ops import load_tile, normalized, store_tile, to_output, wide_z
 
 # Layout of the int64 table: I items of ITEM fields, [tensor record, first element, element count, 0]; then T
 # tensor records of TENSOR fields:
@@ -115,7 +115,7 @@ def _z(
     """A tile's z-scores in ACC: the normalize pass's value in the tensor's dtype, divided by the scale."""
     x, _ = load_tile(g_ptr, rem, ACC, BLOCK, VEC, ALIGNED)
     if wide != 0.0:
-        z = to_output(((x.to(tl.float64) - mean) * inv).to(ACC), DTYPE).to(ACC)
+        z = to_output(wide_z(x, mean, inv, wide, ACC).to(ACC), DTYPE).to(ACC)
     else:
         z = normalized(x, mean, inv, DTYPE, ACC).to(ACC)
     if HAS_SCALE:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["load_tile", "normalized", "store_tile", "to_output"]
+__all__ = ["load_tile", "normalized", "store_tile", "to_output", "wide_z"]
 
 
 @triton.jit
@@ -67,3 +67,14 @@ def normalized(x, mean, inv, DTYPE: tl.constexpr, ACC: tl.constexpr):
         lo = (mean - hi.to(tl.float64)).to(tl.float32)
         z = ((x - hi) - lo) * inv.to(tl.float32)
     return to_output(z, DTYPE)
+
+
+@triton.jit
+def wide_z(x, mean, inv, wide, ACC: tl.constexpr):
+    """(x - mean) * inv in float64, for a "wide" tensor (``wide`` nonzero). In a float64 tensor x and the
+    mean are scaled by ``wide`` first (1, or the power of two a tensor of huge or tiny values has its
+    statistics scaled by, whose inv is then stored divided by it), so that x - mean neither overflows nor
+    underflows; the values of other dtypes never need it."""
+    if tl.float64 == ACC:
+        return (x.to(tl.float64) * wide - mean * wide) * inv
+    return (x.to(tl.float64) - mean) * inv

@@ -41,6 +41,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.placement_types import Replicate
 
+from ..backends.float64_range import factor_of
 from ..backends.reference import write_z_
 from ..backends.triton_common import device_table
 from ..naming import where
@@ -77,7 +78,9 @@ def local_statistics(local: Tensor) -> Tensor:
     """float64 [5] (count, mean, M2, min, max) of a local shard, on its device, without synchronization.
 
     The reference backend's corrected two-pass: mean, then the mean of the deviations from it added back, and
-    M2 as the sum of the squared corrected deviations. An empty shard gives (0, 0, 0, +inf, -inf)."""
+    M2 as the sum of the squared corrected deviations. An empty shard gives (0, 0, 0, +inf, -inf). As the
+    kernels keep their partials (``float64_range.factor_of``), a shard whose largest magnitude is beyond
+    2**400 has its sums taken on scaled values and its M2 kept scaled, so that nothing overflows."""
     n = local.numel()
     if n == 0:  # filled on the device: a Python list copied to a GPU would wait for it
         empty = torch.zeros(5, dtype=torch.float64, device=local.device)
@@ -85,12 +88,14 @@ def local_statistics(local: Tensor) -> Tensor:
         return empty
     x = local.detach().reshape(-1).to(torch.float64)
     lo, hi = torch.aminmax(x)
+    f = factor_of(lo, hi)
+    x = x * f
     mean = x.mean()
     centred = x - mean
     shift = centred.mean()  # what rounding the mean cost (the corrected two-pass)
     m2 = (centred - shift).square().sum()
     count = torch.full((), float(n), dtype=torch.float64, device=x.device)
-    return torch.stack([count, mean + shift, m2, lo, hi])
+    return torch.stack([count, (mean + shift) / f, m2, lo, hi])
 
 
 def _triton_rows(shards: list[Tensor]) -> Tensor:
@@ -143,23 +148,24 @@ def merge_statistics(gathered: Tensor) -> Tensor:
     """Merge per-rank statistics, float64 [R, T, 5], into [T, 5] with Chan's formula, in rank order.
 
     Ranks with an empty shard (count 0) contribute nothing, exactly. Every rank that merges the same gathered
-    tensor gets bitwise the same result (a fixed sequence of elementwise float64 operations)."""
+    tensor gets bitwise the same result (a fixed sequence of elementwise float64 operations). Each M2 is
+    scaled as its row's bounds say (``float64_range.factor_of``), the merged one as the merged bounds say."""
     acc = gathered[0].clone()
     for r in range(1, gathered.shape[0]):
         b = gathered[r]
         na, nb = acc[:, _N], b[:, _N]
         n = na + nb
         safe_n = torch.where(n > 0, n, 1.0)
-        delta = b[:, _MEAN] - acc[:, _MEAN]
-        mean = acc[:, _MEAN] + delta * (nb / safe_n)
-        m2 = acc[:, _M2] + b[:, _M2] + delta.square() * (na * nb / safe_n)
+        lo, hi = torch.minimum(acc[:, _MIN], b[:, _MIN]), torch.maximum(acc[:, _MAX], b[:, _MAX])
+        f = factor_of(lo, hi)
+        fa, fb = f / factor_of(acc[:, _MIN], acc[:, _MAX]), f / factor_of(b[:, _MIN], b[:, _MAX])
+        delta = b[:, _MEAN] * f - acc[:, _MEAN] * f
+        mean = (acc[:, _MEAN] * f + delta * (nb / safe_n)) / f
+        m2 = acc[:, _M2] * fa * fa + b[:, _M2] * fb * fb + delta.square() * (na * nb / safe_n)
         # One side empty: the other side's statistics exactly (no rounding through delta, no 0 * inf).
         mean = torch.where(na == 0, b[:, _MEAN], torch.where(nb == 0, acc[:, _MEAN], mean))
         m2 = torch.where(na == 0, b[:, _M2], torch.where(nb == 0, acc[:, _M2], m2))
-        acc = torch.stack(
-            [n, mean, m2, torch.minimum(acc[:, _MIN], b[:, _MIN]), torch.maximum(acc[:, _MAX], b[:, _MAX])],
-            dim=1,
-        )
+        acc = torch.stack([n, mean, m2, lo, hi], dim=1)
     return acc
 
 
@@ -190,10 +196,11 @@ def _normalize_local_(
         return
     x = local.detach().reshape(-1).to(torch.float64)
     n, mean, m2, lo, hi = stats.to(x.device).unbind()
+    f = factor_of(lo, hi)  # M2 is scaled by f**2: so are the deviations and eps, which leaves z unchanged
     var = m2 / torch.clamp(n - correction, min=0.0)
     constant = lo == hi  # exact; NaN never compares equal
-    centred = torch.where(constant, x - lo, x - mean)
-    write_z_(local, centred, var.sqrt(), eps, grad_scale)
+    centred = torch.where(constant, x - lo, x * f - mean * f)
+    write_z_(local, centred, var.sqrt(), eps * f, grad_scale)
 
 
 def znorm_dtensors_(
