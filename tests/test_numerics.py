@@ -1,7 +1,7 @@
 """Rules 3 and 10 on inputs built to break them: outliers at the first element, at tile and chunk starts, at
 the end and several at once; large offsets; constant and near-constant tensors; huge and tiny magnitudes. The
-fixed cases are the benchmark's (bench/adversarial.py); the property tests draw sizes, scales, offsets and
-outlier positions and magnitudes with hypothesis, for every (backend, device) pair this process has."""
+fixed cases are the benchmark's (bench/adversarial.py), for every (backend, device) pair this process has;
+the property tests that draw such inputs are in test_numerics_properties.py (they need hypothesis)."""
 
 from __future__ import annotations
 
@@ -10,19 +10,11 @@ import torch
 
 import znorm_kernels
 from bench.adversarial import CASES, eager_loop_, make_case
-from tests.utils import assert_close_to_float64, backends_under_test, float64_znorm
-from znorm_kernels.backends.tiles import Tiles
-
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from tests.utils import assert_close_to_float64, backends_under_test
 
 BACKENDS = backends_under_test()
 backend_device = pytest.mark.parametrize(
     ("backend", "device"), BACKENDS, ids=[f"{b}-{d}" for b, d in BACKENDS]
-)
-PROPERTY = settings(
-    max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
 )
 
 
@@ -78,59 +70,3 @@ def test_rule03_near_constant_is_not_constant(backend, device, dtype):
     znorm_kernels.znorm_([g], eps=0.0, backend=backend)
     assert_close_to_float64(g, x, eps=0.0)
     assert g[7] > 30 and (g[:7] == g[0]).all()
-
-
-@st.composite
-def adversarial_tensor(draw, max_n: int = 3000):
-    """A float32 input with finite z-scores: noise at some scale around some offset, with outliers, or a
-    constant or near-constant tensor."""
-    n = draw(st.integers(2, max_n))
-    kind = draw(st.sampled_from(["noise", "noise", "noise", "constant", "near-constant"]))
-    scale = 10.0 ** draw(st.integers(-30, 30))
-    value = draw(st.sampled_from([0.0, 0.1, -3.7, 1.0, 1e4])) * scale
-    if kind == "constant":
-        return torch.full((n,), value, dtype=torch.float32)
-    if kind == "near-constant":
-        x = torch.full((n,), value if value else scale, dtype=torch.float32)
-        i = draw(st.integers(0, n - 1))
-        x[i] = torch.nextafter(x[i], torch.tensor(float("inf")))
-        return x
-    seed = draw(st.integers(0, 2**31 - 1))
-    offset = draw(st.sampled_from([0.0, 1.0, -1e3, 1e6])) * scale
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, generator=g, dtype=torch.float64) * scale + offset
-    for _ in range(draw(st.integers(0, 3))):
-        where = draw(st.sampled_from([0, n - 1, n // 2, min(8192, n - 1), draw(st.integers(0, n - 1))]))
-        x[where] = offset + scale * draw(st.sampled_from([-1.0, 1.0])) * 10.0 ** draw(st.integers(1, 6))
-    return x.float()
-
-
-def _check(g, x, eps):
-    if (x == x[0]).all():
-        assert torch.equal(g.cpu(), torch.zeros_like(x)), "rule 3: a constant tensor becomes exactly 0"
-    else:
-        assert torch.isfinite(float64_znorm(x, eps)).all()
-        assert_close_to_float64(g, x, eps=eps)
-
-
-@backend_device
-@PROPERTY
-@given(x=adversarial_tensor(), eps=st.sampled_from([1e-10, 0.0]))
-def test_rule10_property_any_float32_input(backend, device, x, eps):
-    g = x.clone().to(device)
-    znorm_kernels.znorm_([g], eps=eps, backend=backend)
-    _check(g, x, eps)
-
-
-@pytest.mark.skipif(not any(b == "triton" for b, _ in BACKENDS), reason="Triton is not available here")
-@PROPERTY
-@given(x=adversarial_tensor(max_n=2500), block=st.sampled_from([32, 64, 256]))
-def test_rule10_property_triton_chunked(x, block):
-    """Triton with small tiles, so that the drawn sizes exercise chunking, the Chan merges and (past 2**20 /
-    block partials per vector step) every size class of the kernel."""
-    from znorm_kernels.backends import triton_host
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    g = x.clone().to(device)
-    triton_host.znorm_group_([g], 1e-10, 0, None, tiles=Tiles(block))
-    _check(g, x, 1e-10)
