@@ -99,6 +99,28 @@ def test_params_selects_a_subset_and_accepts_names():
         torch.testing.assert_close(p.grad, expected[n], atol=1e-6, rtol=0, msg=n)
 
 
+def test_names_given_with_params_name_the_parameter_in_errors():
+    # The optimizer knows no names here: the ones given to register() are what the error reports.
+    net = small_net()
+    opt = make_opt("sgdm", net.parameters())
+    znorm_kernels.register(opt, params=[("first", net[0].weight), ("last", net[7].weight)])
+    x, y = batches(1)[0]
+    nn.functional.cross_entropy(net(x), y).backward()
+    net[7].weight.grad = net[7].weight.grad.to_sparse()
+    with pytest.raises(TypeError, match=r"'last'"):
+        opt.step()
+
+
+@pytest.mark.parametrize("item", ["three", "no name", "name second", "a number"])
+def test_params_entries_that_are_not_parameters_or_pairs_raise(item):
+    net = small_net()
+    w = net[0].weight
+    bad = {"three": ("w", w, "x"), "no name": (w, w), "name second": (w, "w"), "a number": 3}[item]
+    opt = make_opt("sgdm", net.parameters())
+    with pytest.raises(TypeError, match=r"^params\[1\] is a (tuple|int), expected a parameter tensor$"):
+        znorm_kernels.register(opt, params=[net[7].weight, bad])
+
+
 def test_params_not_in_optimizer_is_an_error():
     net, other = small_net(), small_net()
     opt = make_opt("sgdm", net.parameters())
@@ -348,5 +370,7 @@ def test_hook_keeps_gradient_statistics_on_request():
     handle.remove()
     assert not opt._optimizer_step_pre_hooks, "remove() takes the hook out"
     plain = znorm_kernels.register(opt)
-    with pytest.raises(RuntimeError, match="track_stats=True"):
+    with pytest.raises(
+        RuntimeError, match=r"^gradient statistics are kept only with register\(\.\.\., track_stats=True\)$"
+    ):
         plain.grad_stats()

@@ -399,3 +399,28 @@ def test_triton_table_from_its_layout_is_the_table(seed):
         table, s, m = tp.table(addrs, numels, elsize, tiles)
         assert tp.table_at(layout, addrs).tolist() == table
         assert (layout.num_stats_items, layout.num_small_items) == (s, m)
+
+
+def test_a_fresh_cache_keeps_what_it_is_given_and_evicts_the_oldest():
+    from znorm_kernels.check_cache import RecentChecks
+
+    cache = RecentChecks()
+    lists = [
+        [make_grad((5,), seed=i), None, make_grad((3,), seed=i + 50)] for i in range(RecentChecks.SIZE + 1)
+    ]
+    groups = {("cpu", torch.float32): [0, 2]}
+    for items in lists:
+        assert cache.get(items) is None
+        cache.put(items, groups)
+    assert cache.get(lists[0]) is None, "the oldest entry is evicted past SIZE"
+    for items in lists[1:]:
+        got = cache.get(items)
+        assert (
+            got == groups
+            and got is not groups
+            and got[("cpu", torch.float32)] is not groups[("cpu", torch.float32)]
+        )
+    moved = [lists[1][0], lists[1][2], None]  # the same tensors, None elsewhere
+    assert cache.get(moved) is None
+    cache.clear()
+    assert cache.get(lists[1]) is None

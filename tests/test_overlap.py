@@ -107,6 +107,69 @@ def test_rule11_a_prefix_at_the_same_address_through_the_hook():
     assert torch.equal(buf, before)
 
 
+def _views(x: torch.Tensor, pair: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairs of views of one 100-element float32 tensor (and of its bytes as bfloat16)."""
+    m, half = x.view(10, 10), x.view(torch.bfloat16)
+    return {
+        # At one address, as many elements, other elements: not the same tensor twice.
+        "same shape, other strides": (x[::2], x[:50]),
+        "same strides, other shape": (m[:, :5], m[:5]),
+        "dense first, as many elements": (x[:50], x[::2]),
+        # Strided views whose ranges meet: they share x[6] (and only it).
+        "two strides, one common element": (x[0:10:2], x[6:12:5]),
+        # A float32 view and a bfloat16 view holding the upper halves of its elements, either order.
+        "float32 then bfloat16 halves": (x[0::2], half[1::4]),
+        "bfloat16 halves then float32": (half[1::4], x[0::2]),
+    }[pair]
+
+
+@pytest.mark.parametrize(
+    "pair",
+    [
+        "same shape, other strides",
+        "same strides, other shape",
+        "dense first, as many elements",
+        "two strides, one common element",
+        "float32 then bfloat16 halves",
+        "bfloat16 halves then float32",
+    ],
+)
+def test_rule11_views_sharing_some_bytes_raise(pair):
+    # The overlap analysis runs before any backend (the reference here): views that share bytes but are not
+    # the same elements raise, whatever their shapes, strides or dtypes.
+    x = make_grad((100,))
+    before = x.clone()
+    with pytest.raises(ValueError, match=r"position 0 .*position 1.* share part of their memory"):
+        znorm_kernels.znorm_(list(_views(x, pair)), backend="reference")
+    assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize(
+    "pair",
+    ["one element between every other", "bfloat16 halves beside float32", "float32 beside bfloat16 halves"],
+)
+def test_rule11_views_sharing_no_byte_are_independent(pair):
+    x = make_grad((100,))
+    half = x.view(torch.bfloat16)
+    a, b = {
+        "one element between every other": (x[0:10:2], x[5:6]),  # a dense view inside a strided one's range
+        "bfloat16 halves beside float32": (half[2::4], x[0::2]),  # the halves of x[1], x[3], ...
+        "float32 beside bfloat16 halves": (x[0::2], half[2::4]),
+    }[pair]
+    xa, xb = a.clone(), b.clone()
+    znorm_kernels.znorm_([a, b], backend="reference")
+    assert_close_to_float64(a, xa)
+    assert_close_to_float64(b, xb)
+
+
+def test_rule11_interleaved_views_past_float32s_integers():
+    # Element offsets beyond 2**24 are not all float32 integers: the analysis must stay in integers there, or
+    # x[1::2]'s last element would round onto x[0::2]'s and two independent views would be refused.
+    x = torch.zeros(2**24 + 2)
+    even, odd = x[0::2], x[1::2]
+    znorm_kernels.znorm_([even, odd], backend="reference")  # raises nothing
+
+
 def test_rule11_error_names_parameters():
     a = torch.randn(30)
     with pytest.raises(ValueError, match=r"'w'.*'w_window'"):

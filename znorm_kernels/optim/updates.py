@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -95,18 +96,15 @@ def _adam_group_args(group: dict[str, Any], decoupled: bool, step_size, bias_cor
                     decoupled=decoupled)  # fmt: skip
 
 
-def _adam_args(decoupled: bool):
-    def args(group: dict[str, Any], counters: list[Tensor]) -> AdamArgs:
-        beta1, beta2 = group["betas"]
-        beta1, beta2, lr = optim_steps.scalars("fused step", beta1=beta1, beta2=beta2, lr=group["lr"])
-        counts = [float(s) + 1 for s in counters]  # CPU tensors: no device sync
-        if counts.count(counts[0]) == len(counts):  # one value for every tensor
-            (step_size,), (bc2_sqrt,) = bias_corrections(lr, beta1, beta2, counts[:1])
-        else:
-            step_size, bc2_sqrt = bias_corrections(lr, beta1, beta2, counts)
-        return _adam_group_args(group, decoupled, step_size, bc2_sqrt)
-
-    return args
+def _adam_args(group: dict[str, Any], counters: list[Tensor], *, decoupled: bool) -> AdamArgs:
+    beta1, beta2 = group["betas"]
+    beta1, beta2, lr = optim_steps.scalars("fused step", beta1=beta1, beta2=beta2, lr=group["lr"])
+    counts = [float(s) + 1 for s in counters]  # CPU tensors: no device sync
+    if counts.count(counts[0]) == len(counts):  # one value for every tensor
+        (step_size,), (bc2_sqrt,) = bias_corrections(lr, beta1, beta2, counts[:1])
+    else:
+        step_size, bc2_sqrt = bias_corrections(lr, beta1, beta2, counts)
+    return _adam_group_args(group, decoupled, step_size, bc2_sqrt)
 
 
 def _adam_prepare(opt, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], update: FusedUpdate):
@@ -160,6 +158,8 @@ class FusedUpdate:
 
 FUSED_UPDATES: dict[str, FusedUpdate] = {
     "sgd": FusedUpdate("sgd", _sgd_state_keys, False, _sgd_args, _sgd_prepare),
-    "adam": FusedUpdate("adam", _adam_state_keys, True, _adam_args(False), _adam_prepare),
-    "adamw": FusedUpdate("adam", _adam_state_keys, True, _adam_args(True), _adam_prepare, decoupled=True),
+    "adam": FusedUpdate("adam", _adam_state_keys, True, partial(_adam_args, decoupled=False), _adam_prepare),
+    "adamw": FusedUpdate(
+        "adam", _adam_state_keys, True, partial(_adam_args, decoupled=True), _adam_prepare, decoupled=True
+    ),
 }
