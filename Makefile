@@ -18,7 +18,7 @@ endif
 
 SOURCES := setup.py pyproject.toml requirements.txt $(wildcard csrc/*)
 
-.PHONY: test bench lint train gpu-check clean setup-system
+.PHONY: test bench lint train gpu-check mutation clean setup-system
 
 # The library's tests and the benchmark's own (its logic, and the GPU probe rehearsed on the CPU).
 test: $(SETUP)
@@ -32,6 +32,14 @@ bench: $(SETUP)
 gpu-check:
 	@test -n "$(OUT)" || { echo "usage: make gpu-check OUT=/path/to/results [SMOKE=1] [PYTHON=python3]"; exit 64; }
 	PYTHON=$(or $(PYTHON),python3) bash bench/gpu_check.sh "$(OUT)" $(if $(SMOKE),--smoke)
+
+# Mutation testing of the code the contract rests on ([tool.mutmut] in pyproject.toml; docs/testing.md):
+# every mutant of those modules, each against the tests that reach it, then the survivors listed. Long (an
+# hour or more on 2 cores); resumable (mutants/ keeps what was done).
+mutation: $(SETUP)
+	$(PY) -m pip install --quiet "mutmut==3.8.1"
+	TRITON_INTERPRET=0 OMP_NUM_THREADS=1 $(PY) -m mutmut run --max-children 2
+	TRITON_INTERPRET=0 $(PY) -m mutmut results
 
 lint: $(SETUP)
 	$(PY) -m ruff check .
@@ -70,4 +78,4 @@ endef
 export MISSING_DEPS
 
 clean:
-	rm -rf build *.egg-info znorm_kernels/*.so .pytest_cache .ruff_cache
+	rm -rf build *.egg-info znorm_kernels/*.so .pytest_cache .ruff_cache mutants

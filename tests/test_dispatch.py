@@ -71,6 +71,85 @@ def test_bad_options_raise_before_anything_changes(kwargs, exc):
         assert torch.equal(a, b)
 
 
+# The exact messages users see, the op, the position and the parameter's name included.
+SHARED = "an in-place normalization needs distinct elements"
+MESSAGES = {
+    "sparse_coo": "is sparse (torch.sparse_coo); ZNorm needs dense gradients",
+    "sparse_csr": "is sparse (torch.sparse_csr); ZNorm needs dense gradients",
+    "complex": "is complex (torch.complex64); ZNorm needs real gradients",
+    "int": "has dtype torch.int64; supported: float32, float16, bfloat16, float64",
+    "bool": "has dtype torch.bool; supported: float32, float16, bfloat16, float64",
+    "not_a_tensor": "is a list, expected a Tensor or None",
+    "expanded": f"has elements that share memory (e.g. made by expand()); {SHARED}",
+}
+
+
+@pytest.mark.parametrize("kind", list(_bad_entries()))
+@pytest.mark.parametrize("named", [False, True])
+def test_bad_entry_messages_name_the_op_position_and_parameter(kind, named):
+    bad, exc, _ = _bad_entries()[kind]
+    names = ["a", "b", "fc.weight"] if named else None
+    at = "tensor at position 2 (parameter 'fc.weight')" if named else "tensor at position 2"
+    for call, op in [(znorm_kernels.znorm_, "znorm_"), (znorm_kernels.gc_, "gc_")]:
+        grads = [make_grad((4,), seed=1), make_grad((5,), seed=2), bad]
+        with pytest.raises(exc) as err:
+            call(grads, names=names)
+        assert str(err.value) == f"{op}: {at} {MESSAGES[kind]}"
+    with pytest.raises(exc) as err:  # the checks' own default op name
+        validation.collect([make_grad((4,)), make_grad((5,)), bad], names)
+    assert str(err.value) == f"znorm_: {at} {MESSAGES[kind]}"
+
+
+def test_overlap_message_names_the_op_both_positions_and_parameters():
+    a = make_grad((30,))
+    with pytest.raises(ValueError) as err:
+        znorm_kernels.gc_([make_grad((3,)), a, a[5:20]], names=["x", "w", "w_window"])
+    assert str(err.value) == (
+        "gc_: tensor at position 1 (parameter 'w') and tensor at position 2 (parameter 'w_window') share "
+        "part of their memory; normalizing one would change the other (the same tensor twice is fine, a "
+        "partial overlap is not)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "message"),
+    [
+        ({"eps": -1.0}, ValueError, "eps must be a finite number >= 0, got -1.0"),
+        ({"eps": float("inf")}, ValueError, "eps must be a finite number >= 0, got inf"),
+        ({"correction": -1}, ValueError, "correction must be a finite number >= 0, got -1"),
+        ({"correction": "1"}, ValueError, "correction must be a finite number >= 0, got '1'"),
+        ({"backend": None}, TypeError, "backend must be a string, got NoneType"),
+        ({"backend": 3}, TypeError, "backend must be a string, got int"),
+        ({"backend": "fastest"}, ValueError, "unknown ZNorm backend 'fastest'; known backends: "),
+    ],
+)
+def test_bad_option_messages(kwargs, exc, message):
+    with pytest.raises(exc) as err:
+        znorm_kernels.znorm_([make_grad((5,))], **kwargs)
+    assert str(err.value).startswith(message) and (message.endswith(": ") or str(err.value) == message)
+
+
+def test_accepted_options_are_remembered_by_type_and_value(monkeypatch):
+    from znorm_kernels import options
+
+    monkeypatch.setattr(options, "_accepted", set())
+    checked = []
+    real = options._check_number
+    monkeypatch.setattr(options, "_check_number", lambda name, x: checked.append(name) or real(name, x))
+    options.check_options(1, 0, "auto")
+    options.check_options(1, 0, "auto")
+    assert checked == ["eps", "correction"], "an accepted set of options is not checked again"
+    with pytest.raises(
+        ValueError, match="eps must be"
+    ):  # True == 1 and hashes alike: the type tells them apart
+        options.check_options(True, 0, "auto")
+    with pytest.raises(ValueError, match="correction must be"):
+        options.check_options(1, False, "auto")
+    for i in range(100):
+        options.check_options(1e-10 * (i + 1), 0, "auto")
+    assert len(options._accepted) == 64, "at most 64 sets of options are remembered"
+
+
 def test_not_iterable():
     with pytest.raises(TypeError, match="iterable"):
         znorm_kernels.znorm_(3.0)
@@ -196,3 +275,23 @@ def test_triton_interpreter_known_broken_with_numpy_2_4_before_triton_3_7(
     finally:
         triton_host.interpreter_broken.cache_clear()
         registry.clear_caches()
+
+
+@pytest.mark.parametrize("min_ndim", [0, 1, 4])
+def test_min_ndim_accepts_every_int_from_zero(min_ndim):
+    # 0 selects every parameter (0-d ones are left unchanged all the same: fewer than 2 elements).
+    w, s = torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(()))
+    opt = torch.optim.SGD([w, s], lr=0.1)
+    handle = znorm_kernels.register(opt, min_ndim=min_ndim, backend="reference", track_stats=True)
+    w.grad, s.grad = make_grad((3, 2)), torch.tensor(0.5)
+    opt.step()
+    stats = handle.grad_stats()
+    assert ([] if stats is None else stats.names) == {0: ["#0", "#1"], 1: ["#0"], 4: []}[min_ndim]
+
+
+@pytest.mark.parametrize("min_ndim", [-1, 1.0, True, "1", None])
+def test_min_ndim_rejects_anything_else(min_ndim):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.randn(3))], lr=0.1)
+    with pytest.raises(ValueError) as err:
+        znorm_kernels.register(opt, min_ndim=min_ndim)
+    assert str(err.value) == f"min_ndim must be an int >= 0, got {min_ndim!r}"

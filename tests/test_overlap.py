@@ -23,8 +23,10 @@ def test_rule11_same_memory_twice_is_normalized_once(backend, device, twice):
     x = g.clone()
     other = {"same": g, "view(-1)": g.view(-1), "t()": g.t(), "same view": g[:, :]}[twice]
     extra = make_grad((7,), device=device, seed=3)
+    y = extra.clone()
     znorm_kernels.znorm_([g, extra, other], backend=backend)
     assert_close_to_float64(g, x)
+    assert_close_to_float64(extra, y)  # the other tensors of the call are normalized as usual
 
 
 @backend_device
@@ -168,6 +170,24 @@ def test_rule11_interleaved_views_past_float32s_integers():
     x = torch.zeros(2**24 + 2)
     even, odd = x[0::2], x[1::2]
     znorm_kernels.znorm_([even, odd], backend="reference")  # raises nothing
+
+
+def test_rule11_a_duplicate_is_normalized_once_not_twice():
+    # With eps = 1 a second normalization would change the values (z / (std(z) + 1) is not z).
+    g = make_grad((50,))
+    x = g.clone()
+    znorm_kernels.znorm_([g, g.view(5, 10), g[:]], eps=1.0, backend="reference")
+    assert_close_to_float64(g, x, eps=1.0)
+
+
+def test_rule11_an_overlap_found_past_a_view_that_ends_later():
+    # The sweep goes by start address: x[10:20:2] shares elements with x[0:100:2], though x[21:61:2], which
+    # ends between them, shares none with either.
+    x = make_grad((100,))
+    with pytest.raises(
+        ValueError, match=r"^znorm_: tensor at position 0 and tensor at position 1 share part"
+    ):
+        znorm_kernels.znorm_([x[0:100:2], x[10:20:2], x[21:61:2]], backend="reference")
 
 
 def test_rule11_error_names_parameters():
