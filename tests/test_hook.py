@@ -111,14 +111,46 @@ def test_names_given_with_params_name_the_parameter_in_errors():
         opt.step()
 
 
-@pytest.mark.parametrize("item", ["three", "no name", "name second", "a number"])
+_NOT_PAIRS = ["three", "no name", "name second", "a number", "a name alone", "a list pair", "a 3-list"]
+
+
+@pytest.mark.parametrize("item", _NOT_PAIRS)
 def test_params_entries_that_are_not_parameters_or_pairs_raise(item):
     net = small_net()
     w = net[0].weight
-    bad = {"three": ("w", w, "x"), "no name": (w, w), "name second": (w, "w"), "a number": 3}[item]
+    bad = {
+        "three": ("w", w, "x"),
+        "no name": (w, w),
+        "name second": (w, "w"),
+        "a number": 3,
+        "a name alone": "w",
+        "a list pair": ["w", w],  # pairs are tuples, as named_parameters() gives them
+        "a 3-list": ["w", w, "x"],
+    }[item]
     opt = make_opt("sgdm", net.parameters())
-    with pytest.raises(TypeError, match=r"^params\[1\] is a (tuple|int), expected a parameter tensor$"):
+    with pytest.raises(
+        TypeError, match=r"^params\[1\] is a (tuple|int|str|list), expected a parameter tensor$"
+    ):
         znorm_kernels.register(opt, params=[net[7].weight, bad])
+
+
+def test_params_may_hold_zero_dim_parameters_alone_or_named():
+    # A 0-d tensor has no len() and no [0]: it is taken as the parameter it is, not looked into.
+    torch.manual_seed(0)
+    w, s, t = (
+        nn.Parameter(torch.randn(3, 2)),
+        nn.Parameter(torch.tensor(0.5)),
+        nn.Parameter(torch.tensor(1.0)),
+    )
+    opt = torch.optim.SGD([w, s, t], lr=0.0)
+    handle = znorm_kernels.register(opt, min_ndim=0, params=[s, ("t", t), w], track_stats=True)
+    w.grad, s.grad, t.grad = torch.randn(3, 2), torch.tensor(2.0), torch.tensor(3.0)
+    expected = w.grad.clone()
+    reference.znorm_tensor_(expected)
+    opt.step()
+    torch.testing.assert_close(w.grad, expected, atol=1e-6, rtol=0)
+    assert (s.grad.item(), t.grad.item()) == (2.0, 3.0), "fewer than 2 elements: left as they are"
+    assert handle.grad_stats().names == ["#0", "#1", "t"]
 
 
 def test_params_not_in_optimizer_is_an_error():
@@ -136,8 +168,10 @@ def test_bad_registration_raises(kwargs):
 
 
 def test_not_an_optimizer():
-    with pytest.raises(TypeError, match="Optimizer"):
+    with pytest.raises(TypeError, match=r"^expected a torch\.optim\.Optimizer, got object$"):
         znorm_kernels.register(object())
+    with pytest.raises(TypeError, match=r"^expected a torch\.optim\.Optimizer, got Linear$"):
+        znorm_kernels.register(nn.Linear(2, 2))
 
 
 def test_once_per_step_with_gradient_accumulation():
@@ -374,3 +408,89 @@ def test_hook_keeps_gradient_statistics_on_request():
         RuntimeError, match=r"^gradient statistics are kept only with register\(\.\.\., track_stats=True\)$"
     ):
         plain.grad_stats()
+
+
+def test_a_group_given_another_list_of_as_many_parameters_is_seen():
+    # The selection is cached per param group list: a list replaced by another of the same length is new.
+    torch.manual_seed(0)
+    old, new = nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(2, 5))
+    opt = torch.optim.SGD([old], lr=0.0)
+    znorm_kernels.register(opt, min_ndim=2)
+    old.grad = torch.randn(4, 3)
+    opt.step()
+    opt.param_groups[0]["params"] = [new]
+    old.grad, new.grad = torch.randn(4, 3), torch.randn(2, 5)
+    untouched, expected = old.grad.clone(), new.grad.clone()
+    reference.znorm_tensor_(expected)
+    opt.step()
+    torch.testing.assert_close(new.grad, expected, atol=1e-6, rtol=0)
+    assert torch.equal(old.grad, untouched)
+
+
+def test_selection_is_kept_while_the_param_groups_stay_the_same():
+    from znorm_kernels.step_hooks import ParamSelector
+
+    w, b, extra = nn.Parameter(torch.randn(3, 2)), nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(4))
+    opt = torch.optim.SGD([w, b], lr=0.1)
+    selector = ParamSelector(opt, 1, None)
+    first = selector.select()
+    assert first == ([w, b], ["", ""])
+    second = selector.select()
+    assert second[0] is first[0] and second[1] is first[1], "no new selection for unchanged groups"
+    opt.add_param_group({"params": [extra]})
+    assert selector.select()[0] == [w, b, extra]
+
+
+class _Tagged(torch.optim.Optimizer):
+    """A bare optimizer whose step() takes an argument after the closure, and records what it got."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+        self.seen = []
+
+    def step(self, closure=None, tag=None):
+        loss = closure() if closure is not None else None
+        self.seen.append((tag, [p.grad.clone() for g in self.param_groups for p in g["params"]]))
+        return loss
+
+
+def test_register_grad_hook_selects_and_passes_step_arguments_through():
+    from znorm_kernels.step_hooks import register_grad_hook
+
+    w, b, s = nn.Parameter(torch.randn(3, 2)), nn.Parameter(torch.randn(3)), nn.Parameter(torch.tensor(1.0))
+    opt = _Tagged([w, b, s])
+    calls = []
+    handle = register_grad_hook(opt, lambda params, grads, names, scale: calls.append((params, scale)))
+    only_w = register_grad_hook(
+        opt, lambda params, grads, names, scale: calls.append((params, scale)), params=[w]
+    )
+
+    def closure():
+        for p in (w, b, s):
+            p.grad = torch.ones_like(p)
+        return 7.0
+
+    assert opt.step(closure, "tagged") == 7.0
+    assert opt.seen[-1][0] == "tagged", "step()'s arguments after the closure reach it unchanged"
+    assert [c[0] for c in calls] == [[w, b], [w]], "min_ndim 1 by default; params when given"
+    assert all(c[1] is None for c in calls)
+    # An optimizer that unscales in its own step, with a scale pending: the transform gets it, closure or not.
+    calls.clear()
+    opt._step_supports_amp_scaling, opt.grad_scale = True, torch.tensor(8.0)
+    opt.step(closure)
+    opt.step()
+    assert len(calls) == 4 and all(c[1] is opt.grad_scale for c in calls)
+    handle.remove()
+    only_w.remove()
+
+
+def test_grad_scale_of_reads_only_optimizers_that_unscale_in_their_step():
+    from znorm_kernels.step_hooks import grad_scale_of
+
+    opt = torch.optim.SGD([nn.Parameter(torch.randn(2))], lr=0.1)
+    # GradScaler unscales such an optimizer's gradients before its step: an attribute of that name is not a
+    # pending scale.
+    opt.grad_scale = torch.tensor(4.0)
+    assert grad_scale_of(opt) is None
+    opt._step_supports_amp_scaling = True
+    assert grad_scale_of(opt) is opt.grad_scale

@@ -5,6 +5,7 @@ and the hook's cache with None gradients (re-checked whenever a gradient appears
 from __future__ import annotations
 
 import gc
+import math
 import random
 
 import pytest
@@ -424,3 +425,146 @@ def test_a_fresh_cache_keeps_what_it_is_given_and_evicts_the_oldest():
     assert cache.get(moved) is None
     cache.clear()
     assert cache.get(lists[1]) is None
+
+
+# --- The hook's cache (step_cache.GradientGroups) beyond the common case. ---
+
+
+def test_hook_statistics_with_several_groups_and_none_match_float64():
+    """track_stats with a float32 group, a float64 group of one tensor, a 1-element gradient and a None
+    one: every group gets its own tensors and its own rows, on the full path and on the cached one."""
+    params = [
+        nn.Parameter(torch.zeros(5, 3)),
+        nn.Parameter(torch.zeros(4, dtype=torch.float64)),
+        nn.Parameter(torch.zeros(1)),
+        nn.Parameter(torch.zeros(6)),
+        nn.Parameter(torch.zeros(3)),
+    ]
+    opt = torch.optim.SGD(params, lr=0.0)
+    handle = znorm_kernels.register(opt, track_stats=True)
+    for step in range(3):  # 0: full path; 1: same addresses; 2: new gradient objects elsewhere
+        if step != 1:
+            for i, p in enumerate(params):
+                p.grad = None if i == 4 else make_grad(tuple(p.shape), p.dtype, seed=10 * step + i)
+        raw = [None if p.grad is None else p.grad.clone() for p in params]
+        opt.step()
+        stats = handle.grad_stats()
+        for i, (p, x) in enumerate(zip(params, raw)):
+            mean, std = stats.values[i].tolist()
+            if x is None or x.numel() < 2:
+                assert p.grad is None or torch.equal(p.grad, x)
+                assert math.isnan(mean) and math.isnan(std)
+                continue
+            assert_close_to_float64(p.grad, x)
+            assert mean == pytest.approx(x.double().mean().item(), rel=1e-6)
+            assert std == pytest.approx(x.double().std(correction=0).item(), rel=1e-6)
+        for i, p in enumerate(params):  # same objects at the same addresses next step
+            if step == 0 and p.grad is not None:
+                p.grad.copy_(make_grad(tuple(p.shape), p.dtype, seed=100 + i))
+
+
+class _Binding:
+    """A group function that can be bound to its tensors' addresses, as the triton backend's is: it logs
+    bind and rebind, and a bound function checks that it only ever runs on tensors at its addresses (a
+    bound Triton plan would write to the old ones)."""
+
+    def __init__(self, real, log):
+        self.real, self.log = real, log
+
+    def __call__(self, tensors, eps, correction, grad_scale=None, *, stats=None):
+        self.log.append("unbound")
+        self.real(tensors, eps, correction, grad_scale, stats=stats)
+
+    def bind(self, tensors):
+        self.log.append("bind")
+        return self._bound(tensors)
+
+    def _bound(self, tensors):
+        addrs = [t.data_ptr() for t in tensors]
+
+        def run(ts, eps, correction, grad_scale=None, *, stats=None):
+            assert [t.data_ptr() for t in ts] == addrs, "a bound function ran on other addresses"
+            self.real(ts, eps, correction, grad_scale, stats=stats)
+
+        def rebind(others, starts=None):
+            self.log.append("rebind")
+            assert starts is None or list(starts) == [t.data_ptr() for t in others]
+            return self._bound(others)
+
+        run.rebind = rebind
+        return run
+
+
+@pytest.mark.parametrize("track_stats", [False, True])
+def test_hook_binds_groups_once_and_rebinds_them_when_gradients_move(monkeypatch, track_stats):
+    log = []
+    real = dispatch.group_fn
+    monkeypatch.setattr(dispatch, "group_fn", lambda name: _Binding(real(name), log))
+    buf = torch.randn(200)
+    params = [nn.Parameter(torch.zeros(4, 4)), nn.Parameter(torch.zeros(16))]
+    opt = torch.optim.SGD(params, lr=0.0)
+    znorm_kernels.register(opt, track_stats=track_stats)
+    for a, b in [(0, 32), (0, 32), (64, 96), (0, 32)]:
+        params[0].grad = buf[a : a + 16].view(4, 4)
+        params[1].grad = buf[b : b + 16]
+        expected = [reference_z(p.grad) for p in params]
+        opt.step()
+        for p, e in zip(params, expected):
+            torch.testing.assert_close(p.grad, e, atol=1e-6, rtol=0)
+    assert log == ["bind", "rebind", "rebind"], "bound once, then rebound at each move"
+
+
+def test_hook_keeps_the_checks_of_two_element_gradients_that_move(monkeypatch):
+    """2 elements is the least ZNorm normalizes: such a gradient moving keeps the cached checks, and it
+    moving into another gradient's memory is caught as the full checks catch it."""
+    calls = []
+    real = dispatch.collect_indices
+    monkeypatch.setattr(dispatch, "collect_indices", lambda *a, **k: calls.append(1) or real(*a, **k))
+    buf = torch.randn(200)
+    params = [nn.Parameter(torch.zeros(4, 4)), nn.Parameter(torch.zeros(2))]
+    opt = torch.optim.SGD(params, lr=0.0)
+    znorm_kernels.register(opt)
+    for a, b in [(8, 40), (64, 96), (8, 40)]:
+        params[0].grad = buf[a : a + 16].view(4, 4)
+        params[1].grad = buf[b : b + 2]
+        expected = [reference_z(p.grad) for p in params]
+        opt.step()
+        for p, e in zip(params, expected):
+            torch.testing.assert_close(p.grad, e, atol=1e-6, rtol=0)
+    assert len(calls) == 1
+    params[1].grad = buf[10:12]  # inside the first gradient's memory
+    before = buf.clone()
+    with pytest.raises(ValueError, match="share part of their memory"):
+        opt.step()
+    assert torch.equal(buf, before)
+    assert len(calls) == 2
+
+
+def test_lists_only_the_exact_checks_accept_are_cached_too(count_checks):
+    """A duplicate (with a None beside it) and interleaved views leave the one-pass check to the exact one:
+    what that accepts is kept all the same, and the next call with the same tensors is not checked."""
+    g = make_grad((12,), seed=1)
+    a = make_grad((40,), seed=2)
+    lists = [[g, None, g], [a[::2], a[1::2]]]
+    for _ in range(2):
+        for items in lists:
+            before = [None if t is None else t.clone() for t in items]
+            znorm_kernels.znorm_(items, backend="reference")
+            for t, x in zip(items[-1:], before[-1:]):
+                assert_close_to_float64(t, x)
+    assert len(count_checks) == len(lists)
+
+
+def test_lists_with_nothing_to_normalize_take_no_cache_slot(count_checks):
+    from znorm_kernels.check_cache import RecentChecks
+
+    lists = [[make_grad((5,), seed=i), make_grad((3,), seed=50 + i)] for i in range(RecentChecks.SIZE)]
+    for items in lists:
+        znorm_kernels.znorm_(items, backend="reference")
+    trivial = [[None, None], [torch.tensor([1.5])], [torch.tensor(2.0), None]]
+    for items in trivial:
+        znorm_kernels.znorm_(items, backend="reference")
+    assert len(count_checks) == len(lists) + len(trivial)
+    for items in lists:  # still known: nothing was evicted for the trivial lists
+        znorm_kernels.znorm_(items, backend="reference")
+    assert len(count_checks) == len(lists) + len(trivial)
