@@ -249,6 +249,7 @@ def test_empty_inputs():
         ("3.6.0", "2.3.5", False),
         ("3.7.1", "2.4.6", False),
         ("3.10.0", "3.0.0", False),
+        ("3.6.0", "unknown", False),  # a version that is not major.minor... is taken for an old one
     ],
 )
 def test_triton_interpreter_known_broken_with_numpy_2_4_before_triton_3_7(
