@@ -525,3 +525,147 @@ def nccl_worker(rank: int, store: str) -> None:
 )
 def test_dtensor_path_runs_on_cuda_with_one_nccl_rank(tmp_path) -> None:
     torch.multiprocessing.spawn(nccl_worker, args=(str(tmp_path / "store"),), nprocs=1, join=True)
+
+
+def _exact_row(values: list[float]) -> tuple[float, float]:
+    """The exact mean (correctly rounded) and M2 of float64 values, in rational arithmetic."""
+    from fractions import Fraction
+
+    xs = [Fraction(v) for v in values]
+    mean = sum(xs) / len(xs)
+    return float(mean), float(sum((v - mean) ** 2 for v in xs))
+
+
+U = 2.0**-52  # one ulp of 1.0: means of such values are not representable, their deviations are tiny
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [1.0, 1.0, 1.0 + U],  # the exact mean 1 + U/3 rounds to 1; M2 = 2 U**2 / 3
+        [1.0 + U, 1.0, 1.0 + 2 * U, 1.0 + U, 1.0],
+        [1e8 + 0.25 * k for k in (0, 3, 5, 7, 11, 13, 17)],
+    ],
+    ids=["ulp", "ulps", "offset"],
+)
+def test_local_statistics_are_the_exact_float64_figures(values) -> None:
+    """The corrected two-pass: the mean correctly rounded and M2 exact to float64 precision, even where the
+    spread is a few ulps of the mean (an uncorrected or wrongly corrected pass is off by whole ulps)."""
+    from znorm_kernels.distributed import local_statistics
+
+    x = torch.tensor(values, dtype=torch.float64)
+    n, mean, m2, lo, hi = local_statistics(x).tolist()
+    want_mean, want_m2 = _exact_row(values)
+    assert (n, lo, hi) == (len(values), min(values), max(values))
+    assert mean == want_mean
+    assert math.isclose(m2, want_m2, rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_local_statistics_accumulate_in_float64(dtype) -> None:
+    """Half- and single-precision shards get the float64 figures of their values (the rows are merged across
+    ranks in float64), and the count stays exact whatever torch's default dtype is (bfloat16 here, as some
+    LLM code sets it: a count in it would round 257 to 256)."""
+    from znorm_kernels.distributed import local_statistics
+
+    x = (3 + torch.randn(257, generator=torch.Generator().manual_seed(4))).to(dtype)
+    want = local_statistics(x.double())
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        got = local_statistics(x)
+    finally:
+        torch.set_default_dtype(default)
+    assert got.dtype == torch.float64 and got[0] == 257
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_local_statistics_of_an_empty_shard(device: str) -> None:
+    """An empty shard's row is (0, 0, 0, +inf, -inf) in float64 on the shard's own device (meta: nothing is
+    read back): the bounds are the identities of min and max, so merging it changes no bound."""
+    from znorm_kernels.distributed import local_statistics, merge_statistics
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # a row in the default dtype would not be float64
+    try:
+        row = local_statistics(torch.empty(0, 3, device=device))
+        full = local_statistics(torch.empty(4, device=device))
+    finally:
+        torch.set_default_dtype(default)
+    assert row.device.type == device and row.dtype == torch.float64 and row.shape == (5,)
+    assert full.device.type == device and full.dtype == torch.float64 and full.shape == (5,)
+    if device == "meta":
+        return
+    inf = float("inf")
+    assert row.tolist() == [0.0, 0.0, 0.0, inf, -inf]
+    x = torch.tensor([2.0, 3.0, 5.0], dtype=torch.float64)  # all positive: a 0 bound would show
+    for parts in ([x[:0], x], [x, x[:0]]):
+        merged = merge_statistics(torch.stack([local_statistics(p) for p in parts]).unsqueeze(1))[0]
+        assert torch.equal(merged, local_statistics(x))
+
+
+def _ordinary(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 2 + 1
+
+
+@pytest.mark.parametrize(
+    "sizes", [[1, 9], [9, 1], [1, 1, 1], [1, 0, 5, 1], [4, 0, 0, 3]], ids=lambda s: "-".join(map(str, s))
+)
+def test_merge_statistics_of_small_parts_matches_whole(sizes) -> None:
+    """Chan's merge in rank order with 1-element and empty parts anywhere: the whole tensor's row (a
+    1-element part is no empty one: its value counts)."""
+    from znorm_kernels.distributed import local_statistics, merge_statistics
+
+    x = _ordinary(sum(sizes), 7)
+    parts = x.split(sizes)
+    merged = merge_statistics(torch.stack([local_statistics(p) for p in parts]).unsqueeze(1))[0]
+    n, mean, m2, lo, hi = merged.tolist()
+    whole = local_statistics(x).tolist()
+    assert (n, lo, hi) == (whole[0], whole[3], whole[4])
+    assert math.isclose(mean, whole[1], rel_tol=1e-14)
+    assert math.isclose(m2, whole[2], rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("huge_first", [False, True])
+def test_merge_statistics_rescales_each_m2_to_the_merged_bounds(huge_first: bool) -> None:
+    """A shard beyond 2**400 keeps its M2 scaled by SHRINK**2; merged with an ordinary shard, the ordinary
+    one's M2 must be brought to that scale too (else it outweighs the whole spread by ~2**1200)."""
+    from znorm_kernels.distributed import local_statistics, merge_statistics
+
+    ordinary = _ordinary(5, 8)
+    huge = 2.0**401 * (1 + 1e-3 * _ordinary(4, 9))
+    parts = [huge, ordinary] if huge_first else [ordinary, huge]
+    merged = merge_statistics(torch.stack([local_statistics(p) for p in parts]).unsqueeze(1))[0]
+    whole = local_statistics(torch.cat(parts))  # its M2 is scaled as the merged bounds say
+    assert torch.equal(merged[[0, 3, 4]], whole[[0, 3, 4]])
+    torch.testing.assert_close(merged[1:3], whole[1:3], rtol=1e-12, atol=0)
+
+
+def test_mean_and_std_default_to_no_correction() -> None:
+    """mean_and_std(rows) is (mean, sqrt(M2 / count)), as znorm_'s default correction=0."""
+    from znorm_kernels.distributed.dtensor import local_statistics, mean_and_std
+
+    x = _ordinary(6, 10)
+    got = mean_and_std(local_statistics(x).unsqueeze(0))[0]
+    torch.testing.assert_close(got, torch.stack([x.mean(), x.std(correction=0)]), rtol=1e-14, atol=0)
+
+
+def test_znorm_dtensors_defaults_are_znorms() -> None:
+    """znorm_dtensors_ called with its defaults (one rank: nothing to combine) normalizes as znorm_'s
+    defaults do: eps=1e-10, correction=0, backend="auto"."""
+    from znorm_kernels.distributed import znorm_dtensors_
+
+    if dist.is_initialized():  # pragma: no cover - only if a test left a group behind
+        pytest.skip("a process group is already initialized in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        x = _ordinary(12, 11).reshape(3, 4) * 1e-9  # eps=1e-10 is not negligible beside this spread
+        dt = distribute_tensor(x.clone(), mesh, [Shard(0)])
+        znorm_dtensors_([dt])
+        want = x.clone()
+        reference.znorm_([want])
+        torch.testing.assert_close(dt.full_tensor(), want, rtol=1e-12, atol=1e-12)
+    finally:
+        dist.destroy_process_group()

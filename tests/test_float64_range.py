@@ -143,3 +143,76 @@ def test_the_host_merges_keep_huge_shards_finite():
         want = exact_z(x, eps=0.0)
         z = (x * wide - mean * wide) * inv if wide else (x - mean) * inv
         assert bool(((z - want).abs() <= allowed_error(want, z, torch.float64)).all())
+
+
+def _above(v: float) -> float:
+    return math.nextafter(v, math.inf)
+
+
+def _below(v: float) -> float:
+    return math.nextafter(v, 0.0)
+
+
+HUGE, TINY = 2.0**400, 2.0**-400
+FACTORS = [  # largest magnitude -> factor: strictly beyond HUGE, strictly below TINY (and nonzero), finite
+    (1.0, 1.0),
+    (HUGE, 1.0),
+    (_above(HUGE), 2.0**-600),
+    (MAX, 2.0**-600),
+    (math.inf, 1.0),
+    (TINY, 1.0),
+    (_below(TINY), 2.0**600),
+    (5e-324, 2.0**600),
+    (0.0, 1.0),
+    (math.nan, 1.0),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_factor_of_thresholds(dtype):
+    """The kernels scale a run strictly beyond HUGE or strictly below TINY (csrc/znorm.h, triton_moments.py):
+    the host's factor must agree at the very boundaries, or it would mis-read the scale of an M2 it merges.
+    The largest magnitude counts whichever bound holds it; the factor is float64 whatever the bounds' dtype
+    (a float32 2**-600 would be 0)."""
+    from znorm_kernels.backends.float64_range import factor_of
+
+    big = torch.tensor([b for b, _ in FACTORS], dtype=torch.float64)
+    want = torch.tensor([f for _, f in FACTORS], dtype=torch.float64)
+    if dtype != torch.float64:  # only the ordinary magnitudes exist in float32: all factor 1
+        keep = (big == 0) | ((big >= 2.0**-100) & (big <= 2.0**100)) | big.isnan() | big.isinf()
+        big, want = big[keep].to(dtype), want[keep]
+    zero = torch.zeros_like(big)
+    for lo, hi in ((-big, zero), (zero, big), (-big, big)):
+        got = factor_of(lo, hi)
+        assert got.dtype == torch.float64
+        assert torch.equal(got, want), (lo, hi, got)
+
+
+SCALES = [  # largest magnitude -> e: 2**e, 2**-e are the reference's scales
+    (1.0, 0),
+    (3.0, 0),
+    (2.0**500, 0),
+    (_above(2.0**500), 501),
+    (2.0**-500, 0),
+    (_below(2.0**-500), -500),
+    (2.0**-600, -599),
+    (5e-324, -1000),  # frexp's exponent -1073, clamped
+    (MAX, 1000),  # frexp's exponent 1024, clamped
+    (0.0, 0),
+    (math.inf, 0),
+    (math.nan, 0),
+]
+
+
+def test_scales_of_only_scales_far_values():
+    """scales_of leaves every tensor whose largest magnitude lies in [2**-500, 2**500] unscaled (the
+    reference's arithmetic on them is that of the plain formula, bit for bit), scales the others by the
+    power of two of that magnitude, clamped to [-1000, 1000], and leaves 0, Inf and NaN alone."""
+    from znorm_kernels.backends.float64_range import scales_of
+
+    big = torch.tensor([b for b, _ in SCALES], dtype=torch.float64)
+    want = torch.tensor([e for _, e in SCALES], dtype=torch.float64)
+    for lo, hi in ((-big, torch.zeros_like(big)), (big / 2, big)):
+        grow, shrink = scales_of(lo, hi)
+        assert torch.equal(grow, torch.exp2(want)), grow
+        assert torch.equal(shrink, torch.exp2(-want)), shrink
