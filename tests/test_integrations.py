@@ -412,3 +412,169 @@ def test_callbacks_match_the_hook_on_names_and_copies(spy):
     cb.on_pre_optimizer_step(None, None, None, optimizer=opt, model=net)
     assert len(spy) == 1 and len(spy[0][0]) == 2  # min_ndim=2: the two weight matrices only
     assert spy[0][2] == ["0.weight", "2.weight"]
+
+
+# ------------------------------------------------------------------ ZNormApplier (what both callbacks share)
+
+
+def test_unwrap_optimizer():
+    """Wrappers are looked through down to the first torch optimizer, which is the one that steps (even if
+    it holds another, as Lookahead-style optimizers do); an object that wraps nothing is returned as it is;
+    a wrapper that points back at itself ends the search instead of looping."""
+    sgd = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    outer = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    outer.optimizer = sgd
+    lightning_like = type("LightningOptimizer", (), {})()
+    lightning_like._optimizer = outer
+    accelerate_like = _ScalerWrapper(lightning_like, None)
+    assert applier.unwrap_optimizer(accelerate_like) is outer
+    assert applier.unwrap_optimizer(sgd) is sgd
+    bare = type("Bare", (), {})()
+    assert applier.unwrap_optimizer(bare) is bare
+
+    class SelfWrapping:
+        reads = 0
+
+        @property
+        def optimizer(self):
+            type(self).reads += 1
+            assert self.reads < 50, "unwrap_optimizer loops"
+            return self
+
+    looping = SelfWrapping()
+    assert applier.unwrap_optimizer(looping) is looping
+
+
+def _net_with_grads():
+    net = tiny_net()
+    x, y = data()
+    nn.functional.mse_loss(net(x), y).backward()
+    return net
+
+
+def test_applier_caches_selection_and_names_per_optimizer(spy):
+    """The model's names are looked up once per optimizer and selection (two optimizers taking turns, as
+    in Lightning's manual optimization, keep their own), and again when a param group is added."""
+    net = _net_with_grads()
+    first, second = list(net.parameters())[:2], list(net.parameters())[2:]
+    opt1, opt2 = torch.optim.SGD(first, lr=0.1), torch.optim.SGD(second, lr=0.1)
+    lookups = []
+    named = net.named_parameters
+    net.named_parameters = lambda *a, **k: (lookups.append(1), named(*a, **k))[1]
+    apply = applier.ZNormApplier(1e-10, 0, "auto", 1)
+    for _ in range(3):
+        apply(opt1, net)
+        apply(opt2, net)
+    assert len(lookups) == 2
+    assert [call[2] for call in spy] == [["0.weight", "0.bias"], ["2.weight", "2.bias"]] * 3
+    extra = nn.Parameter(torch.zeros(4))
+    extra.grad = torch.randn(4, generator=torch.Generator().manual_seed(2))
+    opt2.add_param_group({"params": [extra]})
+    apply(opt2, net)
+    assert len(lookups) == 3 and spy[-1][2] == ["2.weight", "2.bias", ""]  # extra is not in the model
+    apply(opt2, net)
+    assert len(lookups) == 3 and spy[-1][2] == ["2.weight", "2.bias", ""]
+
+
+def test_applier_without_a_model(spy):
+    """model=None: the optimizer's own names where it has them (built from named_parameters), else none."""
+    net = _net_with_grads()
+    for opt, names in (
+        (torch.optim.SGD(net.parameters(), lr=0.1), ["", "", "", ""]),
+        (torch.optim.SGD(net.named_parameters(), lr=0.1), ["0.weight", "0.bias", "2.weight", "2.bias"]),
+    ):
+        applier.ZNormApplier(1e-10, 0, "auto", 1)(opt, None)
+        assert spy[-1][2] == names
+
+
+def test_applier_errors_name_the_models_parameters():
+    """An entry znorm_ refuses is named by the model's parameter name, or by its position alone where the
+    model has no such parameter (never by a made-up name)."""
+    net = nn.Linear(2, 3)
+    net.register_parameter("phase", nn.Parameter(torch.zeros(3, dtype=torch.complex64)))
+    extra = nn.Parameter(torch.zeros(3, dtype=torch.complex64))
+    opt = torch.optim.SGD([*net.parameters(), extra], lr=0.1)
+    net.weight.grad = torch.randn(3, 2)
+    net.phase.grad = torch.ones(3, dtype=torch.complex64)
+    with pytest.raises(TypeError, match=r"^znorm_: tensor at position 2 \(parameter 'phase'\) is complex"):
+        applier.ZNormApplier(1e-10, 0, "auto", 1)(opt, net)
+    net.phase.grad, extra.grad = None, torch.ones(3, dtype=torch.complex64)
+    with pytest.raises(TypeError, match=r"^znorm_: tensor at position 3 is complex"):
+        applier.ZNormApplier(1e-10, 0, "auto", 1)(opt, net)
+
+
+def test_applier_passes_its_backend_on():
+    net = _net_with_grads()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="unknown ZNorm backend 'nope'"):
+        applier.ZNormApplier(1e-10, 0, "nope", 1)(opt, net)
+
+
+def test_applier_refuses_a_zero_engine_around_a_plain_optimizer():
+    """The wrapper is checked, not only the optimizer inside: a ZeRO engine holds a plain torch optimizer
+    whose param groups it has flattened."""
+    net = _net_with_grads()
+    engine = fake_deepspeed("DeepSpeedEngine", "deepspeed.runtime.engine")()
+    engine.optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    engine.zero_optimization_stage = lambda: 2
+    before = [p.grad.clone() for p in net.parameters()]
+    with pytest.raises(RuntimeError, match="ZeRO stage 2"):
+        applier.ZNormApplier(1e-10, 0, "auto", 1)(engine, net)
+    assert_close_lists([p.grad for p in net.parameters()], before, rtol=0, atol=0)
+
+
+class _FakeScaler:
+    """A framework's own scaler-like object: only the attributes given exist."""
+
+    def __init__(self, **attrs):
+        self.__dict__.update(attrs)
+        self.unscaled = []
+
+    def unscale_(self, optimizer):
+        self.unscaled.append(optimizer)
+
+
+@pytest.mark.parametrize(
+    ("attrs", "unscales"),
+    [
+        ({"_scale": torch.tensor(8.0)}, False),  # no is_enabled: not a GradScaler that is on
+        ({"is_enabled": lambda: False, "_scale": torch.tensor(8.0)}, False),
+        ({"is_enabled": lambda: True}, False),  # no _scale: nothing scaled yet
+        ({"is_enabled": lambda: True, "_scale": None}, False),
+        ({"is_enabled": lambda: True, "_scale": torch.tensor(8.0)}, True),  # no per-optimizer states
+    ],
+    ids=["no-is_enabled", "disabled", "no-_scale", "_scale-None", "no-states"],
+)
+def test_applier_reads_scaler_likes_defensively(spy, attrs, unscales):
+    net = _net_with_grads()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    scaler = _FakeScaler(**attrs)
+    applier.ZNormApplier(1e-10, 0, "auto", 1)(opt, net, scaler)
+    assert scaler.unscaled == ([opt] if unscales else []) and spy[-1][1] is None
+
+
+@pytest.mark.parametrize("case", ["no scaler", "disabled", "scaled", "ready state", "already unscaled"])
+def test_applier_unscales_exactly_when_the_gradients_are_scaled(spy, case):
+    """A GradScaler holds this optimizer's gradients scaled after scale(loss).backward() until unscale_
+    (an entry of its per-optimizer states still at READY has not been unscaled either): the callback
+    unscales them then, and only then, so that ZNorm sees the true gradients and scaler.step does not
+    unscale twice."""
+    from torch.amp.grad_scaler import OptState
+
+    net = tiny_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    scaler = None if case == "no scaler" else torch.amp.GradScaler("cpu", 1024.0, enabled=case != "disabled")
+    x, y = data()
+    loss = nn.functional.mse_loss(net(x), y)
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    if case == "ready state":
+        scaler._per_optimizer_states[id(opt)]  # a fresh entry (a defaultdict), as GradScaler makes it
+    if case == "already unscaled":
+        scaler.unscale_(opt)
+    given = [p.grad.clone() for p in net.parameters()]
+    applier.ZNormApplier(1.0, 0, "auto", 1)(opt, net, scaler)  # eps=1: z-scores of s*g and g differ
+    scaled = case in ("scaled", "ready state")
+    assert_close_lists(spy[-1][0], [g / 1024 for g in given] if scaled else given, rtol=0, atol=0)
+    assert spy[-1][1] is None
+    if scaled:
+        assert scaler._per_optimizer_states[id(opt)]["stage"] is OptState.UNSCALED
