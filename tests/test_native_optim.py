@@ -798,3 +798,83 @@ def test_cuda_optimizer_takes_the_native_step_and_matches_the_hook(calls, cls, t
     for p, q in zip(ours.parameters(), theirs.parameters()):
         torch.testing.assert_close(p, q, atol=2e-6, rtol=1e-5)
     assert opt.grad_stats().values.device.type == "cuda"
+
+
+def test_fused_path_names_triton_and_needs_the_native_kernels(monkeypatch):
+    # CPU-runnable, with a resolver that grants whatever backend is asked for: "triton" is the Triton fused
+    # step; a native step serves only tensors of its own device, and only where the build has its kernels.
+    monkeypatch.setattr(fused_layout, "resolve_backend", lambda name, device: name)
+    cpu_params = [torch.zeros(2)]
+    cuda_params = [type("P", (), {"device": torch.device("cuda", 0)})()]
+    assert fused_layout.fused_path("triton", cpu_params) == "triton"
+    assert fused_layout.fused_path("cpu", cpu_params) == "cpu"
+    assert fused_layout.fused_path("cpu", cuda_params) is None
+    monkeypatch.setattr(fused_layout.native, "has_optim_kernels", lambda name: False)
+    assert fused_layout.fused_path("cpu", cpu_params) is None
+
+
+def test_fused_layout_makes_each_index_once():
+    # The index tensors of a layout are made once (on a GPU each would be a host-to-device copy).
+    layout = fused_layout.FusedLayout([], [], (True, 1), "cpu", {})
+    idx = layout.index([0, 2], torch.device("cpu"))
+    assert idx.tolist() == [0, 2]
+    assert layout.index([0, 2], torch.device("cpu")) is idx
+    assert layout.index([1], torch.device("cpu")) is not idx
+
+
+def test_full_steps_derive_the_layout_and_check_the_tensors_once(monkeypatch, calls):
+    # With the remembered step off every step is a full one: it still derives each group's layout once and
+    # runs the kernels' checks once per set of tensors, while the parameters, gradients and state keep their
+    # addresses and layouts. Two groups of the same shapes must not share an entry; a gradient that is a
+    # new tensor object over the same memory is the same gradient.
+    from znorm_kernels.optim import fused
+
+    monkeypatch.setattr(fused, "remembered_step_", lambda *args, **kw: None)
+    counts = {"fused_path": 0, "check_step": 0}
+    for module, name in ((fused_layout, "fused_path"), (nsteps, "check_step")):
+        real = getattr(module, name)
+
+        def counting(*args, _real=real, _name=name, **kw):
+            counts[_name] += 1
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(module, name, counting)
+    a, b = (torch.nn.Parameter(make_grad((4, 6), seed=s)) for s in (1, 2))
+    a_ref, b_ref = (torch.nn.Parameter(p.detach().clone()) for p in (a, b))
+    opt = ZNormSGD([{"params": [a]}, {"params": [b]}], lr=0.1, momentum=0.9, backend="cpu")
+    ref = torch.optim.SGD([{"params": [a_ref]}, {"params": [b_ref]}], lr=0.1, momentum=0.9)
+    znorm_kernels.register(ref, backend="cpu")
+    bufs = {p: torch.empty(4, 6) for p in (a, b)}
+    views = []  # kept alive: a new view's id must not reuse an old one's
+    for step in range(3):
+        for p, q in ((a, a_ref), (b, b_ref)):
+            bufs[p].copy_(make_grad((4, 6), seed=10 * step + (p is b)))
+            views.append(bufs[p].view(4, 6))
+            p.grad, q.grad = views[-1], bufs[p].clone()
+        opt.step()
+        ref.step()
+    assert calls["sgd"] == 6
+    assert counts == {"fused_path": 2, "check_step": 2}
+    for p, q in ((a, a_ref), (b, b_ref)):
+        torch.testing.assert_close(p, q, **TOL[torch.float32])
+
+
+def test_optimizer_falls_back_for_an_amsgrad_state_of_another_layout(calls):
+    # max_exp_avg_sq is read with amsgrad: of other strides than its parameter (loaded from elsewhere) the
+    # native step does not serve it, and the general path gives torch's result.
+    ours, theirs = make_model(), make_model()
+    opt = ZNormAdam(ours.parameters(), lr=1e-2, amsgrad=True, backend="cpu")
+    ref = torch.optim.Adam(theirs.parameters(), lr=1e-2, amsgrad=True)
+    znorm_kernels.register(ref, backend="cpu")
+    data = batches(3)
+    train(ours, opt, data[:1])
+    train(theirs, ref, data[:1])
+    assert calls["adam"] == 1
+    for o, w in ((opt, ours[4].weight), (ref, theirs[4].weight)):
+        state = o.state[w]
+        state["max_exp_avg_sq"] = state["max_exp_avg_sq"].t().contiguous().t()  # same values, other strides
+    train(ours, opt, data[1:])
+    train(theirs, ref, data[1:])
+    assert calls["adam"] == 1
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(p, q, **TOL[torch.float32])

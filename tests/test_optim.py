@@ -8,7 +8,9 @@ unit variance, so no two implementations agree on it)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
+import re
 
 import pytest
 import torch
@@ -195,6 +197,12 @@ def test_pickle_round_trip_keeps_znorm_options():
     twin = copy.deepcopy(opt)
     assert twin._znorm == opt._znorm
     assert twin.param_groups[0]["min_ndim"] == 2
+    # A pickle of a version that kept the settings in a plain dict still loads, as the settings object.
+    state = opt.__getstate__()
+    state["_znorm"] = dataclasses.asdict(opt._znorm)
+    old = ZNormSGD.__new__(ZNormSGD)
+    old.__setstate__(state)
+    assert old._znorm == opt._znorm
 
 
 def test_scheduler_and_closure():
@@ -221,8 +229,10 @@ def test_scheduler_and_closure():
     assert_same_params(ours, theirs, atol=2e-6, rtol=1e-5)  # the fused CPU step: float32 rounding apart
 
 
-def test_per_group_switches():
-    model = make_model()
+@pytest.mark.parametrize("backend", BACKENDS)  # the fused step and the general path
+def test_per_group_switches(backend):
+    device = DEVICE_OF[backend]
+    model = make_model(device=device)
     conv, bn, lin = model[0], model[1], model[4]
     opt = ZNormSGD(
         [
@@ -231,8 +241,9 @@ def test_per_group_switches():
             {"params": lin.parameters(), "min_ndim": 2},
         ],
         lr=0.1,
+        backend=backend,
     )
-    x, y = batches(1)[0]
+    x, y = batches(1, device)[0]
     nn.functional.cross_entropy(model(x), y).backward()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     raw = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -241,7 +252,7 @@ def test_per_group_switches():
         z = raw[name].clone()
         if name in ("0.weight", "4.weight"):  # normalized; bn (znorm=False) and the linear bias (1-D) are not
             znorm_kernels.reference.znorm_([z])
-        torch.testing.assert_close(p, before[name] - 0.1 * z, atol=1e-6, rtol=0)
+        torch.testing.assert_close(p, before[name] - 0.1 * z, atol=2e-6, rtol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -272,7 +283,7 @@ def test_grad_stats_by_product(backend):
 
 def test_grad_stats_needs_track_stats():
     opt = ZNormSGD(make_model().parameters(), lr=0.1)
-    with pytest.raises(RuntimeError, match="track_stats=True"):
+    with pytest.raises(RuntimeError, match=r"^gradient statistics are kept only with track_stats=True$"):
         opt.grad_stats()
 
 
@@ -297,12 +308,18 @@ def test_bad_group_option_raises():
         opt.add_param_group({"params": model[4].parameters(), "min_ndim": "2"})
 
 
-def test_sparse_gradient_raises_naming_it_and_changes_nothing():
-    emb = nn.Embedding(10, 3, sparse=True)
-    opt = ZNormSGD(emb.named_parameters(), lr=0.1)
-    emb(torch.tensor([1, 2])).sum().backward()
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_gradient_raises_naming_it_and_changes_nothing(backend):
+    # The fused step names the optimizer's step, the general path the library call it makes; both name the
+    # parameter.
+    device = DEVICE_OF[backend]
+    emb = nn.Embedding(10, 3, sparse=True).to(device)
+    opt = ZNormSGD(emb.named_parameters(), lr=0.1, backend=backend)
+    emb(torch.tensor([1, 2], device=device)).sum().backward()
     before = emb.weight.detach().clone()
-    with pytest.raises(TypeError, match="weight"):
+    where = "znorm_" if backend == "reference" else "ZNormSGD.step"
+    msg = f"{where}: tensor at position 0 (parameter 'weight') is sparse (torch.sparse_coo); ZNorm needs"
+    with pytest.raises(TypeError, match=f"^{re.escape(msg)} dense gradients$"):
         opt.step()
     assert torch.equal(emb.weight, before)
 
@@ -658,3 +675,276 @@ def test_grad_stats_after_a_parameter_without_gradient_joins_a_group(backend):
     stats = opt.grad_stats()
     assert len(stats.names) == 2 and stats.values.shape == (2, 2)
     assert stats.values[1].isnan().all() and not stats.values[0].isnan().any()
+
+
+# --- the general path's pieces, and what the fused step keeps and refuses ---
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_step_hooks_run_once_per_step(backend):
+    # torch wraps an optimizer class's step with its hook runner once an instance exists; our step is
+    # wrapped already, so the torch step it calls inside must be the unwrapped one (hooks run once).
+    device = DEVICE_OF[backend]
+    torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)  # torch.optim.SGD.step now carries the wrapper
+    w = nn.Parameter(torch.randn(4, 3, device=device))
+    opt = ZNormSGD([{"params": [w]}], lr=0.1, backend=backend)
+    opt.param_groups[0]["lr"] = torch.tensor(0.1)  # a tensor lr: the general path, on every backend
+    calls = []
+    opt.register_step_pre_hook(lambda *_: calls.append("pre"))
+    opt.register_step_post_hook(lambda *_: calls.append("post"))
+    for _ in range(2):
+        w.grad = torch.randn(4, 3, device=device)
+        opt.step()
+    assert calls == ["pre", "post"] * 2
+
+
+def test_general_path_scratch_gradient_follows_the_gradient_and_is_reused(monkeypatch):
+    # Without normalize_grad the z-scores go to a buffer that stands in for .grad during torch's update: it
+    # has the gradient's shape, dtype and strides (as torch's optimizers expect), and while those stay the
+    # same one buffer serves every step (no allocation per step). What torch's update reads is recorded.
+    seen = []
+    torch_step = torch.optim.SGD.step
+
+    def recording(self, closure=None):
+        seen.append(self.param_groups[0]["params"][0].grad)
+        return torch_step(self, closure)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", recording)
+    p = nn.Parameter(torch.randn(4, 6))
+    opt = ZNormSGD([p], lr=0.1, backend="reference")
+    gen = torch.Generator().manual_seed(0)
+    changes = [
+        lambda: torch.randn(4, 6, generator=gen),
+        lambda: torch.randn(4, 6, generator=gen),  # a new gradient tensor of the same layout
+        lambda: torch.randn(6, 4, generator=gen).t(),  # other strides only
+        lambda: torch.randn(4, 6, generator=gen),  # back to the first strides
+        lambda: torch.randn(4, 6, generator=gen, dtype=torch.float64),  # another dtype only
+        lambda: torch.randn(5, 6, generator=gen, dtype=torch.float64),  # another shape, same strides
+    ]
+    for step, make in enumerate(changes):
+        g = make()
+        if g.shape != p.shape or g.dtype != p.dtype:
+            p.data = torch.randn(g.shape, generator=gen, dtype=g.dtype)
+        p.grad = g
+        before, raw = p.detach().clone(), g.clone()
+        opt.step()
+        z = seen[-1]
+        assert z is not g and p.grad is g and torch.equal(g, raw), "the raw gradient, untouched"
+        assert (z.shape, z.dtype, z.stride()) == (g.shape, g.dtype, g.stride())
+        if step:
+            assert (z is seen[-2]) == (step == 1), "the buffer is reused exactly where nothing changed"
+        want = float64_znorm_of(raw)
+        torch.testing.assert_close(p.detach().double(), before.double() - 0.1 * want, atol=1e-6, rtol=0)
+
+
+def float64_znorm_of(g):
+    g = g.double()
+    return (g - g.mean()) / (g.std(correction=0) + 1e-10)
+
+
+@pytest.mark.parametrize("track_stats", [False, True])
+def test_general_path_keeps_one_gradient_groups_per_eps_and_correction(monkeypatch, track_stats):
+    # The general path's normalizer (its cached plan) is made once per (znorm_eps, correction), with a
+    # statistics buffer only where track_stats asks for one, and reused step after step.
+    from znorm_kernels.optim import base
+
+    made = []
+    real = base.GradientGroups
+
+    def counting(*args):
+        made.append(real(*args))
+        return made[-1]
+
+    monkeypatch.setattr(base, "GradientGroups", counting)
+    a, b = nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(5))
+    opt = ZNormSGD(
+        [{"params": [a]}, {"params": [b], "znorm_eps": 1e-6}],
+        lr=0.1,
+        backend="reference",
+        track_stats=track_stats,
+    )
+    for _ in range(3):
+        a.grad, b.grad = torch.randn(4, 3), torch.randn(5)
+        opt.step()
+    assert [(g.eps, g.correction) for g in made] == [(1e-10, 0.0), (1e-6, 0.0)]
+    assert [g.stats is not None for g in made] == [track_stats] * 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_stats_joins_every_group_and_path(backend):
+    # Statistics from several parts (two (eps, correction) keys of the general path, or a fused group beside
+    # a general one) come back as one GradStats, in group order, named "group<i>.param<k>".
+    device = DEVICE_OF[backend]
+    gen = torch.Generator().manual_seed(2)
+    ps = [nn.Parameter(torch.randn(s, generator=gen).to(device)) for s in ((4, 3), (5,), (2, 6))]
+    opt = ZNormSGD(
+        [{"params": ps[:2]}, {"params": ps[2:], "znorm_eps": 1e-6}], lr=0.1, backend=backend, track_stats=True
+    )
+    if backend != "reference":
+        opt.param_groups[1]["lr"] = torch.tensor(0.1)  # group 1 on the general path, group 0 fused
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=gen).to(device) * 3 + 1
+    raw = [p.grad.double().cpu() for p in ps]
+    opt.step()
+    stats = opt.grad_stats()
+    assert stats.names == ["group0.param0", "group0.param1", "group1.param0"]
+    want = torch.tensor([[g.mean(), g.std(correction=0)] for g in raw], dtype=torch.float64)
+    torch.testing.assert_close(stats.values.cpu(), want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_fused_step_normalizes_a_two_element_tensor(backend):
+    # Two elements are the fewest ZNorm normalizes: (1, 3) has mean 2 and population std 1, z = (-1, 1).
+    device = DEVICE_OF[backend]
+    p = nn.Parameter(torch.zeros(2, device=device))
+    opt = ZNormSGD([p], lr=0.5, backend=backend)
+    p.grad = torch.tensor([1.0, 3.0], device=device)
+    opt.step()
+    torch.testing.assert_close(p.detach().cpu(), torch.tensor([0.5, -0.5]), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_fused_step_sees_a_parameter_reshaped_at_the_same_address(backend):
+    # A parameter's .data replaced by a 1-D tensor, its gradient a 1-D view of the same memory: every id
+    # and address the fused step keeps is unchanged, only the layout tells that min_ndim=2 now leaves the
+    # parameter alone (raw gradient).
+    device = DEVICE_OF[backend]
+    gen = torch.Generator().manual_seed(4)
+    p = nn.Parameter(torch.randn(4, 3, generator=gen).to(device))
+    opt = ZNormSGD([p], lr=0.1, min_ndim=2, backend=backend)
+    p.grad = torch.randn(4, 3, generator=gen).to(device)
+    before, raw = p.detach().clone(), p.grad.clone()
+    opt.step()
+    torch.testing.assert_close(p.detach(), before - 0.1 * float64_znorm_of(raw).float(), **FUSED_TOL[device])
+    p.data = torch.randn(12, generator=gen).to(device)
+    p.grad = p.grad.view(12)
+    p.grad.copy_(torch.randn(12, generator=gen))
+    before, raw = p.detach().clone(), p.grad.clone()
+    opt.step()
+    torch.testing.assert_close(p.detach(), before - 0.1 * raw, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize(
+    "change, fused",
+    [
+        (dict(), True),
+        (dict(group=dict(differentiable=True)), False),
+        (dict(group=dict(capturable=True)), False),
+        (dict(group=dict(fused=True)), False),
+        (dict(group=dict(lr=torch.tensor(0.1))), False),
+        (dict(amp=True, grad_scale=torch.tensor(2.0)), False),  # a GradScaler's pending scale
+        (dict(amp=True), True),  # amp scaling supported, no scale handed over
+        (dict(grad_scale=torch.tensor(2.0)), True),  # no amp scaling support: not a GradScaler's scale
+    ],
+    ids=[
+        "plain",
+        "differentiable",
+        "capturable",
+        "fused",
+        "tensor-lr",
+        "grad-scale",
+        "amp-no-scale",
+        "scale",
+    ],
+)
+def test_fused_step_takes_a_group_only_where_its_options_allow(backend, change, fused):
+    # try_fused_step_ either does the whole step of the group (True) or nothing at all (False, for the
+    # general path); the options are read at every step.
+    from znorm_kernels.optim.fused import try_fused_step_
+
+    device = DEVICE_OF[backend]
+    p = nn.Parameter(torch.randn(4, 3, device=device))
+    opt = ZNormSGD([p], lr=0.1, momentum=0.9, backend=backend)
+    group = opt.param_groups[0]
+    group.update(change.get("group", {}))
+    if "amp" in change:
+        opt._step_supports_amp_scaling = True
+    if "grad_scale" in change:
+        opt.grad_scale = change["grad_scale"].to(device)
+    p.grad = torch.randn(4, 3, device=device)
+    before = p.detach().clone()
+    names = lambda: ["w"]
+    done = try_fused_step_(opt, opt._znorm, opt._znorm_fused, group, opt._fused_kind, names, [])
+    assert done is fused
+    assert torch.equal(p, before) is not fused
+    assert ("momentum_buffer" in opt.state[p]) is fused
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_fused_step_caches_stay_bounded(backend):
+    # What the fused step keeps per param group (layouts, checked tensors) is dropped once it holds 64
+    # entries: an optimizer with many groups, or groups made and dropped, does not grow it without bound.
+    # 65 groups: the 65th entry finds 64.
+    device = DEVICE_OF[backend]
+    ps = [nn.Parameter(torch.randn(3, device=device)) for _ in range(65)]
+    opt = ZNormSGD([{"params": [p]} for p in ps], lr=0.1, backend=backend)
+    for p in ps:
+        p.grad = torch.randn(3, device=device)
+    opt.step()
+    caches = opt._znorm_fused
+    assert 0 < len(caches.layouts) <= 64 and 0 < len(caches.validated) <= 64
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("momentum", [0.0, 1.0])
+def test_remembered_step_serves_sgd_without_momentum_and_with_momentum_one(backend, momentum):
+    # momentum 0: torch keeps no momentum buffer, and the remembered step needs none; momentum 1: a
+    # buffer like any other (the edge of "momentum != 0").
+    opt = _remembered_pair(
+        backend, ZNormSGD, torch.optim.SGD, dict(lr=0.1, momentum=momentum), lambda *_: None
+    )
+    assert opt.remembered_steps >= 3
+    for p in opt.param_groups[0]["params"]:
+        assert ("momentum_buffer" in opt.state[p]) is (momentum != 0), "torch's state format"
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("cls, torch_cls", [(ZNormAdam, torch.optim.Adam), (ZNormAdamW, torch.optim.AdamW)])
+def test_fused_step_counters_take_torchs_dtype_under_a_half_default_dtype(backend, cls, torch_cls):
+    # torch's Adam makes its step counters float32 unless the default dtype is float64; under a bfloat16
+    # default a counter of the default dtype would stop counting at 256.
+    device = DEVICE_OF[backend]
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        ours = nn.Parameter(torch.randn(4, 3, dtype=torch.float32, device=device))
+        theirs = nn.Parameter(ours.detach().clone())
+        opt, ref = cls([ours], lr=1e-2, backend=backend), torch_cls([theirs], lr=1e-2)
+        for o, p in ((opt, ours), (ref, theirs)):
+            p.grad = torch.ones(4, 3, dtype=torch.float32, device=device)
+            o.step()
+    finally:
+        torch.set_default_dtype(old)
+    assert opt.state[ours]["step"].dtype == ref.state[theirs]["step"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("full_steps", [False, True], ids=["remembered", "full"])
+def test_grad_stats_name_parameters_added_after_the_layout(monkeypatch, backend, full_steps):
+    # The fused step's layout knows the names of the group's parameters when it was made; parameters added
+    # later (without a gradient: the layout still holds) take their names from the group. The names are
+    # read once per group while nothing is added. ``full_steps``: the remembered step turned off.
+    from znorm_kernels.optim import base, fused
+
+    if full_steps:
+        monkeypatch.setattr(fused, "remembered_step_", lambda *args, **kw: None)
+    reads = []
+    real = base._param_names
+    monkeypatch.setattr(base, "_param_names", lambda *args: reads.append(args) or real(*args))
+    device = DEVICE_OF[backend]
+    a = nn.Parameter(torch.randn(5, device=device))  # 1-D: not selected with min_ndim=2
+    c = nn.Parameter(torch.randn(2, 4, device=device))
+    opt = ZNormAdam([{"params": [a]}, {"params": [c]}], lr=0.1, min_ndim=2, backend=backend, track_stats=True)
+    a.grad, c.grad = torch.zeros_like(a), torch.zeros_like(c)
+    for _ in range(3):  # new gradients at the same addresses, as a training loop has them
+        a.grad.copy_(torch.randn(5)), c.grad.copy_(torch.randn(2, 4))
+        opt.step()
+    assert len(reads) == 2, "the names, read once per group for its layout"
+    assert opt.grad_stats().names == ["group1.param0"]
+    b = nn.Parameter(torch.randn(2, 3, device=device))
+    opt.param_groups[0]["params"].append(b)  # group 0's only selected parameter, unknown to its layout
+    opt.step()
+    stats = opt.grad_stats()
+    assert stats.names == ["group0.param1", "group1.param0"]
+    assert stats.values[0].isnan().all() and not stats.values[1].isnan().any()
