@@ -28,6 +28,7 @@ import znorm_kernels
 from tests.utils import (
     ADAM_OPTIONS,
     SGD_OPTIONS,
+    adam_start,
     adam_step_sizes,
     make_grad,
     options_id,
@@ -187,12 +188,6 @@ def run_sgd(dtype, opts, steps=3, lr=0.1, sizes=SIZES, treated=TREATED, device="
     return params
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("opts", SGD_OPTIONS, ids=options_id)
-def test_sgd_matches_formulas_bitwise_and_torch(dtype, opts):
-    run_sgd(dtype, opts)
-
-
 def test_sgd_first_step_buffer_is_d_bitwise_as_torch():
     # Without weight decay torch's first momentum buffer is clone(±z): the same operations, bit for bit.
     dtype = torch.float32
@@ -240,11 +235,9 @@ def run_adam(dtype, opts, steps=3, lr=0.01, betas=(0.9, 0.999), eps=1e-8, step0=
     n = len(params)
     formula = cpu_copy(params)
     want = cpu_copy(params)
-    states = [[torch.zeros_like(p) for p in params] for _ in range(3)]
-    formula_states = [[torch.zeros_like(p) for p in formula] for _ in range(3)]
-    want_states = [[torch.zeros_like(p) for p in formula] for _ in range(3)]
-    counts = list(step0) if step0 else [0] * n
-    want_steps = [torch.tensor(float(c)) for c in counts]
+    states, counts, _ = adam_start(params, step0)
+    formula_states = adam_start(formula)[0]
+    want_states, _, want_steps = adam_start(formula, step0)
     beta1, beta2 = betas
     for step in range(steps):
         grads = to(grads_of(dtype, step, sizes), device)
@@ -282,9 +275,14 @@ def run_adam(dtype, opts, steps=3, lr=0.01, betas=(0.9, 0.999), eps=1e-8, step0=
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("opts", ADAM_OPTIONS, ids=options_id)
-def test_adam_matches_formulas_bitwise_and_torch(dtype, opts):
-    run_adam(dtype, opts)
+@pytest.mark.parametrize(
+    ("kind", "opts"),
+    [("sgd", o) for o in SGD_OPTIONS] + [("adam", o) for o in ADAM_OPTIONS],
+    ids=lambda v: options_id(v) if isinstance(v, dict) else v,
+)
+def test_update_matches_formulas_bitwise_and_torch(dtype, kind, opts):
+    # Every option of each update, every dtype: the fused step against the formula bit for bit and torch.
+    {"sgd": run_sgd, "adam": run_adam}[kind](dtype, opts)
 
 
 def test_adam_per_tensor_step_counts():

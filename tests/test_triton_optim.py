@@ -20,6 +20,7 @@ import znorm_kernels.reference as reference
 from tests.utils import (
     ADAM_OPTIONS,
     SGD_OPTIONS,
+    adam_start,
     adam_step_sizes,
     compiled_ptx,
     make_grad,
@@ -162,12 +163,9 @@ def run_adam(
     sizes=SIZES,
 ):
     params = params_of(dtype, sizes=sizes)
-    n = len(params)
     want = [p.clone() for p in params]
-    states = [[torch.zeros_like(p) for p in params] for _ in range(3)]
-    want_states = [[torch.zeros_like(p) for p in params] for _ in range(3)]
-    counts = list(step0) if step0 else [0] * n
-    want_steps = [torch.tensor(float(c)) for c in counts]
+    states, counts, _ = adam_start(params, step0)
+    want_states, _, want_steps = adam_start(params, step0)
     beta1, beta2 = betas
     for step in range(steps):
         grads = grads_of(dtype, step, sizes)

@@ -53,6 +53,14 @@ def adam_step_sizes(counts: list[int], lr: float, betas: tuple[float, float]) ->
     return [lr / (1 - beta1**t) for t in counts], [(1 - beta2**t) ** 0.5 for t in counts]
 
 
+def adam_start(params: list[Tensor], step0: list[int] | None = None) -> tuple[list, list[int], list[Tensor]]:
+    """A fresh Adam state for ``params``: zero exp_avgs, exp_avg_sqs and max_exp_avg_sqs lists, the step
+    counts (``step0``, else 0 each) and torch's step tensors for them."""
+    counts = list(step0) if step0 else [0] * len(params)
+    states = [[torch.zeros_like(p) for p in params] for _ in range(3)]
+    return states, counts, [torch.tensor(float(c)) for c in counts]
+
+
 def torch_adam_step(params, z, states, steps, opts: dict, *, lr, betas, eps) -> None:
     """One step of torch's functional Adam (foreach=False) with the z-scores ``z`` as gradients, ``opts`` one
     of ADAM_OPTIONS; ``states`` the exp_avgs, exp_avg_sqs and max_exp_avg_sqs lists, ``steps`` torch's step
