@@ -34,8 +34,8 @@ gpu-check:
 	PYTHON=$(or $(PYTHON),python3) bash bench/gpu_check.sh "$(OUT)" $(if $(SMOKE),--smoke)
 
 # Mutation testing of the code the contract rests on ([tool.mutmut] in pyproject.toml; docs/testing.md):
-# every mutant of those modules, each against the tests that reach it, then the survivors listed. Long (an
-# hour or more on 2 cores); resumable (mutants/ keeps what was done).
+# every mutant of those modules, each against the tests that reach it, then the survivors listed. Long (about
+# 2 hours on 2 cores); resumable (mutants/ keeps what was done).
 mutation: $(SETUP)
 	$(PY) -m pip install --quiet "mutmut==3.8.1"
 	TRITON_INTERPRET=0 OMP_NUM_THREADS=1 $(PY) -m mutmut run --max-children 2

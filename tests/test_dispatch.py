@@ -129,6 +129,44 @@ def test_bad_option_messages(kwargs, exc, message):
     assert str(err.value).startswith(message) and (message.endswith(": ") or str(err.value) == message)
 
 
+class _EqualsAuto:
+    """Not a string, though it compares and hashes like "auto"."""
+
+    def __eq__(self, other):
+        return other == "auto"
+
+    def __hash__(self):
+        return hash("auto")
+
+
+@pytest.mark.parametrize("entry", ["znorm_", "register", "ZNormSGD"])
+def test_a_backend_that_only_equals_a_name_is_refused_after_that_name_was_accepted(entry):
+    # Accepted options are remembered by type and value: an object equal to "auto" must not pass as it.
+    from znorm_kernels.optim import ZNormSGD
+
+    params = [torch.nn.Parameter(make_grad((5,)))]
+    call = {
+        "znorm_": lambda backend: znorm_kernels.znorm_([make_grad((5,))], backend=backend),
+        "register": lambda backend: znorm_kernels.register(torch.optim.SGD(params, lr=0.1), backend=backend),
+        "ZNormSGD": lambda backend: ZNormSGD(params, lr=0.1, backend=backend),
+    }[entry]
+    call("auto")
+    with pytest.raises(TypeError) as err:
+        call(_EqualsAuto())
+    assert str(err.value) == "backend must be a string, got _EqualsAuto"
+
+
+@pytest.mark.parametrize(("entries", "kind"), [(5, "int"), (None, "NoneType"), (2.5, "float")])
+def test_entries_that_are_not_a_list_are_named(entries, kind):
+    with pytest.raises(TypeError) as err:
+        znorm_kernels.znorm_(entries)
+    assert str(err.value) == f"znorm_: expected an iterable of tensors, got {kind}"
+    # The checks name the op that called them (znorm_ may answer first on its DTensor path).
+    with pytest.raises(TypeError) as err:
+        validation.collect_indices(entries, op="gc_")
+    assert str(err.value) == f"gc_: expected an iterable of tensors, got {kind}"
+
+
 def test_accepted_options_are_remembered_by_type_and_value(monkeypatch):
     from znorm_kernels import options
 

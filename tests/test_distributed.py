@@ -431,7 +431,7 @@ def test_merge_statistics_matches_whole() -> None:
     """Chan's merge of per-part statistics (empty parts included) equals the statistics of the whole."""
     from znorm_kernels.distributed import local_statistics, merge_statistics
 
-    x = torch.randn(101, dtype=torch.float64) * 3 + 7
+    x = torch.randn(101, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 3 + 7
     parts = [x[:40], x[40:40], x[40:99], x[99:]]
     merged = merge_statistics(torch.stack([local_statistics(p) for p in parts]).unsqueeze(1))[0]
     n, mean, m2, lo, hi = merged.tolist()

@@ -115,6 +115,31 @@ def test_direct_calls_with_the_same_tensors_are_checked_once(count_checks):
     assert len(count_checks) == 2
 
 
+def test_calls_with_the_same_tensors_of_one_dtype_are_checked_once(count_checks):
+    # One dtype takes the fast path's single-group branch, whose record the cache keeps.
+    grads = [make_grad((20, 3), seed=1), make_grad((9,), seed=3), make_grad((4, 4), seed=5)]
+    for _ in range(3):
+        znorm_kernels.znorm_(grads, backend="reference")
+    assert len(count_checks) == 1
+
+
+def test_plain_tensors_parameters_and_none_take_the_fast_path(monkeypatch):
+    # The exact path is for what the fast one cannot decide; a list of plain tensors, parameters and None in
+    # disjoint memory is the common case and must not pay for it.
+    calls = []
+    real = validation._exact_groups
+    monkeypatch.setattr(validation, "_exact_groups", lambda *a: calls.append(1) or real(*a))
+    items = [
+        nn.Parameter(make_grad((6,), seed=1)),
+        None,
+        make_grad((5,), seed=2),
+        make_grad((3,), torch.float64),
+    ]
+    groups = validation.check_and_group(items, None, "znorm_")
+    assert groups == {(torch.device("cpu"), torch.float32): [0, 2], (torch.device("cpu"), torch.float64): [3]}
+    assert calls == []
+
+
 def test_a_new_view_at_a_known_address_is_checked_again(count_checks):
     a = make_grad((64,))
     znorm_kernels.znorm_([a[:10], a[20:30]], backend="reference")
@@ -122,6 +147,19 @@ def test_a_new_view_at_a_known_address_is_checked_again(count_checks):
         with pytest.raises(ValueError, match=r"position 0.*position 1"):
             znorm_kernels.znorm_([a[:25], a[20:30]], backend="reference")
     assert len(count_checks) == 4
+
+
+def test_a_new_view_with_the_old_ones_address_and_size_is_checked_again(count_checks):
+    # The old views stay alive, so their cache entry does too: a new object at the same address, with the
+    # same dtype and size but other strides, must not inherit their result (it overlaps where they did not).
+    a = make_grad((64,))
+    first, second = a[12:22], a[0:10]
+    znorm_kernels.znorm_([first, second], backend="reference")
+    before = a.clone()
+    with pytest.raises(ValueError, match=r"position 0.*position 1"):
+        znorm_kernels.znorm_([first, a[0:20:2]], backend="reference")
+    assert torch.equal(a, before)
+    assert len(count_checks) == 2
 
 
 def test_in_place_changes_of_a_known_tensor_are_seen(count_checks):
@@ -168,11 +206,34 @@ def _loss(net: nn.ModuleDict, seed: int) -> torch.Tensor:
     return net["head"](torch.relu(net["used"](x))).square().mean()
 
 
-@pytest.mark.parametrize("set_to_none", [False, True])
-def test_hook_with_none_gradients_is_cached_and_rechecked_on_change(monkeypatch, set_to_none):
+@pytest.fixture
+def full_checks(monkeypatch):
+    """The calls of the full checks (``dispatch.collect_indices``) a test makes, counted."""
     calls = []
     real = dispatch.collect_indices
     monkeypatch.setattr(dispatch, "collect_indices", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def _hook_on_moving_grads(buf, second, moves):
+    """An SGD hook over a 4x4 and a ``second``-element parameter whose gradients are views of ``buf`` at the
+    offsets ``moves`` gives, one step each, every step checked against the reference; (params, opt)."""
+    params = [nn.Parameter(torch.zeros(4, 4)), nn.Parameter(torch.zeros(second))]
+    opt = torch.optim.SGD(params, lr=0.0)
+    znorm_kernels.register(opt)
+    for a, b in moves:
+        params[0].grad = buf[a : a + 16].view(4, 4)
+        params[1].grad = buf[b : b + second]
+        expected = [reference_z(p.grad) for p in params]
+        opt.step()
+        for p, e in zip(params, expected):
+            torch.testing.assert_close(p.grad, e, atol=1e-6, rtol=0)
+    return params, opt
+
+
+@pytest.mark.parametrize("set_to_none", [False, True])
+def test_hook_with_none_gradients_is_cached_and_rechecked_on_change(full_checks, set_to_none):
+    calls = full_checks
     net = _net_with_unused_parts()
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     znorm_kernels.register(opt)
@@ -343,24 +404,11 @@ def test_hook_on_new_gradient_objects_does_what_the_full_checks_do(backend, case
     assert torch.equal(got_mem.view(torch.int32), expected_mem.view(torch.int32)), "the same bytes"
 
 
-def test_hook_on_new_gradient_objects_reuses_the_checks(monkeypatch):
+def test_hook_on_new_gradient_objects_reuses_the_checks(full_checks):
     """New objects at the same addresses, or moved with the same layouts, take no full check; the
     normalized values are the reference's."""
-    calls = []
-    real = dispatch.collect_indices
-    monkeypatch.setattr(dispatch, "collect_indices", lambda *a, **k: calls.append(1) or real(*a, **k))
-    buf = torch.randn(200)
-    params = [nn.Parameter(torch.zeros(4, 4)), nn.Parameter(torch.zeros(16))]
-    opt = torch.optim.SGD(params, lr=0.0)
-    znorm_kernels.register(opt)
-    for a, b in [(0, 32), (0, 32), (64, 96), (0, 32), (128, 160)]:
-        params[0].grad = buf[a : a + 16].view(4, 4)
-        params[1].grad = buf[b : b + 16]
-        expected = [reference_z(p.grad) for p in params]
-        opt.step()
-        for p, e in zip(params, expected):
-            torch.testing.assert_close(p.grad, e, atol=1e-6, rtol=0)
-    assert len(calls) == 1
+    _hook_on_moving_grads(torch.randn(200), 16, [(0, 32), (0, 32), (64, 96), (0, 32), (128, 160)])
+    assert len(full_checks) == 1
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -514,30 +562,18 @@ def test_hook_binds_groups_once_and_rebinds_them_when_gradients_move(monkeypatch
     assert log == ["bind", "rebind", "rebind"], "bound once, then rebound at each move"
 
 
-def test_hook_keeps_the_checks_of_two_element_gradients_that_move(monkeypatch):
+def test_hook_keeps_the_checks_of_two_element_gradients_that_move(full_checks):
     """2 elements is the least ZNorm normalizes: such a gradient moving keeps the cached checks, and it
     moving into another gradient's memory is caught as the full checks catch it."""
-    calls = []
-    real = dispatch.collect_indices
-    monkeypatch.setattr(dispatch, "collect_indices", lambda *a, **k: calls.append(1) or real(*a, **k))
     buf = torch.randn(200)
-    params = [nn.Parameter(torch.zeros(4, 4)), nn.Parameter(torch.zeros(2))]
-    opt = torch.optim.SGD(params, lr=0.0)
-    znorm_kernels.register(opt)
-    for a, b in [(8, 40), (64, 96), (8, 40)]:
-        params[0].grad = buf[a : a + 16].view(4, 4)
-        params[1].grad = buf[b : b + 2]
-        expected = [reference_z(p.grad) for p in params]
-        opt.step()
-        for p, e in zip(params, expected):
-            torch.testing.assert_close(p.grad, e, atol=1e-6, rtol=0)
-    assert len(calls) == 1
+    params, opt = _hook_on_moving_grads(buf, 2, [(8, 40), (64, 96), (8, 40)])
+    assert len(full_checks) == 1
     params[1].grad = buf[10:12]  # inside the first gradient's memory
     before = buf.clone()
     with pytest.raises(ValueError, match="share part of their memory"):
         opt.step()
     assert torch.equal(buf, before)
-    assert len(calls) == 2
+    assert len(full_checks) == 2
 
 
 def test_lists_only_the_exact_checks_accept_are_cached_too(count_checks):

@@ -148,13 +148,20 @@ def test_rule11_views_sharing_some_bytes_raise(pair):
 
 @pytest.mark.parametrize(
     "pair",
-    ["one element between every other", "bfloat16 halves beside float32", "float32 beside bfloat16 halves"],
+    [
+        "one element between every other",
+        "a dense pair between a strided view's elements",
+        "bfloat16 halves beside float32",
+        "float32 beside bfloat16 halves",
+    ],
 )
 def test_rule11_views_sharing_no_byte_are_independent(pair):
     x = make_grad((100,))
     half = x.view(torch.bfloat16)
     a, b = {
         "one element between every other": (x[0:10:2], x[5:6]),  # a dense view inside a strided one's range
+        # Two elements (so it is normalized, not dropped): one dense view does not make the pair share bytes.
+        "a dense pair between a strided view's elements": (x[0:20:4], x[1:3]),
         "bfloat16 halves beside float32": (half[2::4], x[0::2]),  # the halves of x[1], x[3], ...
         "float32 beside bfloat16 halves": (x[0::2], half[2::4]),
     }[pair]
