@@ -39,18 +39,40 @@ def test_triton_is_unavailable_without_a_gpu_unless_interpreted(monkeypatch):
 
 
 def test_entry_points_ask_the_launch_for_their_stage(monkeypatch):
-    # The kernel cannot run here: a stand-in for the launch records what each entry point asks of it.
+    # The kernel cannot run here: a stand-in for the launch records what each entry point asks of it, and
+    # writes a marker where the kernel would write z, so the write-back of non-dense views shows too.
     calls = []
 
     def launch_here(tensors, device, eps, correction, grad_scale, normalize, tiles, plan, given):
-        calls.append((eps, correction, normalize))
+        calls.append((list(tensors), device, eps, correction, grad_scale, normalize, tiles, plan, given))
+        if normalize:
+            for t in tensors:
+                t.fill_(7.0)
         return SimpleNamespace(stats=torch.zeros(len(tensors), 4, dtype=torch.float64))
 
     monkeypatch.setattr(triton_host, "_launch_here", launch_here)
-    x = torch.randn(5)
-    triton_host.znorm_group_([x], 0.5, 1)
+    x, scale, tiles, plan, rows = torch.randn(5), torch.tensor(2.0), object(), object(), torch.zeros(1, 4)
+    triton_host.znorm_group_([x], 0.5, 1, scale, tiles=tiles)
     triton_host.statistics([x])  # the library's defaults: eps 1e-10, correction 0
-    assert calls == [(0.5, 1, True), (1e-10, 0, False)]
+    triton_host.statistics([x], 0.25, 2, scale, tiles=tiles)
+    triton_host.statistics([x], 0.25, 2, scale, plan=plan)
+    triton_host.apply_([x], rows, tiles=tiles)
+    cpu = torch.device("cpu")
+    assert [c[1:] for c in calls] == [
+        (cpu, 0.5, 1, scale, True, tiles, None, None),
+        (cpu, 1e-10, 0, None, False, None, None, None),
+        (cpu, 0.25, 2, scale, False, tiles, None, None),
+        (cpu, 0.25, 2, scale, False, None, plan, None),
+        (cpu, 0.0, 0.0, None, True, tiles, None, rows),
+    ]
+    assert all(c[0][0] is x for c in calls), "dense tensors are passed themselves"
+    # A view with gaps is launched as a contiguous stand-in, and the result is written back into it.
+    base = torch.zeros(10)
+    view = base[::2]
+    triton_host.znorm_group_([view], 0.5, 1)
+    stand_in = calls[-1][0][0]
+    assert stand_in is not view and stand_in.is_contiguous()
+    assert torch.equal(base[::2], torch.full((5,), 7.0)) and torch.equal(base[1::2], torch.zeros(5))
 
 
 def _stats_and_row(values, eps, correction, scale):
