@@ -669,3 +669,137 @@ def test_znorm_dtensors_defaults_are_znorms() -> None:
         torch.testing.assert_close(dt.full_tensor(), want, rtol=1e-12, atol=1e-12)
     finally:
         dist.destroy_process_group()
+
+
+# In-process tests with ONE gloo rank (a HashStore: no port, no spawn), so that mutation testing sees them:
+# nothing is combined, but everything a rank does with its own shards is observable.
+
+
+@pytest.fixture
+def one_rank():
+    if dist.is_initialized():  # pragma: no cover - only if a test left a group behind
+        pytest.skip("a process group is already initialized in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _one_rank_case(name: str) -> tuple[tuple, list[tuple[torch.Tensor, list]], dict]:
+    """(mesh shape, [(full tensor, placements)], znorm_dtensors_ keyword arguments) of a named case."""
+    g = torch.Generator().manual_seed(3)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    if name == "mixed":  # several DTensors in one call, each its own statistics
+        return (
+            (1,),
+            [
+                # float32 far from 0: centring in float32 would cost ~1e-3 in z; it must be done in float64
+                ((1000 + 0.01 * randn(6, 5)).float(), [Shard(0)]),
+                (torch.full((5, 3), 2.5), [Shard(1)]),  # constant: exactly 0
+                (torch.tensor([1.0, 4.0], dtype=torch.float64), [Replicate()]),  # 2 elements: normalized
+                (2.0**401 * (1 + 1e-3 * randn(4, 3)), [Shard(0)]),  # beyond 2**400: scaled sums
+                (randn(3, 4).to(torch.bfloat16), [Shard(1)]),
+            ],
+            {},
+        )
+    if name == "correction":
+        return (1,), [(randn(7, 6), [Shard(1)])], {"correction": 1}
+    if name == "correction_near_count":  # count - correction = 0.5: no clamping to 1
+        return (1,), [(randn(4), [Shard(0)])], {"correction": 3.5}
+    if name == "grad_scale":  # s * eps = 1e-7 outweighs a spread of 1e-9: the scale must reach the shards
+        s = torch.tensor(1024.0)
+        return (1,), [(randn(5, 4) * 1e-9 * s, [Shard(0)])], {"grad_scale": s}
+    assert name == "mesh_2d"  # every mesh dimension's group looked up by its index
+    return (
+        (1, 1),
+        [(randn(5, 3), [Shard(0), Shard(1)]), (randn(4, 4), [Replicate(), Shard(0)])],
+        {},
+    )
+
+
+@pytest.mark.parametrize("case", ["mixed", "correction", "correction_near_count", "grad_scale", "mesh_2d"])
+def test_one_rank_dtensors_match_the_reference(one_rank, case: str) -> None:
+    """With one rank each DTensor's local shard is the whole tensor: znorm_dtensors_ must give what the
+    reference gives on it (rule 10), for every dtype, eps/correction/grad_scale, and mesh shape."""
+    from znorm_kernels.distributed import znorm_dtensors_
+
+    shape, cases, kwargs = _one_rank_case(case)
+    mesh = init_device_mesh("cpu", shape)
+    dts = [distribute_tensor(x.clone(), mesh, p) for x, p in cases]
+    znorm_dtensors_(dts, **kwargs)
+    for dt, (x, _) in zip(dts, cases):
+        want = x.clone()
+        reference.znorm_([want], **kwargs)
+        got = dt.full_tensor()
+        assert got.dtype == x.dtype and got.shape == x.shape
+        assert_rule10(got, want, half=x.dtype == torch.bfloat16)
+        if bool((x == x.flatten()[0]).all()):
+            assert bool((got == 0).all())
+
+
+def test_one_rank_small_local_shards(one_rank) -> None:
+    """A local shard of 1 element of a larger DTensor is normalized with the (here: its own, constant)
+    statistics, so it becomes 0; an empty local shard is left alone. Uneven shards are built with
+    from_local and an explicit global shape, as a rank of a larger mesh would hold them."""
+    from znorm_kernels.distributed import znorm_dtensors_
+
+    mesh = init_device_mesh("cpu", (1,))
+
+    def part_of_3(local: torch.Tensor) -> DTensor:
+        return DTensor.from_local(local, mesh, [Shard(0)], shape=(3,), stride=(1,), run_check=False)
+
+    single, empty = part_of_3(torch.tensor([3.0])), part_of_3(torch.empty(0))
+    stats = torch.full((2, 2), -7.0, dtype=torch.float64)
+    znorm_dtensors_([single, empty], stats_out=stats)
+    assert single.to_local().tolist() == [0.0]
+    assert empty.to_local().numel() == 0
+    assert stats[0].tolist() == [3.0, 0.0]
+
+
+def test_one_rank_skips_small_and_repeated_dtensors(one_rank) -> None:
+    """A DTensor of fewer than 2 elements is left as it is, one passed twice is normalized once, and
+    stats_out receives the rows of the others only (the skipped rows keep what they held)."""
+    from znorm_kernels.distributed import znorm_dtensors_
+
+    mesh = init_device_mesh("cpu", (1,))
+    xa, xb = _ordinary(6, 12).reshape(2, 3), _ordinary(5, 13)
+    a = distribute_tensor(xa.clone(), mesh, [Shard(0)])
+    b = distribute_tensor(xb.clone(), mesh, [Replicate()])
+    one = distribute_tensor(torch.tensor([3.0]), mesh, [Shard(0)])
+    stats = torch.full((4, 2), -7.0, dtype=torch.float64)
+    eps = 0.5  # large: a second normalization of `a` would change it
+    znorm_dtensors_([a, a, one, b], eps=eps, stats_out=stats)
+    for dt, x in ((a, xa), (b, xb)):
+        want = x.clone()
+        reference.znorm_([want], eps=eps)
+        torch.testing.assert_close(dt.full_tensor(), want, rtol=1e-12, atol=1e-12)
+    assert one.full_tensor().tolist() == [3.0]
+    want_rows = torch.stack([torch.stack([x.mean(), x.std(correction=0)]) for x in (xa, xb)])
+    torch.testing.assert_close(stats[[0, 3]], want_rows, rtol=1e-12, atol=0)
+    assert stats[1:3].tolist() == [[-7.0, -7.0]] * 2
+
+
+def test_one_rank_errors_name_the_tensor_and_modify_nothing(one_rank) -> None:
+    """Errors name the DTensor by the position (and parameter name) the caller passed, and come before
+    anything is modified: an unsupported dtype, a Partial placement, a backend that cannot serve the
+    shards' device."""
+    from znorm_kernels.distributed import znorm_dtensors_
+
+    mesh = init_device_mesh("cpu", (1,))
+    names = ["w0", "w1", "w2", "w3"]
+    ints = distribute_tensor(torch.arange(4), mesh, [Shard(0)])
+    with pytest.raises(TypeError, match=r"^znorm_: DTensor at position 3 \(parameter 'w3'\) has dtype"):
+        znorm_dtensors_([ints], names=names, positions=[3])
+    partial = DTensor.from_local(torch.randn(3, 4), mesh, [Partial()])
+    msg = r"^znorm_: DTensor at position 2 \(parameter 'w2'\) has a Partial placement on mesh dimension 0"
+    with pytest.raises(ValueError, match=msg):
+        znorm_dtensors_([partial], names=names, positions=[2])
+    ok = distribute_tensor(_ordinary(6, 14), mesh, [Shard(0)])
+    before = ok.to_local().clone()
+    with pytest.raises(RuntimeError, match="cannot serve"):
+        znorm_dtensors_([ok], backend="cuda")
+    assert torch.equal(ok.to_local(), before)
