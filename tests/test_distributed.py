@@ -368,6 +368,14 @@ def mesh2d_worker(rank: int, world: int, store: str) -> None:
             parts = [torch.empty_like(got) for _ in range(world)]
             dist.all_gather(parts, got.contiguous())
             assert all(torch.equal(q, parts[0]) for q in parts), k
+        # correction=1 on a replicated-and-sharded tensor: the combined count is the whole tensor's, not the
+        # world's (which counts each shard once per replica, leaving mean and the correction-0 std unchanged).
+        x = torch.randn(8, 5, generator=g)
+        dt = distribute_tensor(x.clone(), mesh, [Replicate(), Shard(0)])
+        znorm_kernels.znorm_([dt], correction=1)
+        want = x.clone()
+        reference.znorm_([want], correction=1)
+        assert_rule10(dt.full_tensor(), want)
         # track_stats with DTensor gradients (FSDP2 with the hook), beside a plain parameter: the whole
         # tensors' mean and std, the same on every rank.
         picked = ["hsdp", "both_dims", "constant_2d", "outlier_2d"]
