@@ -659,26 +659,6 @@ def test_mean_and_std_default_to_no_correction() -> None:
     torch.testing.assert_close(got, torch.stack([x.mean(), x.std(correction=0)]), rtol=1e-14, atol=0)
 
 
-def test_znorm_dtensors_defaults_are_znorms() -> None:
-    """znorm_dtensors_ called with its defaults (one rank: nothing to combine) normalizes as znorm_'s
-    defaults do: eps=1e-10, correction=0, backend="auto"."""
-    from znorm_kernels.distributed import znorm_dtensors_
-
-    if dist.is_initialized():  # pragma: no cover - only if a test left a group behind
-        pytest.skip("a process group is already initialized in this process")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        mesh = init_device_mesh("cpu", (1,))
-        x = _ordinary(12, 11).reshape(3, 4) * 1e-9  # eps=1e-10 is not negligible beside this spread
-        dt = distribute_tensor(x.clone(), mesh, [Shard(0)])
-        znorm_dtensors_([dt])
-        want = x.clone()
-        reference.znorm_([want])
-        torch.testing.assert_close(dt.full_tensor(), want, rtol=1e-12, atol=1e-12)
-    finally:
-        dist.destroy_process_group()
-
-
 # In-process tests with ONE gloo rank (a HashStore: no port, no spawn), so that mutation testing sees them:
 # nothing is combined, but everything a rank does with its own shards is observable.
 
@@ -692,6 +672,20 @@ def one_rank():
         yield
     finally:
         dist.destroy_process_group()
+
+
+def test_znorm_dtensors_defaults_are_znorms(one_rank) -> None:
+    """znorm_dtensors_ called with its defaults (one rank: nothing to combine) normalizes as znorm_'s
+    defaults do: eps=1e-10, correction=0, backend="auto"."""
+    from znorm_kernels.distributed import znorm_dtensors_
+
+    mesh = init_device_mesh("cpu", (1,))
+    x = _ordinary(12, 11).reshape(3, 4) * 1e-9  # eps=1e-10 is not negligible beside this spread
+    dt = distribute_tensor(x.clone(), mesh, [Shard(0)])
+    znorm_dtensors_([dt])
+    want = x.clone()
+    reference.znorm_([want])
+    torch.testing.assert_close(dt.full_tensor(), want, rtol=1e-12, atol=1e-12)
 
 
 def _one_rank_case(name: str) -> tuple[tuple, list[tuple[torch.Tensor, list]], dict]:

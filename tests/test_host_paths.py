@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import znorm_kernels
-from tests.utils import assert_close_to_float64, make_grad
+from tests.utils import assert_close_to_float64, count_calls, make_grad
 from znorm_kernels import dispatch, reference, validation
 from znorm_kernels.check_cache import recent_checks
 from znorm_kernels.overlap import disjoint
@@ -89,10 +89,7 @@ def test_disjoint_agrees_with_brute_force(seed):
 @pytest.fixture
 def count_checks(monkeypatch):
     recent_checks.clear()
-    calls = []
-    real = validation.check_and_group
-    monkeypatch.setattr(validation, "check_and_group", lambda *a: calls.append(1) or real(*a))
-    yield calls
+    yield count_calls(monkeypatch, validation, "check_and_group")
     recent_checks.clear()
 
 
@@ -126,9 +123,7 @@ def test_calls_with_the_same_tensors_of_one_dtype_are_checked_once(count_checks)
 def test_plain_tensors_parameters_and_none_take_the_fast_path(monkeypatch):
     # The exact path is for what the fast one cannot decide; a list of plain tensors, parameters and None in
     # disjoint memory is the common case and must not pay for it.
-    calls = []
-    real = validation._exact_groups
-    monkeypatch.setattr(validation, "_exact_groups", lambda *a: calls.append(1) or real(*a))
+    calls = count_calls(monkeypatch, validation, "_exact_groups")
     items = [
         nn.Parameter(make_grad((6,), seed=1)),
         None,
@@ -209,10 +204,7 @@ def _loss(net: nn.ModuleDict, seed: int) -> torch.Tensor:
 @pytest.fixture
 def full_checks(monkeypatch):
     """The calls of the full checks (``dispatch.collect_indices``) a test makes, counted."""
-    calls = []
-    real = dispatch.collect_indices
-    monkeypatch.setattr(dispatch, "collect_indices", lambda *a, **k: calls.append(1) or real(*a, **k))
-    return calls
+    return count_calls(monkeypatch, dispatch, "collect_indices")
 
 
 def _hook_on_moving_grads(buf, second, moves):

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import znorm_kernels
+from tests.utils import count_calls
 from znorm_kernels.optim import ZNormAdam, ZNormAdamW, ZNormSGD
 
 BACKENDS = [b for b in ("reference", "cpu", "triton") if b in znorm_kernels.available_backends()]
@@ -929,9 +930,7 @@ def test_grad_stats_name_parameters_added_after_the_layout(monkeypatch, backend,
 
     if full_steps:
         monkeypatch.setattr(fused, "remembered_step_", lambda *args, **kw: None)
-    reads = []
-    real = base._param_names
-    monkeypatch.setattr(base, "_param_names", lambda *args: reads.append(args) or real(*args))
+    reads = count_calls(monkeypatch, base, "_param_names")
     device = DEVICE_OF[backend]
     a = nn.Parameter(torch.randn(5, device=device))  # 1-D: not selected with min_ndim=2
     c = nn.Parameter(torch.randn(2, 4, device=device))

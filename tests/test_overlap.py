@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import znorm_kernels
-from tests.utils import assert_close_to_float64, backends_under_test, make_grad
+from tests.utils import assert_close_to_float64, backends_under_test, count_calls, make_grad
 
 BACKENDS = backends_under_test()
 backend_device = pytest.mark.parametrize(
@@ -220,9 +220,7 @@ def test_hook_cached_path_does_not_recheck(monkeypatch):
     model = torch.nn.Linear(4, 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     znorm_kernels.register(opt)
-    calls = []
-    real = validation.check_and_group
-    monkeypatch.setattr(validation, "check_and_group", lambda *a: calls.append(1) or real(*a))
+    calls = count_calls(monkeypatch, validation, "check_and_group")
     for _ in range(3):
         model(torch.randn(5, 4)).sum().backward()
         opt.step()

@@ -61,6 +61,20 @@ def adam_start(params: list[Tensor], step0: list[int] | None = None) -> tuple[li
     return states, counts, [torch.tensor(float(c)) for c in counts]
 
 
+def count_calls(monkeypatch, owner: object, name: str) -> list[int]:
+    """Wrap ``owner.name`` (for this test) so that every call appends one entry to the returned list; the
+    real function still runs. The arguments are not kept (a test may check that tensors die)."""
+    calls: list[int] = []
+    real = getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
 def torch_adam_step(params, z, states, steps, opts: dict, *, lr, betas, eps) -> None:
     """One step of torch's functional Adam (foreach=False) with the z-scores ``z`` as gradients, ``opts`` one
     of ADAM_OPTIONS; ``states`` the exp_avgs, exp_avg_sqs and max_exp_avg_sqs lists, ``steps`` torch's step
