@@ -23,7 +23,7 @@
 #include <vector>
 
 #if defined(__x86_64__)
-#include <immintrin.h>  // the optimizer loops' square roots (cpu_optim_kernels.h)
+#include <immintrin.h>  // the AVX2 loops (cpu_avx2_loops.h), the optimizer loops' square roots
 #endif
 
 #include "optim_args.h"
@@ -42,10 +42,12 @@ namespace {  // internal linkage: the loops are not exported from the shared lib
 #pragma GCC push_options
 #pragma GCC target("avx2,f16c")
 #define ZNORM_F16C 1
+#define ZNORM_AVX2_LOOPS 1
 #define ZNORM_ISA cpu_avx2
 #include "cpu_znorm_kernels.h"
 #include "cpu_optim_kernels.h"
 #undef ZNORM_ISA
+#undef ZNORM_AVX2_LOOPS
 #undef ZNORM_F16C
 #pragma GCC pop_options
 #endif

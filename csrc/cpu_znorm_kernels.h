@@ -3,7 +3,8 @@
 //
 // This header has no include guard on purpose: cpu_common.h includes it twice, with ZNORM_ISA naming the
 // namespace of each copy (cpu_baseline, and cpu_avx2 under `#pragma GCC target("avx2,f16c")`), and the ops
-// pick the copy at run time through its `Kernels` type. Every loop accumulates into a fixed array of lanes
+// pick the copy at run time through its `Kernels` type. The AVX2 copy replaces the loops that sum in float
+// (float32, bfloat16 and float16 runs) by the intrinsics of cpu_avx2_loops.h, which keep these lanes. Every loop accumulates into a fixed array of lanes
 // partial sums (element i goes to lane i % lanes; cpu_tiles::kLanes32 / kLanes64 in tiles.h) that is reduced
 // by a fixed pairwise tree, and the build uses -ffp-contract=off, so both versions give bitwise the same
 // results: the instruction set changes the speed, never the values.
@@ -84,15 +85,13 @@ inline A reduce_lanes(A (&acc)[L]) {
 
 // Sum, minimum and maximum of a run, in A. NaN never wins a comparison, so it is left out of the minimum and
 // maximum (it still reaches the sum, hence the mean, which is how it propagates).
-template <typename T, typename A>
-void sum_min_max(const T* __restrict p, int64_t n, A& sum, A& lo, A& hi) {
-  constexpr int L = Lanes<A>::value;
-  A acc[L] = {}, mn[L], mx[L];
-  for (int j = 0; j < L; ++j) {
-    mn[j] = std::numeric_limits<A>::infinity();
-    mx[j] = -std::numeric_limits<A>::infinity();
-  }
-  int64_t i = 0;
+//
+// sum_min_max_from takes the lanes as they stand after element i and adds the rest, then reduces them: the
+// portable loop below starts it at 0 with empty lanes, the AVX2 loops (cpu_avx2_loops.h) after their vector
+// part, so both share the tail and the reduction.
+template <typename T, typename A, int L>
+void sum_min_max_from(const T* __restrict p, int64_t i, int64_t n, A (&acc)[L], A (&mn)[L], A (&mx)[L], A& sum,
+                      A& lo, A& hi) {
   for (; i + L <= n; i += L) {
     for (int j = 0; j < L; ++j) {
       const A v = static_cast<A>(to_acc(p[i + j]));
@@ -116,14 +115,23 @@ void sum_min_max(const T* __restrict p, int64_t n, A& sum, A& lo, A& hi) {
   hi = mx[0];
 }
 
+template <typename T, typename A>
+void sum_min_max(const T* __restrict p, int64_t n, A& sum, A& lo, A& hi) {
+  constexpr int L = Lanes<A>::value;
+  A acc[L] = {}, mn[L], mx[L];
+  for (int j = 0; j < L; ++j) {
+    mn[j] = std::numeric_limits<A>::infinity();
+    mx[j] = -std::numeric_limits<A>::infinity();
+  }
+  sum_min_max_from<T, A, L>(p, 0, n, acc, mn, mx, sum, lo, hi);
+}
+
 // sum(d) and sum(d^2) over the run, d = x - m: the second pass of the statistics, over a run still in cache.
 // d is exact near m; its square and both sums are taken in double, so that one large d (an outlier) does not
-// round away the small squares summed after it into the same lane.
-template <typename T, typename A>
-void centred_sums(const T* __restrict p, int64_t n, A m, double& s1, double& q) {
-  constexpr int L = Lanes<double>::value;
-  double acc[L] = {}, sq[L] = {};
-  int64_t i = 0;
+// round away the small squares summed after it into the same lane. centred_sums_from: as sum_min_max_from.
+template <typename T, typename A, int L>
+void centred_sums_from(const T* __restrict p, int64_t i, int64_t n, A m, double (&acc)[L], double (&sq)[L],
+                       double& s1, double& q) {
   for (; i + L <= n; i += L) {
     for (int j = 0; j < L; ++j) {
       const double d = static_cast<double>(static_cast<A>(to_acc(p[i + j])) - m);
@@ -138,6 +146,13 @@ void centred_sums(const T* __restrict p, int64_t n, A m, double& s1, double& q) 
   }
   s1 = reduce_lanes<double, L>(acc);
   q = reduce_lanes<double, L>(sq);
+}
+
+template <typename T, typename A>
+void centred_sums(const T* __restrict p, int64_t n, A m, double& s1, double& q) {
+  constexpr int L = Lanes<double>::value;
+  double acc[L] = {}, sq[L] = {};
+  centred_sums_from<T, A, L>(p, 0, n, m, acc, sq, s1, q);
 }
 
 // sum(x * factor) over a float64 run, in the lanes of sum_min_max (huge or tiny values, scaled: rare).
@@ -193,7 +208,12 @@ void normalize_run_wide(T* __restrict p, int64_t n, double mean, double mult, do
   }
 }
 
-// This copy's loops as one type, the driver's template argument (znorm_typed<T, cpu_avx2::Kernels>).
+#ifdef ZNORM_AVX2_LOOPS
+#include "cpu_avx2_loops.h"
+#endif
+
+// This copy's loops as one type, the driver's template argument (znorm_typed<T, cpu_avx2::Kernels>). The AVX2
+// copy runs the hand-vectorized loops of cpu_avx2_loops.h wherever the sums are in float.
 struct Kernels {
   template <typename T>
   static auto to_acc(T v) {
@@ -201,14 +221,23 @@ struct Kernels {
   }
   template <typename T, typename A>
   static void sum_min_max(const T* p, int64_t n, A& sum, A& lo, A& hi) {
+#ifdef ZNORM_AVX2_LOOPS
+    if constexpr (std::is_same_v<A, float>) return avx2_loops::sum_min_max<T>(p, n, sum, lo, hi);
+#endif
     ZNORM_ISA::sum_min_max<T, A>(p, n, sum, lo, hi);
   }
   template <typename T, typename A>
   static void centred_sums(const T* p, int64_t n, A m, double& s1, double& q) {
+#ifdef ZNORM_AVX2_LOOPS
+    if constexpr (std::is_same_v<A, float>) return avx2_loops::centred_sums<T>(p, n, m, s1, q);
+#endif
     ZNORM_ISA::centred_sums<T, A>(p, n, m, s1, q);
   }
   template <typename T, typename A>
   static void normalize_run(T* p, int64_t n, A hi, A lo, A mult) {
+#ifdef ZNORM_AVX2_LOOPS
+    if constexpr (std::is_same_v<A, float>) return avx2_loops::normalize_run<T>(p, n, hi, lo, mult);
+#endif
     ZNORM_ISA::normalize_run<T, A>(p, n, hi, lo, mult);
   }
   static double scaled_sum(const double* p, int64_t n, double factor) {

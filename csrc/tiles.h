@@ -15,10 +15,10 @@ namespace cpu_tiles {
 // 64 KiB of float32, well inside L2: the second statistics pass and, for small tensors, the normalize pass read
 // from cache.
 inline constexpr int64_t kChunk = 16384;
-// Elements in all below which a call runs on the calling thread alone (16 MiB of float32).
-// A parallel region ends in a barrier that waits for every thread to have been scheduled: on a busy machine that
-// wait is a scheduler time slice (milliseconds), far more than a second thread saves on a ResNet-sized list.
-inline constexpr int64_t kSerialBelow = int64_t{1} << 22;
+// Elements in all below which a call runs on the calling thread alone (256 KiB of float32): the smallest list
+// measured to gain from a second thread, with the other core idle and with it busy
+// (bench/log/2026-12-07-dev-cpu-backend.md); below it the parallel region's start and end are a large share.
+inline constexpr int64_t kSerialBelow = int64_t{1} << 16;
 // Elements per block of a fused optimizer update (the length of its z-score buffer, which stays in L1).
 inline constexpr int64_t kOptBlock = 1024;
 // Partial sums of a loop accumulating in float32 (element i goes to lane i % kLanes32): 4 AVX2 (8 SSE)

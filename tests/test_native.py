@@ -23,7 +23,7 @@ from znorm_kernels.backends import native as native_backend
 CPU_CHUNK = 16384
 CUDA_CHUNK = 8192
 # cpu_tiles::kSerialBelow in csrc/tiles.h: lists of fewer elements in all run on one thread.
-CPU_PARALLEL_FROM = 1 << 22
+CPU_PARALLEL_FROM = 1 << 16
 
 BUILT = native_backend.unavailable("cpu") is None
 needs_ext = pytest.mark.skipif(not BUILT, reason="znorm_kernels._C is not built")
@@ -192,18 +192,62 @@ def test_bitwise_equal_for_one_and_two_threads(dtype):
         assert_close_to_float64(g, x)
 
 
+# The portable and the AVX2 loops (csrc/cpu_znorm_kernels.h, csrc/cpu_avx2_loops.h) on every kind of run they
+# treat differently: every length up to past two vector groups and around the chunk size (the vector part,
+# the portable tail), values that take each branch of the statistics (float sums, the float64 fallback of
+# huge or tightly spread float runs, the scaled float64 sums), NaN, infinities and signed zeros anywhere,
+# outliers, constants, values near bfloat16 and float16 rounding ties, float16 subnormals, and magnitudes
+# spread so wide that the lanes' sums round; the stats output and the options too.
 _ISA_SCRIPT = """
 import sys, torch
 import znorm_kernels._C  # registers the op
 from tests.utils import DTYPES, make_grad
-shapes = [(3 * 16384 + 17,), (64, 32, 3, 3), (100,), (7,)]
+
+def runs(n, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g, dtype=torch.float64)
+    pos = int(torch.randint(0, n, (1,), generator=g))
+    out = [x * 2 + 0.3, x * 1e-3 + 1, x * 1e-2 + 1e4]
+    big = 1e30 if dtype != torch.float64 else 1e300
+    out += [x * big, x * 1e-30, torch.full((n,), -0.0), torch.full((n,), 3.5)]
+    for v in (float("nan"), float("inf"), -float("inf"), 5e3, -0.0):
+        y = x.clone()
+        y[pos] = v
+        out.append(y)
+    signs = torch.where(x > 0, 0.0, -0.0)  # zeros of both signs, then one value
+    signs[pos] = 1.0
+    out.append(signs)
+    # Halfway between neighbours of the stored type after normalization is likeliest near many equal values.
+    out.append(torch.randint(-3, 4, (n,), generator=g).double() * 0.125 + 1 / 3)
+    # Magnitudes over a wide range, each value followed by its negation: the lanes' float64 sums round and
+    # the total cancels, so what is left of the sums, the mean and the std's bits, is their rounding, which
+    # shows which lane added which element.
+    span = 12 if dtype == torch.float16 else 40
+    y = x.sign() * torch.exp2(torch.rand(n, generator=g, dtype=torch.float64) * 2 * span - span)
+    y[1::2] = -y[: n // 2 * 2 : 2]
+    out.append(y)
+    if dtype == torch.float16:
+        out.append(x * 1e-6)  # subnormal float16 inputs
+    return [t.to(dtype) for t in out]
+
+lengths = [*range(2, 72), 95, 96, 97, 127, 128, 129, 16383, 16384, 16385, 3 * 16384 + 17]
 out = []
 for k, dtype in enumerate(DTYPES):
-    gs = [make_grad(s, dtype, seed=k * 10 + i) for i, s in enumerate(shapes)]
-    torch.ops.znorm_kernels_C.znorm_(gs, 1e-10, 0.0, None)
-    out += gs
+    gs = []
+    for n in lengths:
+        gs += runs(n, dtype, seed=k * 1000 + n)
+    inputs = [g.clone() for g in gs]
+    stats = torch.empty(len(gs), 2, dtype=torch.float64)
+    torch.ops.znorm_kernels_C.znorm_(gs, 1e-10, 0.0, None, stats)
+    out += gs + [stats]
+    gs = [x.clone() for x in inputs[::7]]
+    stats = torch.empty(len(gs), 2, dtype=torch.float64)
+    torch.ops.znorm_kernels_C.znorm_(gs, 0.5, 1.0, torch.tensor(1024.0), stats)
+    out += gs + [stats]
 torch.save(out, sys.argv[1])
 """
+
+_INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 @needs_ext
@@ -213,9 +257,12 @@ torch.save(out, sys.argv[1])
 def test_baseline_and_avx2_loops_bitwise_equal(tmp_path):
     # csrc/cpu_common.h compiles the loops twice (portable and AVX2) and picks one at run time; the lane
     # structure and -ffp-contract=off make them round alike. ZNORM_CPU_ISA=baseline forces the portable one.
-    results = saved_per_cpu_isa(_ISA_SCRIPT, tmp_path)
-    for a, b in zip(*results):
-        assert torch.equal(a, b), a.dtype
+    # Compared as bits: NaN payloads and the sign of zero count.
+    baseline, avx2 = saved_per_cpu_isa(_ISA_SCRIPT, tmp_path)
+    assert len(baseline) == len(avx2) > 5000
+    for i, (a, b) in enumerate(zip(baseline, avx2)):
+        view = _INT_VIEW[a.element_size()]
+        assert torch.equal(a.view(view), b.view(view)), (i, a.dtype, a.numel())
 
 
 @needs_ext
