@@ -195,7 +195,11 @@ def test_report_renders_markdown_and_png(tmp_path, capsys):
     assert "SGDM best test acc %" in table and "Adam final train loss" in table
     assert main(["--report", str(runs), "--out", str(tmp_path / "rep")]) == 0
     assert (tmp_path / "rep" / "test_accuracy.png").read_bytes()[:4] == b"\x89PNG"
-    assert (tmp_path / "rep" / "results.md").read_text() == table
+    written = (tmp_path / "rep" / "results.md").read_text()
+    assert written.startswith(table)
+    # SGDM ZNorm and the SGDM baseline share seed 0: the paired section compares them (30% - 60%).
+    assert "## Against the baseline, seed by seed" in written
+    assert "| resnet8 | SGDM | ZNorm | 0 | -30.00 |  | one seed: none | -30.00 |" in written
     assert report_main([str(tmp_path / "nothing")]) == 2
     assert "not a run folder" in capsys.readouterr().err
 

@@ -2,8 +2,9 @@
 
 ``python -m znorm_kernels.cifar.report RUN_DIR...`` (a run folder, or a folder of run folders such as a
 grid's ``--out``): prints a markdown table (rows model x method, columns per optimizer: best and final test
-accuracy, final training loss; mean ± standard deviation over seeds when there are several) and writes
-it, with one figure of test accuracy against epoch for every run (a panel per model and optimizer, a line
+accuracy, final training loss; mean ± standard deviation over seeds when there are several), then each
+method against the baseline seed by seed (``paired``: mean difference and its 95% interval), and writes
+them, with one figure of test accuracy against epoch for every run (a panel per model and optimizer, a line
 per method, like the papers' Figure 3), to ``--out`` (default: the runs' common parent folder).
 
 ``plot_curves`` draws one run's ``curves.png`` (loss and accuracy against epoch).
@@ -20,6 +21,8 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+
+from .paired import mixed_groups, paired_markdown, paired_rows
 
 __all__ = ["Run", "find_runs", "main", "markdown_table", "plot_curves", "plot_test_accuracy"]
 
@@ -239,6 +242,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(runs)
+    try:
+        paired = paired_rows(runs, lambda r: r.metrics[-1]["test_acc"] * 100)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    mixed = mixed_groups(runs)
+    if paired or mixed:
+        labels = {**METHOD_LABELS, **OPTIMIZER_LABELS}
+        table += "\n## Against the baseline, seed by seed\n\n" + paired_markdown(paired, labels, mixed)
     (out / "results.md").write_text(table)
     plot_test_accuracy(runs, out / "test_accuracy.png")
     print(table)
