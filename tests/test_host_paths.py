@@ -583,6 +583,41 @@ def test_lists_only_the_exact_checks_accept_are_cached_too(count_checks):
     assert len(count_checks) == len(lists)
 
 
+def test_the_cache_answers_by_address_and_layout_not_by_object(count_checks):
+    """A hit needs each entry where it was with the same layout (check_cache's guard); which object holds it
+    does not matter, except at the later positions of a tensor given twice, which must be that tensor."""
+    base = make_grad((6, 4), seed=3)
+    other = make_grad((10,), seed=4)
+    cases = [
+        (other[:], True),  # a fresh view of the same elements
+        (other.view(torch.int32).view(torch.float32), True),  # the same, through another dtype
+        (other[:9], False),  # another size
+        (other.view(2, 5), False),  # another shape
+        (other[1:], False),  # another address
+        (other.double(), False),  # another tensor altogether
+    ]
+    for changed, hit in cases:
+        znorm_kernels.znorm_([base, other], backend="reference")  # the entry for this first tensor
+        before = len(count_checks)
+        znorm_kernels.znorm_([base, changed], backend="reference")
+        assert len(count_checks) == before + (not hit), (tuple(changed.shape), changed.dtype, hit)
+    # The same address, dtype and shape with other strides misses.
+    square = make_grad((4, 4), seed=5)
+    znorm_kernels.znorm_([base, square], backend="reference")
+    before = len(count_checks)
+    znorm_kernels.znorm_([base, square.t()], backend="reference")
+    assert len(count_checks) == before + 1
+    # The same tensor twice is kept once; a distinct view of it at the later position is another list
+    # (two entries over the same memory) and is checked again.
+    twice = [other, None, other]
+    znorm_kernels.znorm_(twice, backend="reference")
+    before = len(count_checks)
+    znorm_kernels.znorm_(twice, backend="reference")
+    assert len(count_checks) == before
+    znorm_kernels.znorm_([other, None, other[:]], backend="reference")
+    assert len(count_checks) == before + 1
+
+
 def test_lists_with_nothing_to_normalize_take_no_cache_slot(count_checks):
     from znorm_kernels.check_cache import RecentChecks
 

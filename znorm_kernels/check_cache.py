@@ -1,14 +1,14 @@
 """The results of the last few successful checks, for calls that pass the same tensors again.
 
-A result still holds when a call has the same entries (the same tensor objects, and None at the same
-positions) at the same addresses with the same dtypes and numbers of elements: that is what the checks read,
-but for strides, which only an in-place ``as_strided_`` or ``set_`` at the same address and size changes
-(the backends read the strides afresh, so that cannot make them touch other memory). A new tensor object at a
-known address (a fresh view) is checked again: it may cover other elements.
+A result still holds when a call has the same entries (tensors, and None at the same positions) at the same
+addresses with the same layouts: Python type, dtype, device, dispatch keys, sizes and strides, compared in
+one C call (``guards.layout_guard``). That is everything the checks read, so a new tensor object at a known
+address with the same layout (a fresh view of the same elements) gets the same answer; one that differs in
+anything is checked again.
 
-The objects are compared by id while all of them live: each entry holds weak references whose callbacks
-drop the entry when one of its tensors dies, before its id can be reused. Entries are found by (length, id
-of the first entry); a hit costs a few C-level passes over the list, and nothing here keeps a tensor alive.
+Entries are found by (length, id of the first entry) and dropped when one of their tensors dies (weak
+references whose callbacks remove the entry before an id can be reused); a hit costs two C calls over the
+list, and nothing here keeps a tensor alive.
 """
 
 from __future__ import annotations
@@ -20,12 +20,11 @@ from collections import OrderedDict
 
 from torch import Tensor
 
-from .guards import same_addresses
+from .guards import layout_guard, same_addresses
 
 __all__ = ["RecentChecks", "recent_checks"]
 
 _NoneType = type(None)
-_dtype_of = operator.attrgetter("dtype")
 
 
 class RecentChecks:
@@ -41,27 +40,33 @@ class RecentChecks:
         entry = self.entries.get((len(items), id(items[0]))) if items else None
         if entry is None:
             return None
-        present_mask, absent_mask, ids, starts, indices, dtypes, sizes, groups, _ = entry
+        present_mask, absent_mask, starts, indices, repeats, guard, groups, _ = entry
         if present_mask is None:
             present = items
         else:
             present = list(itertools.compress(items, present_mask))
             if not all(map(operator.is_, itertools.compress(items, absent_mask), itertools.repeat(None))):
                 return None
-        if list(map(id, present)) != ids or not same_addresses(present, starts, indices):
+        # Addresses first: they are False for an entry that is not a tensor with storage.
+        if not same_addresses(present, starts, indices):
             return None
-        if list(map(_dtype_of, present)) != dtypes or list(map(Tensor.numel, present)) != sizes:
+        if repeats is not None:  # the same tensor at several positions (the guard takes each once)
+            first, later, guarded = repeats
+            if not all(map(operator.is_, map(present.__getitem__, later), map(present.__getitem__, first))):
+                return None
+            present = list(itertools.compress(present, guarded))
+        if not guard.check(*present):
             return None
         return {k: list(v) for k, v in groups.items()}
 
     def put(self, items: list, groups: dict[tuple, list[int]], seen: tuple | None = None) -> None:
         """Keep the result of checking ``items``; ``seen`` is what the fast path read (present entries,
-        addresses, numbers of elements, dtypes), else it is read here."""
+        addresses, ...), else it is read here."""
         if not items or not groups:
             return
         present_mask = absent_mask = None
         if seen is not None:
-            present, starts, sizes, dtypes = seen
+            present, starts = seen[0], seen[1]
             if len(present) != len(items):
                 present_mask = [t is not None for t in items]
                 absent_mask = [t is None for t in items]
@@ -74,7 +79,6 @@ class RecentChecks:
                 starts = list(map(Tensor.data_ptr, present))
             except (TypeError, RuntimeError):  # no storage: not cached
                 return
-            sizes, dtypes = list(map(Tensor.numel, present)), list(map(_dtype_of, present))
         key = (len(items), id(items[0]))
         entries = self.entries
         token = object()
@@ -88,14 +92,24 @@ class RecentChecks:
             refs = list(map(weakref.ref, present, itertools.repeat(forget)))
         except TypeError:  # an entry that cannot be referenced weakly: not cached
             return
+        # torch's guard rejects a tensor given twice: it is guarded once, and its later positions must hold
+        # the very same object (first positions, later positions, mask of the positions guarded).
+        repeats = None
+        seen_at: dict[int, int] = {}
+        for i, t in enumerate(present):
+            seen_at.setdefault(id(t), i)
+        if len(seen_at) != len(present):
+            later = [i for i, t in enumerate(present) if seen_at[id(t)] != i]
+            first = [seen_at[id(present[i])] for i in later]
+            repeats = (first, later, [seen_at[id(t)] == i for i, t in enumerate(present)])
+        unique = present if repeats is None else list(itertools.compress(present, repeats[2]))
         entries[key] = (
             present_mask,
             absent_mask,
-            list(map(id, present)),
             starts,
             list(range(len(present))),
-            dtypes,
-            sizes,
+            repeats,
+            layout_guard(unique),
             {k: list(v) for k, v in groups.items()},
             (refs, token),  # kept for their callbacks
         )

@@ -58,8 +58,8 @@ def collect_indices(
     naming the position (and the parameter's name when ``names`` gives it); nothing has been modified then.
     The same memory given twice (the same tensor, or a view of exactly the same elements) is kept once, at its
     first position; tensors that share only part of their memory raise ValueError naming both positions.
-    A call with the same tensor objects as a recent one, at the same addresses, with the same dtypes and
-    sizes, reuses that call's result (``check_cache``).
+    A call whose entries are at a recent call's addresses with its layouts (the same first tensor object)
+    reuses that call's result (``check_cache``).
     """
     items = as_items(tensors, op)
     groups = recent_checks.get(items)
