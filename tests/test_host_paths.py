@@ -616,6 +616,13 @@ def test_the_cache_answers_by_address_and_layout_not_by_object(count_checks):
     assert len(count_checks) == before
     znorm_kernels.znorm_([other, None, other[:]], backend="reference")
     assert len(count_checks) == before + 1
+    # Beside a tensor given twice, the others are still guarded: one reshaped at its address misses.
+    znorm_kernels.znorm_([other, square, other], backend="reference")
+    before = len(count_checks)
+    znorm_kernels.znorm_([other, square, other], backend="reference")
+    assert len(count_checks) == before
+    znorm_kernels.znorm_([other, square.view(2, 8), other], backend="reference")
+    assert len(count_checks) == before + 1
 
 
 def test_lists_with_nothing_to_normalize_take_no_cache_slot(count_checks):
