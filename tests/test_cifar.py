@@ -173,7 +173,7 @@ def test_validation_split_is_fixed_by_the_seed_and_disjoint_from_train():
 def fake_run(folder, optimizer, method, seed, accs):
     """A run folder as train() leaves it (config.json, metrics.jsonl), without training."""
     folder.mkdir(parents=True)
-    cfg = replace(TINY, optimizer=optimizer, method=method, seed=seed)
+    cfg = replace(TINY, optimizer=optimizer, method=method, seed=seed, epochs=len(accs))
     (folder / "config.json").write_text(json.dumps(cfg.__dict__))
     rows = [{"epoch": i + 1, "train_loss": 1.0 / (i + 1), "test_acc": a} for i, a in enumerate(accs)]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -2,12 +2,15 @@
 
 Runs of one seed share their batches and initial weights across methods (``data.generator``), so the
 difference between a method and the baseline at the same seed removes what the seed alone does; the
-seeds' spread of that difference is what says whether a method helps. For every (model, optimizer,
-method) with seeds that the baseline also finished, ``paired_rows`` gives the mean difference in final
-test accuracy, its sample standard deviation and a two-sided 95% Student-t interval over the seeds
-(none from one seed). A group whose runs differ in a setting other than the seed (a learning rate chosen
-anew in another GPU window, say) is no set of seeds of one configuration: ``mixed_groups`` names it and
-its settings, and it is left out of the comparison.
+seeds' spread of that difference is what says whether a method helps. ``compare`` gives, for every (model,
+optimizer, method), the differences in final test accuracy over the seeds both it and the baseline finished,
+their mean, sample standard deviation and a two-sided Student-t interval (none from one seed).
+
+Only like is compared with like, and what is left out is named (``Comparison.left_out``): a group whose
+runs differ in a result setting other than the seed (a learning rate chosen anew in another GPU window,
+say) is no set of seeds of one configuration; a method whose runs differ from its baseline's in more than
+the method's own settings (``METHOD_SETTINGS``: another dataset, other epochs) is no pair; unfinished runs
+(fewer epochs than their config asks for) are not final results.
 """
 
 from __future__ import annotations
@@ -19,41 +22,78 @@ from dataclasses import dataclass
 
 from .config import RESULT_FIELDS
 
-__all__ = ["PairedRow", "mixed_groups", "paired_markdown", "paired_rows", "t_quantile"]
+__all__ = [
+    "METHOD_SETTINGS",
+    "Comparison",
+    "PairedRow",
+    "compare",
+    "mixed_groups",
+    "paired_markdown",
+    "t_quantile",
+]
 
 Group = tuple[str, str, str]  # (model, optimizer, method)
 
+# The result settings a method's runs may set apart from its baseline's: its own learning rate and options.
+METHOD_SETTINGS = ("method", "seed", "lr", "clip_norm", "znorm_backend", "znorm_optimizer", "fused")
 
-def _t_cdf_upper_half(x: float, df: int) -> float:
-    """P(0 <= T <= x) for Student's t with ``df`` degrees of freedom: Simpson's rule on the density, whose
-    smoothness makes 2,000 intervals exact to far below the digits printed."""
-    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
 
-    def pdf(t: float) -> float:
-        return math.exp(log_c - (df + 1) / 2 * math.log1p(t * t / df))
+def _betacf(a: float, b: float, x: float) -> float:
+    """The continued fraction of the regularized incomplete beta function (modified Lentz)."""
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 500):
+        for num in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return h
 
-    steps = 2000
-    h = x / steps
-    total = pdf(0.0) + pdf(x)
-    for k in range(1, steps):
-        total += (4 if k % 2 else 2) * pdf(k * h)
-    return total * h / 3
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """I_x(a, b), the regularized incomplete beta function, for 0 <= x <= 1."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    front = math.exp(
+        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    )
+    if x < (a + 1) / (a + b + 2):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def _t_cdf(t: float, df: int) -> float:
+    """P(T <= t) for t >= 0, Student's t with ``df`` degrees of freedom."""
+    return 1.0 - 0.5 * _betainc(df / 2, 0.5, df / (df + t * t))
 
 
 def t_quantile(p: float, df: int) -> float:
-    """The ``p`` quantile (0.5 < p < 1) of Student's t with ``df`` >= 1 degrees of freedom, by bisection."""
+    """The ``p`` quantile (0.5 < p < 1) of Student's t with ``df`` >= 1 degrees of freedom, by bisection on
+    the distribution function (the regularized incomplete beta function)."""
     if not 0.5 < p < 1 or df < 1:
         raise ValueError(f"t_quantile needs 0.5 < p < 1 and df >= 1, got p={p}, df={df}")
-    target = p - 0.5
     lo, hi = 0.0, 1.0
-    while _t_cdf_upper_half(hi, df) < target:
-        hi *= 2
-    for _ in range(60):
+    while _t_cdf(hi, df) < p:
+        lo, hi = hi, hi * 2
+    for _ in range(200):
         mid = (lo + hi) / 2
-        if _t_cdf_upper_half(mid, df) < target:
+        if _t_cdf(mid, df) < p:
             lo = mid
         else:
             hi = mid
+        if hi - lo <= 1e-12 * hi:
+            break
     return (lo + hi) / 2
 
 
@@ -103,32 +143,67 @@ def mixed_groups(runs: Iterable) -> dict[Group, list[str]]:
     return mixed
 
 
-def paired_rows(
-    runs: Iterable, metric: Callable[[object], float], baseline: str = "baseline"
-) -> list[PairedRow]:
-    """The paired rows of ``runs`` (report.Run objects: ``key`` = (model, method, optimizer) and
-    ``config["seed"]``), ``metric(run)`` the accuracy in points; groups that ``mixed_groups`` names, and
-    methods whose baseline is one, are left out. A (model, method, optimizer, seed) found twice is an error:
-    the comparison would depend on which copy is read."""
+@dataclass
+class Comparison:
+    """``compare``'s answer: the rows, and what was left out with why."""
+
+    rows: list[PairedRow]
+    left_out: dict[Group, str]  # whole groups, with the reason
+    unfinished: list[str]  # "model/optimizer/method seed N" of runs short of their epochs
+
+
+def _finished(run) -> bool:
+    epochs = run.config.get("epochs")
+    return epochs is None or run.metrics[-1].get("epoch") == epochs
+
+
+def compare(runs: Iterable, metric: Callable[[object], float], baseline: str = "baseline") -> Comparison:
+    """The paired rows of ``runs`` (report.Run objects: ``key`` = (model, method, optimizer), ``config``
+    with "seed"), ``metric(run)`` the accuracy in points; see the module docstring for what is left out. A
+    finished run of one configuration and seed found twice is an error: the comparison would depend on which
+    copy is read."""
     runs = list(runs)
-    mixed = mixed_groups(runs)
-    by_key: dict[Group, dict[int, float]] = {}
-    for run in runs:
+    unfinished = [f"{'/'.join(_group(r))} seed {r.config['seed']}" for r in runs if not _finished(r)]
+    finished = [r for r in runs if _finished(r)]
+    mixed = mixed_groups(finished)
+    left: dict[Group, str] = {g: f"its runs differ in {', '.join(k)}" for g, k in mixed.items()}
+    by_group: dict[Group, dict[int, float]] = {}
+    config_of: dict[Group, dict] = {}
+    for run in finished:
         group = _group(run)
-        seeds = by_key.setdefault(group, {})
+        if group in mixed:
+            continue
+        seeds = by_group.setdefault(group, {})
+        config_of[group] = run.config
         seed = int(run.config["seed"])
         if seed in seeds:
             raise ValueError(f"two finished runs of {', '.join(group)}, seed {seed}: keep one")
         seeds[seed] = metric(run)
     rows = []
-    for (model, optimizer, method), seeds in sorted(by_key.items()):
-        base = by_key.get((model, optimizer, baseline))
-        if method == baseline or base is None:
+    for group, seeds in sorted(by_group.items()):
+        model, optimizer, method = group
+        if method == baseline:
             continue
-        if (model, optimizer, method) in mixed or (model, optimizer, baseline) in mixed:
+        base_group = (model, optimizer, baseline)
+        base = by_group.get(base_group)
+        if base_group in mixed:
+            left[group] = "its baseline's runs differ in " + ", ".join(mixed[base_group])
+            continue
+        if base is None:
+            left[group] = "no finished baseline run"
+            continue
+        differ = [
+            k
+            for k in RESULT_FIELDS
+            if k not in METHOD_SETTINGS
+            and repr(config_of[group].get(k)) != repr(config_of[base_group].get(k))
+        ]
+        if differ:
+            left[group] = "it differs from its baseline in " + ", ".join(differ)
             continue
         paired = sorted(s for s in seeds if s in base)
         if not paired:
+            left[group] = "no seed in common with its baseline"
             continue
         rows.append(
             PairedRow(
@@ -140,23 +215,22 @@ def paired_rows(
                 tuple(sorted(s for s in seeds if s not in base)),
             )
         )
-    return rows
+    return Comparison(rows, dict(sorted(left.items())), unfinished)
 
 
 def _signed(x: float) -> str:
     return f"{x:+.2f}"
 
 
-def paired_markdown(
-    rows: list[PairedRow], labels: dict[str, str] | None = None, mixed: dict[Group, list[str]] | None = None
-) -> str:
-    """The rows as a markdown table (differences in accuracy points), with a line on how to read it and
-    what was left out (``mixed``: mixed_groups' answer)."""
+def paired_markdown(comparison: Comparison, labels: dict[str, str] | None = None) -> str:
+    """The comparison as a markdown table (differences in accuracy points), with a line on how to read it and
+    what was left out."""
     labels = labels or {}
     lines = [
         "| model | optimizer | method | seeds | mean difference | sd | 95% interval | per seed |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    rows = comparison.rows
     for r in rows:
         ci = r.interval()
         cells = [
@@ -180,10 +254,9 @@ def paired_markdown(
     ]
     if unpaired:
         note += " Left out, the baseline has not finished these seeds: " + "; ".join(unpaired) + "."
-    if mixed:
-        groups = [f"{'/'.join(g)} ({', '.join(k)})" for g, k in mixed.items()]
-        note += (
-            " Left out, their runs differ in more than the seed (with the baseline's, every method of that "
-            "model and optimizer): " + "; ".join(groups) + "."
-        )
+    if comparison.left_out:
+        groups = [f"{'/'.join(g)} ({why})" for g, why in comparison.left_out.items()]
+        note += " Left out entirely: " + "; ".join(groups) + "."
+    if comparison.unfinished:
+        note += " Unfinished runs, not compared: " + "; ".join(comparison.unfinished) + "."
     return "\n".join(lines) + "\n" + note + "\n"

@@ -22,7 +22,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from .paired import mixed_groups, paired_markdown, paired_rows
+from .paired import compare, paired_markdown
 
 __all__ = ["Run", "find_runs", "main", "markdown_table", "plot_curves", "plot_test_accuracy"]
 
@@ -243,14 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(runs)
     try:
-        paired = paired_rows(runs, lambda r: r.metrics[-1]["test_acc"] * 100)
+        comparison = compare(runs, lambda r: r.metrics[-1]["test_acc"] * 100)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    mixed = mixed_groups(runs)
-    if paired or mixed:
+    if comparison.rows or comparison.left_out or comparison.unfinished:
         labels = {**METHOD_LABELS, **OPTIMIZER_LABELS}
-        table += "\n## Against the baseline, seed by seed\n\n" + paired_markdown(paired, labels, mixed)
+        table += "\n## Against the baseline, seed by seed\n\n" + paired_markdown(comparison, labels)
     (out / "results.md").write_text(table)
     plot_test_accuracy(runs, out / "test_accuracy.png")
     print(table)
