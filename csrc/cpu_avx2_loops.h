@@ -21,7 +21,8 @@ inline __m256 load8(const c10::BFloat16* p) {
 }
 inline __m256 load8(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 
-// Eight floats -> eight elements, rounded to nearest even as from_acc does.
+// Eight floats -> eight elements, rounded as from_acc does (float16: in the current rounding mode, as the
+// scalar vcvtps2ph of this copy's from_acc; nearest even by default).
 inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
 // from_acc<c10::BFloat16> lane by lane, before packing: (bits + 0x7FFF + lsb) >> 16, NaN -> 0x7FC0; every
 // lane is then at most 0xFFFF, so the saturating packs are exact.
@@ -38,7 +39,7 @@ inline void store8(c10::BFloat16* p, __m256 v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
 }
 inline void store8(c10::Half* p, __m256 v) {
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_CUR_DIRECTION));
 }
 // Sixteen at once: for bfloat16 one 256-bit pack (its lanes interleave the two halves; vpermq restores order).
 template <typename T>

@@ -50,6 +50,24 @@ namespace {  // internal linkage: the loops are not exported from the shared lib
 #undef ZNORM_AVX2_LOOPS
 #undef ZNORM_F16C
 #pragma GCC pop_options
+
+#define ZNORM_HAVE_AVX512_COPY 1
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,f16c")
+// GCC 12's AVX-512 intrinsics pass _mm512_undefined_*() through, which -Wmaybe-uninitialized reports as
+// uninitialized inside its own headers.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define ZNORM_F16C 1
+#define ZNORM_AVX512_LOOPS 1
+#define ZNORM_ISA cpu_avx512
+#include "cpu_znorm_kernels.h"
+#include "cpu_optim_kernels.h"
+#undef ZNORM_ISA
+#undef ZNORM_AVX512_LOOPS
+#undef ZNORM_F16C
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
 #endif
 
 using cpu_tiles::kChunk;
@@ -152,17 +170,25 @@ void run_plan(const Plan& plan, const Partial& partial, const Whole& whole, cons
   });
 }
 
-inline bool use_avx2() {
+// The copy of the loops this machine runs: the widest it supports, or the one ZNORM_CPU_ISA names
+// ("baseline": the portable loops; "avx2": AVX2 on an AVX-512 machine). Tests check that all give bitwise
+// the same values.
+enum class Isa { baseline, avx2, avx512 };
+
+inline Isa cpu_isa() {
 #ifdef ZNORM_HAVE_AVX2_COPY
-  // ZNORM_CPU_ISA=baseline forces the portable loops (tests check both give bitwise the same values).
-  static const bool yes = [] {
-    const char* isa = std::getenv("ZNORM_CPU_ISA");
-    if (isa != nullptr && std::strcmp(isa, "baseline") == 0) return false;
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  static const Isa isa = [] {
+    const char* want = std::getenv("ZNORM_CPU_ISA");
+    const bool baseline = want != nullptr && std::strcmp(want, "baseline") == 0;
+    const bool avx2_only = want != nullptr && std::strcmp(want, "avx2") == 0;
+    if (baseline || !(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"))) return Isa::baseline;
+    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    return avx512 && !avx2_only ? Isa::avx512 : Isa::avx2;
   }();
-  return yes;
+  return isa;
 #else
-  return false;
+  return Isa::baseline;
 #endif
 }
 
@@ -171,7 +197,14 @@ inline bool use_avx2() {
 template <typename F>
 void with_isa(const F& f) {
 #ifdef ZNORM_HAVE_AVX2_COPY
-  if (use_avx2()) return f.template operator()<cpu_avx2::Kernels, cpu_avx2::OptimKernels>();
+  switch (cpu_isa()) {
+    case Isa::avx512:
+      return f.template operator()<cpu_avx512::Kernels, cpu_avx512::OptimKernels>();
+    case Isa::avx2:
+      return f.template operator()<cpu_avx2::Kernels, cpu_avx2::OptimKernels>();
+    case Isa::baseline:
+      break;
+  }
 #endif
   f.template operator()<cpu_baseline::Kernels, cpu_baseline::OptimKernels>();
 }

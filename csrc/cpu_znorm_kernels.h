@@ -208,12 +208,19 @@ void normalize_run_wide(T* __restrict p, int64_t n, double mean, double mult, do
   }
 }
 
-#ifdef ZNORM_AVX2_LOOPS
+// The hand-vectorized loops of this copy, if it has them (cpu_common.h defines which): `vec_loops`.
+#if defined(ZNORM_AVX512_LOOPS)
+#include "cpu_avx512_loops.h"
+namespace vec_loops = avx512_loops;
+#define ZNORM_VEC_LOOPS 1
+#elif defined(ZNORM_AVX2_LOOPS)
 #include "cpu_avx2_loops.h"
+namespace vec_loops = avx2_loops;
+#define ZNORM_VEC_LOOPS 1
 #endif
 
 // This copy's loops as one type, the driver's template argument (znorm_typed<T, cpu_avx2::Kernels>). The AVX2
-// copy runs the hand-vectorized loops of cpu_avx2_loops.h wherever the sums are in float.
+// and AVX-512 copies run their hand-vectorized loops (vec_loops) wherever the sums are in float.
 struct Kernels {
   template <typename T>
   static auto to_acc(T v) {
@@ -221,22 +228,22 @@ struct Kernels {
   }
   template <typename T, typename A>
   static void sum_min_max(const T* p, int64_t n, A& sum, A& lo, A& hi) {
-#ifdef ZNORM_AVX2_LOOPS
-    if constexpr (std::is_same_v<A, float>) return avx2_loops::sum_min_max<T>(p, n, sum, lo, hi);
+#ifdef ZNORM_VEC_LOOPS
+    if constexpr (std::is_same_v<A, float>) return vec_loops::sum_min_max<T>(p, n, sum, lo, hi);
 #endif
     ZNORM_ISA::sum_min_max<T, A>(p, n, sum, lo, hi);
   }
   template <typename T, typename A>
   static void centred_sums(const T* p, int64_t n, A m, double& s1, double& q) {
-#ifdef ZNORM_AVX2_LOOPS
-    if constexpr (std::is_same_v<A, float>) return avx2_loops::centred_sums<T>(p, n, m, s1, q);
+#ifdef ZNORM_VEC_LOOPS
+    if constexpr (std::is_same_v<A, float>) return vec_loops::centred_sums<T>(p, n, m, s1, q);
 #endif
     ZNORM_ISA::centred_sums<T, A>(p, n, m, s1, q);
   }
   template <typename T, typename A>
   static void normalize_run(T* p, int64_t n, A hi, A lo, A mult) {
-#ifdef ZNORM_AVX2_LOOPS
-    if constexpr (std::is_same_v<A, float>) return avx2_loops::normalize_run<T>(p, n, hi, lo, mult);
+#ifdef ZNORM_VEC_LOOPS
+    if constexpr (std::is_same_v<A, float>) return vec_loops::normalize_run<T>(p, n, hi, lo, mult);
 #endif
     ZNORM_ISA::normalize_run<T, A>(p, n, hi, lo, mult);
   }
@@ -253,3 +260,5 @@ struct Kernels {
 };
 
 }  // namespace ZNORM_ISA
+
+#undef ZNORM_VEC_LOOPS

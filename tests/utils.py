@@ -179,11 +179,11 @@ def layouts(shape: tuple[int, ...], dtype: torch.dtype, device: str, seed: int =
 
 def saved_per_cpu_isa(script: str, tmp_path) -> list:
     """What ``script`` saves with torch.save to the path it is given (its argv[1]), run in a fresh interpreter
-    with the portable CPU loops (ZNORM_CPU_ISA=baseline) and with the ones picked at run time ("auto"): the
-    two results, in that order."""
+    with the portable CPU loops (ZNORM_CPU_ISA=baseline), the AVX2 ones ("avx2") and the ones picked at run
+    time ("auto": AVX-512 where the CPU has it): the three results, in that order."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     results = []
-    for isa in ("baseline", "auto"):
+    for isa in ("baseline", "avx2", "auto"):
         env = {**os.environ, "ZNORM_CPU_ISA": isa}
         path = tmp_path / f"{isa}.pt"
         subprocess.run([sys.executable, "-c", script, str(path)], env=env, cwd=root, check=True)
