@@ -8,7 +8,8 @@
 # autocast. Phase 1 chooses a learning rate per optimizer x method on a held-out split of the TRAIN set
 # (--val-split 5000; the test set is never used to choose): 1 epoch on the other 55,000 training images for
 # each candidate rate, the candidates being run_cpu.sh's (two per optimizer x method, and a third for SGDM
-# with clipping and with ZNorm, where the CPU sweep's best sat at the edge of its range), 18 runs. The rate
+# with clipping and with ZNorm, where the CPU sweep's best sat at the edge of its range) and 1e-5 for SGDM
+# with ZNorm (every GPU run so far used 1e-4, then the smallest candidate), 19 runs. The rate
 # with the highest validation accuracy wins (bench/training/sweep_summary.py); where no candidate finished an
 # epoch in time, the CPU sweep's rate (bench/training/RESULTS.md) is used and the report says so. Phase 2
 # trains the 8 final runs (all 60,000 training images, the whole test set, EPOCHS epochs) with those rates.
@@ -16,7 +17,7 @@
 #
 # How it was chosen: one eager ResNet-56 process leaves an H100 mostly idle (a step is hundreds of small
 # kernel launches, so the CPU side is the bottleneck), so every run is its own process and a phase's runs all
-# start at once (18 sweep runs, then 8 final runs), each with one CPU thread (16 cores), to overlap their
+# start at once (19 sweep runs, then 8 final runs), each with one CPU thread (16 cores), to overlap their
 # launch overhead; the GPU time-slices between the processes (no MPS). The machine is lent for minutes, so
 # each phase has a deadline (the sweep: SWEEP_FRACTION of BUDGET_S; the finals: what is left minus
 # REPORT_RESERVE_S) at which the runs still going are stopped (SIGTERM, SIGKILL 3 s later) and keep the epochs
@@ -94,9 +95,10 @@ KNOBS="PYTHON|BUDGET_S|SWEEP_FRACTION|REPORT_RESERVE_S|DATA|MODEL|AMP|DEVICE|EPO
 KNOBS+="|VAL_SPLIT|SWEEP_SUBSET|SWEEP_TEST_SUBSET|FINAL_SUBSET|TEST_SUBSET|THREADS|MAX_PAR|EXTRA_ARGS|KEEP_WORK"
 read -r -a EXTRA <<<"$EXTRA_ARGS"
 
-# Candidate rates (run_cpu.sh's sweep a, b and c) and the CPU sweep's choices (RESULTS.md), the fallback.
+# Candidate rates (run_cpu.sh's sweep a, b and c; 1e-5 for SGDM + ZNorm, below the GPU runs' 1e-4) and
+# the CPU sweep's choices (RESULTS.md), the fallback.
 CANDIDATES=(
-    "sgdm baseline 0.1 0.02" "sgdm gc 0.1 0.02" "sgdm clip 2.5 0.5 0.1" "sgdm znorm 0.01 1e-3 1e-4"
+    "sgdm baseline 0.1 0.02" "sgdm gc 0.1 0.02" "sgdm clip 2.5 0.5 0.1" "sgdm znorm 0.01 1e-3 1e-4 1e-5"
     "adam baseline 3e-3 1e-3" "adam gc 3e-3 1e-3" "adam clip 3e-3 1e-3" "adam znorm 3e-3 1e-3"
 )
 declare -A CPU_LR=(
