@@ -23,7 +23,7 @@
 #include <vector>
 
 #if defined(__x86_64__)
-#include <immintrin.h>  // the AVX2 loops (cpu_avx2_loops.h), the optimizer loops' square roots
+#include <immintrin.h>  // the vector loops (cpu_vec_loops.h), the optimizer loops' square roots
 #endif
 
 #include "optim_args.h"

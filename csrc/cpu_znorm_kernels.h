@@ -1,13 +1,14 @@
 // The CPU inner loops of znorm_ (cpu_znorm.cpp), written so the compiler vectorizes them without changing their
 // rounding.
 //
-// This header has no include guard on purpose: cpu_common.h includes it twice, with ZNORM_ISA naming the
-// namespace of each copy (cpu_baseline, and cpu_avx2 under `#pragma GCC target("avx2,f16c")`), and the ops
-// pick the copy at run time through its `Kernels` type. The AVX2 copy replaces the loops that sum in float
-// (float32, bfloat16 and float16 runs) by the intrinsics of cpu_avx2_loops.h, which keep these lanes. Every loop accumulates into a fixed array of lanes
-// partial sums (element i goes to lane i % lanes; cpu_tiles::kLanes32 / kLanes64 in tiles.h) that is reduced
-// by a fixed pairwise tree, and the build uses -ffp-contract=off, so both versions give bitwise the same
-// results: the instruction set changes the speed, never the values.
+// This header has no include guard on purpose: cpu_common.h includes it three times, with ZNORM_ISA naming the
+// namespace of each copy (cpu_baseline, cpu_avx2 and cpu_avx512, the last two under `#pragma GCC target`),
+// and the ops pick the copy at run time through its `Kernels` type. The AVX2 and AVX-512 copies replace the
+// loops that sum in float (float32, bfloat16 and float16 runs) by the intrinsics of cpu_vec_loops.h, which
+// keep these lanes. Every loop accumulates into a fixed array of lanes partial sums (element i goes to lane
+// i % lanes; cpu_tiles::kLanes32 / kLanes64 in tiles.h) that is reduced by a fixed pairwise tree, and the
+// build uses -ffp-contract=off, so every copy gives bitwise the same results: the instruction set changes the
+// speed, never the values.
 //
 // Needs, declared before the include: <cstdint>, <cstring>, <limits>, c10::Half, c10::BFloat16, tiles.h, and
 // ZNORM_ISA.
@@ -87,7 +88,7 @@ inline A reduce_lanes(A (&acc)[L]) {
 // maximum (it still reaches the sum, hence the mean, which is how it propagates).
 //
 // sum_min_max_from takes the lanes as they stand after element i and adds the rest, then reduces them: the
-// portable loop below starts it at 0 with empty lanes, the AVX2 loops (cpu_avx2_loops.h) after their vector
+// portable loop below starts it at 0 with empty lanes, the vector loops (cpu_vec_loops.h) after their vector
 // part, so both share the tail and the reduction.
 template <typename T, typename A, int L>
 void sum_min_max_from(const T* __restrict p, int64_t i, int64_t n, A (&acc)[L], A (&mn)[L], A (&mx)[L], A& sum,
@@ -208,14 +209,15 @@ void normalize_run_wide(T* __restrict p, int64_t n, double mean, double mult, do
   }
 }
 
-// The hand-vectorized loops of this copy, if it has them (cpu_common.h defines which): `vec_loops`.
+// The hand-vectorized loops of this copy, if it has them (cpu_common.h defines which): `vec_loops`, written
+// once (cpu_vec_loops.h) over the copy's instructions.
 #if defined(ZNORM_AVX512_LOOPS)
-#include "cpu_avx512_loops.h"
-namespace vec_loops = avx512_loops;
-#define ZNORM_VEC_LOOPS 1
+#include "cpu_avx512_vec.h"
 #elif defined(ZNORM_AVX2_LOOPS)
-#include "cpu_avx2_loops.h"
-namespace vec_loops = avx2_loops;
+#include "cpu_avx2_vec.h"
+#endif
+#if defined(ZNORM_AVX512_LOOPS) || defined(ZNORM_AVX2_LOOPS)
+#include "cpu_vec_loops.h"
 #define ZNORM_VEC_LOOPS 1
 #endif
 

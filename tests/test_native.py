@@ -192,7 +192,7 @@ def test_bitwise_equal_for_one_and_two_threads(dtype):
         assert_close_to_float64(g, x)
 
 
-# The portable and the AVX2 loops (csrc/cpu_znorm_kernels.h, csrc/cpu_avx2_loops.h) on every kind of run they
+# The portable and the vector loops (csrc/cpu_znorm_kernels.h, csrc/cpu_vec_loops.h) on every kind of run they
 # treat differently: every length up to past two vector groups and around the chunk size (the vector part,
 # the portable tail), values that take each branch of the statistics (float sums, the float64 fallback of
 # huge or tightly spread float runs, the scaled float64 sums), NaN, infinities and signed zeros anywhere,
