@@ -60,13 +60,13 @@ class RecentChecks:
         return {k: list(v) for k, v in groups.items()}
 
     def put(self, items: list, groups: dict[tuple, list[int]], seen: tuple | None = None) -> None:
-        """Keep the result of checking ``items``; ``seen`` is what the fast path read (present entries,
-        addresses, ...), else it is read here."""
+        """Keep the result of checking ``items``; ``seen`` is what the fast path read (present entries and
+        their addresses), else it is read here."""
         if not items or not groups:
             return
         present_mask = absent_mask = None
         if seen is not None:
-            present, starts = seen[0], seen[1]
+            present, starts = seen
             if len(present) != len(items):
                 present_mask = [t is not None for t in items]
                 absent_mask = [t is None for t in items]

@@ -118,7 +118,7 @@ def _fast_groups(items: list, seen: list | None = None) -> dict[tuple, list[int]
     is not a plain tensor or None, a tensor without storage (sparse), an unsupported dtype, a meta tensor, a
     non-contiguous tensor whose elements share memory, and any two tensors whose address ranges intersect (a
     duplicate, a partial overlap, interleaved views). ``seen``, when given, receives (present entries, their
-    addresses, numbers of elements and dtypes) on success."""
+    addresses) on success."""
     kinds = set(map(type, items))
     positions = None
     if _NoneType in kinds:
@@ -148,8 +148,6 @@ def _fast_groups(items: list, seen: list | None = None) -> dict[tuple, list[int]
             for i in idx:
                 dtypes[i] = dtype
         itemsizes = map(_itemsize_of, dtypes)
-    if seen is not None:
-        fingerprint = (present, starts, list(numels), dtypes)
     keep = [n >= 2 for n in numels] if min(numels) < 2 else None  # fewer than 2 elements: dropped
     if not all(contiguous):
         for i in [i for i, c in enumerate(contiguous) if not c]:
@@ -179,7 +177,7 @@ def _fast_groups(items: list, seen: list | None = None) -> dict[tuple, list[int]
                 return None
         groups = dict(sorted(groups.items(), key=lambda kv: kv[1][0]))  # tiny ones dropped: re-sort
     if seen is not None:
-        seen.append(fingerprint)
+        seen.append((present, starts))
     return groups
 
 

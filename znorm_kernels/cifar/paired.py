@@ -152,19 +152,14 @@ class Comparison:
     unfinished: list[str]  # "model/optimizer/method seed N" of runs short of their epochs
 
 
-def _finished(run) -> bool:
-    epochs = run.config.get("epochs")
-    return epochs is None or run.metrics[-1].get("epoch") == epochs
-
-
 def compare(runs: Iterable, metric: Callable[[object], float], baseline: str = "baseline") -> Comparison:
     """The paired rows of ``runs`` (report.Run objects: ``key`` = (model, method, optimizer), ``config``
-    with "seed"), ``metric(run)`` the accuracy in points; see the module docstring for what is left out. A
-    finished run of one configuration and seed found twice is an error: the comparison would depend on which
-    copy is read."""
+    with "seed", ``finished``), ``metric(run)`` the accuracy in points; see the module docstring for what is
+    left out. A finished run of one configuration and seed found twice is an error: the comparison would
+    depend on which copy is read."""
     runs = list(runs)
-    unfinished = [f"{'/'.join(_group(r))} seed {r.config['seed']}" for r in runs if not _finished(r)]
-    finished = [r for r in runs if _finished(r)]
+    unfinished = [f"{'/'.join(_group(r))} seed {r.config['seed']}" for r in runs if not r.finished]
+    finished = [r for r in runs if r.finished]
     mixed = mixed_groups(finished)
     left: dict[Group, str] = {g: f"its runs differ in {', '.join(k)}" for g, k in mixed.items()}
     by_group: dict[Group, dict[int, float]] = {}

@@ -34,11 +34,6 @@ class Recorded:
     unfinished: list[str] = field(default_factory=list)
 
 
-def _finished(run: Run) -> bool:
-    epochs = run.config.get("epochs")
-    return isinstance(epochs, int) and run.metrics[-1].get("epoch") == epochs and len(run.metrics) == epochs
-
-
 def record_runs(paths: list[str | os.PathLike], dest: str | os.PathLike) -> Recorded:
     """Copy the finished runs found in ``paths`` (run folders or folders of them) into ``dest``. Raises
     FileExistsError, before copying anything, where a run's name is recorded with other files or where two
@@ -49,7 +44,7 @@ def record_runs(paths: list[str | os.PathLike], dest: str | os.PathLike) -> Reco
     names: dict[str, Path] = {}
     for run in find_runs(paths):
         name = run.path.name
-        if not _finished(run):
+        if not run.finished:
             done.unfinished.append(name)
             continue
         if name in names:

@@ -47,6 +47,16 @@ class Run:
     def key(self) -> tuple[str, str, str]:
         return self.config["model"], self.config["method"], self.config["optimizer"]
 
+    @property
+    def finished(self) -> bool:
+        """Whether the run reached the epochs its config asks for, one metrics row per epoch."""
+        epochs = self.config.get("epochs")
+        return (
+            isinstance(epochs, int)
+            and len(self.metrics) == epochs
+            and self.metrics[-1].get("epoch") == epochs
+        )
+
 
 def _pyplot():
     import matplotlib
