@@ -14,8 +14,8 @@ bench/results/<date>-<device>/), rewritten after each case so an interrupted run
 
 Defaults: on the CPU, ResNet-56 and the LLM-shaped list scaled to d=512, float32 and bfloat16, torch.compile
 for ResNet-56 only (a couple of minutes on a 2-core machine); on CUDA, ResNet-56 and the full LLM list.
---full: every list (ResNet-56/110/152, ResNet-50, LLM, one 100 M-element tensor), on the CPU all compiled
-(expect 10-20 minutes there: each compilation takes most of a minute).
+--full: every list (ResNet-56/110/152, ResNet-50, ViT-B/16, LLM, one 100 M-element tensor), on the CPU all
+compiled (expect 10-20 minutes there: each compilation takes most of a minute).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import torch
 import znorm_kernels
 from bench import adversarial
 from bench.alternatives import our_backends
-from bench.param_lists import get_list
+from bench.param_lists import LIST_NAMES, get_list
 from bench.report import derive, markdown, plot, targets_markdown, train_markdown, write_json
 from bench.suite import CaseOptions, run_case
 from znorm_kernels.accuracy import AccuracyError
@@ -101,7 +101,7 @@ def plan(args: argparse.Namespace, device: torch.device) -> tuple[list[str], lis
     if args.lists:
         lists = _split(args.lists)
     elif args.full:
-        lists = ["resnet56", "resnet110", "resnet152", "resnet50", llm, "plain100m"]
+        lists = [llm if name == "llm" else name for name in LIST_NAMES]
     else:
         lists = ["resnet56", llm]
     if args.compile_lists == "all":

@@ -5,6 +5,7 @@ Names accepted by ``get_list`` (and ``python -m bench --lists``):
 - ``resnet56``, ``resnet110``, ``resnet152``: CIFAR ResNets of depth 6n+2 (znorm_kernels.cifar.models);
   167 / 329 / 455 tensors, 0.85 / 1.73 / 2.41 M elements.
 - ``resnet50``: torchvision's ImageNet ResNet-50 (161 tensors, 25.6 M elements), built without weights.
+- ``vitb16``: torchvision's ViT-B/16 (152 tensors, 86.6 M elements, the largest 2.4 M), built without weights.
 - ``llm``: the LLM-shaped list of PERF.md, d=2048, 12 layers, vocab 50304 (147 tensors, 707.3 M elements);
   ``llm-d512`` (and ``llm-d<D>`` or ``llm-d<D>-l<L>`` in general) is the same layout scaled down, as the CPU
   runs use: d=512 gives 147 tensors, 63.6 M elements.
@@ -28,12 +29,13 @@ __all__ = [
     "plain_shapes",
     "resnet50_shapes",
     "resnet_cifar_shapes",
+    "vit_b16_shapes",
 ]
 
 Shape = tuple[int, ...]
 
 # The names that ``--full`` runs, in order (the LLM list is scaled down on the CPU, see bench/__main__.py).
-LIST_NAMES = ("resnet56", "resnet110", "resnet152", "resnet50", "llm", "plain100m")
+LIST_NAMES = ("resnet56", "resnet110", "resnet152", "resnet50", "vitb16", "llm", "plain100m")
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,14 @@ def resnet50_shapes() -> list[Shape]:
     return [tuple(p.shape) for p in torchvision.models.resnet50(weights=None).parameters()]
 
 
+@functools.cache
+def vit_b16_shapes() -> list[Shape]:
+    """Gradient shapes of torchvision's ViT-B/16 (152 tensors, 86.6 M elements); no weights downloaded."""
+    import torchvision
+
+    return [tuple(p.shape) for p in torchvision.models.vit_b_16(weights=None).parameters()]
+
+
 def llm_shapes(d: int = 2048, layers: int = 12, vocab: int = 50304) -> list[Shape]:
     """A GPT-2-style decoder's gradient shapes: tied token embedding (vocab x d, no learned positions),
     per layer LayerNorm, fused QKV projection, output projection, LayerNorm and a 4d MLP, all with biases
@@ -98,6 +108,8 @@ def get_list(name: str) -> ParamList:
         return ParamList(name, label, tuple(resnet_cifar_shapes(depth)))
     if name == "resnet50":
         return ParamList(name, "ResNet-50 (torchvision)", tuple(resnet50_shapes()))
+    if name == "vitb16":
+        return ParamList(name, "ViT-B/16 (torchvision)", tuple(vit_b16_shapes()))
     llm = re.fullmatch(r"llm(?:-d(\d+))?(?:-l(\d+))?", name)
     if llm:
         d = int(llm.group(1) or 2048)
@@ -109,6 +121,6 @@ def get_list(name: str) -> ParamList:
         n = int(plain.group(1)) * 1_000_000
         return ParamList(name, f"one tensor of {n // 1_000_000} M elements", tuple(plain_shapes(n)))
     raise ValueError(
-        f"unknown parameter list {name!r}; known: resnet<depth> (CIFAR, 6n+2), resnet50, llm, "
+        f"unknown parameter list {name!r}; known: resnet<depth> (CIFAR, 6n+2), resnet50, vitb16, llm, "
         "llm-d<D>[-l<L>], plain<N>m"
     )

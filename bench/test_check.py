@@ -22,13 +22,14 @@ from znorm_kernels.accuracy import z_error, z_float64
         ("resnet110", 329, 1_727_962),
         ("resnet152", 455, 2_408_474),
         ("resnet50", 161, 25_557_032),
+        ("vitb16", 152, 86_567_656),
         ("llm", 147, 707_325_952),
         ("llm-d512", 147, 63_585_280),
         ("plain100m", 1, 100_000_000),
     ],
 )
 def test_lists_match_perf_md(name: str, tensors: int, elements: int) -> None:
-    if name == "resnet50":
+    if name in ("resnet50", "vitb16"):
         pytest.importorskip("torchvision")
     plist = get_list(name)
     assert (plist.tensors, plist.elements) == (tensors, elements)
