@@ -56,23 +56,24 @@ def _shipped(dtype: str, numels: tuple[int, ...], **changes) -> Design:
     return replace(Design(block=8192, unroll=unroll, large_chunk=32, spills=spills), **changes)
 
 
-# Kernel designs to predict (issue #23): the kernel as shipped; partials from one tile, doubled until a
-# tensor has at most 1024 (item 1's partials); tickets over runs of them cut by guided self-scheduling with
-# divisor k (item 1's tickets), in the list's order or largest tensor first; the next group's loads in
-# flight while one is reduced (item 2).
+# Kernel designs to predict (issue #23): the kernel as shipped until #23; item 1 as built (partials of one
+# tile up to 2**20 elements, above that of 8 tiles doubled until the tensor has at most 1024, at most 32;
+# tickets over runs of them cut by guided self-scheduling with divisor 2 in the list's order, a record per
+# chunk); its variants (partials from one tile, divisors 1 and 4, largest tensor first); item 2's loads in
+# flight while a group is reduced.
+_ITEM1 = {"runs": 2, "max_partials": 1024, "min_partial": 8}
 DESIGNS: dict[str, Callable[[str, tuple[int, ...]], Design]] = {
     "shipped": _shipped,
     "prefetch": lambda dtype, numels: _shipped(dtype, numels, prefetch=True),
-    "partials <= 1024": lambda dtype, numels: _shipped(dtype, numels, max_partials=1024),
-    "runs k=1": lambda dtype, numels: _shipped(dtype, numels, runs=1, max_partials=1024),
-    "runs k=2": lambda dtype, numels: _shipped(dtype, numels, runs=2, max_partials=1024),
-    "runs k=4": lambda dtype, numels: _shipped(dtype, numels, runs=4, max_partials=1024),
-    "runs k=2 largest first": lambda dtype, numels: _shipped(
-        dtype, numels, runs=2, max_partials=1024, largest_first=True
+    "partials only": lambda dtype, numels: _shipped(dtype, numels, max_partials=1024, min_partial=8),
+    "runs k=2": lambda dtype, numels: _shipped(dtype, numels, **_ITEM1),
+    "runs k=2 partials from 1 tile": lambda dtype, numels: _shipped(
+        dtype, numels, **{**_ITEM1, "min_partial": 1}
     ),
-    "runs k=2 + prefetch": lambda dtype, numels: _shipped(
-        dtype, numels, runs=2, max_partials=1024, prefetch=True
-    ),
+    "runs k=1": lambda dtype, numels: _shipped(dtype, numels, **{**_ITEM1, "runs": 1}),
+    "runs k=4": lambda dtype, numels: _shipped(dtype, numels, **{**_ITEM1, "runs": 4}),
+    "runs k=2 largest first": lambda dtype, numels: _shipped(dtype, numels, **_ITEM1, largest_first=True),
+    "runs k=2 + prefetch": lambda dtype, numels: _shipped(dtype, numels, **_ITEM1, prefetch=True),
 }
 
 

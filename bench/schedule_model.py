@@ -52,6 +52,9 @@ class Machine:
     merge_fixed: float = 1.0  # merging a tensor's partials and publishing
     merge_partial: float = 0.002  # per partial merged
     wake: float = 0.5  # a waiting program sees a publication (poll interval and acquire)
+    # Each further chunk of a statistics run read from a record of its own (the kernel as built for #23):
+    # one dependent load more per chunk. Not fitted (no recorded run had runs): a DRAM round trip.
+    chunk_fixed: float = 0.55
 
     @property
     def resident(self) -> int:
@@ -80,11 +83,14 @@ class Design:
     runs: int | None = None
     prefetch: bool = False
     max_partials: int | None = None
+    min_partial: int = 1  # tiles: with max_partials, the shortest partial of a tensor above large_tensor
     largest_first: bool = False  # with runs: tensors cut largest first (else in the list's order)
 
     def chunk(self, numel: int) -> int:
         if self.max_partials is not None:
             tiles = -(-numel // (self.block * self.max_partials))
+            if numel > self.large_tensor:
+                tiles = max(tiles, self.min_partial)
             return self.block * min(self.large_chunk, 1 << (tiles - 1).bit_length())
         return self.block * (self.large_chunk if numel > self.large_tensor else self.mid_chunk)
 
@@ -227,6 +233,8 @@ def simulate(
     def begin_fixed(p: int) -> None:
         tk = queue[current[p]]
         fixed = {"stat": m.stat_fixed, "norm": m.norm_fixed, "small": m.small_fixed}[tk.kind]
+        if tk.kind == "stat":
+            fixed += (tk.partials - 1) * m.chunk_fixed
         if phase[p] == 3:  # it waited: its working time starts now
             fixed += m.wake
             started[p] = now

@@ -124,3 +124,14 @@ def test_the_fitted_constants_reproduce_the_recorded_runs() -> None:
     assert math.sqrt(loss(fit, FITTED)) < 0.11
     # and the fit is not a flat line: a machine with other constants does worse
     assert loss(fit, replace(FITTED, stat_tile=FITTED.stat_tile * 2)) > loss(fit, FITTED)
+
+
+def test_each_further_chunk_of_a_run_costs_a_record() -> None:
+    numels = [5000, 70, 3000]
+    design = replace(SMALL, runs=1)
+    queue, _ = tickets_for(numels, design, 1)
+    extra = sum(tk.partials - 1 for tk in queue if tk.kind == "stat")
+    assert extra > 0
+    free = simulate(numels, 4, design, replace(FITTED, chunk_fixed=0.0), programs=1).time
+    paid = simulate(numels, 4, design, replace(FITTED, chunk_fixed=1.5), programs=1).time
+    assert paid - free == pytest.approx(1.5 * extra)
