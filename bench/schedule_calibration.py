@@ -24,7 +24,7 @@ from pathlib import Path
 from bench.param_lists import LIST_NAMES, get_list
 from bench.schedule_model import Design, Machine, simulate
 
-__all__ = ["DESIGNS", "FITTED", "Point", "points", "predict", "residuals"]
+__all__ = ["DESIGNS", "FITTED", "Point", "numels_of", "points", "predict", "residuals"]
 
 RECORDED = Path(__file__).parent / "recorded"
 ELSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -89,7 +89,8 @@ class Point:
     measured: float  # µs, GPU busy ahead
 
 
-def _numels(list_name: str) -> tuple[int, ...]:
+def numels_of(list_name: str) -> tuple[int, ...]:
+    """The tensors' element counts of a parameter list of bench/param_lists.py."""
     return tuple(math.prod(s) for s in get_list(list_name).shapes)
 
 
@@ -127,7 +128,9 @@ def points() -> list[Point]:
 
 
 def predict(point: Point, machine: Machine) -> float:
-    return simulate(_numels(point.list_name), ELSIZE[point.dtype], point.design, machine, point.programs).time
+    return simulate(
+        numels_of(point.list_name), ELSIZE[point.dtype], point.design, machine, point.programs
+    ).time
 
 
 def fitting_set(pts: list[Point], machine: Machine) -> list[Point]:
@@ -184,7 +187,7 @@ def predictions(machine: Machine, lists: list[str], designs: list[str]) -> list[
         "|---|---|---|---|---|---|---|",
     ]
     for name in lists:
-        numels = _numels(name)
+        numels = numels_of(name)
         for dtype in ("float32", "bfloat16"):
             nbytes = ELSIZE[dtype] * sum(numels)
             bw = machine.l2_bw if nbytes <= machine.l2_bytes else machine.dram_bw

@@ -146,7 +146,7 @@ def tickets_for(numels: Sequence[int], design: Design, programs: int) -> tuple[l
 class Result:
     time: float  # µs, launch included
     busy: float  # mean fraction of the resident programs working (not waiting, not idle)
-    tail: float  # µs between the first program's exit and the last's
+    tail: float  # µs between the exits of the first program that ran a ticket and of the last
     spans: list[tuple[int, int, float, float]] = field(default_factory=list)  # (program, ticket, start, end)
 
 
@@ -201,6 +201,7 @@ def simulate(
     demand = 0.0
     busy_time = 0.0
     exits: list[float] = []
+    worked: list[float] = []  # exits of the programs that ran a ticket
     spans: list[tuple[int, int, float, float]] = []
 
     def draw() -> int:
@@ -219,6 +220,8 @@ def simulate(
         nonlocal busy_time
         if k >= len(queue):
             exits.append(now)
+            if current[p] >= 0:
+                worked.append(now)
             return
         current[p] = k
         following[p] = draw()
@@ -304,6 +307,6 @@ def simulate(
     return Result(
         time=end + m.launch,
         busy=busy_time / (progs * end) if end > 0 else 1.0,
-        tail=end - min(exits) if exits else 0.0,
+        tail=end - min(worked) if worked else 0.0,
         spans=spans,
     )

@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 
-from bench.schedule_calibration import FITTED, fitting_set, loss, points
+from bench.schedule_calibration import DESIGNS, FITTED, fitting_set, loss, numels_of, points
 from bench.schedule_model import Design, Machine, simulate, tickets_for
 
 LISTS = [
@@ -135,3 +135,20 @@ def test_each_further_chunk_of_a_run_costs_a_record() -> None:
     free = simulate(numels, 4, design, replace(FITTED, chunk_fixed=0.0), programs=1).time
     paid = simulate(numels, 4, design, replace(FITTED, chunk_fixed=1.5), programs=1).time
     assert paid - free == pytest.approx(1.5 * extra)
+
+
+def test_the_timeline_draws_the_model_spans(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    from bench.timeline import Span, draw, model_spans, summary
+
+    spans = model_spans("resnet56", "bfloat16", "shipped")
+    assert {s.kind for s in spans} == {"stat", "small", "norm"}
+    facts = summary(spans, FITTED.resident)
+    result = simulate(numels_of("resnet56"), 2, DESIGNS["shipped"]("bfloat16", numels_of("resnet56")), FITTED)
+    assert facts["length"] + FITTED.launch == pytest.approx(result.time)
+    assert facts["busy"] == pytest.approx(result.busy)
+    assert facts["tail"] == pytest.approx(result.tail)
+    path = draw(spans, tmp_path / "t.png", "test")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    two = [Span(0, "stat", 0.0, 2.0), Span(1, "norm", 1.0, 4.0)]
+    assert summary(two) == {"length": 4.0, "busy": pytest.approx(5 / 8), "tail": 2.0}
