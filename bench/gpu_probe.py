@@ -17,9 +17,11 @@ gradients and in the same process:
   programs (the persistent grid). Unrolls: --unrolls (default 1, 2, 4). Blocks: powers of two holding 1 to 8
   16-byte vectors per thread at the kernel's warps (float32 1024-8192, bfloat16 2048-16384). Programs: 1-4 per
   SM, and on lists of at most --few-programs-max-elements elements also fixed counts under the SM count
-  (default 32, 66, 132). Optional: --warps (num_warps), and --mid-chunk-tiles (tiles per chunk of the tensors
-  between the block and 2**20 elements, 1 as shipped; the name gets `` m<tiles>`` where it differs). Each
-  triton row records the statistics items its plan had (``extra.stats_items``): the chunking in effect.
+  (default 32, 66, 132). Optional: --warps (num_warps), --layouts (ticket layouts, LAYOUTS), and
+  --mid-chunk-tiles (tiles per chunk of the tensors between the block and 2**20 elements, 1 as shipped; the
+  name gets `` m<tiles>`` where it differs). Each triton row records the chunks (``extra.partials``) and the
+  statistics tickets (``extra.stats_items``, runs of chunks cut for the variant's programs, tiles.ticket_runs)
+  its plan had: the chunking in effect.
 
 Nothing of the library is patched: a variant is a ``Tiles`` value, each with its own plans and its own kept
 kernel, and what a launch did (its plan, its grid, the compiled kernel's registers, spills and shared memory,
@@ -78,10 +80,14 @@ from bench.param_lists import get_list
 from bench.suite import make_grads
 from bench.timing import CudaLayer, device_time_gpu_bound
 from znorm_kernels.accuracy import z_error, z_float64
-from znorm_kernels.backends.tiles import Tiles, tiles_for
+from znorm_kernels.backends.tiles import LARGE_CHUNK, Tiles, tiles_for
 
 EPS = 1e-10  # bench.alternatives.EPS: what the benchmark normalizes with
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Ticket layouts (--layouts): "runs" as shipped since #23 (guided runs of chunks, large tensors' chunks from 8
+# tiles); "chunks" the layout before it (one ticket per chunk, 32-tile chunks above 2**20 elements), so
+# that one run measures what #23's layout changed, side by side.
+LAYOUTS = {"runs": {}, "chunks": {"run": 1, "large_min_chunk": LARGE_CHUNK}}
 CPU_FAKE_SMS = 2  # the CPU rehearsal's "SM count", so per-SM grids have something to multiply
 MAX_VECTORS_PER_THREAD = 8
 
@@ -100,13 +106,14 @@ class Variant:
     per_sm: int | None = None  # when programs was chosen as a multiple of the SM count
     unroll: int | None = None  # None: as shipped
     mid_tiles: int | None = None  # None: as shipped (tiles_for's mid_chunk)
+    layout: str = "runs"  # a name of LAYOUTS
 
     def tiles(self) -> Tiles | None:
         """The variant's tile configuration (None: the shipped one, tiles_for)."""
         if self.block is None:
             return None
         return Tiles(self.block, self.unroll or 1, mid_chunk=self.mid_tiles or 1, num_warps=self.warps or 8,
-                     programs=self.programs)  # fmt: skip
+                     programs=self.programs, **LAYOUTS[self.layout])  # fmt: skip
 
 
 @dataclass
@@ -135,6 +142,7 @@ class Row:
     extra: dict = field(default_factory=dict)
     unroll: int | None = None
     mid_tiles: int | None = None
+    layout: str | None = None
 
 
 # --- timing -----------------------------------------------------------------------------------------------
@@ -230,9 +238,15 @@ def grid_variants(
                 seen.add(programs)
                 for unroll in args.unrolls:
                     for mid in args.mid_chunk_tiles or [shipped_mid]:
-                        name = f"triton b{block} u{unroll} p{programs}" + (f" w{warps}" if warps != 8 else "")
-                        name += f" m{mid}" if mid != shipped_mid else ""
-                        out.append(Variant(name, "triton", block, programs, warps, per_sm, unroll, mid))
+                        for layout in args.layouts:
+                            name = f"triton b{block} u{unroll} p{programs}" + (
+                                f" w{warps}" if warps != 8 else ""
+                            )
+                            name += f" m{mid}" if mid != shipped_mid else ""
+                            name += f" {layout}" if layout != "runs" else ""
+                            out.append(
+                                Variant(name, "triton", block, programs, warps, per_sm, unroll, mid, layout)
+                            )
 
     def distance(v: Variant) -> int:
         return (
@@ -241,6 +255,7 @@ def grid_variants(
             + (v.warps != 8)
             + (v.unroll != shipped_unroll)
             + (v.mid_tiles != shipped_mid)
+            + (v.layout != "runs")
         )
 
     return sorted(out, key=distance)  # stable: within a distance, the order above
@@ -400,6 +415,7 @@ class Probe:
             row.max_err = err
             if launch is not None:  # the plan, grid and kernel of the check's launch
                 row.extra["stats_items"] = launch.plan.num_stats_items
+                row.extra["partials"] = launch.plan.num_partials
                 row.extra["small_items"] = launch.plan.num_small_items
                 row.extra["grid_seen"] = [launch.programs]
                 row.programs = launch.programs
@@ -425,7 +441,7 @@ class Probe:
         def run_variant(v: Variant, deadline: float) -> Row:
             row = Row(
                 list_name, dtype_name, v.name, v.kind, v.block, v.programs, v.warps, unroll=v.unroll,
-                mid_tiles=v.mid_tiles,
+                mid_tiles=v.mid_tiles, layout=v.layout,
             )  # fmt: skip
             self.rows.append(row)
             if time.monotonic() > deadline or self.stopped:
@@ -656,6 +672,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="tiles per chunk of tensors between the block and 2**20 elements (default: as shipped)",
     )
+    p.add_argument(
+        "--layouts",
+        type=_names,
+        default=["runs"],
+        help=f"ticket layouts, of {sorted(LAYOUTS)} (default: runs)",
+    )
     p.add_argument("--budget-s", type=float, default=90.0, help="for the whole sweep")
     p.add_argument("--max-seconds", type=float, default=0.1, help="per measurement (do_bench rep, backlog)")
     p.add_argument("--reps", type=int, default=50, help="at most this many backlogged (or CPU) calls")
@@ -669,6 +691,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for d in args.dtypes:
         if d not in DTYPES:
             p.error(f"unknown dtype {d!r}")
+    if not set(args.layouts) <= set(LAYOUTS):
+        p.error(f"--layouts takes names of {sorted(LAYOUTS)}, got {args.layouts}")
     if args.mid_chunk_tiles is not None and not all(m >= 1 for m in args.mid_chunk_tiles):
         p.error(f"--mid-chunk-tiles takes integers >= 1, got {args.mid_chunk_tiles}")
     return args

@@ -47,33 +47,33 @@ FITTED = Machine(
 )
 
 
-def _shipped(dtype: str, numels: tuple[int, ...], **changes) -> Design:
-    """The kernel as shipped since 2f7897e: tiles of 8192, chunks of 32 tiles above 2**20 elements, loads of
-    2 tiles issued together where the list holds such a tensor; spills as Triton 3.6 compiled those variants
-    on the third run (ptxas, aligned: unroll 2 44 bytes, unroll 1 12 float32 / 8 bfloat16)."""
+def _before_runs(dtype: str, numels: tuple[int, ...], **changes) -> Design:
+    """The kernel as shipped from 2f7897e until #23: tiles of 8192, chunks of 32 tiles above 2**20 elements,
+    loads of 2 tiles issued together where the list holds such a tensor; spills as Triton 3.6 compiled those
+    variants on the third run (ptxas, aligned: unroll 2 44 bytes, unroll 1 12 float32 / 8 bfloat16)."""
     unroll = 2 if max(numels) > 1 << 20 else 1
     spills = 44 if unroll == 2 else (12 if dtype == "float32" else 8)
     return replace(Design(block=8192, unroll=unroll, large_chunk=32, spills=spills), **changes)
 
 
-# Kernel designs to predict (issue #23): the kernel as shipped until #23; item 1 as built (partials of one
-# tile up to 2**20 elements, above that of 8 tiles doubled until the tensor has at most 1024, at most 32;
-# tickets over runs of them cut by guided self-scheduling with divisor 2 in the list's order, a record per
-# chunk); its variants (partials from one tile, divisors 1 and 4, largest tensor first); item 2's loads in
-# flight while a group is reduced.
+# Kernel designs to predict (issue #23): the kernel as shipped until #23; item 1 as built and shipped since
+# (partials of one tile up to 2**20 elements, above that of 8 tiles doubled until the tensor has at most
+# 1024, at most 32; tickets over runs of them cut by guided self-scheduling with divisor 2 in the list's
+# order, a record per chunk); its variants (partials from one tile, divisors 1 and 4, largest tensor
+# first); item 2's loads in flight while a group is reduced.
 _ITEM1 = {"runs": 2, "max_partials": 1024, "min_partial": 8}
 DESIGNS: dict[str, Callable[[str, tuple[int, ...]], Design]] = {
-    "shipped": _shipped,
-    "prefetch": lambda dtype, numels: _shipped(dtype, numels, prefetch=True),
-    "partials only": lambda dtype, numels: _shipped(dtype, numels, max_partials=1024, min_partial=8),
-    "runs k=2": lambda dtype, numels: _shipped(dtype, numels, **_ITEM1),
-    "runs k=2 partials from 1 tile": lambda dtype, numels: _shipped(
+    "until #23": _before_runs,
+    "prefetch": lambda dtype, numels: _before_runs(dtype, numels, prefetch=True),
+    "partials only": lambda dtype, numels: _before_runs(dtype, numels, max_partials=1024, min_partial=8),
+    "runs k=2": lambda dtype, numels: _before_runs(dtype, numels, **_ITEM1),
+    "runs k=2 partials from 1 tile": lambda dtype, numels: _before_runs(
         dtype, numels, **{**_ITEM1, "min_partial": 1}
     ),
-    "runs k=1": lambda dtype, numels: _shipped(dtype, numels, **{**_ITEM1, "runs": 1}),
-    "runs k=4": lambda dtype, numels: _shipped(dtype, numels, **{**_ITEM1, "runs": 4}),
-    "runs k=2 largest first": lambda dtype, numels: _shipped(dtype, numels, **_ITEM1, largest_first=True),
-    "runs k=2 + prefetch": lambda dtype, numels: _shipped(dtype, numels, **_ITEM1, prefetch=True),
+    "runs k=1": lambda dtype, numels: _before_runs(dtype, numels, **{**_ITEM1, "runs": 1}),
+    "runs k=4": lambda dtype, numels: _before_runs(dtype, numels, **{**_ITEM1, "runs": 4}),
+    "runs k=2 largest first": lambda dtype, numels: _before_runs(dtype, numels, **_ITEM1, largest_first=True),
+    "runs k=2 + prefetch": lambda dtype, numels: _before_runs(dtype, numels, **_ITEM1, prefetch=True),
 }
 
 

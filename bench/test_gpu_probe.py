@@ -100,23 +100,27 @@ MID_CHUNKS = r"""
 import json, sys
 import torch
 from znorm_kernels.backends import triton_plan
-from znorm_kernels.backends.tiles import tiles_for
+from znorm_kernels.backends.tiles import Tiles, ticket_runs, tiles_for
 from bench import gpu_probe
 from bench.param_lists import get_list
 
 rc = gpu_probe.main(sys.argv[1:])
 numels = [torch.Size(s).numel() for s in get_list("resnet8").shapes]
 
-def tickets(block, tiles):  # statistics items of ResNet-8 (no tensor above 2**20 elements)
+def chunks(block, tiles):  # chunks of ResNet-8's tensors (none above 2**20 elements)
     return sum(-(-n // (block * tiles)) for n in numels if n > block)
+
+def tickets(block, tiles, programs):  # statistics tickets: runs of those chunks, cut for the programs
+    return sum(map(len, ticket_runs(numels, Tiles(block, mid_chunk=tiles, programs=programs), programs)))
 
 shipped = tiles_for(torch.float32, numels)
 print("RESULT", json.dumps({
     "rc": rc,
     "shipped_mid": shipped.mid_chunk,
-    "items": {str(m): tickets(4096, m) for m in (1, 4)},
-    "shipped": tickets(shipped.block, shipped.mid_chunk),
-    "kept": {f"{p.tiles.block} {p.tiles.mid_chunk}": p.num_stats_items for p in triton_plan.plans.values()},
+    "items": {str(m): chunks(4096, m) for m in (1, 4)},
+    "tickets": {str(m): tickets(4096, m, 2) for m in (1, 4)},
+    "shipped": chunks(shipped.block, shipped.mid_chunk),
+    "kept": {f"{p.tiles.block} {p.tiles.mid_chunk}": p.num_partials for p in triton_plan.plans.values()},
 }))
 """
 
@@ -133,7 +137,9 @@ def test_probe_times_other_mid_chunks_each_with_its_own_plan(tmp_path: Path) -> 
     for name, mid in (("triton b4096 u2 p2", 1), ("triton b4096 u2 p2 m4", 4)):
         row = rows[name]
         assert row["status"] == "ok" and row["mid_tiles"] == mid and row["max_err"] < 1e-5, row
-        assert row["extra"]["stats_items"] == result["items"][str(mid)]
+        assert row["extra"]["partials"] == result["items"][str(mid)]
+        assert row["extra"]["stats_items"] == result["tickets"][str(mid)]  # runs of them, for 2 programs
+    assert rows["triton b4096 u2 p2"]["extra"]["stats_items"] < result["items"]["1"]  # runs of several
     assert result["items"]["4"] < result["items"]["1"]  # the list has tensors the two chunkings split apart
     # one plan per configuration, each with its own chunking: the shipped tiles', b4096 m1's and m4's
     kept = result["kept"]
@@ -165,3 +171,26 @@ def test_profile_script_parses_and_dry_runs(tmp_path: Path) -> None:
     assert "--ncu-target resnet56 float32 triton" in proc.stdout
     assert "--ncu-target llm bfloat16 cuda" in proc.stdout
     assert len(list(tmp_path.iterdir())) <= 4
+
+
+def test_layouts_give_the_layout_before_23_side_by_side() -> None:
+    import torch
+
+    from bench import gpu_probe
+    from bench.param_lists import get_list
+    from znorm_kernels.backends.tiles import ticket_runs
+
+    args = gpu_probe.parse_args(["--out", "x", "--blocks", "8192", "--per-sm", "2", "--unrolls", "2",
+                                 "--layouts", "runs,chunks", "--few-programs-max-elements", "0"])  # fmt: skip
+    plist = get_list("resnet56")
+    variants = gpu_probe.grid_variants(args, plist, torch.float32, torch.device("cpu"), 8192, 4, 2)
+    names = [v.name for v in variants]
+    assert names == ["triton b8192 u2 p4", "triton b8192 u2 p4 chunks"]
+    runs, chunks = (v.tiles() for v in variants)
+    numels = [1 << 22, 10_000, 5_000_000]
+    assert [runs.chunk(n) // 8192 for n in numels] == [8, 1, 8]  # as shipped
+    assert [chunks.chunk(n) // 8192 for n in numels] == [32, 1, 32]  # as before #23
+    assert all(set(r) == {1} for r in ticket_runs(numels, chunks, 4) if r)  # one ticket per chunk
+    assert max(map(max, ticket_runs(numels, runs, 4))) > 1
+    with pytest.raises(SystemExit):
+        gpu_probe.parse_args(["--out", "x", "--layouts", "runs,sorted"])

@@ -141,10 +141,12 @@ def test_the_timeline_draws_the_model_spans(tmp_path) -> None:
     pytest.importorskip("matplotlib")
     from bench.timeline import Span, draw, model_spans, summary
 
-    spans = model_spans("resnet56", "bfloat16", "shipped")
+    spans = model_spans("resnet56", "bfloat16", "until #23")
     assert {s.kind for s in spans} == {"stat", "small", "norm"}
     facts = summary(spans, FITTED.resident)
-    result = simulate(numels_of("resnet56"), 2, DESIGNS["shipped"]("bfloat16", numels_of("resnet56")), FITTED)
+    result = simulate(
+        numels_of("resnet56"), 2, DESIGNS["until #23"]("bfloat16", numels_of("resnet56")), FITTED
+    )
     assert facts["length"] + FITTED.launch == pytest.approx(result.time)
     assert facts["busy"] == pytest.approx(result.busy)
     assert facts["tail"] == pytest.approx(result.tail)
@@ -152,3 +154,29 @@ def test_the_timeline_draws_the_model_spans(tmp_path) -> None:
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     two = [Span(0, "stat", 0.0, 2.0), Span(1, "norm", 1.0, 4.0)]
     assert summary(two) == {"length": 4.0, "busy": pytest.approx(5 / 8), "tail": 2.0}
+
+
+@pytest.mark.parametrize("list_name", ["resnet56", "llm-d512", "plain100m", "resnet50"])
+def test_the_model_cuts_the_tickets_the_kernel_runs(list_name) -> None:
+    # The model's "runs k=2" design is the shipped table: the same chunks and runs, in the same order.
+    import torch
+
+    from znorm_kernels.backends.tiles import ticket_runs, tiles_for
+
+    if list_name == "resnet50":
+        pytest.importorskip("torchvision")
+    numels = numels_of(list_name)
+    tiles = tiles_for(torch.bfloat16, numels)
+    shipped = [
+        (
+            t,
+            min((sum(runs[:i]) + k) * tiles.chunk(numels[t]), numels[t])
+            - sum(runs[:i]) * tiles.chunk(numels[t]),
+            k,
+        )
+        for t, runs in enumerate(ticket_runs(numels, tiles, FITTED.resident))
+        for i, k in enumerate(runs)
+    ]
+    queue, partials = tickets_for(numels, DESIGNS["runs k=2"]("bfloat16", numels), FITTED.resident)
+    assert [(tk.tensor, tk.elements, tk.partials) for tk in queue if tk.kind == "stat"] == shipped
+    assert partials == [-(-n // tiles.chunk(n)) if n > tiles.block else 0 for n in numels]

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.timeline", description=__doc__)
     parser.add_argument("list_name")
     parser.add_argument("dtype", choices=("float32", "bfloat16"))
-    parser.add_argument("--design", default="shipped", help="a design of bench/schedule_calibration.DESIGNS")
+    parser.add_argument("--design", default="runs k=2", help="a design of bench/schedule_calibration.DESIGNS")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     from bench.schedule_calibration import FITTED

@@ -4,6 +4,7 @@ and the hook's cache with None gradients (re-checked whenever a gradient appears
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 import random
@@ -424,7 +425,8 @@ def test_hook_after_a_duplicate_rechecks_a_move(backend):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_triton_table_from_its_layout_is_the_table(seed):
-    """A plan for moved gradients builds its table from the cached layout: the same table, to the bit."""
+    """A plan for moved gradients builds its table from the cached layout: the same table, to the bit,
+    whatever the runs of chunks its tickets cover."""
     from znorm_kernels.backends import triton_plan as tp
     from znorm_kernels.backends.tiles import Tiles
 
@@ -436,10 +438,19 @@ def test_triton_table_from_its_layout_is_the_table(seed):
             [(4, Tiles(4096, 2)), (2, Tiles(4096, 4)), (8, Tiles(2048)), (4, Tiles(4096))]
         )
         tiles = rng.choice([tiles, Tiles(tiles.block, tiles.unroll, mid_chunk=3, large_chunk=5)])
-        layout = tp.layout_for(numels, elsize, tiles)
-        table, s, m = tp.table(addrs, numels, elsize, tiles)
+        # runs of chunks: one each, several, the rule's for a few programs or for an H100's
+        tiles = dataclasses.replace(tiles, run=rng.choice([None, 1, 2, 3, 1000]))
+        programs = rng.choice([1, 3, 264])
+        layout = tp.layout_for(numels, elsize, tiles, programs)
+        table, s, m, p = tp.table(addrs, numels, elsize, tiles, programs)
         assert tp.table_at(layout, addrs).tolist() == table
-        assert (layout.num_stats_items, layout.num_small_items) == (s, m)
+        assert (layout.num_stats_items, layout.num_small_items, layout.num_partials) == (s, m, p)
+    # One list's layouts for every run rule: each its own (the cache key holds what cuts the runs).
+    numels, addrs = (9000, 4097, 7, 30_000), (1 << 30, 1 << 31, 1 << 32, 1 << 33)
+    for tiles in (Tiles(4096), Tiles(4096, run_divisor=1), *(Tiles(4096, run=r) for r in (1, 2, 3))):
+        for programs in (1, 3, 264):
+            table, *_ = tp.table(addrs, numels, 4, tiles, programs)
+            assert tp.table_at(tp.layout_for(numels, 4, tiles, programs), addrs).tolist() == table
 
 
 def test_a_fresh_cache_keeps_what_it_is_given_and_evicts_the_oldest():

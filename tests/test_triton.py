@@ -82,18 +82,25 @@ def test_boundaries_of_block_and_chunks(tb, dtype, block):
 
 @pytest.mark.parametrize("unroll", [1, 2, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_large_chunk_class(tb, dtype, unroll):
-    # Above large_tensor, chunks hold large_chunk tiles, loaded UNROLL at a time: shrink both sizes to
-    # exercise the grouped loads and their tail tiles, the Chan merge across tiles and the vectorized merge
-    # of many partials (more than merge_block of them).
+@pytest.mark.parametrize("doubling", [False, True], ids=["fixed", "doubling"])
+def test_large_chunk_class(tb, dtype, unroll, doubling):
+    # Above large_tensor, chunks hold large_min_chunk to large_chunk tiles, loaded UNROLL at a time: shrink
+    # the sizes to exercise the grouped loads and their tail tiles, the Chan merge across tiles and the
+    # vectorized merge of many partials (more than merge_block of them); with doubling, chunks of 2, 4 and 8
+    # tiles in one list (at most 4 chunks a tensor until 8 tiles).
     block = 16
-    tiles = Tiles(block=block, unroll=unroll, large_tensor=100, merge_block=8)
+    if doubling:
+        tiles = Tiles(block=block, unroll=unroll, large_tensor=100, merge_block=8, large_min_chunk=2,
+                      large_chunk=8, max_partials=4)  # fmt: skip
+        assert [tiles.chunk(n) // block for n in (101, 129, 257, 10_000)] == [2, 4, 8, 8]
+    else:
+        tiles = Tiles(block=block, unroll=unroll, large_tensor=100, merge_block=8, large_min_chunk=32)
     chunk = tiles.chunk(101)
-    assert chunk == block * tiles.large_chunk
+    assert chunk == block * (2 if doubling else tiles.large_chunk)
     sizes = [101, chunk - 1, chunk, chunk + 1, chunk + 2 * block + 3, 3 * chunk, 9 * chunk + 17]
     grads = [make_grad((n,), dtype, DEVICE, seed=n) for n in sizes]
     grads[3][-1] = 1e4  # outliers at the start of a last chunk and of a grouped tile
-    grads[4][block * (1 + unroll)] = -3e3
+    grads[4][min(block * (1 + unroll), sizes[4] - 1)] = -3e3
     grads.append(torch.full((4 * chunk + 5,), 0.1, dtype=dtype, device=DEVICE))
     inputs = [g.clone() for g in grads]
     tb.znorm_group_(grads, 1e-10, 0, None, tiles=tiles)
@@ -110,7 +117,8 @@ def test_mid_chunk_class(tb, plans, dtype, mid_tiles):
     block = 16
     shape = dict(block=block, mid_chunk=mid_tiles, large_tensor=10_000)
     chunk = Tiles(**shape).chunk(block + 1)
-    assert chunk == block * mid_tiles and Tiles(**shape).chunk(10_001) == block * Tiles(**shape).large_chunk
+    assert chunk == block * mid_tiles
+    assert Tiles(**shape).chunk(10_001) == block * Tiles(**shape).large_min_chunk
     sizes = [block + 1, chunk - 1, chunk, chunk + 1, 3 * chunk + block + 5, 10_000]
     inputs = [make_grad((n,), dtype, DEVICE, seed=n) for n in sizes]
     inputs[3][-1] = 2e4  # an outlier alone in a last chunk of one element
@@ -126,7 +134,7 @@ def test_mid_chunk_class(tb, plans, dtype, mid_tiles):
     assert torch.equal(results[0][1], results[1][1])
     for a, b in zip(results[0][0], results[1][0]):
         assert torch.equal(a, b)
-    (plan,) = {p.num_stats_items for p in plans.values()}
+    (plan,) = {p.num_partials for p in plans.values()}
     assert plan == sum(-(-n // chunk) for n in sizes)
 
 
@@ -186,11 +194,15 @@ def test_a_tensor_keeps_its_bits_in_any_list(tb, plans, dtype):
 @pytest.mark.parametrize(
     "tiles",
     [{"unroll": 0}, {"unroll": 3}, {"block": 24}, {"block": 8}, {"block": 64.0}, {"merge_block": 6},
-     {"mid_chunk": 0}, {"num_warps": 0}, {"programs": 0}],
+     {"mid_chunk": 0}, {"num_warps": 0}, {"programs": 0}, {"run": 0}, {"run": True}, {"run": 1.0},
+     {"run_divisor": 0}, {"large_min_chunk": 0}, {"max_partials": 0}],
     ids=str,
 )  # fmt: skip
 def test_bad_tiles_are_refused(tiles):
-    with pytest.raises(ValueError, match=r"(unroll|block|mid_chunk|num_warps|programs) must be"):
+    with pytest.raises(
+        ValueError,
+        match=r"(unroll|block|mid_chunk|num_warps|programs|run|divisor|min_chunk|partials) must be",
+    ):
         Tiles(**{"block": 64, **tiles})
 
 

@@ -39,7 +39,7 @@ def compile_for_target(
     signature = {
         "meta_ptr": "*i64", "partial_ptr": "*fp64", "stats_ptr": "*fp64", "counter_ptr": "*i32",
         "scale_ptr": "*fp32", "eps_bits": "i64", "correction": "fp32", "T": "i32", "S": "i32", "M": "i32",
-        "NUM_PROGRAMS": "i32", "spin_limit": "i32",
+        "P": "i32", "NUM_PROGRAMS": "i32", "spin_limit": "i32",
     }  # fmt: skip
     tiles = tiles or tiles_for(dtype)
     consts = triton_host.constants(dtype, tiles, aligned, has_scale, normalize, True, given)

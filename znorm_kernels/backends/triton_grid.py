@@ -8,11 +8,21 @@ import functools
 
 import torch
 
-__all__ = ["DEFAULT_PROGRAMS_PER_SM", "learn_occupancy", "num_programs", "occupancy"]
+__all__ = [
+    "ASSUMED_PROGRAMS",
+    "DEFAULT_PROGRAMS_PER_SM",
+    "learn_occupancy",
+    "num_programs",
+    "occupancy",
+    "resident_programs",
+]
 
 # Programs per SM until the compiled kernel says otherwise: the host caps registers so that two programs of
 # eight warps fit an SM.
 DEFAULT_PROGRAMS_PER_SM = 2
+# The resident programs a plan off CUDA is cut for: an H100's (132 SMs, two programs each), so that the
+# tables the interpreter runs are those of an H100.
+ASSUMED_PROGRAMS = 264
 
 _programs_per_sm: dict[tuple, int] = {}
 
@@ -52,6 +62,19 @@ def learn_occupancy(key: tuple, kernel, num_warps: int) -> None:
         if regs > 0
         else DEFAULT_PROGRAMS_PER_SM
     )
+
+
+def resident_programs(device: torch.device, fixed: int | None = None) -> int:
+    """The programs a plan's tickets are cut for (tiles.ticket_runs): ``fixed`` when given, else the SM count
+    times DEFAULT_PROGRAMS_PER_SM on CUDA, ASSUMED_PROGRAMS elsewhere. Not the learned occupancy: a plan
+    serves every specialization of its list (statistics only, scaled, given), which may fit differently,
+    and a count that changed after the first launch would rebuild the table (and leave bound plans behind);
+    a factor of two only makes the tickets twice as long or short as aimed."""
+    if fixed is not None:
+        return fixed
+    if device.type != "cuda":
+        return ASSUMED_PROGRAMS
+    return _sm_count(device.index) * DEFAULT_PROGRAMS_PER_SM
 
 
 def num_programs(device: torch.device, items: int, key: tuple, fixed: int | None = None) -> int:

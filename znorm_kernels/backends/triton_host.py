@@ -220,7 +220,7 @@ def _launch_here(tensors, device, eps, correction, grad_scale, normalize, tiles,
     try:
         args = (
             plan.meta, ws.partials, ws.stats, ws.counters, scale, f64_bits(eps), correction, plan.num_tensors,
-            plan.num_stats_items, plan.num_small_items, programs, limit,
+            plan.num_stats_items, plan.num_small_items, plan.num_partials, programs, limit,
         )  # fmt: skip
         # After a specialization's first launch, Triton's per-call binding of the arguments (most of a hook
         # call's host time on a GPU host) is skipped.

@@ -3,32 +3,43 @@
 The launch is a work queue. Each program draws tickets from an integer counter until the queue is empty; the
 tickets come in a fixed order:
 
-1. statistics items, one per chunk of every large tensor (more than BLOCK elements): the chunk's count, mean
-   and M2 (sum of squared deviations), in ACC precision, into its own slot. The program that finishes a
-   tensor's last chunk (a per-tensor integer counter tells it) merges the tensor's partials in chunk order and
-   publishes (mean, std, 1/(std+eps)) with a release;
+1. statistics tickets, each a run of consecutive chunks of one large tensor (more than BLOCK elements): for
+   each chunk of the run in order, its count, mean and M2 (sum of squared deviations), in ACC precision, into
+   the chunk's own partial slot; then one add of the run's number of chunks to the tensor's integer counter.
+   The program whose add completes the tensor's chunks merges its partials in chunk order and publishes
+   (mean, std, 1/(std+eps)) with a release;
 2. small items, one per tensor of at most BLOCK elements: read once into registers, statistics, written once;
-3. normalize items, one per chunk of every large tensor: wait (acquire spin) until that tensor's statistics
-   are published, then write (x - mean) * inv.
+3. normalize tickets, each a run of consecutive chunks of one large tensor: wait (acquire spin) until that
+   tensor's statistics are published, then write (x - mean) * inv over the run.
+
+A tensor's chunks have a length of its own size alone (tiles.chunk), whatever the list; the runs
+(tiles.ticket_runs: guided self-scheduling for the programs resident, so that a phase ends on short tickets)
+only decide which program computes which chunk: a tensor's bits do not depend on them (normalize is
+element-wise).
 
 With GIVEN, the host has written every tensor's (mean, std, inv, wide) row into ``stats`` before the launch
 (statistics merged across the ranks that hold a DTensor's shards): the tickets start at the small items,
 which apply their row instead of computing one, and no normalize item waits.
 
-Every statistics ticket is drawn before any normalize ticket, and a drawn ticket belongs to a running
-program, so a waiting program never waits for work that has not started: no deadlock, whatever the number of
-programs or their residency. A program draws its next ticket as it starts on the current one, so the
-atomic's latency hides behind the work; the drawn ticket is later than the current one, so the argument
-holds. Under TRITON_INTERPRET=1 programs run one after another, and the first simply drains the queue in
-order. The last program to leave resets the counters for the next launch, so no memset is needed; the host
-keeps one workspace per stream (shared by lists of the same sizes there), so launches that share counters
-are always ordered (triton_host).
+Every statistics ticket is drawn before any normalize ticket, and a drawn ticket belongs to a running program,
+which computes its whole run without waiting, so a waiting program never waits for work that has not started:
+no deadlock, whatever the number of programs or their residency. A program draws its next ticket as it starts
+on the last record of the current one, so the atomic's latency hides behind the work; the drawn ticket is
+later than the current one, so the argument holds. Under TRITON_INTERPRET=1 programs run one after another,
+and the first simply drains the queue in order. The last program to leave resets the counters for the next
+launch, so no memset is needed; the host keeps one workspace per stream (shared by lists of the same sizes
+there), so launches that share counters are always ordered (triton_host).
 
-Each ticket reads one 32-byte record (address of its first element, element count, tensor, slot) and then
-its data: two dependent loads before the data arrive, not four. Offsets inside an item are 32-bit, from the
-item's 64-bit base address. For a group whose data pointers are all 16-byte aligned (ALIGNED), full tiles
-are loaded and stored unmasked, and tails whose length is a multiple of VEC with a mask that is constant over
-each vector, so both move 16 bytes per instruction; other groups keep element-wise accesses.
+A program walks records (triton_plan's layout): a statistics ticket's chunks each have one, consecutive, and
+its first is found in a table of starts, loaded with the draw; every other ticket is one record. Each record
+is 32 bytes (address of its first element, element count, tensor, aux), read before its data: two dependent
+loads before the data arrive, not four, and a run's next chunk needs no atomic. A statistics record's aux
+holds its slot and, on a run's last chunk, the run's chunks (the amount of its add); so a run is one loop
+pass per chunk with a single call of chunk_moments, not a loop inside the item, whose extra live values cost
+registers and spills. Offsets inside an item are 32-bit, from the item's 64-bit base address (a ticket holds
+at most tiles.MAX_TICKET elements). For a group whose data pointers are all 16-byte aligned (ALIGNED), full
+tiles are loaded and stored unmasked, and tails whose length is a multiple of VEC with a mask that is
+constant over each vector, so both move 16 bytes per instruction; other groups keep element-wise accesses.
 
 Numerics (docs/contract.md): the statistics of tiles, chunks and tensors are triton_moments.py's. A tensor
 whose minimum equals its maximum is constant: its mean is set to that value and its multiplier to 0, so every
@@ -149,18 +160,30 @@ def _pause(BACKOFF: tl.constexpr):
         )
 
 
-@triton.jit(do_not_specialize=["T", "S", "M", "NUM_PROGRAMS", "spin_limit", "eps_bits", "correction"])
+@triton.jit
+def _first_record(ticket, starts, S, P):
+    """The record a ticket starts at: a statistics ticket's first chunk, from the table of starts; any other
+    ticket's own, past the P chunk records."""
+    if ticket < S:
+        record = tl.load(starts + ticket).to(tl.int32)
+    else:
+        record = ticket - S + P
+    return record
+
+
+@triton.jit(do_not_specialize=["T", "S", "M", "P", "NUM_PROGRAMS", "spin_limit", "eps_bits", "correction"])
 def znorm_queue_kernel(
     meta_ptr,  # int64 table, layout above
-    partial_ptr,  # float64 [4 * S]: (mean, M2, min, max) of every statistics chunk
+    partial_ptr,  # float64 [4 * P]: (mean, M2, min, max) of every chunk of a large tensor
     stats_ptr,  # float64 [4 * T]: (mean, std, inv, wide) of every tensor, kept after the launch
-    counter_ptr,  # int32 [3 + T]: ticket, programs done, error, per-tensor chunk counts; 0 between launches
+    counter_ptr,  # int32 [3 + T]: ticket, programs done, error, per-tensor chunks done; 0 between launches
     scale_ptr,  # a 0-d scale tensor (read only when HAS_SCALE)
     eps_bits,  # eps as the bit pattern of its float64 value: a Python float argument would arrive as float32
     correction,
     T,
-    S,
+    S,  # statistics tickets, and as many normalize tickets
     M,
+    P,  # chunks of the large tensors: statistics records and partial slots
     NUM_PROGRAMS,
     spin_limit,  # 0: wait as long as it takes; else give up after this many polls and flag counter[2]
     DTYPE: tl.constexpr,
@@ -174,49 +197,57 @@ def znorm_queue_kernel(
     BACKOFF: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     NORMALIZE: tl.constexpr,
-    GIVEN: tl.constexpr,  # stats already holds every tensor's row: no statistics items, nobody waits
+    GIVEN: tl.constexpr,  # stats already holds every tensor's row: no statistics tickets, nobody waits
 ):
     eps = eps_bits.to(tl.int64).to(tl.float64, bitcast=True)  # (0 comes as an int32)
     if HAS_SCALE:
         scale = tl.load(scale_ptr).to(tl.float64)
     else:
         scale = tl.cast(1.0, tl.float64)
-    tensor_table = meta_ptr + ITEM * (2 * S + M).to(tl.int64)
-    total = S + M
+    tensor_table = meta_ptr + ITEM * (P + M + S).to(tl.int64)
+    starts = tensor_table + ITEM * T
+    total = P + M  # records
     if NORMALIZE:
         total += S
 
     skipped = 0
     if GIVEN:
-        skipped = S  # no statistics items: tickets start at the small items
-    ticket = skipped + tl.atomic_add(counter_ptr, 1, sem="relaxed")
-    while ticket < total:
-        following = skipped + tl.atomic_add(counter_ptr, 1, sem="relaxed")  # awaited at the end of this item
-        record = meta_ptr + ITEM * ticket.to(tl.int64)
+        skipped = S  # no statistics tickets: tickets start at the small items
+    item = _first_record(skipped + tl.atomic_add(counter_ptr, 1, sem="relaxed"), starts, S, P)
+    while item < total:
+        record = meta_ptr + ITEM * item.to(tl.int64)
         ptr = tl.load(record).to(tl.pointer_type(DTYPE))
         count = tl.load(record + 1).to(tl.int32)
         t = tl.load(record + 2)
         aux = tl.load(record + 3)
         if ALIGNED:
             ptr = tl.multiple_of(ptr, 16)
-        if ticket < S:
-            # A statistics chunk of a large tensor.
+        # The next record: the run's next chunk, or after a ticket's last record the next ticket's first,
+        # drawn now (awaited at the end of this item).
+        following = item + 1
+        if (item >= P) | (aux >= 0x100000000):
+            following = _first_record(skipped + tl.atomic_add(counter_ptr, 1, sem="relaxed"), starts, S, P)
+        if item < P:
+            # A chunk of a statistics ticket's run: its partial into its own slot.
             mean, m2, lo, hi = chunk_moments(ptr, count, ACC, BLOCK, UNROLL, SUB, VEC, ALIGNED)
-            tl.store(partial_ptr + 4 * aux, mean)
-            tl.store(partial_ptr + 4 * aux + 1, m2)
-            tl.store(partial_ptr + 4 * aux + 2, lo)
-            tl.store(partial_ptr + 4 * aux + 3, hi)
-            nchunks = tl.load(tensor_table + ITEM * t + 3)
-            done = tl.atomic_add(counter_ptr + 3 + t, 1, sem="acq_rel")
-            if done == nchunks - 1:
-                # Last chunk of this tensor: merge in chunk order, publish, release.
-                n = tl.load(tensor_table + ITEM * t)
-                chunk = tl.load(tensor_table + ITEM * t + 1)
-                first = tl.load(tensor_table + ITEM * t + 2)
-                mean, m2, lo, hi = merge_partials(partial_ptr, first, nchunks, chunk, n, ACC, PBLOCK)
-                _publish(stats_ptr, t, n, mean, m2, lo, hi, scale, eps, correction, ACC)
-                tl.atomic_add(counter_ptr + 3 + t, 1, sem="release")
-        elif ticket < S + M:
+            slot = aux & 0xFFFFFFFF
+            tl.store(partial_ptr + 4 * slot, mean)
+            tl.store(partial_ptr + 4 * slot + 1, m2)
+            tl.store(partial_ptr + 4 * slot + 2, lo)
+            tl.store(partial_ptr + 4 * slot + 3, hi)
+            run = (aux >> 32).to(tl.int32)  # the run's chunks on its last chunk, else 0
+            if run != 0:
+                nchunks = tl.load(tensor_table + ITEM * t + 3)
+                done = tl.atomic_add(counter_ptr + 3 + t, run, sem="acq_rel")
+                if done + run == nchunks:
+                    # This run completed the tensor's chunks: merge in chunk order, publish, release.
+                    n = tl.load(tensor_table + ITEM * t)
+                    chunk = tl.load(tensor_table + ITEM * t + 1)
+                    first = tl.load(tensor_table + ITEM * t + 2)
+                    mean, m2, lo, hi = merge_partials(partial_ptr, first, nchunks, chunk, n, ACC, PBLOCK)
+                    _publish(stats_ptr, t, n, mean, m2, lo, hi, scale, eps, correction, ACC)
+                    tl.atomic_add(counter_ptr + 3 + t, 1, sem="release")
+        elif item < P + M:
             # A small tensor: read once, statistics in registers, written once.
             y, mask = load_tile(ptr, count, ACC, BLOCK, VEC, ALIGNED)
             if GIVEN:
@@ -232,8 +263,8 @@ def znorm_queue_kernel(
                 else:
                     store_tile(ptr, normalized(y, mean, inv, DTYPE, ACC), count, BLOCK, VEC, ALIGNED)
         else:
-            # A normalize chunk: wait for the tensor's statistics (published when the tensor's counter
-            # reaches aux), then one pass over the chunk.
+            # A normalize run: wait for the tensor's statistics (published when the tensor's counter
+            # reaches aux, its chunks + 1), then one pass over the run.
             if GIVEN:
                 seen = aux
             else:
@@ -254,7 +285,7 @@ def znorm_queue_kernel(
                     _normalize_wide(ptr, count, mean, inv, wide, DTYPE, ACC, SUB)
                 else:
                     _normalize_chunk(ptr, count, mean, inv, DTYPE, ACC, BLOCK, UNROLL, VEC, ALIGNED)
-        ticket = following
+        item = following
 
     # The last program out resets the counters: every other program has drawn its final ticket and finished.
     # The error flag (counter[2]) is left for the host, which clears it.

@@ -176,9 +176,11 @@ def chunk_moments(
     start = BLOCK + first * 0
     if UNROLL > 1:
         offs = tl.arange(0, BLOCK)
-        groups = (count - first) // (UNROLL * BLOCK)
-        for g in range(0, groups):
-            at = ptr + BLOCK + g * (UNROLL * BLOCK)
+        # The grouped loop's bound is where the tail tiles start: a count of groups kept for after the loop
+        # would be one more value live across it.
+        start = BLOCK + (count - first) // (UNROLL * BLOCK) * (UNROLL * BLOCK)
+        for group in range(BLOCK, start, UNROLL * BLOCK):
+            at = ptr + group
             y0 = tl.load(at + offs)
             y1 = tl.load(at + BLOCK + offs)
             if UNROLL == 4:
@@ -193,7 +195,6 @@ def chunk_moments(
                 mean, m2, n, lo, hi = merge_full_tile(
                     y3, at + 3 * BLOCK, mean, m2, n, lo, hi, ACC, BLOCK, SUB
                 )
-        start = BLOCK + groups * (UNROLL * BLOCK)
     for tile in range(start, count, BLOCK):
         rem = count - tile
         y, mask = load_tile(ptr + tile, rem, ACC, BLOCK, VEC, ALIGNED)

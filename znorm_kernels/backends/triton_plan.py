@@ -1,11 +1,17 @@
 """The plans of the ZNorm queue kernel: per list of tensors, the int64 table of work items (one 32-byte
 record each) and of tensor sizes on their device, and the mutable workspace a launch uses.
 
-Table layout (read by triton_kernels.py; S statistics items, M small items, T tensors): the items, ITEM
-int64 fields each, in ticket order (S statistics, M small, S normalize): [address of the item's first
-element, element count, tensor, aux], aux being a statistics item's partial slot, a normalize item's
-publication mark (its tensor's chunks + 1) and 0 for a small item; then ITEM fields per tensor: [numel,
-chunk, first slot, chunks].
+Table layout (read by triton_kernels.py; S statistics tickets, M small items, T tensors, P chunks): records of
+ITEM int64 fields, [address of the first element, element count, tensor, aux]: P chunk records, M small items,
+S normalize records; then ITEM fields per tensor, [numel, chunk, first slot, chunks]; then the S statistics
+tickets' first chunk records (int64, zero-padded to whole rows). A tensor of more than ``block`` elements is
+cut into chunks of ``tiles.chunk(numel)`` elements, each with its partial slot, and its chunks into runs
+(``tiles.ticket_runs``, cut for the programs resident): a statistics ticket is one run, whose chunks have
+consecutive records (aux: the chunk's slot, plus the run's chunks << 32 on its last one), and a normalize
+ticket is the same run in one record (aux: its tensor's publication mark, chunks + 1). A small item's aux is
+0. Within each phase the tickets follow the list's order, their runs cut by guided self-scheduling (long
+first, one chunk each at the end, so that the last tickets drawn are short ones); the runs decide only which
+program computes what, never a tensor's bits.
 
 Plans are cached while the tensors' addresses and sizes stay the same (an optimizer's gradients usually do
 from step to step). What a table owes to the sizes alone (a ``TableLayout``) is cached apart, so a list that
@@ -30,8 +36,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .tiles import Tiles, tiles_for
+from .tiles import Tiles, ticket_runs, tiles_for
 from .triton_common import ALIGNMENT, device_table, element_size
+from .triton_grid import resident_programs
 
 __all__ = [
     "ITEM",
@@ -58,7 +65,7 @@ CACHE_SIZE = 16  # plans, table layouts and pooled workspaces kept (least recent
 class Workspace:
     """A launch's mutable state, used on one stream only."""
 
-    partials: Tensor  # float64 [4 * S]: mean, M2, min, max per statistics chunk
+    partials: Tensor  # float64 [4 * P]: mean, M2, min, max per chunk of a large tensor
     stats: Tensor  # float64 [T, 4]: mean, std, inv, wide per tensor
     counters: Tensor  # int32 [3 + T]: ticket, programs done, error flag, per-tensor chunk counters
     dropped: bool = False  # a launch on it did not finish: its counters may be non-zero, never use it again
@@ -71,8 +78,9 @@ class Plan:
     meta: Tensor  # int64 table (layout above)
     device: torch.device
     num_tensors: int
-    num_stats_items: int
+    num_stats_items: int  # statistics tickets (and as many normalize tickets)
     num_small_items: int
+    num_partials: int  # chunks of the large tensors, each with its partial slot
     tiles: Tiles
     aligned: bool  # every data pointer is 16-byte aligned: the vector-access specialization
     numels: tuple[int, ...]  # the tensors' numbers of elements
@@ -85,9 +93,9 @@ class Plan:
         return 2 * self.num_stats_items + self.num_small_items
 
     def new_workspace(self) -> Workspace:
-        s, t = self.num_stats_items, self.num_tensors
+        p, t = self.num_partials, self.num_tensors
         return Workspace(
-            partials=torch.empty(max(4 * s, 1), dtype=torch.float64, device=self.device),
+            partials=torch.empty(max(4 * p, 1), dtype=torch.float64, device=self.device),
             stats=torch.zeros((t, 4), dtype=torch.float64, device=self.device),
             counters=torch.zeros(3 + t, dtype=torch.int32, device=self.device),
         )
@@ -103,18 +111,21 @@ class Counts:
 
 counts = Counts()
 plans: OrderedDict[tuple, Plan] = OrderedDict()
-# Workspaces by (device, stream, S, T): plans of the same sizes on one stream share one (their launches are
-# ordered on that stream, and each leaves it zeroed), so gradients that move to new addresses, which need a
-# new plan (table), allocate and zero no new workspace.
+# Workspaces by (device, stream, P, T), what sizes them: plans of the same sizes on one stream share one
+# (their launches are ordered on that stream, and each leaves it zeroed), so gradients that move to new
+# addresses, which need a new plan (table), allocate and zero no new workspace.
 workspace_pool: OrderedDict[tuple, Workspace] = OrderedDict()
 captured_plans: list[Plan] = []  # tables a captured graph reads: kept for the life of the process
 
 
-def table(addrs, numels, elsize: int, tiles: Tiles) -> tuple[list[int], int, int]:
-    """The int64 table (layout above) and the numbers of statistics and small items."""
-    stats_items, small_items, norm_items, tensors = [], [], [], []
+def table(addrs, numels, elsize: int, tiles: Tiles, programs: int) -> tuple[list[int], int, int, int]:
+    """The int64 table (layout above), cut for ``programs`` resident programs, and its numbers of statistics
+    tickets, small items and chunks."""
+    runs = ticket_runs(numels, tiles, programs)
+    tickets = []  # (elements, tensor, first chunk, chunks) per run, in tensor and chunk order
+    small_items, tensors = [], []
     slot = 0
-    for t, (addr, n) in enumerate(zip(addrs, numels)):
+    for t, (addr, n, mine) in enumerate(zip(addrs, numels, runs)):
         if n <= tiles.block:
             small_items += (addr, n, t, 0)
             tensors += (n, 0, 0, 0)
@@ -122,17 +133,30 @@ def table(addrs, numels, elsize: int, tiles: Tiles) -> tuple[list[int], int, int
         chunk = tiles.chunk(n)
         nchunks = -(-n // chunk)
         tensors += (n, chunk, slot, nchunks)
-        for c in range(nchunks):
-            start = c * chunk
-            count = min(chunk, n - start)
-            stats_items += (addr + start * elsize, count, t, slot + c)
-            norm_items += (addr + start * elsize, count, t, nchunks + 1)
+        c = 0
+        for k in mine:
+            tickets.append((min((c + k) * chunk, n) - c * chunk, t, c, k))
+            c += k
         slot += nchunks
-    return (
-        stats_items + small_items + norm_items + tensors,
-        len(stats_items) // ITEM,
-        len(small_items) // ITEM,
-    )
+    # A record per chunk of a statistics run, not one per run: the kernel takes a run one chunk per pass of
+    # its loop, each read from its own record before its data, as a lone ticket's (a loop over the run inside
+    # one pass holds more values live, in registers the chunk's tiles need).
+    chunks, normalize, starts = [], [], []
+    for elements, t, c, k in tickets:
+        addr, n = addrs[t], numels[t]
+        _, chunk, first, nchunks = tensors[ITEM * t : ITEM * t + ITEM]
+        starts.append(len(chunks) // ITEM)
+        for j in range(c, c + k):
+            last = j == c + k - 1
+            chunks += (
+                addr + j * chunk * elsize,
+                min(chunk, n - j * chunk),
+                t,
+                (first + j) | (k << 32 if last else 0),
+            )
+        normalize += (addr + c * chunk * elsize, elements, t, nchunks + 1)
+    starts += [0] * (-len(starts) % ITEM)
+    return chunks + small_items + normalize + tensors + starts, len(tickets), len(small_items) // ITEM, slot
 
 
 @dataclass(frozen=True)
@@ -141,30 +165,25 @@ class TableLayout:
     address is then its byte offset within its tensor), its owners, and its numbers of items."""
 
     template: Tensor  # int64 [rows, ITEM], CPU
-    items: int  # the first rows are work items (address, count, tensor, slot); the rest are tensors
+    items: int  # the first rows are records (address, count, tensor, aux); then tensors and starts
     num_stats_items: int
     num_small_items: int
+    num_partials: int
     owners: np.ndarray  # int64 [items]: each work item's tensor
 
 
 layouts: OrderedDict[tuple, TableLayout] = OrderedDict()
 
 
-def layout_for(numels: tuple[int, ...], elsize: int, tiles: Tiles) -> TableLayout:
-    key = (
-        numels,
-        elsize,
-        tiles.block,
-        tiles.chunk(0),
-        tiles.chunk(tiles.large_tensor + 1),
-        tiles.large_tensor,
-    )
+def layout_for(numels: tuple[int, ...], elsize: int, tiles: Tiles, programs: int) -> TableLayout:
+    # The table owes its chunks and runs to the tiles (ticket_runs' inputs) and to the programs.
+    key = (numels, elsize, tiles, programs)
     layout = layouts.get(key)
     if layout is None:
-        rows, s, m = table([0] * len(numels), numels, elsize, tiles)
+        rows, s, m, p = table([0] * len(numels), numels, elsize, tiles, programs)
         template = torch.tensor(rows, dtype=torch.int64).view(-1, ITEM)
-        items = 2 * s + m
-        layout = layouts[key] = TableLayout(template, items, s, m, template[:items, 2].numpy().copy())
+        items = p + m + s
+        layout = layouts[key] = TableLayout(template, items, s, m, p, template[:items, 2].numpy().copy())
         if len(layouts) > CACHE_SIZE:
             layouts.popitem(last=False)
     else:
@@ -174,9 +193,9 @@ def layout_for(numels: tuple[int, ...], elsize: int, tiles: Tiles) -> TableLayou
 
 def table_at(layout: TableLayout, addrs: tuple[int, ...], pinned: bool = False) -> Tensor:
     """``table(addrs, ...)`` as an int64 CPU tensor (in pinned memory if ``pinned``), from the layout: each
-    work item's address is its tensor's address (picked by the item's tensor column) plus its offset. A few
-    numpy operations written straight into the tensor, where building the table in Python costs time per
-    chunk (gradients that move every step need a new one)."""
+    record's address is its tensor's address (picked by the record's tensor column) plus its offset (a record
+    lies in one tensor; a run too). A few numpy operations written straight into the tensor, where building
+    the table in Python costs time per chunk (gradients that move every step need a new one)."""
     out = torch.empty(layout.template.shape, dtype=torch.int64, pin_memory=pinned)
     dst, src = out.numpy(), layout.template.numpy()
     dst[layout.items :] = src[layout.items :]
@@ -187,9 +206,9 @@ def table_at(layout: TableLayout, addrs: tuple[int, ...], pinned: bool = False) 
 
 
 def _build(
-    addrs: tuple[int, ...], numels: tuple[int, ...], device: torch.device, dtype, tiles: Tiles
+    addrs: tuple[int, ...], numels: tuple[int, ...], device: torch.device, dtype, tiles: Tiles, programs: int
 ) -> Plan:
-    layout = layout_for(numels, element_size(dtype), tiles)
+    layout = layout_for(numels, element_size(dtype), tiles, programs)
     pinned = device.type == "cuda"
     meta, host = device_table(table_at(layout, addrs, pinned), device, pinned)
     return Plan(
@@ -198,6 +217,7 @@ def _build(
         num_tensors=len(addrs),
         num_stats_items=layout.num_stats_items,
         num_small_items=layout.num_small_items,
+        num_partials=layout.num_partials,
         tiles=tiles,
         # every address a multiple of ALIGNMENT: then so is their bitwise or (one C-level pass)
         aligned=functools.reduce(operator.or_, addrs, 0) % ALIGNMENT == 0,
@@ -221,10 +241,11 @@ def plan_for(
     first = tensors[0]
     if tiles is None:
         tiles = tiles_for(first.dtype, numels)
-    key = (first.device, first.dtype, tiles, addrs, numels)
+    programs = resident_programs(first.device, tiles.programs)  # what the tickets are cut for
+    key = (first.device, first.dtype, tiles, programs, addrs, numels)
     plan = plans.get(key)
     if plan is None:
-        plan = plans[key] = _build(addrs, numels, first.device, first.dtype, tiles)
+        plan = plans[key] = _build(addrs, numels, first.device, first.dtype, tiles, programs)
         if len(plans) > CACHE_SIZE:
             plans.popitem(last=False)
     else:
@@ -244,7 +265,7 @@ def workspace_for(plan: Plan, stream: int) -> Workspace:
     if ws is None or ws.dropped:
         # (A plan that keeps its workspace does not refresh the pool's order: an entry may age out while a
         # plan still holds it, which costs the next plan of those sizes one allocation, nothing else.)
-        key = (plan.device, stream, plan.num_stats_items, plan.num_tensors)
+        key = (plan.device, stream, plan.num_partials, plan.num_tensors)
         ws = workspace_pool.get(key)
         if ws is None or ws.dropped:
             ws = workspace_pool[key] = plan.new_workspace()
