@@ -5,7 +5,8 @@ What is modelled, per launch of ``znorm_queue_kernel`` (backends/triton_kernels.
 - the grid: ``programs`` persistent programs (at most ``programs_per_sm`` per SM are resident; more start
   only as others leave, which in a drained queue changes nothing, so the model runs the resident ones);
 - the queue: tickets in the table's order, drawn one ahead (a program draws its next ticket as it starts the
-  current one, as the kernel does);
+  current one, or, in a statistics run of several chunks, as it ends the run, about where the kernel draws
+  it: on the run's last chunk);
 - a ticket: a fixed latency chain (record, first loads, atomics, stores of partials), then its bytes streamed
   at the program's own rate, ``group bytes / (memory latency + compute per group)`` (the kernel has no load
   of the next group in flight while a group is reduced), scaled down when all streaming programs together
@@ -18,7 +19,7 @@ What is modelled, per launch of ``znorm_queue_kernel`` (backends/triton_kernels.
 The constants (``Machine``) are fitted to the three recorded H100 runs by bench/schedule_calibration.py,
 which also prints the model's predictions for every list and design. A design is a ``Design`` value: the
 tile size, the unroll, the chunking, and the ticket layout (one ticket per chunk in tensor order, as shipped
-until #23, or runs of partials with the largest tickets first).
+until #23, or guided runs of partials, as shipped since).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class Machine:
 
     sms: int = 132
     programs_per_sm: int = 2
-    dram_bw: float = 3.0e6  # the copy rate of the large lists in the recorded runs (3.0 TB/s)
+    dram_bw: float = 3.0e6  # the copy rate of the large lists in the recorded runs
     l2_bw: float = 7.0e6
     l2_bytes: float = 40e6  # lists up to this many bytes are read from L2
     launch: float = 4.0  # launch to the first program's start, plus the last program's exit
@@ -224,9 +225,9 @@ def simulate(
                 worked.append(now)
             return
         current[p] = k
-        following[p] = draw()
-        started[p] = now
         tk = queue[k]
+        following[p] = draw() if tk.kind != "stat" or tk.partials == 1 else -1  # a run draws at its end
+        started[p] = now
         if tk.kind == "norm" and published[tk.tensor] > now:
             phase[p] = 3
             waiting.setdefault(tk.tensor, []).append(p)
@@ -262,7 +263,7 @@ def simulate(
         busy_time += now - started[p]
         if record:
             spans.append((p, current[p], started[p], now))
-        start(p, following[p])
+        start(p, following[p] if following[p] >= 0 else draw())
 
     def publish(t: int) -> None:
         published[t] = now

@@ -195,13 +195,15 @@ def test_a_tensor_keeps_its_bits_in_any_list(tb, plans, dtype):
     "tiles",
     [{"unroll": 0}, {"unroll": 3}, {"block": 24}, {"block": 8}, {"block": 64.0}, {"merge_block": 6},
      {"mid_chunk": 0}, {"num_warps": 0}, {"programs": 0}, {"run": 0}, {"run": True}, {"run": 1.0},
-     {"run_divisor": 0}, {"large_min_chunk": 0}, {"max_partials": 0}],
+     {"run_divisor": 0}, {"large_min_chunk": 0}, {"max_partials": 0},
+     {"block": 1 << 20, "mid_chunk": 1 << 11}, {"block": 1 << 26}],
     ids=str,
 )  # fmt: skip
 def test_bad_tiles_are_refused(tiles):
     with pytest.raises(
         ValueError,
-        match=r"(unroll|block|mid_chunk|num_warps|programs|run|divisor|min_chunk|partials) must be",
+        match=r"((unroll|block|mid_chunk|num_warps|programs|run|divisor|min_chunk|partials) must be"
+        r"|chunks of at most)",
     ):
         Tiles(**{"block": 64, **tiles})
 

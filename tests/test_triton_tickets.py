@@ -33,8 +33,8 @@ triton_only = pytest.mark.skipif(
 # Small tiles: chunks of 2 tiles (32 elements) up to 100 elements, of 3 tiles (48) above; merges of more than
 # merge_block partials.
 SMALL = Tiles(16, mid_chunk=2, large_chunk=3, large_tensor=100, merge_block=8)
-# (run, programs): today's one chunk per ticket, runs of 2 and 3, one ticket per tensor, and the rule's runs
-# for the assumed H100 grid and for a few programs (which cuts longer runs).
+# (run, programs): one chunk per ticket (as before #23), runs of 2 and 3, one ticket per tensor, and the
+# rule's runs for the assumed H100 grid and for a few programs (which cuts longer runs).
 VARIANTS = [(1, None), (2, 3), (3, 7), (1000, 1), (None, None), (None, 1), (None, 3)]
 
 
@@ -247,7 +247,7 @@ def test_the_same_bits_whatever_the_runs_and_the_programs(tb, dtype):
     xs = _inputs(dtype)
     want, want_stats = _normalized(tb, xs, dataclasses.replace(SMALL, run=1))
     plan = tb.last_launch().plan
-    assert plan.num_stats_items == plan.num_partials  # one chunk per ticket: today's tickets
+    assert plan.num_stats_items == plan.num_partials  # one chunk per ticket, as before #23
     for g, x in zip(want[3:8], xs[3:8]):
         assert_close_to_float64(g, x)
     assert want[11].isnan().all() and not want[9].isfinite().all() and torch.equal(want[-1], 0 * want[-1])

@@ -68,6 +68,8 @@ class Tiles:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.block * max(self.mid_chunk, self.large_chunk) > MAX_TICKET:
+            raise ValueError(f"chunks of at most {MAX_TICKET} elements (32-bit offsets), got {self!r}")
         for name in ("programs", "run"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
