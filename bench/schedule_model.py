@@ -149,6 +149,7 @@ class Result:
     busy: float  # mean fraction of the resident programs working (not waiting, not idle)
     tail: float  # µs between the exits of the first program that ran a ticket and of the last
     spans: list[tuple[int, int, float, float]] = field(default_factory=list)  # (program, ticket, start, end)
+    queue: list[Ticket] = field(default_factory=list)  # the tickets the spans index (with record=True)
 
 
 def simulate(
@@ -218,7 +219,6 @@ def simulate(
 
     def start(p: int, k: int) -> None:
         """Program p starts ticket k (or leaves if the queue is drained)."""
-        nonlocal busy_time
         if k >= len(queue):
             exits.append(now)
             if current[p] >= 0:
@@ -310,4 +310,5 @@ def simulate(
         busy=busy_time / (progs * end) if end > 0 else 1.0,
         tail=end - min(worked) if worked else 0.0,
         spans=spans,
+        queue=queue if record else [],
     )

@@ -109,6 +109,7 @@ def test_spans_are_the_tickets_each_once() -> None:
     numels = [70_000, 300, 5000]
     result = simulate(numels, 2, replace(SMALL, runs=2), FITTED, programs=5, record=True)
     queue, _ = tickets_for(numels, replace(SMALL, runs=2), 5)
+    assert result.queue == queue  # the tickets the spans index
     assert sorted(k for _, k, _, _ in result.spans) == list(range(len(queue)))
     for program in range(5):
         mine = sorted((start, end) for p, _, start, end in result.spans if p == program)

@@ -33,13 +33,11 @@ class Span:
 def model_spans(list_name: str, dtype: str, design: str) -> list[Span]:
     """The schedule model's spans of one launch (bench/schedule_calibration.DESIGNS names the designs)."""
     from bench.schedule_calibration import DESIGNS, ELSIZE, FITTED, numels_of
-    from bench.schedule_model import simulate, tickets_for
+    from bench.schedule_model import simulate
 
     numels = numels_of(list_name)
-    chosen = DESIGNS[design](dtype, numels)
-    queue, _ = tickets_for(numels, chosen, FITTED.resident)
-    result = simulate(numels, ELSIZE[dtype], chosen, FITTED, record=True)
-    return [Span(p, queue[k].kind, start, end) for p, k, start, end in result.spans]
+    result = simulate(numels, ELSIZE[dtype], DESIGNS[design](dtype, numels), FITTED, record=True)
+    return [Span(p, result.queue[k].kind, start, end) for p, k, start, end in result.spans]
 
 
 def summary(spans: Sequence[Span], programs: int | None = None) -> dict[str, float]:

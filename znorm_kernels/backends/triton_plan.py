@@ -121,11 +121,12 @@ captured_plans: list[Plan] = []  # tables a captured graph reads: kept for the l
 def table(addrs, numels, elsize: int, tiles: Tiles, programs: int) -> tuple[list[int], int, int, int]:
     """The int64 table (layout above), cut for ``programs`` resident programs, and its numbers of statistics
     tickets, small items and chunks."""
-    runs = ticket_runs(numels, tiles, programs)
-    tickets = []  # (elements, tensor, first chunk, chunks) per run, in tensor and chunk order
-    small_items, tensors = [], []
+    # A record per chunk of a statistics run, not one per run: the kernel takes a run one chunk per pass of
+    # its loop, each read from its own record before its data, as a lone ticket's (a loop over the run inside
+    # one pass holds more values live, in registers the chunk's tiles need).
+    chunks, small_items, normalize, tensors, starts = [], [], [], [], []
     slot = 0
-    for t, (addr, n, mine) in enumerate(zip(addrs, numels, runs)):
+    for t, (addr, n, runs) in enumerate(zip(addrs, numels, ticket_runs(numels, tiles, programs))):
         if n <= tiles.block:
             small_items += (addr, n, t, 0)
             tensors += (n, 0, 0, 0)
@@ -134,29 +135,22 @@ def table(addrs, numels, elsize: int, tiles: Tiles, programs: int) -> tuple[list
         nchunks = -(-n // chunk)
         tensors += (n, chunk, slot, nchunks)
         c = 0
-        for k in mine:
-            tickets.append((min((c + k) * chunk, n) - c * chunk, t, c, k))
+        for k in runs:
+            starts.append(len(chunks) // ITEM)
+            for j in range(c, c + k):
+                last = j == c + k - 1
+                chunks += (
+                    addr + j * chunk * elsize,
+                    min(chunk, n - j * chunk),
+                    t,
+                    (slot + j) | (k << 32 if last else 0),
+                )
+            normalize += (addr + c * chunk * elsize, min((c + k) * chunk, n) - c * chunk, t, nchunks + 1)
             c += k
         slot += nchunks
-    # A record per chunk of a statistics run, not one per run: the kernel takes a run one chunk per pass of
-    # its loop, each read from its own record before its data, as a lone ticket's (a loop over the run inside
-    # one pass holds more values live, in registers the chunk's tiles need).
-    chunks, normalize, starts = [], [], []
-    for elements, t, c, k in tickets:
-        addr, n = addrs[t], numels[t]
-        _, chunk, first, nchunks = tensors[ITEM * t : ITEM * t + ITEM]
-        starts.append(len(chunks) // ITEM)
-        for j in range(c, c + k):
-            last = j == c + k - 1
-            chunks += (
-                addr + j * chunk * elsize,
-                min(chunk, n - j * chunk),
-                t,
-                (first + j) | (k << 32 if last else 0),
-            )
-        normalize += (addr + c * chunk * elsize, elements, t, nchunks + 1)
-    starts += [0] * (-len(starts) % ITEM)
-    return chunks + small_items + normalize + tensors + starts, len(tickets), len(small_items) // ITEM, slot
+    tickets = len(starts)
+    starts += [0] * (-tickets % ITEM)
+    return chunks + small_items + normalize + tensors + starts, tickets, len(small_items) // ITEM, slot
 
 
 @dataclass(frozen=True)
@@ -206,8 +200,9 @@ def table_at(layout: TableLayout, addrs: tuple[int, ...], pinned: bool = False) 
 
 
 def _build(
-    addrs: tuple[int, ...], numels: tuple[int, ...], device: torch.device, dtype, tiles: Tiles, programs: int
+    addrs: tuple[int, ...], numels: tuple[int, ...], device: torch.device, dtype, tiles: Tiles
 ) -> Plan:
+    programs = resident_programs(device, tiles.programs)  # what the tickets are cut for
     layout = layout_for(numels, element_size(dtype), tiles, programs)
     pinned = device.type == "cuda"
     meta, host = device_table(table_at(layout, addrs, pinned), device, pinned)
@@ -241,11 +236,11 @@ def plan_for(
     first = tensors[0]
     if tiles is None:
         tiles = tiles_for(first.dtype, numels)
-    programs = resident_programs(first.device, tiles.programs)  # what the tickets are cut for
-    key = (first.device, first.dtype, tiles, programs, addrs, numels)
+    # (The programs the tickets are cut for follow from the device and the tiles: no key of their own.)
+    key = (first.device, first.dtype, tiles, addrs, numels)
     plan = plans.get(key)
     if plan is None:
-        plan = plans[key] = _build(addrs, numels, first.device, first.dtype, tiles, programs)
+        plan = plans[key] = _build(addrs, numels, first.device, first.dtype, tiles)
         if len(plans) > CACHE_SIZE:
             plans.popitem(last=False)
     else:
