@@ -1,8 +1,9 @@
 """Build script: the Python package plus the native extension ``znorm_kernels._C`` (csrc/).
 
 Install for development with ``pip install --no-build-isolation -e .`` (the Makefile does this), so the
-extension compiles against the torch already installed. One module holds the ops' schemas, their CPU kernels
-and, in a CUDA build, their CUDA kernels (csrc/: cpu_*.cpp, cuda_*.cu and cuda_table_cache.cpp).
+extension compiles against the torch already installed. One module holds the ops' schemas, the hook's steady
+step (grad_watch.cpp), their CPU kernels and, in a CUDA build, their CUDA kernels (csrc/: cpu_*.cpp, cuda_*.cu
+and cuda_table_cache.cpp).
 
 Environment switches:
     ZNORM_BUILD_CUDA=0|1   skip / require the CUDA kernel. Default: built when torch is a CUDA build and nvcc
@@ -64,8 +65,10 @@ def _extensions() -> tuple[list, dict]:
         raise SystemExit(f"setup.py: ZNORM_BUILD_CUDA=1 but {missing}")
     with_cuda = can_cuda if want_cuda is None else want_cuda
 
-    # One family of kernels per file (csrc/tiles.h holds their sizes): the schemas, then the CPU ops.
-    sources = [os.path.join(CSRC, f) for f in ("module.cpp", "cpu_znorm.cpp", "cpu_optim.cpp")]
+    # One family of kernels per file (csrc/tiles.h holds their sizes): the schemas, the hook's steady step,
+    # then the CPU ops.
+    cpu_files = ("module.cpp", "grad_watch.cpp", "cpu_znorm.cpp", "cpu_optim.cpp")
+    sources = [os.path.join(CSRC, f) for f in cpu_files]
     # -ffp-contract=off: no fused multiply-adds, so the baseline and AVX2 copies of the CPU loops round alike.
     cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]
     extra = {"cxx": cxx}

@@ -9,8 +9,10 @@ The "training path" rows give the hook NEW gradient objects before every call, a
 ``opt.zero_grad(set_to_none=True)`` does: at the same addresses (the caching allocator hands the same blocks
 back), cycling between two sets of addresses, or at addresses not seen in the last 64 calls. Assigning the
 ``.grad`` attributes costs time of its own: those rows are (assignment + hook) minus the assignment alone,
-measured round-robin. The "cpu backend" rows run the native backend's Python path with the C++ op replaced by
-a no-op (its kernel runs synchronously on the CPU, and would swamp the host cost). The last two rows time a
+measured round-robin. The "cpu" rows run the native backend, whose kernel runs synchronously on the CPU and
+would swamp the host cost on the real list: they take as many tensors as the list, of 2 elements each, and
+the op alone on those tensors is timed beside them (the hook's native steady path calls the op from C++,
+where no Python stub can stand in for it). The last two rows time a
 hook's first and second call after ``register()``: its caches are built on the first. The "caches evicted"
 rows time the hook (on the first 1, 20 and all tensors of the list) right after touching EVICT_BYTES of
 memory, as a training step's forward and backward passes on this CPU do, beside the same calls warm: what a
@@ -33,17 +35,32 @@ from bench.param_lists import get_list
 from bench.suite import NullStepOptimizer
 from bench.timing import host_time, host_times
 from znorm_kernels import validation
-from znorm_kernels.backends import native, triton_kernels
+from znorm_kernels.backends import triton_kernels
 from znorm_kernels.check_cache import recent_checks
 
 EVICT_BYTES = 64 << 20  # above the development CPU's L2 and L3 together (2 + 32 MiB)
 
 
-class NoLaunch:
-    """Stands in for a Triton kernel: ``kernel[grid](...)`` launches nothing."""
+class _NoCompiled:
+    """Stands in for Triton's ``CompiledKernel``: ``compiled[grid](*args, stream=...)`` launches nothing."""
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: None
+
+
+class NoLaunch:
+    """Stands in for a Triton kernel: ``kernel[grid](...)`` launches nothing. Given the real kernel, it
+    returns a compiled kernel that launches nothing either, which the direct launcher keeps as it keeps
+    Triton's on a GPU (``triton_launch``), so the host path timed is the one a GPU host takes after the
+    first launch; without it, None, as under the interpreter (every launch through the kernel object)."""
+
+    def __init__(self, kernel=None) -> None:
+        if kernel is not None:
+            self.arg_names = kernel.arg_names
+        self.compiled = _NoCompiled() if kernel is not None else None
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.compiled
 
 
 class _Feed:
@@ -98,12 +115,28 @@ def _training_rows(shapes: list, backend: str) -> dict:
     return rows
 
 
+def _count_rows(shapes: list, counts: tuple[int, ...] = (20, 1000)) -> dict:
+    """The hook on unchanged gradients of lists of ``counts`` tensors (the list's shapes over and over): how
+    its cost grows with the number of tensors."""
+    rows = {}
+    for count in counts:
+        params = [torch.nn.Parameter(torch.zeros(shapes[i % len(shapes)])) for i in range(count)]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt = torch.optim.SGD(params, lr=0.0)
+        hook = opt._optimizer_step_pre_hooks[znorm_kernels.register(opt, backend="triton").id]
+        rows[f"hook call, triton, {count} tensors (unchanged gradients)"] = lambda hook=hook, opt=opt: hook(
+            opt, (), {}
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--list", default="resnet56")
     parser.add_argument("--repeats", type=int, default=500)
     args = parser.parse_args()
-    triton_kernels.znorm_queue_kernel = NoLaunch()
+    triton_kernels.znorm_queue_kernel = NoLaunch(triton_kernels.znorm_queue_kernel)
     shapes = get_list(args.list).shapes
     params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
     for p in params:
@@ -134,14 +167,21 @@ def main() -> None:
             grads, None, "znorm_"
         ),
     }
-    # The native CPU backend's Python path, its C++ op replaced by a no-op (see the module docstring).
-    native._run = lambda tensors, eps, correction, grad_scale, *, stats=None: None
-    cpu_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(s)) for s in shapes], lr=0.0)
+    # The native CPU backend on as many tensors of 2 elements (see the module docstring).
+    tiny = [(2,)] * len(shapes)
+    cpu_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(s)) for s in tiny], lr=0.0)
     for p in cpu_opt.param_groups[0]["params"]:
         p.grad = torch.randn_like(p)
+    cpu_grads = [p.grad for p in cpu_opt.param_groups[0]["params"]]
     cpu_hook = cpu_opt._optimizer_step_pre_hooks[znorm_kernels.register(cpu_opt, backend="cpu").id]
-    rows["hook call, cpu (unchanged gradients)"] = lambda: cpu_hook(cpu_opt, (), {})
-    training = {**_training_rows(shapes, "triton"), **_training_rows(shapes, "cpu")}
+    rows[f"hook call, cpu, {len(tiny)} tensors of 2 elements (unchanged gradients)"] = lambda: cpu_hook(
+        cpu_opt, (), {}
+    )
+    rows["(the cpu op alone on those tensors)"] = lambda: torch.ops.znorm_kernels_C.znorm_(
+        cpu_grads, 1e-10, 0.0, None, None
+    )
+    rows.update(_count_rows(shapes))
+    training = {**_training_rows(shapes, "triton"), **_training_rows(tiny, "cpu")}
     for fn in rows.values():  # warm up: plans built, caches filled
         fn()
     print(f"{args.list}: {len(params)} tensors; torch {torch.__version__}; median of {args.repeats} calls")

@@ -1,6 +1,7 @@
 """The host's fast paths keep the exact checks' results: the one-pass check of plain lists against the
 per-tensor one, the overlap test against brute force, the cache of recent checks (same tensor objects only),
-and the hook's cache with None gradients (re-checked whenever a gradient appears, disappears or moves)."""
+and the hook's cache with None gradients (re-checked whenever a gradient appears, disappears or moves), on
+the Python path and on the native steady path (tests/test_grad_watch.py) alike."""
 
 from __future__ import annotations
 
@@ -349,6 +350,10 @@ _TRAINING_CASES = {
     "None appearing": lambda params, buf: {"w": buf[0:16].view(4, 4), "b": None},
     "sparse": lambda params, buf: {"w": buf[0:16].view(4, 4), "b": buf[32:48].to_sparse()},
     "requires grad": lambda params, buf: {"w": buf[0:16].view(4, 4), "b": buf[32:48].requires_grad_()},
+    "negative view at the same address": lambda params, buf: {
+        "w": buf[0:16].view(4, 4),
+        "b": buf[32:48]._neg_view(),
+    },
 }
 
 
@@ -385,7 +390,7 @@ def _training_outcome(backend: str, case, cached: bool, base=_base):
     return "ok", buf
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpu"])
 @pytest.mark.parametrize("case", list(_TRAINING_CASES))
 def test_hook_on_new_gradient_objects_does_what_the_full_checks_do(backend, case):
     if backend not in znorm_kernels.available_backends():
@@ -404,7 +409,7 @@ def test_hook_on_new_gradient_objects_reuses_the_checks(full_checks):
     assert len(full_checks) == 1
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpu"])
 def test_hook_after_a_duplicate_rechecks_a_move(backend):
     """The cached step had the same memory twice (normalized once): when one of them moves away, both are
     normalized, as the full checks decide."""

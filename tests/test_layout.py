@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     # 2: which backend serves what
     ("registry",),
     # 3: checks and grouping
-    ("options", "overlap", "check_cache", "validation"),
+    ("options", "overlap", "check_cache", "validation", "grad_watch"),
     # 4: routing to backends, the per-step cache, the distributed path
     ("dispatch", "step_cache", "distributed", "distributed.*"),
     # 5: the public entry points and what every hook shares

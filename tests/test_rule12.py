@@ -15,6 +15,7 @@ import torch
 import znorm_kernels
 from tests.utils import assert_close_to_float64, make_grad
 from znorm_kernels import reference
+from znorm_kernels.backends import triton_queue
 from znorm_kernels.backends.tiles import Tiles
 from znorm_kernels.backends.triton_grid import occupancy
 
@@ -105,7 +106,7 @@ def test_rule12_each_stream_has_its_own_workspace(tb, tp, monkeypatch):
 
     else:  # no streams on the CPU: made-up handles (the interpreter ignores them)
         ids, current = [11, 22], {"id": 11}
-        monkeypatch.setattr(tb, "stream_of", lambda device: current["id"])
+        monkeypatch.setattr(triton_queue, "stream_of", lambda device: current["id"])
 
         def on(i: int):
             current["id"] = ids[i]
@@ -200,7 +201,7 @@ def test_rule12_spin_limit_turns_an_endless_wait_into_an_error(tb, tp, monkeypat
     # Counters left non-zero (as by two unordered launches sharing a workspace) make the queue skip a
     # statistics ticket; the normalize items of that tensor would then wait for ever. The debug switch turns
     # the wait into a RuntimeError naming the tensor, which is left unchanged; the workspace is reset.
-    monkeypatch.setattr(tb, "_spin_limit", 0)
+    monkeypatch.setattr(triton_queue, "_spin_limit", 0)
     grads = [make_grad((n,), device=DEVICE, seed=n) for n in (200, 5)]
     inputs = [g.clone() for g in grads]
     tb.znorm_group_(grads, 1e-10, 0, None, tiles=Tiles(64))
@@ -236,7 +237,7 @@ def test_spin_limit_is_read_from_the_environment():
     import subprocess
     import sys
 
-    code = "from znorm_kernels.backends import triton_host as t; print(t._spin_limit)"
+    code = "from znorm_kernels.backends import triton_queue as t; print(t._spin_limit)"
     env = {**os.environ, "ZNORM_SPIN_LIMIT": "1234"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "1234"

@@ -43,21 +43,32 @@ def _counters(plan, device) -> torch.Tensor:
     return plan.workspaces[stream_of(device)].counters
 
 
+class _WatchedLauncher:
+    """A DirectLauncher calling ``record`` before each launch: ``record(grid, stream, args, key, **kwargs)``
+    for a launch through its call, ``record(grid, stream, args, None)`` for a prepared one (``direct``)."""
+
+    def __init__(self, launcher, record) -> None:
+        self.launcher, self.record = launcher, record
+
+    def __call__(self, grid, *args, **kwargs):
+        self.record(grid, *args, **kwargs)
+        return self.launcher(grid, *args, **kwargs)
+
+    def direct(self, kept, grid, stream, args):
+        self.record(grid, stream, args, None)
+        return self.launcher.direct(kept, grid, stream, args)
+
+    def __getattr__(self, name):
+        return getattr(self.launcher, name)
+
+
 def _watch_launches(tb, monkeypatch, record) -> None:
-    """Calls ``record(grid, stream, args, key, **kwargs)`` before every kernel launch (every launch goes
-    through the host's launcher, Triton's own or the direct one of kept kernels)."""
-    real = tb.launcher_for
+    """Calls ``record`` before every kernel launch (every launch goes through the host's launcher: Triton's
+    own, the direct one of kept kernels, or a prepared one; see _WatchedLauncher)."""
+    from znorm_kernels.backends import triton_queue
 
-    def watched_launcher_for(fn):
-        launcher = real(fn)
-
-        def launch(grid, *args, **kwargs):
-            record(grid, *args, **kwargs)
-            return launcher(grid, *args, **kwargs)
-
-        return launch
-
-    monkeypatch.setattr(tb, "launcher_for", watched_launcher_for)
+    real = triton_queue.launcher_for
+    monkeypatch.setattr(triton_queue, "launcher_for", lambda fn: _WatchedLauncher(real(fn), record))
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from znorm_kernels.backends import triton_host
+from znorm_kernels.backends import triton_host, triton_queue
 from znorm_kernels.backends.float64_range import factor_of
 
 _W = 2.0**100  # the kernel's WIDE_SPREAD and WIDE_INV
@@ -50,7 +50,7 @@ def test_entry_points_ask_the_launch_for_their_stage(monkeypatch):
                 t.fill_(7.0)
         return SimpleNamespace(stats=torch.zeros(len(tensors), 4, dtype=torch.float64))
 
-    monkeypatch.setattr(triton_host, "_launch_here", launch_here)
+    monkeypatch.setattr(triton_queue, "_launch_here", launch_here)
     x, scale, tiles, plan, rows = torch.randn(5), torch.tensor(2.0), object(), object(), torch.zeros(1, 4)
     triton_host.znorm_group_([x], 0.5, 1, scale, tiles=tiles)
     triton_host.statistics([x])  # the library's defaults: eps 1e-10, correction 0

@@ -5,7 +5,8 @@ accumulation (with ``step(closure)``, it treats the gradients each closure call 
 ``torch.amp.GradScaler`` with an ordinary optimizer it sees unscaled gradients and does not run on skipped
 steps. With a fused optimizer GradScaler leaves the gradients scaled by s and sets ``optimizer.grad_scale``;
 the hook then keeps them scaled (docs/contract.md) and reads the scale as a device tensor, without syncing.
-Step after step it reuses its checks while the gradients keep their layouts (``step_cache.GradientGroups``).
+Step after step it reuses its checks while the gradients keep their layouts (``step_cache.GradientGroups``),
+in one native call where it can (``grad_watch``).
 """
 
 from __future__ import annotations
@@ -75,7 +76,10 @@ def register(
         if torch.compiler.is_compiling():
             znorm_(grads, eps=eps, correction=correction, backend=backend, grad_scale=scale, names=names)
         else:
-            groups.znorm_(grads, names, scale)
+            groups.znorm_(grads, names, scale, params)
 
-    inner = register_grad_hook(optimizer, transform, selector=selector)
+    def steady(params: list[Tensor], scale) -> bool:  # the step in one native call, where it can be
+        return not torch.compiler.is_compiling() and groups.steady(params, scale)
+
+    inner = register_grad_hook(optimizer, transform, selector=selector, steady=steady)
     return ZNormHandle(inner, stats, lambda: selector.select()[1])

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .dispatch import plan_groups, run_znorm_
 from .dtensors import dtensor_positions, dtensors_possible
+from .grad_watch import MOVED, SAME, new_watch
 from .guards import layout_guard, same_addresses_or_raise
 from .options import check_options
 from .overlap import disjoint, span
@@ -39,6 +40,10 @@ class GradientGroups:
       group functions are bound again to the new addresses (``bound.rebind``, without re-reading layouts);
     - anything else (a None appearing or disappearing, another stride or dtype, ranges that meet): the full
       path of ``run_znorm_``, which raises for bad gradients.
+
+    Given the parameters whose gradients these are (the hook does), the same decisions are taken in one native
+    call (``steady``, a ``grad_watch`` GradWatch) where every group can run so: the native op's groups, and
+    groups whose bound function can launch without being handed its tensors (``launch_only``).
     """
 
     def __init__(self, eps: float, correction: float, backend: str, stats: StatsBuffer | None = None) -> None:
@@ -60,6 +65,11 @@ class GradientGroups:
         # (group function, the function bound to the present gradients' addresses, positions among the
         # present gradients; None: all of them, in order)
         self.plan: list[tuple[GroupFn, GroupFn, list[int] | None]] = []
+        # The native steady path: the watch over ``watched`` (the parameters list object it was made for),
+        # and the bound launches of the groups it does not run itself.
+        self.watch = None
+        self.watched: list[Tensor] | None = None
+        self.launches: list = []
 
     def _present(self, grads: list[Tensor | None]) -> list[Tensor] | None:
         """The present gradients if the cached checks still hold for ``grads`` (binding the groups again if
@@ -94,6 +104,11 @@ class GradientGroups:
         for idx in self.by_device:
             if not disjoint(list(map(starts.__getitem__, idx)), list(map(ends.__getitem__, idx))):
                 return False
+        self._rebind(present, starts)
+        return True
+
+    def _rebind(self, present: list[Tensor], starts: list[int]) -> None:
+        """Bind the groups to the present gradients at their new addresses ``starts`` (rule 11 checked)."""
         plan = []
         for fn, bound, idx in self.plan:
             rebind = getattr(bound, "rebind", None)
@@ -104,11 +119,16 @@ class GradientGroups:
                     bound = rebind(list(map(present.__getitem__, idx)), tuple(map(starts.__getitem__, idx)))
             plan.append((fn, bound, idx))
         self.plan, self.starts = plan, starts
-        return True
+        if self.watch is not None:
+            self.launches = [bound.launch_only for fn, bound, _ in plan if not hasattr(fn, "native_op")]
 
-    def _check(self, grads: list[Tensor | None], names: list[str]) -> list[Tensor]:
-        """The full path: check and group (raising for bad gradients), bind the groups, cache the key."""
+    def _check(
+        self, grads: list[Tensor | None], names: list[str], params: list[Tensor] | None = None
+    ) -> list[Tensor]:
+        """The full path: check and group (raising for bad gradients), bind the groups, cache the key; with
+        ``params`` (whose gradients ``grads`` are), a native watch where every group allows one."""
         self.length = -1
+        self.watch = self.watched = None
         _, plan = plan_groups(grads, self.backend, names)
         positions = [i for i, g in enumerate(grads) if g is not None]
         if len(positions) == len(grads):
@@ -135,20 +155,81 @@ class GradientGroups:
         self.starts = list(map(_data_ptr, present))
         self.indices = list(range(len(present)))
         self.length = len(grads)
+        if params is not None and self.stats is None:
+            self._watch(params)
         return present
 
-    def znorm_(self, grads: list[Tensor | None], names: list[str], grad_scale: Tensor | None) -> None:
-        """Normalize ``grads`` (None entries skipped; ``names`` for error messages) in place."""
+    def _watch(self, params: list[Tensor]) -> None:
+        """A native watch of ``params``' gradients, recorded as the last check left them, where every group
+        of the plan is the native op's or can launch without its tensors."""
+        self.watch = self.watched = None
+        native, launches = [], []
+        for fn, bound, idx in self.plan:
+            if hasattr(fn, "native_op"):
+                native.append(self.indices if idx is None else idx)
+            elif hasattr(bound, "launch_only"):
+                launches.append(bound.launch_only)
+            else:
+                return
+        watch = new_watch(params)
+        moves = self.by_device is not None
+        if watch is not None and watch.record(native, self.by_device or [], moves, not launches):
+            self.watch, self.watched, self.launches = watch, params, launches
+
+    def steady(self, params: list[Tensor], grad_scale: Tensor | None) -> bool:
+        """The step in one native call where the watch made for ``params`` finds their gradients as recorded
+        (or moved, still disjoint): True when done; False where the caller must read the gradients and call
+        ``znorm_`` (no watch, or something changed)."""
+        watch = self.watch
+        if watch is None or params is not self.watched:
+            return False
+        status = watch.step(self.eps, self.correction, grad_scale)
+        if status == SAME:  # the watch ran the native groups (those it could run alone, also after a move)
+            for launch in self.launches:
+                launch(self.eps, self.correction, grad_scale)
+            return True
+        if status == MOVED:  # the watch ran nothing: the groups bound again, then run
+            present = watch.take()
+            self._rebind(present, list(map(_data_ptr, present)))
+            for fn, bound, idx in self.plan:
+                if hasattr(fn, "native_op"):
+                    fn(
+                        present if idx is None else list(map(present.__getitem__, idx)),
+                        self.eps,
+                        self.correction,
+                        grad_scale,
+                    )
+                else:
+                    bound.launch_only(self.eps, self.correction, grad_scale)
+            return True
+        return False
+
+    def znorm_(
+        self,
+        grads: list[Tensor | None],
+        names: list[str],
+        grad_scale: Tensor | None,
+        params: list[Tensor] | None = None,
+    ) -> None:
+        """Normalize ``grads`` (None entries skipped; ``names`` for error messages) in place; ``params``, the
+        parameters whose gradients they are, for a native watch of the next steps (``steady``)."""
         present = self._present(grads)
         if present is None:
             if dtensors_possible() and dtensor_positions(grads):
                 # DTensor gradients (FSDP2): uncached, through run_znorm_ (their statistics cross ranks).
                 self.length = -1  # the cached plan (if any) is not this list's
+                self.watch = self.watched = None
                 run_znorm_(grads, self.eps, self.correction, self.backend, grad_scale, names, self.stats)
                 if self.stats is not None:
                     self.stats.unscale(grad_scale)
                 return
-            present = self._check(grads, names)
+            present = self._check(grads, names, params)
+        elif self.watch is not None and params is not None:
+            # The watch was not asked, or said otherwise: it records these gradients as they are now.
+            self._watch(params)
+        self._run(present, grad_scale)
+
+    def _run(self, present: list[Tensor], grad_scale: Tensor | None) -> None:
         if self.stats is None:
             for _, fn, idx in self.plan:
                 fn(

@@ -102,9 +102,12 @@ def register_grad_hook(
     min_ndim: int = 1,
     params: Iterable | None = None,
     selector: ParamSelector | None = None,
+    steady: Callable[[list[Tensor], Tensor | None], bool] | None = None,
 ) -> RemovableHandle:
     """Run ``transform`` on the selected parameters' gradients before every ``optimizer.step()`` (those of
-    ``selector``, or of a new ``ParamSelector(optimizer, min_ndim, params)``).
+    ``selector``, or of a new ``ParamSelector(optimizer, min_ndim, params)``). ``steady(parameters,
+    grad_scale)``, when given, is tried first: True means it treated the gradients itself (without the
+    gradient list being built here).
 
     With ``step(closure)`` the gradients are computed inside ``step()``, after this pre-hook: the closure is
     wrapped so that ``transform`` treats what each call of it computes (LBFGS calls it several times)."""
@@ -113,6 +116,8 @@ def register_grad_hook(
 
     def apply(opt: torch.optim.Optimizer) -> None:
         selected, names = selector.select()
+        if steady is not None and steady(selected, grad_scale_of(opt)):
+            return
         grads = [p.grad for p in selected]
         if any(map(operator.is_not, grads, itertools.repeat(None))):
             transform(selected, grads, names, grad_scale_of(opt))

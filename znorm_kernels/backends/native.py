@@ -188,7 +188,24 @@ def _run(
         # and on the CPU a scale already there costs nothing).
         grad_scale = grad_scale.detach().to(tensors[0].device, non_blocking=True)
     with torch.no_grad():  # gradients and leaves that require grad are normalized in place like the reference
-        torch.ops.znorm_kernels_C.znorm_(tensors, eps, correction, grad_scale, stats)
+        try:
+            torch.ops.znorm_kernels_C.znorm_(tensors, eps, correction, grad_scale, stats)
+        except RuntimeError:
+            # torch's fallback for lazily negated views (``_neg_view``) refuses them in a mutable list, before
+            # anything runs: they are normalized as materialized copies, written back through the view.
+            negated = [t.is_neg() for t in tensors]
+            if not any(negated):
+                raise
+            plain = [t.resolve_neg() if n else t for t, n in zip(tensors, negated)]
+            torch.ops.znorm_kernels_C.znorm_(plain, eps, correction, grad_scale, stats)
+            for t, p, n in zip(tensors, plain, negated):
+                if n:
+                    t.copy_(p)
+
+
+# The hook's native steady path (znorm_kernels.grad_watch) calls the op itself on the tensors of groups whose
+# function is this one: exactly what _run does (under no_grad, the scale moved to the tensors' device).
+_run.native_op = OP_NAME
 
 
 def group_fn(name: str) -> Callable[..., None]:

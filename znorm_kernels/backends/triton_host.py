@@ -17,9 +17,7 @@ capture (which PyTorch asks for anyway) build the plans outside the graph.
 from __future__ import annotations
 
 import functools
-import os
 import re
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -28,10 +26,18 @@ from ..memory import is_dense
 from . import triton_interpret
 from .float64_range import factor_of
 from .tiles import Tiles
-from .triton_common import ALIGNMENT, element_size, f64_bits, on_device, stream_of, triton_dtypes
-from .triton_grid import known, learn_occupancy, num_programs
-from .triton_launch import launcher_for
-from .triton_plan import Plan, Workspace, plan_for, workspace_for
+from .triton_plan import Plan, plan_for
+from .triton_queue import (
+    LaunchRecord,
+    carry_steady,
+    compile_options,
+    constants,
+    last_launch,
+    launch,
+    launch_steady,
+    set_spin_limit,
+    spin_limit,
+)
 
 __all__ = [
     "LaunchRecord",
@@ -42,35 +48,15 @@ __all__ = [
     "constants",
     "group_fn",
     "last_launch",
+    "launch",
+    "launch_steady",
     "serves",
     "set_spin_limit",
+    "spin_limit",
     "statistics",
     "unavailable",
     "znorm_group_",
 ]
-
-# Compile options besides the warps: at most MAX_REGISTERS registers per thread, so two programs of 8 warps
-# fit an SM (ptxas otherwise picks fewer for float64 and spills); no contraction of a multiply and an add into
-# an FMA, so every operation rounds as under the interpreter (numpy) and in the float64 reference.
-MAX_REGISTERS = 128
-
-_spin_limit = int(os.environ.get("ZNORM_SPIN_LIMIT", "0") or 0)
-
-
-def set_spin_limit(polls: int) -> None:
-    """Debug switch: with ``polls`` > 0, a program that waits more than that many polls for a tensor's
-    statistics gives up, and the launch raises RuntimeError naming the tensor (the host then synchronizes
-    after every launch to check). 0 (the default) waits as long as it takes, without synchronizing."""
-    global _spin_limit
-    if isinstance(polls, bool) or not isinstance(polls, int) or polls < 0:
-        raise ValueError(f"polls must be an int >= 0, got {polls!r}")
-    _spin_limit = polls
-
-
-def spin_limit() -> int:
-    """The debug switch's current value (0: off)."""
-    return _spin_limit
-
 
 # --- the backend's entries in the registry (znorm_kernels.registry) ---
 
@@ -119,130 +105,6 @@ def serves(name: str, device: torch.device) -> str | None:
 
 def group_fn(name: str):
     return znorm_group_
-
-
-# --- the launch ---
-
-
-@functools.cache
-def constants(
-    dtype, tiles: Tiles, aligned: bool, has_scale: bool, normalize: bool, backoff: bool, given: bool
-):
-    """The kernel's constexprs for one specialization."""
-    tl_dtype, tl_acc = triton_dtypes()[dtype]
-    return {
-        "DTYPE": tl_dtype, "ACC": tl_acc, "BLOCK": tiles.block, "UNROLL": tiles.unroll,
-        "PBLOCK": tiles.merge_block, "SUB": tiles.sub, "VEC": ALIGNMENT // element_size(dtype),
-        "ALIGNED": aligned, "BACKOFF": backoff, "HAS_SCALE": has_scale, "NORMALIZE": normalize,
-        "GIVEN": given,
-    }  # fmt: skip
-
-
-@functools.cache
-def compile_options(tiles: Tiles) -> dict:
-    return {"num_warps": tiles.num_warps, "enable_fp_fusion": False, "maxnreg": MAX_REGISTERS}
-
-
-class LaunchRecord(NamedTuple):
-    """The last launch of the queue kernel: its plan, its grid and Triton's compiled kernel (None under the
-    interpreter). For diagnostics (bench/gpu_probe.py reads registers and the grid from it)."""
-
-    plan: Plan
-    programs: int
-    kernel: object
-
-
-_last: LaunchRecord | None = None
-
-
-def last_launch() -> LaunchRecord | None:
-    return _last
-
-
-def _check_no_stall(ws: Workspace, limit: int) -> None:
-    """Debug mode only (a spin limit is set): wait for the launch and raise if a program gave up waiting."""
-    flag = int(ws.counters[2])  # synchronizes
-    if flag:
-        ws.counters.zero_()
-        raise RuntimeError(
-            f"ZNorm's Triton kernel gave up after {limit} polls waiting for the statistics of tensor "
-            f"{flag - 1} of its group, which was left unchanged: the launch found its workspace counters "
-            "non-zero (shared by launches that were not ordered). Please report how the call was made."
-        )
-
-
-def launch(
-    tensors: list[Tensor],
-    eps: float,
-    correction: float,
-    grad_scale: Tensor | None,
-    *,
-    normalize: bool = True,
-    tiles: Tiles | None = None,
-    plan: Plan | None = None,
-    given: Tensor | None = None,
-) -> Workspace:
-    """One launch over dense same-device, same-dtype tensors, under their device: statistics, and with
-    ``normalize`` the z-scores written in place. ``plan`` when the caller has it (else looked up, with
-    ``tiles`` or the list's own); ``given``: float64 [T, 4] rows to apply instead of computing statistics.
-    Returns the workspace, whose ``stats`` hold every tensor's (mean, std, inv, wide) until its next
-    launch."""
-    device = tensors[0].device
-    return on_device(
-        device,
-        lambda: _launch_here(tensors, device, eps, correction, grad_scale, normalize, tiles, plan, given),
-    )
-
-
-def _launch_here(tensors, device, eps, correction, grad_scale, normalize, tiles, plan, given) -> Workspace:
-    global _last
-    from . import triton_kernels  # the kernel module is imported once, then found in sys.modules
-
-    dtype = tensors[0].dtype
-    if plan is None:
-        plan = plan_for(tensors, tiles)
-    tiles = plan.tiles
-    stream = stream_of(device)
-    ws = workspace_for(plan, stream)
-    if grad_scale is not None:
-        scale = grad_scale.to(device=device, dtype=torch.float32, non_blocking=True)
-    else:
-        scale = ws.stats  # never read
-    has_scale = grad_scale is not None
-    on_gpu = device.type == "cuda"
-    items = plan.num_items if normalize and given is None else plan.num_stats_items + plan.num_small_items
-    if given is not None:  # the rows to apply, where the kernel would have published them (same stream)
-        ws.stats.copy_(given)
-    # The specialization: device, dtype, alignment, scale, stage, given rows and tiles (every constexpr).
-    key = (device.index, dtype, plan.aligned, has_scale, normalize, given is not None, tiles)
-    programs = num_programs(device, items, key, tiles.programs)
-    limit = _spin_limit
-    try:
-        args = (
-            plan.meta, ws.partials, ws.stats, ws.counters, scale, f64_bits(eps), correction, plan.num_tensors,
-            plan.num_stats_items, plan.num_small_items, plan.num_partials, programs, limit,
-        )  # fmt: skip
-        # After a specialization's first launch, Triton's per-call binding of the arguments (most of a hook
-        # call's host time on a GPU host) is skipped.
-        kernel = launcher_for(triton_kernels.znorm_queue_kernel)(
-            (programs,),
-            stream,
-            args,
-            (key, on_gpu),
-            **constants(dtype, tiles, plan.aligned, has_scale, normalize, on_gpu, given is not None),
-            **compile_options(tiles),
-        )
-        if limit:
-            _check_no_stall(ws, limit)
-    except BaseException:
-        # Its counters may be left mid-launch: never reuse it (nor may any plan sharing it).
-        ws.dropped = True
-        plan.workspaces.pop(stream, None)
-        raise
-    if on_gpu and not known(key):
-        learn_occupancy(key, kernel, tiles.num_warps)
-    _last = LaunchRecord(plan, programs, kernel)
-    return ws
 
 
 def _dense_stand_ins(tensors: list[Tensor]) -> list[Tensor]:
@@ -298,9 +160,15 @@ def bind(tensors: list[Tensor]):
     return _bound(tensors)
 
 
-def _bound(tensors: list[Tensor], numels: tuple[int, ...] | None = None, addrs=None):
+def _bound(
+    tensors: list[Tensor], numels: tuple[int, ...] | None = None, addrs=None, before: Plan | None = None
+):
     dtype = tensors[0].dtype
-    plan = plan_for(tensors, None, numels, addrs)
+    if before is None:
+        plan = plan_for(tensors, None, numels, addrs)
+    else:  # the same sizes and dtype: the same tiles (tiles_for), and the launches prepared for them
+        plan = plan_for(tensors, before.tiles, numels, addrs)
+        carry_steady(before, plan)
     numels = plan.numels
 
     def run(tensors, eps, correction, grad_scale=None, *, stats=None):  # the group function's signature
@@ -310,8 +178,13 @@ def _bound(tensors: list[Tensor], numels: tuple[int, ...] | None = None, addrs=N
         if stats is not None:
             stats.copy_(ws.stats[:, :2])
 
-    # The same layouts, all dense: only the plan (the addresses) changes; the sizes are these.
-    run.rebind = lambda others, addrs=None: _bound(others, numels, addrs)
+    # For callers that know the tensors are still these (same addresses, sizes, layouts, dtype): no tensors.
+    run.launch_only = lambda eps, correction, grad_scale=None: launch_steady(
+        plan, eps, correction, grad_scale
+    )
+    # The same layouts, all dense: only the plan (the addresses) changes; the sizes are these, and the
+    # launches prepared for this plan hold for the new one but for its table.
+    run.rebind = lambda others, addrs=None: _bound(others, numels, addrs, plan)
     return run
 
 

@@ -83,7 +83,6 @@ class DirectLauncher:
     def __call__(self, grid: tuple[int, ...], stream: int, args: Sequence[object], key: Hashable, **kwargs):
         """Launch on the current device and ``stream`` (a raw CUDA stream handle); ``key`` must identify the
         constexprs, options and device. Returns Triton's ``CompiledKernel``."""
-        global _enabled
         if not _enabled or not _plain(self.fn):
             return self.fn[grid](*args, **kwargs)
         full_key = (key, spec_key(args))
@@ -98,6 +97,22 @@ class DirectLauncher:
             if all(n in kwargs for n in names):
                 self.kept[full_key] = (compiled, tuple(kwargs[n] for n in names))
             return compiled
+        if self.direct(kept, grid, stream, args):
+            return kept[0]
+        return self.fn[grid](*args, **kwargs)
+
+    def kept_for(self, args: Sequence[object], key: Hashable) -> tuple[object, tuple] | None:
+        """The kept (compiled kernel, constexprs) for ``key`` and the specialization of ``args``, or None
+        (none kept yet, or every launch must go through Triton now)."""
+        if not _enabled or not _plain(self.fn):
+            return None
+        return self.kept.get((key, spec_key(args)))
+
+    def direct(self, kept: tuple[object, tuple], grid: tuple[int, ...], stream: int, args: Sequence[object]):
+        """Launch ``kept`` (from ``kept_for`` with these arguments' specialization) directly. False where that
+        failed before launching: direct launches are then off for good, and the caller launches through
+        Triton. Callers that keep ``kept`` check ``kept_for`` (or ``enabled``) again before each launch."""
+        global _enabled
         compiled, constexprs = kept
         try:
             compiled[tuple(grid) + (1,) * (3 - len(grid))](*args, *constexprs, stream=stream)
@@ -110,7 +125,12 @@ class DirectLauncher:
                 f"znorm_kernels: launching the kept Triton kernel directly failed ({type(err).__name__}: "
                 f"{err}); every launch now goes through Triton's own binding",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-            return self.fn[grid](*args, **kwargs)
-        return compiled
+            return False
+        return True
+
+    def enabled(self) -> bool:
+        """Whether kept kernels may be launched directly now (no launch hooks, debug mode, or earlier
+        failure)."""
+        return _enabled and _plain(self.fn)

@@ -77,6 +77,7 @@ class Plan:
 
     meta: Tensor  # int64 table (layout above)
     device: torch.device
+    dtype: torch.dtype
     num_tensors: int
     num_stats_items: int  # statistics tickets (and as many normalize tickets)
     num_small_items: int
@@ -87,6 +88,9 @@ class Plan:
     host: Tensor | None = None  # the pinned source of a table copied during graph capture
     workspaces: dict[int, Workspace] = field(default_factory=dict)  # by stream (0 off CUDA)
     captured: bool = False
+    # Prepared launches of the whole queue on its workspaces (triton_queue.launch_steady), by stream, eps,
+    # correction and whether a scale is given.
+    steady: dict[tuple, object] = field(default_factory=dict)
 
     @property
     def num_items(self) -> int:
@@ -209,6 +213,7 @@ def _build(
     return Plan(
         meta=meta,
         device=device,
+        dtype=dtype,
         num_tensors=len(addrs),
         num_stats_items=layout.num_stats_items,
         num_small_items=layout.num_small_items,
