@@ -22,8 +22,10 @@
 // The optional `stats` output (row = the tensor's position in the list: mean, std) is written where each
 // tensor's statistics are finalized (its batch item, or the serial merge of phase 2): no extra pass.
 #include <ATen/core/Tensor.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cstdint>
 #include <optional>
 #include <vector>
@@ -90,9 +92,47 @@ void znorm_cpu(at::TensorList tensors, double eps, double correction, const std:
   });
 }
 
+// The op bound to one list of dense CPU tensors (torch.classes.znorm_kernels_C.CpuList): its spans are made
+// once, holding addresses and sizes, not the tensors; run() normalizes whatever lies there now, as the op
+// would normalize the list. For callers that know the list is still at those addresses with those layouts
+// (backends/native.py's bind): a call passes no tensor, so nothing is boxed or checked per tensor.
+class CpuList : public torch::CustomClassHolder {
+ public:
+  explicit CpuList(std::vector<at::Tensor> tensors) {
+    const c10::Device cpu(c10::kCPU);
+    for (size_t i = 0; i < tensors.size(); ++i)
+      TORCH_CHECK(tensors[i].layout() != at::kStrided || tensors[i].is_non_overlapping_and_dense(),
+                  "CpuList: tensor ", i, " is not dense");
+    by_dtype_ = spans_by_dtype(tensors, cpu);
+    for (auto& spans : by_dtype_)
+      for (Span& s : spans) s.tensor.reset();  // addresses only: the list's tensors are not kept alive
+  }
+
+  void run(double eps, double correction, const std::optional<at::Tensor>& grad_scale) {
+    std::optional<double> scale_value;
+    if (grad_scale.has_value() && grad_scale->defined()) {
+      TORCH_CHECK(grad_scale->numel() == 1, "znorm_: grad_scale must hold one value, got ", grad_scale->numel());
+      scale_value = grad_scale->to(at::kCPU, at::kDouble).item<double>();
+    }
+    const double* scale = scale_value ? &*scale_value : nullptr;
+    for_each_dtype<kDispatch>(by_dtype_, [&]<typename T>(int k) {
+      with_isa([&]<typename K, typename>() { znorm_typed<T, K>(by_dtype_[k], eps, correction, scale, nullptr); });
+    });
+  }
+
+ private:
+  std::array<std::vector<Span>, 4> by_dtype_;
+};
+
 }  // namespace
 }  // namespace znorm
 
 TORCH_LIBRARY_IMPL(znorm_kernels_C, CPU, m) {
   m.impl("znorm_", &znorm::znorm_cpu);
+}
+
+TORCH_LIBRARY_FRAGMENT(znorm_kernels_C, m) {
+  m.class_<znorm::CpuList>("CpuList")
+      .def(torch::init<std::vector<at::Tensor>>())
+      .def("run", &znorm::CpuList::run);
 }

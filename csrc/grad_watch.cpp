@@ -50,7 +50,8 @@ uintptr_t span_of(const at::Tensor& g) {
 }
 
 uintptr_t address_of(const at::Tensor& g) {
-  return reinterpret_cast<uintptr_t>(g.unsafeGetTensorImpl()->data());  // throws where there is no storage
+  // mutable_data, as Python's data_ptr(): a copy-on-write storage is materialized before it is written.
+  return reinterpret_cast<uintptr_t>(g.unsafeGetTensorImpl()->mutable_data());  // throws without storage
 }
 
 bool same_layout(const at::Tensor& g, const Expected& e) {
@@ -78,6 +79,8 @@ using ZnormOp = void(at::TensorList, double, double, const std::optional<at::Ten
 
 class GradWatch : public torch::CustomClassHolder {
  public:
+  // The parameters are held (any reference to them, strong or weak, stops torch.utils.swap_tensors from
+  // swapping them: grad_watch.py makes no watch where torch swaps parameters).
   explicit GradWatch(std::vector<at::Tensor> params) : params_(std::move(params)) {}
 
   // Records the gradients as they are now. `groups`: per group the op runs at kSame, positions among the
@@ -97,7 +100,7 @@ class GradWatch : public torch::CustomClassHolder {
         record.push_back(Expected{i, g.scalar_type(), g.device(), g.key_set(), g.requires_grad(), g.sizes().vec(),
                                   g.strides().vec(), address_of(g), span_of(g)});
       }
-    } catch (const c10::Error&) {
+    } catch (...) {
       return false;
     }
     const int64_t present = static_cast<int64_t>(record.size());
@@ -143,7 +146,7 @@ class GradWatch : public torch::CustomClassHolder {
         ++k;
       }
       if (k != record_.size()) return changed();
-    } catch (const c10::Error&) {
+    } catch (...) {
       return changed();
     }
     if (moved) {

@@ -147,13 +147,12 @@ def test_the_watch_holds_no_gradient_between_steps():
     watch = _watch(params, groups=[[0, 1]])
     ref = weakref.ref(params[0].grad)
     assert watch.step(1e-10, 0.0, None) == SAME
-    params[0].grad = None
-    assert ref() is None, "a gradient set to None is freed"
-    params[0].grad = torch.randn(64)
+    params[0].grad = torch.randn(64)  # made while the old one lives: at another address
+    assert ref() is None, "the replaced gradient is freed"
     assert watch.step(1e-10, 0.0, None) == MOVED
     ref = weakref.ref(params[0].grad)
     watch.take()
-    params[0].grad = None
+    params[0].grad = torch.randn(64)
     assert ref() is None, "take() lets go"
 
 
@@ -426,3 +425,76 @@ def test_lazily_negated_gradients_are_normalized_and_take_the_python_path(backen
             assert p.grad.is_neg()
             torch.testing.assert_close(p.grad.double().resolve_neg(), e, atol=1e-5, rtol=0)
     assert len(groups) == (1 if backend == "triton" else 3)
+
+
+def test_a_step_that_fails_after_a_move_leaves_nothing_stale(monkeypatch):
+    # The watch records the new addresses before the Triton groups are bound to them: if binding fails,
+    # neither may be used again (the old plan would write the old, freed gradients' memory).
+    if "triton" not in znorm_kernels.available_backends():
+        pytest.skip("triton unavailable")
+    from znorm_kernels.backends import triton_host
+
+    p = nn.Parameter(torch.zeros(300))
+    opt = torch.optim.SGD([p], lr=0.0)
+    znorm_kernels.register(opt, backend="triton")
+    old = make_grad((300,), seed=1)
+    p.grad = old
+    opt.step()
+    new = make_grad((300,), seed=2)
+    p.grad = new
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("binding failed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(triton_host, "_bound", fail)  # making the plan for the new addresses fails
+        with pytest.raises(RuntimeError, match="binding failed"):
+            opt.step()
+    old_before, expected = old.clone(), float64_znorm(new)
+    opt.step()
+    assert torch.equal(old, old_before), "the old gradients' memory is not written"
+    torch.testing.assert_close(new.double(), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_parameters_swapped_by_torch_keep_being_normalized(backend):
+    # torch.utils.swap_tensors (model.to() and load_state_dict under the swapping flag) refuses parameters
+    # referenced elsewhere, as a watch's are: with the flag on, the watch is dropped at the next step and
+    # none is made.
+    if backend not in znorm_kernels.available_backends():
+        pytest.skip(f"{backend} unavailable")
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 30), nn.Linear(30, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        handle = znorm_kernels.register(opt, backend=backend)
+        for step in range(4):
+            model(torch.randn(5, 4)).sum().backward()
+            expected = [float64_znorm(p.grad) for p in model.parameters()]
+            opt.step()
+            for p, e in zip(model.parameters(), expected):
+                torch.testing.assert_close(p.grad.double(), e, atol=1e-5, rtol=0)
+            opt.zero_grad(set_to_none=True)
+            if step == 0:
+                torch.__future__.set_swap_module_params_on_conversion(True)
+            if step >= 1:  # after a step with the flag on
+                model.double()  # swaps every parameter for a float64 one
+                model.float()
+                model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})
+        handle.remove()
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+
+
+def test_no_watch_while_torch_swaps_parameters_or_for_subclasses(monkeypatch):
+    params = _params([(3, 4)])
+    monkeypatch.setattr(torch.__future__, "get_swap_module_params_on_conversion", lambda: True)
+    assert grad_watch.new_watch(params) is None
+    monkeypatch.undo()
+    assert grad_watch.new_watch(params) is not None
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert grad_watch.new_watch([*params, torch.zeros(3).as_subclass(Sub)]) is None

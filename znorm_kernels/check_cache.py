@@ -9,6 +9,11 @@ anything is checked again.
 Entries are found by (length, id of the first entry) and dropped when one of their tensors dies (weak
 references whose callbacks remove the entry before an id can be reused); a hit costs two C calls over the
 list, and nothing here keeps a tensor alive.
+
+Each entry also holds a ``memo`` dict, handed out with its groups (``CheckedGroups.memo``), where callers keep
+what they derived from the list's addresses and layouts (the dispatcher keeps its backends' bound group
+functions there): it is reached only through a hit, so only while those still hold, and it goes with the
+entry.
 """
 
 from __future__ import annotations
@@ -22,9 +27,17 @@ from torch import Tensor
 
 from .guards import layout_guard, same_addresses
 
-__all__ = ["RecentChecks", "recent_checks"]
+__all__ = ["CheckedGroups", "RecentChecks", "recent_checks"]
 
 _NoneType = type(None)
+
+
+class CheckedGroups(dict):
+    """The groups of a check, ``{(device, dtype): positions}``, with the ``memo`` of its cache entry."""
+
+    def __init__(self, groups: dict, memo: dict) -> None:
+        super().__init__(groups)
+        self.memo = memo
 
 
 class RecentChecks:
@@ -35,12 +48,13 @@ class RecentChecks:
     def __init__(self) -> None:
         self.entries: OrderedDict[tuple[int, int], tuple] = OrderedDict()
 
-    def get(self, items: list) -> dict[tuple, list[int]] | None:
-        """A copy of the groups found for ``items`` by a recent check that still holds, else None."""
+    def get(self, items: list) -> CheckedGroups | None:
+        """A copy of the groups found for ``items`` by a recent check that still holds (with its entry's
+        memo), else None."""
         entry = self.entries.get((len(items), id(items[0]))) if items else None
         if entry is None:
             return None
-        present_mask, absent_mask, starts, indices, repeats, guard, groups, _ = entry
+        present_mask, absent_mask, starts, indices, repeats, guard, groups, memo, _ = entry
         if present_mask is None:
             present = items
         else:
@@ -57,13 +71,13 @@ class RecentChecks:
             present = list(itertools.compress(present, guarded))
         if not guard.check(*present):
             return None
-        return {k: list(v) for k, v in groups.items()}
+        return CheckedGroups({k: list(v) for k, v in groups.items()}, memo)
 
-    def put(self, items: list, groups: dict[tuple, list[int]], seen: tuple | None = None) -> None:
+    def put(self, items: list, groups: dict[tuple, list[int]], seen: tuple | None = None) -> dict | None:
         """Keep the result of checking ``items``; ``seen`` is what the fast path read (present entries and
-        their addresses), else it is read here."""
+        their addresses), else it is read here. Returns the new entry's memo (None where nothing is kept)."""
         if not items or not groups:
-            return
+            return None
         present_mask = absent_mask = None
         if seen is not None:
             present, starts = seen
@@ -78,7 +92,7 @@ class RecentChecks:
             try:
                 starts = list(map(Tensor.data_ptr, present))
             except (TypeError, RuntimeError):  # no storage: not cached
-                return
+                return None
         key = (len(items), id(items[0]))
         entries = self.entries
         token = object()
@@ -91,7 +105,7 @@ class RecentChecks:
         try:
             refs = list(map(weakref.ref, present, itertools.repeat(forget)))
         except TypeError:  # an entry that cannot be referenced weakly: not cached
-            return
+            return None
         # torch's guard rejects a tensor given twice: it is guarded once, and its later positions must hold
         # the very same object (first positions, later positions, mask of the positions guarded).
         repeats = None
@@ -103,6 +117,7 @@ class RecentChecks:
             first = [seen_at[id(present[i])] for i in later]
             repeats = (first, later, [seen_at[id(t)] == i for i, t in enumerate(present)])
         unique = present if repeats is None else list(itertools.compress(present, repeats[2]))
+        memo: dict = {}
         entries[key] = (
             present_mask,
             absent_mask,
@@ -111,11 +126,13 @@ class RecentChecks:
             repeats,
             layout_guard(unique),
             {k: list(v) for k, v in groups.items()},
+            memo,
             (refs, token),  # kept for their callbacks
         )
         entries.move_to_end(key)
         while len(entries) > self.SIZE:
             entries.popitem(last=False)
+        return memo
 
     def clear(self) -> None:
         self.entries.clear()

@@ -32,6 +32,28 @@ def plan_groups(
     return items, [(group_fn(resolve(backend, device.type)), idx) for (device, _), idx in groups.items()]
 
 
+def _bound_plan(
+    tensors: Tensor | Iterable[Tensor | None], backend: str, names: Iterable[str] | None
+) -> tuple[list, list[tuple[GroupFn, list[int]]]]:
+    """``plan_groups``, with each group function bound to its tensors' addresses where the backend offers
+    that (``fn.bind``): kept in the check's memo (check_cache), so a call with the same list finds it, and
+    only while the list is where and as it was."""
+    items, groups = collect_indices(tensors, names)
+    check_backend_name(backend)
+    memo = getattr(groups, "memo", None)
+    plan = []
+    for (device, dtype), idx in groups.items():
+        fn = group_fn(resolve(backend, device.type))
+        if memo is not None and hasattr(fn, "bind"):
+            key = (backend, device, dtype, fn)
+            bound = memo.get(key)
+            if bound is None:
+                bound = memo[key] = fn.bind(pick(items, idx))
+            fn = bound
+        plan.append((fn, idx))
+    return items, plan
+
+
 def pick(items: list, idx: list[int]) -> list:
     """items[i] for i in idx (ascending positions): the list itself when idx takes every entry."""
     return items if len(idx) == len(items) else list(map(items.__getitem__, idx))
@@ -56,7 +78,7 @@ def run_znorm_(
         if dtensors:
             _run_with_dtensors_(tensors, dtensors, eps, correction, backend, grad_scale, names, stats)
             return
-    items, plan = plan_groups(tensors, backend, names)
+    items, plan = _bound_plan(tensors, backend, names)
     for fn, idx in plan:
         fn(pick(items, idx), float(eps), float(correction), grad_scale)
 

@@ -8,7 +8,12 @@ again; anything else, the caller takes its full path.
 
 What it does not compare, where the Python path does: the Python type of a gradient object. A gradient
 replaced by an instance of a Tensor subclass without ``__torch_dispatch__`` (whose dispatch keys are a plain
-tensor's), at the same address with the same layout, is normalized as a plain tensor of its data.
+tensor's), at the same address with the same layout, is normalized as a plain tensor of its data; and a
+``TorchFunctionMode`` around the step does not see the op called from C++.
+
+A watch holds its parameters, which ``torch.utils.swap_tensors`` refuses to swap: no watch is made, and one
+made is dropped at the next step, while torch swaps parameters on conversion (``swapping``); a user's own
+``swap_tensors`` on a watched parameter raises (``ZNORM_NATIVE_STEADY=0`` avoids it).
 ``ZNORM_NATIVE_STEADY=0`` turns the watch off (every step takes the Python path).
 """
 
@@ -21,7 +26,7 @@ from torch import Tensor
 
 from .backends import native
 
-__all__ = ["CHANGED", "MOVED", "SAME", "enabled", "new_watch"]
+__all__ = ["CHANGED", "MOVED", "SAME", "enabled", "new_watch", "swapping"]
 
 SAME, MOVED, CHANGED = 0, 1, 2  # GradWatch.step's answers (csrc/grad_watch.cpp)
 
@@ -33,10 +38,21 @@ def enabled() -> bool:
     return _enabled and native.loaded()[0] is not None
 
 
+def swapping() -> bool:
+    """Whether torch may swap parameters now (``torch.utils.swap_tensors``, which ``model.to()`` and
+    ``load_state_dict`` use under ``torch.__future__.set_swap_module_params_on_conversion(True)``): it
+    refuses tensors referenced from elsewhere, as a watch's parameters are."""
+    return torch.__future__.get_swap_module_params_on_conversion()
+
+
+_PLAIN = frozenset((Tensor, torch.nn.Parameter))
+
+
 def new_watch(params: list[Tensor]):
     """A ``torch.classes.znorm_kernels_C.GradWatch`` over ``params``, or None (the switch is off, the
-    extension is not built, or it was built before GradWatch)."""
-    if not enabled():
+    extension is not built or was built before GradWatch, torch may swap the parameters: ``swapping()``, or
+    one is a Tensor subclass, which torch swaps too)."""
+    if not enabled() or swapping() or not _PLAIN.issuperset(map(type, params)):
         return None
     try:
         return torch.classes.znorm_kernels_C.GradWatch(params)

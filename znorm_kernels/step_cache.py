@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .dispatch import plan_groups, run_znorm_
 from .dtensors import dtensor_positions, dtensors_possible
-from .grad_watch import MOVED, SAME, new_watch
+from .grad_watch import MOVED, SAME, new_watch, swapping
 from .guards import layout_guard, same_addresses_or_raise
 from .options import check_options
 from .overlap import disjoint, span
@@ -183,6 +183,9 @@ class GradientGroups:
         watch = self.watch
         if watch is None or params is not self.watched:
             return False
+        if swapping():  # torch may swap the parameters, which it refuses while the watch holds them
+            self.watch = self.watched = None
+            return False
         status = watch.step(self.eps, self.correction, grad_scale)
         if status == SAME:  # the watch ran the native groups (those it could run alone, also after a move)
             for launch in self.launches:
@@ -190,7 +193,14 @@ class GradientGroups:
             return True
         if status == MOVED:  # the watch ran nothing: the groups bound again, then run
             present = watch.take()
-            self._rebind(present, list(map(_data_ptr, present)))
+            try:
+                self._rebind(present, list(map(_data_ptr, present)))
+            except BaseException:
+                # The watch has recorded the new addresses, the groups are still bound to the old ones: never
+                # reuse either (the next step takes the full path).
+                self.watch = self.watched = None
+                self.length = -1
+                raise
             for fn, bound, idx in self.plan:
                 if hasattr(fn, "native_op"):
                     fn(

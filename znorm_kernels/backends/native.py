@@ -31,6 +31,8 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from ..memory import is_dense
+
 __all__ = [
     "ADAM_OP_NAME",
     "BUILD_HINT",
@@ -190,11 +192,11 @@ def _run(
     with torch.no_grad():  # gradients and leaves that require grad are normalized in place like the reference
         try:
             torch.ops.znorm_kernels_C.znorm_(tensors, eps, correction, grad_scale, stats)
-        except RuntimeError:
+        except RuntimeError as err:
             # torch's fallback for lazily negated views (``_neg_view``) refuses them in a mutable list, before
             # anything runs: they are normalized as materialized copies, written back through the view.
             negated = [t.is_neg() for t in tensors]
-            if not any(negated):
+            if "negation" not in str(err) or not any(negated):
                 raise
             plain = [t.resolve_neg() if n else t for t, n in zip(tensors, negated)]
             torch.ops.znorm_kernels_C.znorm_(plain, eps, correction, grad_scale, stats)
@@ -206,6 +208,35 @@ def _run(
 # The hook's native steady path (znorm_kernels.grad_watch) calls the op itself on the tensors of groups whose
 # function is this one: exactly what _run does (under no_grad, the scale moved to the tensors' device).
 _run.native_op = OP_NAME
+
+_PLAIN = frozenset((Tensor, torch.nn.Parameter))
+
+
+def bind(tensors: list[Tensor]) -> Callable[..., None]:
+    """A group function tied to these tensors' addresses, for callers that know the next lists hold tensors at
+    the same addresses with the same sizes, layouts and dtypes (the hook and the dispatcher's check cache
+    do): for a list of dense CPU tensors a ``torch.classes.znorm_kernels_C.CpuList``, which holds their
+    addresses (not the tensors) and runs the CPU kernel there with no tensor passed (nothing boxed or
+    checked per tensor; the same bits as the op). Anything else, and calls with ``stats``, take ``_run``."""
+    if not tensors or tensors[0].device.type != "cpu" or not all(map(is_dense, tensors)):
+        return _run
+    if not _PLAIN.issuperset(map(type, tensors)):  # a subclass's __torch_function__ sees every op call
+        return _run
+    try:
+        handle = torch.classes.znorm_kernels_C.CpuList(tensors)
+    except (RuntimeError, AttributeError):  # an extension built before CpuList, or a list the op refuses
+        return _run
+
+    def run(tensors, eps, correction, grad_scale=None, *, stats=None):  # the group function's signature
+        if stats is not None:
+            return _run(tensors, eps, correction, grad_scale, stats=stats)
+        handle.run(eps, correction, grad_scale)
+
+    run.rebind = lambda others, addrs=None: bind(others)
+    return run
+
+
+_run.bind = bind
 
 
 def group_fn(name: str) -> Callable[..., None]:

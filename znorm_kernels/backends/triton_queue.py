@@ -142,7 +142,11 @@ def launch_steady(plan: Plan, eps: float, correction: float, grad_scale: Tensor 
     after a first launch of this plan on the current stream, the arguments prepared then are launched again
     through the kept kernel (``DirectLauncher.direct``), with nothing looked up or bound. Anything unusual
     (no kernel kept, as under the interpreter; direct launches off; a dropped workspace; graph capture; the
-    debug spin limit) takes the full launch."""
+    debug spin limit) takes the full launch. Runs under the plan's device, as every launch."""
+    return on_device(plan.device, lambda: _steady_here(plan, eps, correction, grad_scale))
+
+
+def _steady_here(plan: Plan, eps: float, correction: float, grad_scale: Tensor | None) -> Workspace:
     global _last
     device = plan.device
     stream = stream_of(device)
@@ -164,9 +168,7 @@ def launch_steady(plan: Plan, eps: float, correction: float, grad_scale: Tensor 
                 args = None
         if args is not None:
             try:
-                done = on_device(
-                    device, lambda: steady.launcher.direct(steady.kept, (steady.programs,), stream, args)
-                )
+                done = steady.launcher.direct(steady.kept, (steady.programs,), stream, args)
             except BaseException:
                 steady.ws.dropped = True  # its counters may be left mid-launch (as in _launch_here)
                 plan.workspaces.pop(stream, None)
@@ -174,18 +176,19 @@ def launch_steady(plan: Plan, eps: float, correction: float, grad_scale: Tensor 
             if done:
                 _last = LaunchRecord(plan, steady.programs, steady.kept[0])
                 return steady.ws
-    return on_device(
-        device, lambda: _launch_here(None, device, eps, correction, grad_scale, True, None, plan, None)
-    )
+    return _launch_here(None, device, eps, correction, grad_scale, True, None, plan, None)
 
 
 def carry_steady(before: Plan, plan: Plan) -> None:
     """Give ``plan`` (the same sizes, dtype and tiles as ``before``, at other addresses) ``before``'s prepared
     launches on the current stream where they hold for it unchanged but for the table: the same alignment
     specialization and the same pooled workspace. Its first launch there is then a prepared one too."""
+    if plan.aligned == before.aligned and plan.tiles == before.tiles:
+        on_device(plan.device, lambda: _carry_here(before, plan))
+
+
+def _carry_here(before: Plan, plan: Plan) -> None:
     device = plan.device
-    if plan.aligned != before.aligned or plan.tiles != before.tiles:
-        return
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return
     stream = stream_of(device)
