@@ -21,10 +21,15 @@ pytestmark = pytest.mark.skipif(not grad_watch.enabled(), reason=native.BUILD_HI
 SAME, MOVED, CHANGED = grad_watch.SAME, grad_watch.MOVED, grad_watch.CHANGED
 
 
-def _params(shapes, dtype=torch.float32):
-    params = [nn.Parameter(torch.zeros(s, dtype=dtype)) for s in shapes]
+def _device(backend: str = "cpu") -> str:
+    """Where a test's tensors live: Triton takes CUDA tensors, and CPU ones only under its interpreter."""
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+
+
+def _params(shapes, dtype=torch.float32, device="cpu"):
+    params = [nn.Parameter(torch.zeros(s, dtype=dtype, device=device)) for s in shapes]
     for i, p in enumerate(params):
-        p.grad = make_grad(tuple(p.shape), dtype, seed=i)
+        p.grad = make_grad(tuple(p.shape), dtype, device, seed=i)
     return params
 
 
@@ -174,17 +179,18 @@ def _hook_steps(backend: str, steady: bool, monkeypatch, scale: torch.Tensor | N
     monkeypatch.setattr(grad_watch, "_enabled", steady)
     shapes = [(8, 3, 3, 3), (8,), (30, 5), (4,), (1,), (70,)]
     dtypes = [torch.float32, torch.float32, torch.bfloat16, torch.float64, torch.float32, torch.float16]
-    params = [nn.Parameter(torch.zeros(s, dtype=d)) for s, d in zip(shapes, dtypes)]
+    device = _device(backend)
+    params = [nn.Parameter(torch.zeros(s, dtype=d, device=device)) for s, d in zip(shapes, dtypes)]
     opt = torch.optim.SGD(params, lr=0.0)
     groups = count_calls(monkeypatch, step_cache.GradientGroups, "znorm_")
     handle = znorm_kernels.register(opt, backend=backend)
     hook = opt._optimizer_step_pre_hooks[handle.id]
-    store = [torch.zeros(2 * p.numel(), dtype=p.dtype) for p in params]
+    store = [torch.zeros(2 * p.numel(), dtype=p.dtype, device=device) for p in params]
     out = []
     for step, where in enumerate([0, 0, 0, 1, 1, 0, 0, 1]):
         for i, (p, s) in enumerate(zip(params, store)):
             n = p.numel()
-            s[where * n : (where + 1) * n] = make_grad((n,), p.dtype, seed=10 * step + i).view(-1)
+            s[where * n : (where + 1) * n] = make_grad((n,), p.dtype, device, seed=10 * step + i).view(-1)
             p.grad = None if (i == 3 and step in (5, 6)) else s[where * n : (where + 1) * n].view(p.shape)
         opt.grad_scale = scale
         hook(opt, (), {})
@@ -412,13 +418,14 @@ def test_lazily_negated_gradients_are_normalized_and_take_the_python_path(backen
     # the Python path. (Triton normalizes the memory behind the view: ZNorm is odd, z(-x) = -z(x), exactly.)
     if backend not in znorm_kernels.available_backends():
         pytest.skip(f"{backend} unavailable")
-    params = _params([(5, 4), (9,)])
+    device = _device(backend)
+    params = _params([(5, 4), (9,)], device=device)
     opt = torch.optim.SGD(params, lr=0.0)
     groups = count_calls(monkeypatch, step_cache.GradientGroups, "znorm_")
     znorm_kernels.register(opt, backend=backend)
     for step in range(3):
         for i, p in enumerate(params):
-            p.grad = (-make_grad(tuple(p.shape), seed=10 * step + i))._neg_view()
+            p.grad = (-make_grad(tuple(p.shape), device=device, seed=10 * step + i))._neg_view()
         expected = [float64_znorm(p.grad.resolve_neg()) for p in params]
         opt.step()
         for p, e in zip(params, expected):
@@ -434,13 +441,14 @@ def test_a_step_that_fails_after_a_move_leaves_nothing_stale(monkeypatch):
         pytest.skip("triton unavailable")
     from znorm_kernels.backends import triton_host
 
-    p = nn.Parameter(torch.zeros(300))
+    device = _device("triton")
+    p = nn.Parameter(torch.zeros(300, device=device))
     opt = torch.optim.SGD([p], lr=0.0)
     znorm_kernels.register(opt, backend="triton")
-    old = make_grad((300,), seed=1)
+    old = make_grad((300,), device=device, seed=1)
     p.grad = old
     opt.step()
-    new = make_grad((300,), seed=2)
+    new = make_grad((300,), device=device, seed=2)
     p.grad = new
 
     def fail(*args, **kwargs):
@@ -466,11 +474,12 @@ def test_parameters_swapped_by_torch_keep_being_normalized(backend):
     swap = torch.__future__.get_swap_module_params_on_conversion()
     try:
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(4, 30), nn.Linear(30, 3))
+        device = _device(backend)
+        model = nn.Sequential(nn.Linear(4, 30), nn.Linear(30, 3)).to(device)
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
         handle = znorm_kernels.register(opt, backend=backend)
         for step in range(4):
-            model(torch.randn(5, 4)).sum().backward()
+            model(torch.randn(5, 4, device=device)).sum().backward()
             expected = [float64_znorm(p.grad) for p in model.parameters()]
             opt.step()
             for p, e in zip(model.parameters(), expected):
