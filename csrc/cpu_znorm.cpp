@@ -22,6 +22,7 @@
 // The optional `stats` output (row = the tensor's position in the list: mean, std) is written where each
 // tensor's statistics are finalized (its batch item, or the serial merge of phase 2): no extra pass.
 #include <ATen/core/Tensor.h>
+#include <ATen/record_function.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
@@ -100,15 +101,24 @@ class CpuList : public torch::CustomClassHolder {
  public:
   explicit CpuList(std::vector<at::Tensor> tensors) {
     const c10::Device cpu(c10::kCPU);
-    for (size_t i = 0; i < tensors.size(); ++i)
-      TORCH_CHECK(tensors[i].layout() != at::kStrided || tensors[i].is_non_overlapping_and_dense(),
-                  "CpuList: tensor ", i, " is not dense");
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      const at::Tensor& t = tensors[i];
+      TORCH_CHECK(t.layout() != at::kStrided || t.is_non_overlapping_and_dense(), "CpuList: tensor ", i,
+                  " is not dense");
+      // What torch's dispatcher would stop before the op's kernel (immutable zero tensors, lazily negated or
+      // conjugated views, Python subclasses) is not bound: those lists keep the op.
+      TORCH_CHECK(!t._is_zerotensor() && !t.is_neg() && !t.is_conj() &&
+                      !t.key_set().has(c10::DispatchKey::Python),
+                  "CpuList: tensor ", i, " is not a plain CPU tensor");
+      TORCH_CHECK(t.numel() < 2 || t.const_data_ptr() != nullptr, "CpuList: tensor ", i, " has no data");
+    }
     by_dtype_ = spans_by_dtype(tensors, cpu);
     for (auto& spans : by_dtype_)
       for (Span& s : spans) s.tensor.reset();  // addresses only: the list's tensors are not kept alive
   }
 
   void run(double eps, double correction, const std::optional<at::Tensor>& grad_scale) {
+    RECORD_FUNCTION("znorm_kernels_C::CpuList.run", std::vector<c10::IValue>());  // seen by torch.profiler
     std::optional<double> scale_value;
     if (grad_scale.has_value() && grad_scale->defined()) {
       TORCH_CHECK(grad_scale->numel() == 1, "znorm_: grad_scale must hold one value, got ", grad_scale->numel());

@@ -92,12 +92,46 @@ def test_lists_that_cannot_be_bound_take_the_op():
 def test_a_bound_list_refuses_what_the_op_refuses():
     with pytest.raises(RuntimeError, match="dtype"):
         torch.classes.znorm_kernels_C.CpuList([torch.arange(6)])
+    # What the dispatcher stops before the op's kernel is never bound: those lists keep the op and its error.
+    run = native.group_fn("cpu")
+    for odd in (torch._efficientzerotensor(8), make_grad((6,))._neg_view()):
+        with pytest.raises(RuntimeError, match="not a plain CPU tensor"):
+            torch.classes.znorm_kernels_C.CpuList([make_grad((4,)), odd])
+        assert native.bind([odd]) is run
+    zeros = [torch._efficientzerotensor(8), make_grad((4,))]
+    for _ in range(2):  # the second call hits the check cache
+        with pytest.raises(RuntimeError, match="ZeroTensors are immutable"):
+            znorm_kernels.znorm_(zeros, backend="cpu")
+
+
+def test_modes_see_the_op_of_a_bound_list():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    recent_checks.clear()
+    tensors = _list()
+    for _ in range(2):  # bound on the second call
+        znorm_kernels.znorm_(tensors, backend="cpu")
+    with Seen() as mode:  # (the mode changes what the layout guard reads: checked and bound anew in it)
+        for _ in range(3):
+            znorm_kernels.znorm_(tensors, backend="cpu")
+    assert sum("znorm_kernels_C.znorm_" in op for op in mode.ops) == 3
 
 
 def test_direct_calls_reuse_the_bound_function_while_the_check_holds(monkeypatch):
     recent_checks.clear()
     binds = count_calls(monkeypatch, native.group_fn("cpu"), "bind")
     tensors = _list()
+    znorm_kernels.znorm_(tensors, backend="cpu")
+    assert binds == [], "a list seen once is not bound"
     for seed in range(3):
         for t, v in zip(tensors, _list(seed)):
             t.copy_(v)
@@ -106,17 +140,21 @@ def test_direct_calls_reuse_the_bound_function_while_the_check_holds(monkeypatch
         znorm_kernels.znorm_(tensors, backend="cpu")
         for t, e in zip(tensors, expected):
             assert _same_bits(t, e)
-    assert len(binds) == 1, "bound once, on the call that made the check"
-    # Another list at other addresses: checked and bound anew; the first list's binding stays with its check.
+    assert len(binds) == 1, "bound once, on the first call that found the check"
+    # Another list at other addresses: checked, then bound on its second call; the first list's binding
+    # stays with its check.
     other = [t.clone() for t in tensors]
+    znorm_kernels.znorm_(other, backend="cpu")
     znorm_kernels.znorm_(other, backend="cpu")
     znorm_kernels.znorm_(tensors, backend="cpu")
     assert len(binds) == 2
-    # A tensor of the list replaced by one at another address: a new check, a new binding.
+    # A tensor of the list replaced by one at another address: a new check, bound on the next call.
     tensors[4] = tensors[4].clone()
     before = [t.clone() for t in tensors]
     znorm_kernels.znorm_(tensors, backend="cpu")
+    znorm_kernels.znorm_(tensors, backend="cpu")
     assert len(binds) == 3
+    _op(before)
     _op(before)
     for t, e in zip(tensors, before):
         assert _same_bits(t, e)
@@ -125,6 +163,7 @@ def test_direct_calls_reuse_the_bound_function_while_the_check_holds(monkeypatch
 def test_a_checks_memo_goes_with_its_tensors():
     recent_checks.clear()
     tensors = [make_grad((64,), seed=1), make_grad((9,), seed=2)]
+    znorm_kernels.znorm_(tensors, backend="cpu")
     znorm_kernels.znorm_(tensors, backend="cpu")
     groups = recent_checks.get(tensors)
     assert groups.memo, "the bound function is kept with the check"

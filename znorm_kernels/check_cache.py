@@ -73,11 +73,11 @@ class RecentChecks:
             return None
         return CheckedGroups({k: list(v) for k, v in groups.items()}, memo)
 
-    def put(self, items: list, groups: dict[tuple, list[int]], seen: tuple | None = None) -> dict | None:
+    def put(self, items: list, groups: dict[tuple, list[int]], seen: tuple | None = None) -> None:
         """Keep the result of checking ``items``; ``seen`` is what the fast path read (present entries and
-        their addresses), else it is read here. Returns the new entry's memo (None where nothing is kept)."""
+        their addresses), else it is read here."""
         if not items or not groups:
-            return None
+            return
         present_mask = absent_mask = None
         if seen is not None:
             present, starts = seen
@@ -92,7 +92,7 @@ class RecentChecks:
             try:
                 starts = list(map(Tensor.data_ptr, present))
             except (TypeError, RuntimeError):  # no storage: not cached
-                return None
+                return
         key = (len(items), id(items[0]))
         entries = self.entries
         token = object()
@@ -105,7 +105,7 @@ class RecentChecks:
         try:
             refs = list(map(weakref.ref, present, itertools.repeat(forget)))
         except TypeError:  # an entry that cannot be referenced weakly: not cached
-            return None
+            return
         # torch's guard rejects a tensor given twice: it is guarded once, and its later positions must hold
         # the very same object (first positions, later positions, mask of the positions guarded).
         repeats = None
@@ -132,7 +132,6 @@ class RecentChecks:
         entries.move_to_end(key)
         while len(entries) > self.SIZE:
             entries.popitem(last=False)
-        return memo
 
     def clear(self) -> None:
         self.entries.clear()

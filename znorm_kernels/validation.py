@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
-from .check_cache import CheckedGroups, recent_checks
+from .check_cache import recent_checks
 from .memory import extent
 from .naming import where
 from .overlap import disjoint, duplicates, span
@@ -60,16 +60,15 @@ def collect_indices(
     first position; tensors that share only part of their memory raise ValueError naming both positions.
     A call whose entries are at a recent call's addresses with its layouts (the same first tensor object)
     reuses that call's result (``check_cache``); the groups are then a ``CheckedGroups``, whose ``memo`` lives
-    as long as that result holds.
+    as long as that result holds (so what callers keep there is made on a list's second call, not for lists
+    seen once).
     """
     items = as_items(tensors, op)
     groups = recent_checks.get(items)
     if groups is None:
         seen: list = []
         groups = check_and_group(items, names, op, seen)
-        memo = recent_checks.put(items, groups, *seen)
-        if memo is not None:
-            groups = CheckedGroups(groups, memo)
+        recent_checks.put(items, groups, *seen)
     return items, groups
 
 

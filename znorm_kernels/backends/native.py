@@ -228,7 +228,7 @@ def bind(tensors: list[Tensor]) -> Callable[..., None]:
         return _run
 
     def run(tensors, eps, correction, grad_scale=None, *, stats=None):  # the group function's signature
-        if stats is not None:
+        if stats is not None or _modes():
             return _run(tensors, eps, correction, grad_scale, stats=stats)
         handle.run(eps, correction, grad_scale)
 
@@ -237,6 +237,12 @@ def bind(tensors: list[Tensor]) -> Callable[..., None]:
 
 
 _run.bind = bind
+
+
+def _modes() -> bool:
+    """Whether a TorchDispatchMode or TorchFunctionMode is active (FakeTensorMode, make_fx, a logging mode):
+    they must see the op, which a bound list would not call."""
+    return bool(torch._C._len_torch_dispatch_stack()) or torch._C._is_torch_function_mode_enabled()
 
 
 def group_fn(name: str) -> Callable[..., None]:
