@@ -73,24 +73,32 @@ void znorm_typed(std::vector<Span>& spans, double eps, double correction, const 
       final_of, [&](int64_t t, int64_t begin, int64_t len, const Final& f) { normalize(ptr(t) + begin, len, f); });
 }
 
+// The value of the op's optional grad_scale (one element, any device and dtype), or none.
+std::optional<double> scale_of(const std::optional<at::Tensor>& grad_scale) {
+  if (!grad_scale.has_value() || !grad_scale->defined()) return std::nullopt;
+  TORCH_CHECK(grad_scale->numel() == 1, "znorm_: grad_scale must hold one value, got ", grad_scale->numel());
+  return grad_scale->to(at::kCPU, at::kDouble).item<double>();  // a CPU tensor: no device sync
+}
+
+// The op's work on checked spans, one dtype after the other; non-dense views' copies written back.
+void run_spans(std::array<std::vector<Span>, 4>& by_dtype, double eps, double correction,
+               const std::optional<double>& scale_value, double* stats) {
+  const double* scale = scale_value ? &*scale_value : nullptr;
+  for_each_dtype<kDispatch>(by_dtype, [&]<typename T>(int k) {
+    with_isa([&]<typename K, typename>() { znorm_typed<T, K>(by_dtype[k], eps, correction, scale, stats); });
+    for (Span& s : by_dtype[k]) s.finish();
+  });
+}
+
 void znorm_cpu(at::TensorList tensors, double eps, double correction, const std::optional<at::Tensor>& grad_scale,
                const std::optional<at::Tensor>& stats_out) {
-  std::optional<double> scale_value;
-  if (grad_scale.has_value() && grad_scale->defined()) {
-    TORCH_CHECK(grad_scale->numel() == 1, "znorm_: grad_scale must hold one value, got ", grad_scale->numel());
-    scale_value = grad_scale->to(at::kCPU, at::kDouble).item<double>();  // a CPU tensor: no device sync
-  }
-  const double* scale = scale_value ? &*scale_value : nullptr;
-
+  const std::optional<double> scale = scale_of(grad_scale);
   const c10::Device cpu(c10::kCPU);
   bool skipped = false;
   double* stats = check_stats(stats_out, tensors, cpu, skipped);
   auto by_dtype = spans_by_dtype(tensors, cpu);  // the last check: nothing is written before it passes
   if (skipped) nan_rows(stats, tensors.size(), [&](size_t i) { return tensors[i].numel() < 2; });
-  for_each_dtype<kDispatch>(by_dtype, [&]<typename T>(int k) {
-    with_isa([&]<typename K, typename>() { znorm_typed<T, K>(by_dtype[k], eps, correction, scale, stats); });
-    for (Span& s : by_dtype[k]) s.finish();
-  });
+  run_spans(by_dtype, eps, correction, scale, stats);
 }
 
 // The op bound to one list of dense CPU tensors (torch.classes.znorm_kernels_C.CpuList): its spans are made
@@ -119,15 +127,7 @@ class CpuList : public torch::CustomClassHolder {
 
   void run(double eps, double correction, const std::optional<at::Tensor>& grad_scale) {
     RECORD_FUNCTION("znorm_kernels_C::CpuList.run", std::vector<c10::IValue>());  // seen by torch.profiler
-    std::optional<double> scale_value;
-    if (grad_scale.has_value() && grad_scale->defined()) {
-      TORCH_CHECK(grad_scale->numel() == 1, "znorm_: grad_scale must hold one value, got ", grad_scale->numel());
-      scale_value = grad_scale->to(at::kCPU, at::kDouble).item<double>();
-    }
-    const double* scale = scale_value ? &*scale_value : nullptr;
-    for_each_dtype<kDispatch>(by_dtype_, [&]<typename T>(int k) {
-      with_isa([&]<typename K, typename>() { znorm_typed<T, K>(by_dtype_[k], eps, correction, scale, nullptr); });
-    });
+    run_spans(by_dtype_, eps, correction, scale_of(grad_scale), nullptr);
   }
 
  private:

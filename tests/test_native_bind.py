@@ -1,7 +1,7 @@
 """Group functions bound to a list's addresses: the ``cpu`` backend's ``CpuList`` (csrc/cpu_znorm.cpp,
 backends/native.py ``bind``) writes the op's bits and holds no tensor, and the dispatcher keeps bound
-functions in the check cache's memo (dispatch._bound_plan, check_cache), so only a call that hits a check
-that still holds uses them."""
+functions in the check cache's memo (``dispatch.plan_groups(bound=True)``, check_cache), so only a call
+that hits a check that still holds uses them."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import znorm_kernels
-from tests.utils import count_calls, make_grad
+from tests.utils import count_calls, make_grad, same_bits
 from znorm_kernels.backends import native
 from znorm_kernels.check_cache import recent_checks
 
@@ -29,11 +29,6 @@ def _list(seed: int = 0) -> list[torch.Tensor]:
     spike[123] = 1e6
     out.append(spike)
     return out
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-    return torch.equal(a.view(ints), b.view(ints))
 
 
 def _op(tensors, eps=1e-10, correction=0.0, scale=None):
@@ -57,7 +52,7 @@ def test_a_bound_list_writes_the_ops_bits_call_after_call(dtype, opts):
             t.copy_(v)
         bound(tensors, eps, correction, scale)
         for t, e in zip(tensors, expected):
-            assert _same_bits(t, e)
+            assert same_bits(t, e)
 
 
 def test_a_bound_list_holds_addresses_not_tensors():
@@ -139,7 +134,7 @@ def test_direct_calls_reuse_the_bound_function_while_the_check_holds(monkeypatch
         _op(expected)
         znorm_kernels.znorm_(tensors, backend="cpu")
         for t, e in zip(tensors, expected):
-            assert _same_bits(t, e)
+            assert same_bits(t, e)
     assert len(binds) == 1, "bound once, on the first call that found the check"
     # Another list at other addresses: checked, then bound on its second call; the first list's binding
     # stays with its check.
@@ -157,7 +152,7 @@ def test_direct_calls_reuse_the_bound_function_while_the_check_holds(monkeypatch
     _op(before)
     _op(before)
     for t, e in zip(tensors, before):
-        assert _same_bits(t, e)
+        assert same_bits(t, e)
 
 
 def test_a_checks_memo_goes_with_its_tensors():

@@ -146,6 +146,15 @@ def assert_close_to_float64(
         )
 
 
+_INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def same_bits(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors of one dtype hold the same bits (the sign of zero and NaN payloads count)."""
+    view = _INT_VIEW[a.element_size()]
+    return torch.equal(a.view(view), b.view(view))
+
+
 def make_grad(
     shape: tuple[int, ...],
     dtype: torch.dtype = torch.float32,

@@ -23,33 +23,29 @@ __all__ = ["pick", "plan_groups", "run_znorm_"]
 
 
 def plan_groups(
-    tensors: Tensor | Iterable[Tensor | None], backend: str, names: Iterable[str] | None
+    tensors: Tensor | Iterable[Tensor | None],
+    backend: str,
+    names: Iterable[str] | None,
+    *,
+    bound: bool = False,
 ) -> tuple[list, list[tuple[GroupFn, list[int]]]]:
     """Validate and group, then resolve every group's backend before any runs (so an unservable request
-    modifies nothing): the entries and a list of (group function, positions)."""
+    modifies nothing): the entries and a list of (group function, positions). With ``bound``, each group
+    function is bound to its tensors' addresses where the backend offers that (``fn.bind``), kept in the
+    check's memo (check_cache): a call with the same list finds it, and only while the list is where and as
+    it was."""
     items, groups = collect_indices(tensors, names)
     check_backend_name(backend)
-    return items, [(group_fn(resolve(backend, device.type)), idx) for (device, _), idx in groups.items()]
-
-
-def _bound_plan(
-    tensors: Tensor | Iterable[Tensor | None], backend: str, names: Iterable[str] | None
-) -> tuple[list, list[tuple[GroupFn, list[int]]]]:
-    """``plan_groups``, with each group function bound to its tensors' addresses where the backend offers
-    that (``fn.bind``): kept in the check's memo (check_cache), so a call with the same list finds it, and
-    only while the list is where and as it was."""
-    items, groups = collect_indices(tensors, names)
-    check_backend_name(backend)
-    memo = getattr(groups, "memo", None)
+    memo = getattr(groups, "memo", None) if bound else None
     plan = []
     for (device, dtype), idx in groups.items():
         fn = group_fn(resolve(backend, device.type))
         if memo is not None and hasattr(fn, "bind"):
             key = (backend, device, dtype, fn)
-            bound = memo.get(key)
-            if bound is None:
-                bound = memo[key] = fn.bind(pick(items, idx))
-            fn = bound
+            bound_fn = memo.get(key)
+            if bound_fn is None:
+                bound_fn = memo[key] = fn.bind(pick(items, idx))
+            fn = bound_fn
         plan.append((fn, idx))
     return items, plan
 
@@ -78,7 +74,7 @@ def run_znorm_(
         if dtensors:
             _run_with_dtensors_(tensors, dtensors, eps, correction, backend, grad_scale, names, stats)
             return
-    items, plan = _bound_plan(tensors, backend, names)
+    items, plan = plan_groups(tensors, backend, names, bound=True)
     for fn, idx in plan:
         fn(pick(items, idx), float(eps), float(correction), grad_scale)
 

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .backends import native
+from .tensor_types import PLAIN_TYPES
 
 __all__ = ["CHANGED", "MOVED", "SAME", "enabled", "new_watch", "swapping"]
 
@@ -45,14 +46,11 @@ def swapping() -> bool:
     return torch.__future__.get_swap_module_params_on_conversion()
 
 
-_PLAIN = frozenset((Tensor, torch.nn.Parameter))
-
-
 def new_watch(params: list[Tensor]):
     """A ``torch.classes.znorm_kernels_C.GradWatch`` over ``params``, or None (the switch is off, the
     extension is not built or was built before GradWatch, torch may swap the parameters: ``swapping()``, or
     one is a Tensor subclass, which torch swaps too)."""
-    if not enabled() or swapping() or not _PLAIN.issuperset(map(type, params)):
+    if not enabled() or swapping() or not PLAIN_TYPES.issuperset(map(type, params)):
         return None
     try:
         return torch.classes.znorm_kernels_C.GradWatch(params)

@@ -23,6 +23,11 @@ __all__ = ["GradientGroups"]
 _data_ptr, _numel = Tensor.data_ptr, Tensor.numel
 
 
+def _pick(present: list[Tensor], idx: list[int] | None) -> list[Tensor]:
+    """A group's gradients among the present ones (``idx`` None: all of them)."""
+    return present if idx is None else list(map(present.__getitem__, idx))
+
+
 class GradientGroups:
     """A step's gradients are usually new tensor objects (``zero_grad(set_to_none=True)``), at the same
     addresses as the step before (the caching allocator hands the same blocks back) or at others. What the
@@ -116,7 +121,7 @@ class GradientGroups:
                 if idx is None:
                     bound = rebind(present, tuple(starts))
                 else:
-                    bound = rebind(list(map(present.__getitem__, idx)), tuple(map(starts.__getitem__, idx)))
+                    bound = rebind(_pick(present, idx), tuple(map(starts.__getitem__, idx)))
             plan.append((fn, bound, idx))
         self.plan, self.starts = plan, starts
         if self.watch is not None:
@@ -201,16 +206,12 @@ class GradientGroups:
                 self.watch = self.watched = None
                 self.length = -1
                 raise
-            for fn, bound, idx in self.plan:
-                if hasattr(fn, "native_op"):
-                    fn(
-                        present if idx is None else list(map(present.__getitem__, idx)),
-                        self.eps,
-                        self.correction,
-                        grad_scale,
-                    )
+            for _, bound, idx in self.plan:  # bound just now: Triton's launch without its tensors
+                launch = getattr(bound, "launch_only", None)
+                if launch is None:
+                    bound(_pick(present, idx), self.eps, self.correction, grad_scale)
                 else:
-                    bound.launch_only(self.eps, self.correction, grad_scale)
+                    launch(self.eps, self.correction, grad_scale)
             return True
         return False
 
@@ -242,14 +243,8 @@ class GradientGroups:
     def _run(self, present: list[Tensor], grad_scale: Tensor | None) -> None:
         if self.stats is None:
             for _, fn, idx in self.plan:
-                fn(
-                    present if idx is None else list(map(present.__getitem__, idx)),
-                    self.eps,
-                    self.correction,
-                    grad_scale,
-                )
+                fn(_pick(present, idx), self.eps, self.correction, grad_scale)
             return
         for (_, fn, idx), out in zip(self.plan, self.stats_out):
-            tensors = present if idx is None else list(map(present.__getitem__, idx))
-            fn(tensors, self.eps, self.correction, grad_scale, stats=out)
+            fn(_pick(present, idx), self.eps, self.correction, grad_scale, stats=out)
         self.stats.unscale(grad_scale)

@@ -20,6 +20,7 @@ from .check_cache import recent_checks
 from .memory import extent
 from .naming import where
 from .overlap import disjoint, duplicates, span
+from .tensor_types import PLAIN_TYPES
 
 __all__ = ["SUPPORTED_DTYPES", "as_items", "check_and_group", "collect", "collect_indices"]
 
@@ -93,7 +94,6 @@ def check_and_group(
 
 
 _NoneType = type(None)
-_PLAIN = frozenset((Tensor, torch.nn.Parameter))  # no __torch_function__ of their own
 _data_ptr, _is_contiguous, _numel = Tensor.data_ptr, Tensor.is_contiguous, Tensor.numel
 _itemsize_of = operator.attrgetter("itemsize")
 
@@ -129,7 +129,7 @@ def _fast_groups(items: list, seen: list | None = None) -> dict[tuple, list[int]
         present = [items[i] for i in positions]
     else:
         present = items
-    if not kinds <= _PLAIN:
+    if not kinds <= PLAIN_TYPES:
         return None
     if not present:
         return {}

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ..memory import is_dense
+from ..tensor_types import PLAIN_TYPES
 
 __all__ = [
     "ADAM_OP_NAME",
@@ -209,8 +210,6 @@ def _run(
 # function is this one: exactly what _run does (under no_grad, the scale moved to the tensors' device).
 _run.native_op = OP_NAME
 
-_PLAIN = frozenset((Tensor, torch.nn.Parameter))
-
 
 def bind(tensors: list[Tensor]) -> Callable[..., None]:
     """A group function tied to these tensors' addresses, for callers that know the next lists hold tensors at
@@ -220,7 +219,7 @@ def bind(tensors: list[Tensor]) -> Callable[..., None]:
     checked per tensor; the same bits as the op). Anything else, and calls with ``stats``, take ``_run``."""
     if not tensors or tensors[0].device.type != "cpu" or not all(map(is_dense, tensors)):
         return _run
-    if not _PLAIN.issuperset(map(type, tensors)):  # a subclass's __torch_function__ sees every op call
+    if not PLAIN_TYPES.issuperset(map(type, tensors)):  # a subclass's __torch_function__ sees every op call
         return _run
     try:
         handle = torch.classes.znorm_kernels_C.CpuList(tensors)

@@ -83,7 +83,7 @@ class DirectLauncher:
     def __call__(self, grid: tuple[int, ...], stream: int, args: Sequence[object], key: Hashable, **kwargs):
         """Launch on the current device and ``stream`` (a raw CUDA stream handle); ``key`` must identify the
         constexprs, options and device. Returns Triton's ``CompiledKernel``."""
-        if not _enabled or not _plain(self.fn):
+        if not self.enabled():
             return self.fn[grid](*args, **kwargs)
         full_key = (key, spec_key(args))
         kept = self.kept.get(full_key)
@@ -104,7 +104,7 @@ class DirectLauncher:
     def kept_for(self, args: Sequence[object], key: Hashable) -> tuple[object, tuple] | None:
         """The kept (compiled kernel, constexprs) for ``key`` and the specialization of ``args``, or None
         (none kept yet, or every launch must go through Triton now)."""
-        if not _enabled or not _plain(self.fn):
+        if not self.enabled():
             return None
         return self.kept.get((key, spec_key(args)))
 
