@@ -192,7 +192,8 @@ def train_markdown(train: dict) -> str:
             "",
             f"Our hook over its {train['steps']} timed steps: {paths['full checks']} full checks, "
             f"{paths['moved']} with the gradients at new addresses (bound again), the rest at the same "
-            f"addresses; {paths['plans built']} Triton plans built (a new table copied to the device).",
+            f"addresses; {paths['plans built']} Triton plans built (a table copied to the device), "
+            f"{paths.get('plans moved', 0)} moved (their address table rewritten).",
         ]
     return "\n".join(out) + "\n"
 

@@ -481,16 +481,20 @@ def test_cpu_rows_have_no_gpu_busy_figure() -> None:
     assert rows and all(r["device_us"] and r["device_busy_us"] is None for r in rows)
 
 
-def test_training_step_counts_the_hooks_paths():
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_training_step_counts_the_hooks_paths(backend):
     """bench.train_step's path counter: nothing while not counting; then a step at the same addresses counts
-    nothing, one at new addresses counts a move, one with another dtype a full check."""
+    nothing, one at new addresses counts a move (on triton, the plan moved, none built), one with another
+    dtype a full check."""
     import znorm_kernels
     from bench.train_step import _PathCounter
     from znorm_kernels import step_cache
 
+    if backend not in znorm_kernels.available_backends():
+        pytest.skip(f"{backend} unavailable")
     params = [torch.nn.Parameter(torch.zeros(4, 3)), torch.nn.Parameter(torch.zeros(5))]
     opt = torch.optim.SGD(params, lr=0.0)
-    znorm_kernels.register(opt, backend="reference")
+    znorm_kernels.register(opt, backend=backend)
     real = step_cache.GradientGroups._check
     with _PathCounter() as paths:
         for p in params:
@@ -498,11 +502,15 @@ def test_training_step_counts_the_hooks_paths():
         opt.step()  # the first call: a full check, not counted
         paths.counting = True
         opt.step()
-        assert paths.counts == {"full checks": 0, "moved": 0, "plans built": 0}
+        assert paths.counts == {"full checks": 0, "moved": 0, "plans built": 0, "plans moved": 0}
         for p in params:
             p.grad = torch.randn_like(p) + 0  # new storage
         opt.step()
+        paths.counting = False  # (the plans are counted when counting stops)
         assert paths.counts["moved"] == 1 and paths.counts["full checks"] == 0
+        assert paths.counts["plans built"] == 0
+        assert paths.counts["plans moved"] == (backend == "triton")
+        paths.counting = True
         params[1].data = params[1].data.double()
         params[1].grad = torch.randn(5, dtype=torch.float64)
         opt.step()

@@ -139,14 +139,15 @@ def time_training_step(
 
 class _PathCounter:
     """Counts, while ``counting`` is set, which path our hook took (GradientGroups: the full checks, or
-    gradients that moved to other addresses and were bound again; otherwise the same addresses) and how
-    many Triton plans (a new table copied to the device) were built (``triton_plan.counts``). Patches the
-    cache's class for the duration."""
+    gradients that moved to other addresses and were bound again, by the Python path or the native watch;
+    otherwise the same addresses) and how many Triton plans were built (a table copied to the device) or
+    moved (their address table rewritten) (``triton_plan.counts``). Patches the cache's class for the
+    duration."""
 
     def __init__(self) -> None:
         self._counting = False
-        self._built_at = 0
-        self.counts = {"full checks": 0, "moved": 0, "plans built": 0}
+        self._built_at = (0, 0)
+        self.counts = {"full checks": 0, "moved": 0, "plans built": 0, "plans moved": 0}
 
     @property
     def counting(self) -> bool:
@@ -156,21 +157,24 @@ class _PathCounter:
     def counting(self, on: bool) -> None:
         built = self._plans_built()
         if self._counting and not on:
-            self.counts["plans built"] += built - self._built_at
+            self.counts["plans built"] += built[0] - self._built_at[0]
+            self.counts["plans moved"] += built[1] - self._built_at[1]
         self._built_at, self._counting = built, on
 
     @staticmethod
-    def _plans_built() -> int:
+    def _plans_built() -> tuple[int, int]:
         try:
             from znorm_kernels.backends import triton_plan
         except ImportError:  # no Triton: nothing to count there
-            return 0
-        return triton_plan.counts.built
+            return 0, 0
+        return triton_plan.counts.built, triton_plan.counts.rebased
 
     def __enter__(self) -> _PathCounter:
         from znorm_kernels import step_cache
 
-        wrap = {"_check": "full checks", "_moved": "moved"}
+        # (the moves: _rebind, the Python path's after _moved found them disjoint and the watch's where it
+        # hands back the gradients; _rebase, the watch's where every group is a launch)
+        wrap = {"_check": "full checks", "_rebind": "moved", "_rebase": "moved"}
         self._saved = [
             (step_cache.GradientGroups, attr, getattr(step_cache.GradientGroups, attr)) for attr in wrap
         ]
@@ -181,7 +185,7 @@ class _PathCounter:
     def _counted(self, fn, what: str):
         def counted(*args, **kwargs):
             result = fn(*args, **kwargs)
-            if self._counting and (what != "moved" or result):
+            if self._counting:
                 self.counts[what] += 1
             return result
 

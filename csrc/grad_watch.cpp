@@ -7,11 +7,13 @@
 //     record names, and returns kSame; the caller launches its other groups (Triton) on what it bound;
 //   - the same layouts at other addresses, still pairwise disjoint on each device (rule 11): it records the
 //     new addresses; where the op runs every group (`alone`) it runs them and returns kSame, else it keeps
-//     the gradients for take() and returns kMoved, running nothing (the caller binds its groups again);
+//     the gradients for take() (or their addresses for moved_to()) and returns kMoved, running nothing (the
+//     caller binds its groups again);
 //   - anything else: kChanged, nothing run; the caller takes its full path, which decides and raises.
 // The record never holds a gradient (that would keep its memory alive across zero_grad(set_to_none=True)),
-// only between a kMoved step and the take() that follows it.
+// only between a kMoved step and the take() or moved_to() that follows it.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
 #include <c10/util/Exception.h>
@@ -166,6 +168,16 @@ class GradWatch : public torch::CustomClassHolder {
   // The present gradients held by a kMoved step, in order; the watch lets go of them.
   std::vector<at::Tensor> take() { return std::exchange(held_, {}); }
 
+  // After a kMoved step, for a caller that needs only where the gradients went: their addresses (int64, CPU),
+  // in order; the watch lets go of the gradients.
+  at::Tensor moved_to() {
+    held_.clear();
+    auto out = at::empty({static_cast<int64_t>(record_.size())}, at::kLong);
+    int64_t* data = out.data_ptr<int64_t>();
+    for (size_t k = 0; k < record_.size(); ++k) data[k] = static_cast<int64_t>(record_[k].address);
+    return out;
+  }
+
  private:
   const at::Tensor& grad_of(int64_t i) const { return params_[i].unsafeGetTensorImpl()->grad(); }
 
@@ -220,5 +232,6 @@ TORCH_LIBRARY_FRAGMENT(znorm_kernels_C, m) {
       .def(torch::init<std::vector<at::Tensor>>())
       .def("record", &znorm::GradWatch::record)
       .def("step", &znorm::GradWatch::step)
-      .def("take", &znorm::GradWatch::take);
+      .def("take", &znorm::GradWatch::take)
+      .def("moved_to", &znorm::GradWatch::moved_to);
 }

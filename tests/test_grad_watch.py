@@ -258,7 +258,7 @@ class _Kernel:
 
         class Compiled:
             def __getitem__(self, grid):
-                return lambda *args, stream: kernel.calls.append(("direct", grid[0], args[:13]))
+                return lambda *args, stream: kernel.calls.append(("direct", grid[0], args[:14]))
 
         self.compiled = Compiled()
 
@@ -313,7 +313,7 @@ def test_a_prepared_launch_passes_what_the_full_launch_passed(kernel, full_launc
     bound.launch_only(1e-3, 1.0, None)  # other eps and correction: prepared apart
     bound.launch_only(1e-3, 1.0, None)
     assert len(full_launches) == 2 and len(kernel.calls) == 5
-    assert kernel.calls[4][2][5:7] == kernel.calls[3][2][5:7] != a0[5:7]
+    assert kernel.calls[4][2][6:8] == kernel.calls[3][2][6:8] != a0[6:8]
 
 
 def test_a_prepared_launch_takes_each_steps_grad_scale(kernel, full_launches):
@@ -326,8 +326,8 @@ def test_a_prepared_launch_takes_each_steps_grad_scale(kernel, full_launches):
     assert len(full_launches) == 1
     (how0, _, a0), (how1, _, a1) = kernel.calls
     assert (how0, how1) == ("triton", "direct")
-    assert a1[4].dtype == torch.float32 and a1[4].item() == 64.0, "this step's scale, as the kernel takes it"
-    assert _same_args(a0[:4] + a0[5:], a1[:4] + a1[5:])
+    assert a1[5].dtype == torch.float32 and a1[5].item() == 64.0, "this step's scale, as the kernel takes it"
+    assert _same_args(a0[:5] + a0[6:], a1[:5] + a1[6:])
     bound.launch_only(1e-10, 0.0, torch.zeros(5)[1:2])  # a scale not 16-byte aligned: another specialization
     assert len(full_launches) == 2 and kernel.calls[-1][0] == "triton"
 
@@ -392,17 +392,20 @@ def test_the_hook_launches_once_per_step_through_the_prepared_launch(kernel, ful
             p.grad = p.grad.detach()
         opt.step()
     assert [c[0] for c in kernel.calls] == ["triton", "direct", "direct"] and len(full_launches) == 1
-    # Moved: a table for the new addresses, launched as prepared for the old one (same sizes, alignment and
-    # workspace).
+    # Moved: the same plan, its table of addresses rewritten, launched as prepared (same arguments).
+    from znorm_kernels.backends import triton_plan
+
+    built, before = triton_plan.counts.built, kernel.calls[2][2][1].clone()
     params[1].grad = params[1].grad.clone()
     opt.step()
     opt.step()
     assert [c[0] for c in kernel.calls[3:]] == ["direct", "direct"] and len(full_launches) == 1
+    assert triton_plan.counts.built == built, "no new plan"
     old, new = kernel.calls[2][2], kernel.calls[3][2]
-    assert new[0] is not old[0] and _same_args(new[1:], old[1:]), "only the table is new"
-    # (All three are small items: one record each, [address, count, tensor, aux], in the list's order.)
-    assert int(new[0][0]) == int(old[0][0]) and int(new[0][8]) == int(old[0][8])
-    assert int(new[0][4]) == params[1].grad.data_ptr() != int(old[0][4]), "the second tensor's record moved"
+    assert _same_args(new, old), "the same arguments: the tables are rewritten in place"
+    bases = new[1].tolist()
+    assert bases == [p.grad.data_ptr() for p in params] and bases[1] != int(before[1])
+    assert bases[::2] == before[::2].tolist()
     # Moved to an address that is not 16-byte aligned: another specialization, through the full launch.
     buf = torch.zeros(301)
     buf[1:].copy_(params[1].grad)
@@ -436,7 +439,8 @@ def test_lazily_negated_gradients_are_normalized_and_take_the_python_path(backen
 
 def test_a_step_that_fails_after_a_move_leaves_nothing_stale(monkeypatch):
     # The watch records the new addresses before the Triton groups are bound to them: if binding fails,
-    # neither may be used again (the old plan would write the old, freed gradients' memory).
+    # neither may be used again (the plan, perhaps half moved, could write the old, freed gradients'
+    # memory).
     if "triton" not in znorm_kernels.available_backends():
         pytest.skip("triton unavailable")
     from znorm_kernels.backends import triton_host
@@ -455,7 +459,7 @@ def test_a_step_that_fails_after_a_move_leaves_nothing_stale(monkeypatch):
         raise RuntimeError("binding failed")
 
     with monkeypatch.context() as patch:
-        patch.setattr(triton_host, "_bound", fail)  # making the plan for the new addresses fails
+        patch.setattr(triton_host, "rebase", fail)  # moving the plan to the new addresses fails
         with pytest.raises(RuntimeError, match="binding failed"):
             opt.step()
     old_before, expected = old.clone(), float64_znorm(new)

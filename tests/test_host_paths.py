@@ -5,7 +5,6 @@ the Python path and on the native steady path (tests/test_grad_watch.py) alike."
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import math
 import random
@@ -426,36 +425,6 @@ def test_hook_after_a_duplicate_rechecks_a_move(backend):
     expected = _training_outcome(backend, apart, cached=False)
     assert got[0] == expected[0] == "ok"
     assert torch.equal(got[1], expected[1])
-
-
-@pytest.mark.parametrize("seed", range(3))
-def test_triton_table_from_its_layout_is_the_table(seed):
-    """A plan for moved gradients builds its table from the cached layout: the same table, to the bit,
-    whatever the runs of chunks its tickets cover."""
-    from znorm_kernels.backends import triton_plan as tp
-    from znorm_kernels.backends.tiles import Tiles
-
-    rng = random.Random(seed)
-    for _ in range(20):
-        numels = tuple(rng.choice([2, 7, 4096, 4097, 9000, (1 << 20) + 5]) for _ in range(rng.randint(1, 6)))
-        addrs = tuple(rng.randrange(0, 1 << 40) * 16 for _ in numels)
-        elsize, tiles = rng.choice(
-            [(4, Tiles(4096, 2)), (2, Tiles(4096, 4)), (8, Tiles(2048)), (4, Tiles(4096))]
-        )
-        tiles = rng.choice([tiles, Tiles(tiles.block, tiles.unroll, mid_chunk=3, large_chunk=5)])
-        # runs of chunks: one each, several, the rule's for a few programs or for an H100's
-        tiles = dataclasses.replace(tiles, run=rng.choice([None, 1, 2, 3, 1000]))
-        programs = rng.choice([1, 3, 264])
-        layout = tp.layout_for(numels, elsize, tiles, programs)
-        table, s, m, p = tp.table(addrs, numels, elsize, tiles, programs)
-        assert tp.table_at(layout, addrs).tolist() == table
-        assert (layout.num_stats_items, layout.num_small_items, layout.num_partials) == (s, m, p)
-    # One list's layouts for every run rule: each its own (the cache key holds what cuts the runs).
-    numels, addrs = (9000, 4097, 7, 30_000), (1 << 30, 1 << 31, 1 << 32, 1 << 33)
-    for tiles in (Tiles(4096), Tiles(4096, run_divisor=1), *(Tiles(4096, run=r) for r in (1, 2, 3))):
-        for programs in (1, 3, 264):
-            table, *_ = tp.table(addrs, numels, 4, tiles, programs)
-            assert tp.table_at(tp.layout_for(numels, 4, tiles, programs), addrs).tolist() == table
 
 
 def test_a_fresh_cache_keeps_what_it_is_given_and_evicts_the_oldest():

@@ -135,7 +135,7 @@ def _interrupted(monkeypatch, call) -> None:
 
     class Interrupted:  # a launch stopped half-way: its counters are left non-zero
         def __getitem__(self, grid):
-            def run(meta, partials, stats, counters, *args, **kwargs):
+            def run(meta, bases, partials, stats, counters, *args, **kwargs):
                 counters[0] = 3
                 raise KeyboardInterrupt
 

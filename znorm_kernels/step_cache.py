@@ -75,6 +75,7 @@ class GradientGroups:
         self.watch = None
         self.watched: list[Tensor] | None = None
         self.launches: list = []
+        self.watch_runs = False  # whether the watch runs groups of its own (else all groups are launches)
 
     def _present(self, grads: list[Tensor | None]) -> list[Tensor] | None:
         """The present gradients if the cached checks still hold for ``grads`` (binding the groups again if
@@ -126,6 +127,16 @@ class GradientGroups:
         self.plan, self.starts = plan, starts
         if self.watch is not None:
             self.launches = [bound.launch_only for fn, bound, _ in plan if not hasattr(fn, "native_op")]
+
+    def _rebase(self, starts) -> None:
+        """Move the groups, every one bound with a launch (``launch_only``), to the present gradients' new
+        addresses ``starts`` (an int64 array, in order; rule 11 checked), which is all such a move needs."""
+        plan = []
+        for fn, bound, idx in self.plan:
+            bound = bound.rebind(None, starts if idx is None else starts[idx])
+            plan.append((fn, bound, idx))
+        self.plan, self.starts = plan, starts.tolist()
+        self.launches = [bound.launch_only for _, bound, _ in plan]
 
     def _check(
         self, grads: list[Tensor | None], names: list[str], params: list[Tensor] | None = None
@@ -179,7 +190,7 @@ class GradientGroups:
         watch = new_watch(params)
         moves = self.by_device is not None
         if watch is not None and watch.record(native, self.by_device or [], moves, not launches):
-            self.watch, self.watched, self.launches = watch, params, launches
+            self.watch, self.watched, self.launches, self.watch_runs = watch, params, launches, bool(native)
 
     def steady(self, params: list[Tensor], grad_scale: Tensor | None) -> bool:
         """The step in one native call where the watch made for ``params`` finds their gradients as recorded
@@ -193,6 +204,16 @@ class GradientGroups:
             return False
         status = watch.step(self.eps, self.correction, grad_scale)
         if status == SAME:  # the watch ran the native groups (those it could run alone, also after a move)
+            for launch in self.launches:
+                launch(self.eps, self.correction, grad_scale)
+            return True
+        if status == MOVED and not self.watch_runs:  # every group a launch: moved by address alone
+            try:
+                self._rebase(watch.moved_to().numpy())
+            except BaseException:
+                self.watch = self.watched = None  # as below
+                self.length = -1
+                raise
             for launch in self.launches:
                 launch(self.eps, self.correction, grad_scale)
             return True

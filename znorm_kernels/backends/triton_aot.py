@@ -37,9 +37,9 @@ def compile_for_target(
     from .triton_kernels import znorm_queue_kernel
 
     signature = {
-        "meta_ptr": "*i64", "partial_ptr": "*fp64", "stats_ptr": "*fp64", "counter_ptr": "*i32",
-        "scale_ptr": "*fp32", "eps_bits": "i64", "correction": "fp32", "T": "i32", "S": "i32", "M": "i32",
-        "P": "i32", "NUM_PROGRAMS": "i32", "spin_limit": "i32",
+        "meta_ptr": "*i64", "base_ptr": "*i64", "partial_ptr": "*fp64", "stats_ptr": "*fp64",
+        "counter_ptr": "*i32", "scale_ptr": "*fp32", "eps_bits": "i64", "correction": "fp32", "T": "i32",
+        "S": "i32", "M": "i32", "P": "i32", "NUM_PROGRAMS": "i32", "spin_limit": "i32",
     }  # fmt: skip
     tiles = tiles or tiles_for(dtype)
     consts = triton_host.constants(dtype, tiles, aligned, has_scale, normalize, True, given)

@@ -26,10 +26,9 @@ from ..memory import is_dense
 from . import triton_interpret
 from .float64_range import factor_of
 from .tiles import Tiles
-from .triton_plan import Plan, plan_for
+from .triton_plan import Plan, own_plan, rebase
 from .triton_queue import (
     LaunchRecord,
-    carry_steady,
     compile_options,
     constants,
     last_launch,
@@ -151,25 +150,21 @@ def bind(tensors: list[Tensor]):
     at the same addresses with the same sizes and layouts (the hook checks that each step): it skips the plan
     look-up and the layout checks. The first tensor's dtype is still compared (``model.half()`` with
     ``set_to_none`` gradients can put gradients of the new dtype at the old addresses, and the table's chunk
-    addresses depend on it). Lists of non-dense views are not bound (their stand-ins are new copies each
-    call). The bound function's ``rebind(others, addrs=None)`` binds tensors with the same types, dtypes,
-    devices, sizes and strides as these (the caller has checked that) at other addresses, without reading
-    layouts again; ``addrs``, their data pointers, where the caller has them already."""
+    offsets depend on it). Lists of non-dense views are not bound (their stand-ins are new copies each
+    call). The bound function's ``rebind(others, addrs=None)`` moves it to tensors with the same types,
+    dtypes, devices, sizes and strides as these (the caller has checked that) at other addresses, without
+    reading layouts again, and returns it: its plan is its own (``triton_plan.own_plan``), and a move
+    rewrites the plan's table of addresses in stream order (``triton_plan.rebase``); ``addrs``, their data
+    pointers (ints or an int64 array), where the caller has them already (``others`` may then be None: the
+    hook's native steady step has only the addresses). The function is bound to the last addresses given."""
     if not all(map(is_dense, tensors)):
         return znorm_group_
     return _bound(tensors)
 
 
-def _bound(
-    tensors: list[Tensor], numels: tuple[int, ...] | None = None, addrs=None, before: Plan | None = None
-):
+def _bound(tensors: list[Tensor]):
     dtype = tensors[0].dtype
-    if before is None:
-        plan = plan_for(tensors, None, numels, addrs)
-    else:  # the same sizes and dtype: the same tiles (tiles_for), and the launches prepared for them
-        plan = plan_for(tensors, before.tiles, numels, addrs)
-        carry_steady(before, plan)
-    numels = plan.numels
+    plan = own_plan(tensors)
 
     def run(tensors, eps, correction, grad_scale=None, *, stats=None):  # the group function's signature
         if tensors[0].dtype is not dtype:
@@ -178,13 +173,16 @@ def _bound(
         if stats is not None:
             stats.copy_(ws.stats[:, :2])
 
+    def rebind(others: list[Tensor], addrs=None):
+        rebase(plan, tuple(map(Tensor.data_ptr, others)) if addrs is None else addrs)
+        return run
+
     # For callers that know the tensors are still these (same addresses, sizes, layouts, dtype): no tensors.
     run.launch_only = lambda eps, correction, grad_scale=None: launch_steady(
         plan, eps, correction, grad_scale
     )
-    # The same layouts, all dense: only the plan (the addresses) changes; the sizes are these, and the
-    # launches prepared for this plan hold for the new one but for its table.
-    run.rebind = lambda others, addrs=None: _bound(others, numels, addrs, plan)
+    run.rebind = rebind
+    run.plan = plan
     return run
 
 

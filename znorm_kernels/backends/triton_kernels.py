@@ -32,8 +32,10 @@ there), so launches that share counters are always ordered (triton_host).
 
 A program walks records (triton_plan's layout): a statistics ticket's chunks each have one, consecutive, and
 its first is found in a table of starts, loaded with the draw; every other ticket is one record. Each record
-is 32 bytes (address of its first element, element count, tensor, aux), read before its data: two dependent
-loads before the data arrive, not four, and a run's next chunk needs no atomic. A statistics record's aux
+is 32 bytes (byte offset of its first element in its tensor, element count, tensor, aux), read before its
+data, and the tensor's address from the table of addresses after it: three dependent loads before the data
+arrive, and a run's next chunk needs no atomic. The addresses are a table of their own so that gradients
+that move to new addresses cost the host a rewrite of T values, not a new table. A statistics record's aux
 holds its slot and, on a run's last chunk, the run's chunks (the amount of its add); so a run is one loop
 pass per chunk with a single call of chunk_moments, not a loop inside the item, whose extra live values cost
 registers and spills. Offsets inside an item are 32-bit, from the item's 64-bit base address (a ticket holds
@@ -174,6 +176,7 @@ def _first_record(ticket, starts, S, P):
 @triton.jit(do_not_specialize=["T", "S", "M", "P", "NUM_PROGRAMS", "spin_limit", "eps_bits", "correction"])
 def znorm_queue_kernel(
     meta_ptr,  # int64 table, layout above
+    base_ptr,  # int64 [T]: each tensor's address (a record holds its byte offset in its tensor)
     partial_ptr,  # float64 [4 * P]: (mean, M2, min, max) of every chunk of a large tensor
     stats_ptr,  # float64 [4 * T]: (mean, std, inv, wide) of every tensor, kept after the launch
     counter_ptr,  # int32 [3 + T]: ticket, programs done, error, per-tensor chunks done; 0 between launches
@@ -216,10 +219,11 @@ def znorm_queue_kernel(
     item = _first_record(skipped + tl.atomic_add(counter_ptr, 1, sem="relaxed"), starts, S, P)
     while item < total:
         record = meta_ptr + ITEM * item.to(tl.int64)
-        ptr = tl.load(record).to(tl.pointer_type(DTYPE))
+        offset = tl.load(record)
         count = tl.load(record + 1).to(tl.int32)
         t = tl.load(record + 2)
         aux = tl.load(record + 3)
+        ptr = (tl.load(base_ptr + t) + offset).to(tl.pointer_type(DTYPE))
         if ALIGNED:
             ptr = tl.multiple_of(ptr, 16)
         # The next record: the run's next chunk, or after a ticket's last record the next ticket's first,

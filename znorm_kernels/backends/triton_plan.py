@@ -1,8 +1,10 @@
 """The plans of the ZNorm queue kernel: per list of tensors, the int64 table of work items (one 32-byte
-record each) and of tensor sizes on their device, and the mutable workspace a launch uses.
+record each) and of tensor sizes on their device, the table of the tensors' addresses, and the mutable
+workspace a launch uses.
 
 Table layout (read by triton_kernels.py; S statistics tickets, M small items, T tensors, P chunks): records of
-ITEM int64 fields, [address of the first element, element count, tensor, aux]: P chunk records, M small items,
+ITEM int64 fields, [byte offset of the first element in its tensor, element count, tensor, aux]: P chunk
+records, M small items,
 S normalize records; then ITEM fields per tensor, [numel, chunk, first slot, chunks]; then the S statistics
 tickets' first chunk records (int64, zero-padded to whole rows). A tensor of more than ``block`` elements is
 cut into chunks of ``tiles.chunk(numel)`` elements, each with its partial slot, and its chunks into runs
@@ -13,16 +15,20 @@ ticket is the same run in one record (aux: its tensor's publication mark, chunks
 first, one chunk each at the end, so that the last tickets drawn are short ones); the runs decide only which
 program computes what, never a tensor's bits.
 
-Plans are cached while the tensors' addresses and sizes stay the same (an optimizer's gradients usually do
-from step to step). What a table owes to the sizes alone (a ``TableLayout``) is cached apart, so a list that
-moves to new addresses gets its table from a few numpy operations. A table reaches the device through pinned
-memory without blocking; nothing synchronizes.
+The table owes nothing to the tensors' addresses: they are a table of their own, ``bases`` (int64 [T]), and a
+record's data start at ``bases[tensor] + offset``. Plans looked up by ``plan_for`` are cached by their
+tensors' addresses and sizes; a caller that owns a plan (a bound group function, ``own_plan``) moves it to
+new addresses with ``rebase``, which rewrites ``bases`` in stream order through a pinned staging buffer of
+its own: no new plan, no allocation (the hook's gradients come back at new addresses after
+``zero_grad(set_to_none=True)``). The table of a list's sizes (a ``TableLayout``) is cached apart. Tables
+reach the device through pinned memory without blocking; nothing synchronizes.
 
 Workspaces (partials, statistics, counters) are left zeroed by every launch for the next. A plan uses one per
 stream, shared with the plans of the same sizes on that stream (so launches sharing one are ordered there),
 allocated on that stream so that the caching allocator frees it in that stream's order. A launch during
 CUDA-graph capture gets a fresh workspace from the graph's pool (zeroed by a captured memset), and the
-plan's table is kept for the life of the process, since the graph reads it at every replay.
+plan's tables are kept for the life of the process, since the graph reads them at every replay (a later
+``rebase`` gives the plan new ones).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from __future__ import annotations
 import functools
 import operator
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,7 +44,7 @@ import torch
 from torch import Tensor
 
 from .tiles import Tiles, ticket_runs, tiles_for
-from .triton_common import ALIGNMENT, device_table, element_size
+from .triton_common import ALIGNMENT, device_table, element_size, stream_of
 from .triton_grid import resident_programs
 
 __all__ = [
@@ -45,14 +52,15 @@ __all__ = [
     "Plan",
     "TableLayout",
     "Workspace",
-    "captured_plans",
+    "captured_tables",
     "clear_caches",
     "counts",
     "layout_for",
+    "own_plan",
     "plan_for",
     "plans",
+    "rebase",
     "table",
-    "table_at",
     "workspace_for",
     "workspace_pool",
 ]
@@ -76,6 +84,7 @@ class Plan:
     """The read-only part of a launch for one list of tensors: the work item table, on their device."""
 
     meta: Tensor  # int64 table (layout above)
+    bases: Tensor  # int64 [T]: each tensor's address (``rebase`` rewrites it)
     device: torch.device
     dtype: torch.dtype
     num_tensors: int
@@ -85,9 +94,12 @@ class Plan:
     tiles: Tiles
     aligned: bool  # every data pointer is 16-byte aligned: the vector-access specialization
     numels: tuple[int, ...]  # the tensors' numbers of elements
-    host: Tensor | None = None  # the pinned source of a table copied during graph capture
+    hosts: tuple = ()  # the pinned sources of tables copied during graph capture
     workspaces: dict[int, Workspace] = field(default_factory=dict)  # by stream (0 off CUDA)
-    captured: bool = False
+    captured: bool = False  # a captured graph reads these tables
+    # Pinned buffers that ``rebase`` copies addresses from, each with the event of its last copy (a list
+    # [tensor, event]), least recently used first.
+    staging: list[list] = field(default_factory=list)
     # Prepared launches of the whole queue on its workspaces (triton_queue.launch_steady), by stream, eps,
     # correction and whether a scale is given.
     steady: dict[tuple, object] = field(default_factory=dict)
@@ -107,22 +119,23 @@ class Plan:
 
 @dataclass
 class Counts:
-    """How many plans were built (a table made and copied to the device): a diagnostic, for the benchmark's
-    count of the paths a training step's hook took."""
+    """How many plans were built (tables made and copied to the device) and moved: a diagnostic, for the
+    benchmark's count of the paths a training step's hook took."""
 
     built: int = 0
+    rebased: int = 0  # moved in place (``rebase``)
 
 
 counts = Counts()
 plans: OrderedDict[tuple, Plan] = OrderedDict()
 # Workspaces by (device, stream, P, T), what sizes them: plans of the same sizes on one stream share one
-# (their launches are ordered on that stream, and each leaves it zeroed), so gradients that move to new
-# addresses, which need a new plan (table), allocate and zero no new workspace.
+# (their launches are ordered on that stream, and each leaves it zeroed), so a list that moves to new
+# addresses outside a bound group (a new plan from plan_for) allocates and zeroes no new workspace.
 workspace_pool: OrderedDict[tuple, Workspace] = OrderedDict()
-captured_plans: list[Plan] = []  # tables a captured graph reads: kept for the life of the process
+captured_tables: list[tuple] = []  # tables a captured graph reads: kept for the life of the process
 
 
-def table(addrs, numels, elsize: int, tiles: Tiles, programs: int) -> tuple[list[int], int, int, int]:
+def table(numels, elsize: int, tiles: Tiles, programs: int) -> tuple[list[int], int, int, int]:
     """The int64 table (layout above), cut for ``programs`` resident programs, and its numbers of statistics
     tickets, small items and chunks."""
     # A record per chunk of a statistics run, not one per run: the kernel takes a run one chunk per pass of
@@ -130,9 +143,9 @@ def table(addrs, numels, elsize: int, tiles: Tiles, programs: int) -> tuple[list
     # one pass holds more values live, in registers the chunk's tiles need).
     chunks, small_items, normalize, tensors, starts = [], [], [], [], []
     slot = 0
-    for t, (addr, n, runs) in enumerate(zip(addrs, numels, ticket_runs(numels, tiles, programs))):
+    for t, (n, runs) in enumerate(zip(numels, ticket_runs(numels, tiles, programs))):
         if n <= tiles.block:
-            small_items += (addr, n, t, 0)
+            small_items += (0, n, t, 0)
             tensors += (n, 0, 0, 0)
             continue
         chunk = tiles.chunk(n)
@@ -144,12 +157,12 @@ def table(addrs, numels, elsize: int, tiles: Tiles, programs: int) -> tuple[list
             for j in range(c, c + k):
                 last = j == c + k - 1
                 chunks += (
-                    addr + j * chunk * elsize,
+                    j * chunk * elsize,
                     min(chunk, n - j * chunk),
                     t,
                     (slot + j) | (k << 32 if last else 0),
                 )
-            normalize += (addr + c * chunk * elsize, min((c + k) * chunk, n) - c * chunk, t, nchunks + 1)
+            normalize += (c * chunk * elsize, min((c + k) * chunk, n) - c * chunk, t, nchunks + 1)
             c += k
         slot += nchunks
     tickets = len(starts)
@@ -157,17 +170,15 @@ def table(addrs, numels, elsize: int, tiles: Tiles, programs: int) -> tuple[list
     return chunks + small_items + normalize + tensors + starts, tickets, len(small_items) // ITEM, slot
 
 
-@dataclass(frozen=True)
+@dataclass
 class TableLayout:
-    """What a plan's table owes to its tensors' sizes alone: the table of tensors at address 0 (each item's
-    address is then its byte offset within its tensor), its owners, and its numbers of items."""
+    """A list's table (it owes everything to the tensors' sizes) and its numbers of items."""
 
-    template: Tensor  # int64 [rows, ITEM], CPU
-    items: int  # the first rows are records (address, count, tensor, aux); then tensors and starts
+    template: Tensor  # int64 [rows * ITEM], CPU
     num_stats_items: int
     num_small_items: int
     num_partials: int
-    owners: np.ndarray  # int64 [items]: each work item's tensor
+    pinned: Tensor | None = None  # the template in pinned memory, the source of every device copy
 
 
 layouts: OrderedDict[tuple, TableLayout] = OrderedDict()
@@ -178,10 +189,8 @@ def layout_for(numels: tuple[int, ...], elsize: int, tiles: Tiles, programs: int
     key = (numels, elsize, tiles, programs)
     layout = layouts.get(key)
     if layout is None:
-        rows, s, m, p = table([0] * len(numels), numels, elsize, tiles, programs)
-        template = torch.tensor(rows, dtype=torch.int64).view(-1, ITEM)
-        items = p + m + s
-        layout = layouts[key] = TableLayout(template, items, s, m, p, template[:items, 2].numpy().copy())
+        rows, s, m, p = table(numels, elsize, tiles, programs)
+        layout = layouts[key] = TableLayout(torch.tensor(rows, dtype=torch.int64), s, m, p)
         if len(layouts) > CACHE_SIZE:
             layouts.popitem(last=False)
     else:
@@ -189,29 +198,31 @@ def layout_for(numels: tuple[int, ...], elsize: int, tiles: Tiles, programs: int
     return layout
 
 
-def table_at(layout: TableLayout, addrs: tuple[int, ...], pinned: bool = False) -> Tensor:
-    """``table(addrs, ...)`` as an int64 CPU tensor (in pinned memory if ``pinned``), from the layout: each
-    record's address is its tensor's address (picked by the record's tensor column) plus its offset (a record
-    lies in one tensor; a run too). A few numpy operations written straight into the tensor, where building
-    the table in Python costs time per chunk (gradients that move every step need a new one)."""
-    out = torch.empty(layout.template.shape, dtype=torch.int64, pin_memory=pinned)
-    dst, src = out.numpy(), layout.template.numpy()
-    dst[layout.items :] = src[layout.items :]
-    dst[: layout.items, 1:] = src[: layout.items, 1:]
-    bases = np.fromiter(addrs, dtype=np.int64, count=len(addrs))
-    np.add(src[: layout.items, 0], bases[layout.owners], out=dst[: layout.items, 0])
-    return out.view(-1)
+def _aligned(addrs: Sequence[int]) -> bool:
+    # every address a multiple of ALIGNMENT: then so is their bitwise or (one C-level pass)
+    return functools.reduce(operator.or_, addrs, 0) % ALIGNMENT == 0
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _build(
     addrs: tuple[int, ...], numels: tuple[int, ...], device: torch.device, dtype, tiles: Tiles
 ) -> Plan:
+    counts.built += 1
     programs = resident_programs(device, tiles.programs)  # what the tickets are cut for
     layout = layout_for(numels, element_size(dtype), tiles, programs)
-    pinned = device.type == "cuda"
-    meta, host = device_table(table_at(layout, addrs, pinned), device, pinned)
+    if device.type == "cuda":
+        if layout.pinned is None:  # read by asynchronous copies, never written: pinned once
+            layout.pinned = layout.template.pin_memory()
+        meta, host = device_table(layout.pinned, device, pinned=True)
+    else:
+        meta, host = layout.template, None
+    bases, host_bases = device_table(list(addrs), device)
     return Plan(
         meta=meta,
+        bases=bases,
         device=device,
         dtype=dtype,
         num_tensors=len(addrs),
@@ -219,11 +230,77 @@ def _build(
         num_small_items=layout.num_small_items,
         num_partials=layout.num_partials,
         tiles=tiles,
-        # every address a multiple of ALIGNMENT: then so is their bitwise or (one C-level pass)
-        aligned=functools.reduce(operator.or_, addrs, 0) % ALIGNMENT == 0,
+        aligned=_aligned(addrs),
         numels=numels,
-        host=host,
+        hosts=tuple(h for h in (host, host_bases) if h is not None),
     )
+
+
+def own_plan(
+    tensors: list[Tensor],
+    tiles: Tiles | None = None,
+    numels: tuple[int, ...] | None = None,
+    addrs: tuple[int, ...] | None = None,
+) -> Plan:
+    """A plan for these tensors that no other caller shares (``plan_for``'s, uncached): its owner may
+    ``rebase`` it."""
+    if addrs is None:
+        addrs = tuple(map(Tensor.data_ptr, tensors))
+    if numels is None:
+        numels = tuple(map(Tensor.numel, tensors))
+    first = tensors[0]
+    return _build(addrs, numels, first.device, first.dtype, tiles or tiles_for(first.dtype, numels))
+
+
+def rebase(plan: Plan, addrs: Sequence[int] | np.ndarray) -> None:
+    """Move an owned plan to tensors of the same sizes at ``addrs`` (ints, or an int64 array), in the current
+    stream's order. Where every launch of the plan so far ran on this stream and no graph captured it, its
+    ``bases`` are rewritten in place from one of its two pinned staging buffers (made at its first move; a
+    buffer is written again once its last copy is done); else it gets new ``bases`` (the old ones may still
+    be read there) and its prepared launches and workspaces are dropped, to be found again at its next
+    launch."""
+    counts.rebased += 1
+    device = plan.device
+    if device.type != "cuda":  # the interpreter's launches are done when they return
+        host = plan.bases.numpy()
+        host[:] = addrs
+        _realign(plan, host)
+        return
+    stream = stream_of(device)
+    if _capturing(device) or plan.captured or any(s != stream for s in plan.workspaces):
+        host = np.array(addrs, dtype=np.int64)
+        _realign(plan, host)
+        plan.bases, kept = device_table(torch.from_numpy(host), device)
+        plan.hosts = () if kept is None else (kept,)
+        plan.captured = False
+        plan.steady.clear()
+        plan.workspaces.clear()
+        return
+    # Two staging buffers, made at the first move, in the order of their last use: the first whose copy is
+    # done, else (two moves queued within one launch's time) the least recently used, once its copy is done.
+    if not plan.staging:
+        pinned = torch.empty((2, plan.num_tensors), dtype=torch.int64, pin_memory=True)
+        plan.staging = [[pinned[0], torch.cuda.Event()], [pinned[1], torch.cuda.Event()]]
+    buf = next((b for b in plan.staging if b[1].query()), None)
+    if buf is None:
+        buf = plan.staging[0]
+        buf[1].synchronize()
+    plan.staging.remove(buf)
+    plan.staging.append(buf)
+    host = buf[0].numpy()
+    host[:] = addrs
+    _realign(plan, host)
+    plan.bases.copy_(buf[0], non_blocking=True)
+    buf[1].record(torch.cuda.current_stream(device))
+
+
+def _realign(plan: Plan, addrs: np.ndarray) -> None:
+    """The plan's alignment for these addresses; its prepared launches dropped where it changes (another
+    specialization)."""
+    aligned = int(np.bitwise_or.reduce(addrs)) % ALIGNMENT == 0 if len(addrs) else True
+    if aligned != plan.aligned:
+        plan.aligned = aligned
+        plan.steady.clear()
 
 
 def plan_for(
@@ -256,10 +333,10 @@ def plan_for(
 def workspace_for(plan: Plan, stream: int) -> Workspace:
     """The plan's workspace for this stream (made on first use), or a fresh one from the graph's pool while
     the stream is being captured."""
-    if plan.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        if not plan.captured:  # the graph reads this table at every replay: never free it
+    if _capturing(plan.device):
+        if not plan.captured:  # the graph reads these tables at every replay: never free them
             plan.captured = True
-            captured_plans.append(plan)
+            captured_tables.append((plan.meta, plan.bases, plan.hosts))
         return plan.new_workspace()
     ws = plan.workspaces.get(stream)
     if ws is None or ws.dropped:
@@ -273,14 +350,16 @@ def workspace_for(plan: Plan, stream: int) -> Workspace:
                 workspace_pool.popitem(last=False)
         workspace_pool.move_to_end(key)
         if stream not in plan.workspaces and plan.device.type == "cuda":
-            # The table may be freed (plan evicted) while this stream still reads it.
-            plan.meta.record_stream(torch.cuda.current_stream(plan.device))
+            # The tables may be freed (plan evicted, bases replaced) while this stream still reads them.
+            current = torch.cuda.current_stream(plan.device)
+            plan.meta.record_stream(current)
+            plan.bases.record_stream(current)
         plan.workspaces[stream] = ws
     return ws
 
 
 def clear_caches() -> None:
-    """Drop every cached plan, table layout and pooled workspace (captured plans are kept)."""
+    """Drop every cached plan, table layout and pooled workspace (captured tables are kept)."""
     plans.clear()
     layouts.clear()
     workspace_pool.clear()

@@ -21,7 +21,6 @@ from .triton_plan import Plan, Workspace, plan_for, workspace_for
 __all__ = [
     "MAX_REGISTERS",
     "LaunchRecord",
-    "carry_steady",
     "compile_options",
     "constants",
     "last_launch",
@@ -163,7 +162,7 @@ def _steady_here(plan: Plan, eps: float, correction: float, grad_scale: Tensor |
         if grad_scale is not None:
             scale = grad_scale.to(device=device, dtype=torch.float32, non_blocking=True)
             if (scale.data_ptr() % ALIGNMENT == 0) is steady.scale_aligned:
-                args = (*args[:4], scale, *args[5:])
+                args = (*args[:5], scale, *args[6:])
             else:  # another specialization: the full launch
                 args = None
         if args is not None:
@@ -177,24 +176,6 @@ def _steady_here(plan: Plan, eps: float, correction: float, grad_scale: Tensor |
                 _last = LaunchRecord(plan, steady.programs, steady.kept[0])
                 return steady.ws
     return _launch_here(None, device, eps, correction, grad_scale, True, None, plan, None)
-
-
-def carry_steady(before: Plan, plan: Plan) -> None:
-    """Give ``plan`` (the same sizes, dtype and tiles as ``before``, at other addresses) ``before``'s prepared
-    launches on the current stream where they hold for it unchanged but for the table: the same alignment
-    specialization and the same pooled workspace. Its first launch there is then a prepared one too."""
-    if plan.aligned == before.aligned and plan.tiles == before.tiles:
-        on_device(plan.device, lambda: _carry_here(before, plan))
-
-
-def _carry_here(before: Plan, plan: Plan) -> None:
-    device = plan.device
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return
-    stream = stream_of(device)
-    for key, steady in before.steady.items():
-        if key[0] == stream and key not in plan.steady and workspace_for(plan, stream) is steady.ws:
-            plan.steady[key] = steady._replace(args=(plan.meta, *steady.args[1:]))
 
 
 def _queue_launcher():
@@ -228,8 +209,8 @@ def _launch_here(tensors, device, eps, correction, grad_scale, normalize, tiles,
     launcher = _queue_launcher()
     try:
         args = (
-            plan.meta, ws.partials, ws.stats, ws.counters, scale, f64_bits(eps), correction, plan.num_tensors,
-            plan.num_stats_items, plan.num_small_items, plan.num_partials, programs, limit,
+            plan.meta, plan.bases, ws.partials, ws.stats, ws.counters, scale, f64_bits(eps), correction,
+            plan.num_tensors, plan.num_stats_items, plan.num_small_items, plan.num_partials, programs, limit,
         )  # fmt: skip
         # After a specialization's first launch, Triton's per-call binding of the arguments (most of a hook
         # call's host time on a GPU host) is skipped.
