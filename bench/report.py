@@ -186,6 +186,21 @@ def train_markdown(train: dict) -> str:
             f"Pipelined: {train['pipelined_steps']} steps back to back, one synchronization at the end (as a "
             f"training loop runs), median of {train['pipelined_rounds']} rounds per variant.",
         ]
+    graphed = train.get("graphed")
+    if graphed:
+        bare, hooked = graphed.get("no ZNorm"), graphed.get("znorm_kernels.register")
+        eager = piped.get("no ZNorm")
+        out += [
+            "",
+            "The step captured in a CUDA graph and replayed (pipelined as above; a model per variant):",
+            "",
+            "| variant | ms per step | overhead vs no ZNorm | eager pipelined / graphed |",
+            "|---|---|---|---|",
+            f"| no ZNorm, graphed | {_f(bare, '{:.2f}')} | | "
+            f"{_f(eager / bare if eager and bare else None, '{:.2f}x')} |",
+            f"| znorm_kernels.register, graphed | {_f(hooked, '{:.2f}')} | "
+            f"{_overhead('znorm', hooked, bare)} | |",
+        ]
     paths = train.get("hook_paths")
     if paths:
         out += [
@@ -314,6 +329,16 @@ def targets_markdown(rows: list[dict], train: dict | None, device: str) -> str:
                 if name.startswith("znorm_kernels") and base and ms:
                     over = (ms - base) / base
                     add(f"ResNet-56 training step{which}: < 1% overhead", name, f"{over:+.1%}", over < 0.01)
+        graphed = train.get("graphed") or {}
+        bare, hooked = graphed.get("no ZNorm"), graphed.get("znorm_kernels.register")
+        eager = (train.get("pipelined") or {}).get("no ZNorm")
+        if bare and eager:
+            add("ResNet-56 training step graphed: >= 3x faster than eager", "the graphed step",
+                f"{eager / bare:.2f}x", eager / bare >= 3)  # fmt: skip
+        if bare and hooked:
+            over = (hooked - bare) / bare
+            add("ResNet-56 training step graphed: ZNorm's share < 1%", "znorm_kernels.register",
+                f"{over:+.1%}", over < 0.01)  # fmt: skip
     if not out:
         return ""
     head = [

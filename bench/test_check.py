@@ -218,6 +218,20 @@ def test_cuda_report_and_targets() -> None:
     text = train_markdown(train)
     assert "| znorm_kernels.register (backend triton) | 20.90 | +0.5% | 97.2 | 20.10 | +0.5% |" in text
     assert "10 steps back to back" in text
+    train["graphed"] = {"no ZNorm": 5.0, "znorm_kernels.register": 5.04}
+    text = train_markdown(train)
+    assert "| no ZNorm, graphed | 5.00 | | 4.00x |" in text
+    assert "| znorm_kernels.register, graphed | 5.04 | +0.8% | |" in text
+    targets = targets_markdown(rows, train, "cuda")
+    assert (
+        "| ResNet-56 training step graphed: >= 3x faster than eager | the graphed step | 4.00x | yes |"
+        in targets
+    )
+    assert (
+        "| ResNet-56 training step graphed: ZNorm's share < 1% | znorm_kernels.register | +0.8% | yes |"
+        in (targets)
+    )
+    del train["graphed"]
     assert (
         "| ResNet-56 training step, pipelined: < 1% overhead | znorm_kernels.register (backend triton) "
         "| +0.5% | yes |" in targets_markdown(rows, train, "cuda")

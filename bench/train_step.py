@@ -6,7 +6,9 @@ batch. The variants share one model and optimizer and are interleaved (one step 
 round), so drift of a shared machine hits them alike. Each variant is installed for two steps per round and
 the second is timed: the steady state a training loop sees, not a hook's first call. The figure is the
 median step time, device synchronized after each step; on CUDA also the pipelined step time (steps back to
-back, one synchronization at the end). The data are random (timing only).
+back, one synchronization at the end), and the step captured in a CUDA graph and replayed
+(znorm_kernels.cifar.steps.GraphedStep, the training script's ``--graph``), with no ZNorm and with our hook
+inside the graph: pipelined the same way, the two in turn. The data are random (timing only).
 
     python -m bench.train_step --device cuda                 # the table alone (as `python -m bench` has it)
     python -m bench.train_step --device cuda --profile OUT   # torch.profiler over pipelined steps of each
@@ -62,6 +64,40 @@ def _setup(device: torch.device, batch: int, backend: str):
     return step, opt, variants
 
 
+def _time_graphed(device: torch.device, batch: int, backend: str, rounds: int, steps: int) -> dict | None:
+    """Pipelined ms per step of the step captured in a CUDA graph, with no ZNorm and with our hook inside:
+    each variant its own model and optimizer (the same seed), warmed up and captured once, then ``steps``
+    replays back to back per round, the variants in turn; the median over ``rounds``."""
+    if rounds <= 0:
+        return None
+    from znorm_kernels.cifar.steps import GraphedStep
+
+    fmt = torch.channels_last
+    runs: dict[str, tuple[GraphedStep, torch.Tensor, torch.Tensor]] = {}
+    for name in ("no ZNorm", "znorm_kernels.register"):
+        torch.manual_seed(0)
+        model = cifar_resnet(56).to(device=device, memory_format=fmt)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        if name != "no ZNorm":
+            znorm_kernels.register(opt, eps=EPS, backend=backend)
+        x = torch.randn(batch, 3, 32, 32, device=device).to(memory_format=fmt)
+        y = torch.randint(0, 10, (batch,), device=device)
+        step = GraphedStep(model, opt, device, torch.bfloat16)
+        for _ in range(GraphedStep.WARMUP + 2):  # eager warm-up steps, the capture, one replay
+            step(x, y)
+        runs[name] = (step, x, y)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, (step, x, y) in runs.items():
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                step(x, y)
+            sync(device)
+            times[name].append((time.perf_counter() - start) / steps)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
 def time_training_step(
     device: torch.device,
     batch: int,
@@ -107,6 +143,7 @@ def time_training_step(
                 for h in (before, handle, after):
                     if h is not None:
                         h.remove()
+    graphed = _time_graphed(device, batch, backend, pipelined_rounds, pipelined_steps) if cuda else None
     pipelined = None
     if cuda and pipelined_rounds > 0:
         runs: dict[str, list[float]] = {name: [] for name in variants}
@@ -132,6 +169,7 @@ def time_training_step(
         "hook_host_us": {name: statistics.median(t) * 1e6 for name, t in hook_times.items()},
         "hook_paths": dict(paths.counts),
         "pipelined": pipelined,
+        "graphed": graphed,
         "pipelined_steps": pipelined_steps,
         "pipelined_rounds": pipelined_rounds,
     }

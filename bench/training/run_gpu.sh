@@ -249,7 +249,13 @@ for name, rc, wall, _limit, lr, source in entries:
         wall,
         f"{sum(secs) / len(secs):.1f}" if secs else "",
         f"{sum(m['eval_seconds'] for m in metrics) / len(metrics):.1f}" if metrics else "",
-        f"{sum(m['treatment_seconds'] for m in metrics):.2f}" if metrics else "",
+        (
+            "graphed"
+            if any(m.get("treatment_seconds") is None for m in metrics)
+            else f"{sum(m['treatment_seconds'] for m in metrics):.2f}"
+        )
+        if metrics
+        else "",
         str(res.get("znorm_backend") or "-"),
         f"{100 * metrics[-1][acc_key]:.2f}" if metrics else "",
         note,

@@ -122,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--device", default=d.device, help="auto (cuda if present), cpu, cuda, cuda:1, ...")
     ex.add_argument("--compile", action="store_true", help="torch.compile the model (takes minutes)")
     ex.add_argument(
+        "--graph",
+        choices=("auto", "on", "off"),
+        default=d.graph,
+        help="capture the training step in a CUDA graph and replay it (auto: on CUDA, without --amp fp16 "
+        "or --compile; off: the eager step, the reference)",
+    )
+    ex.add_argument(
         "--channels-last",
         choices=("auto", "on", "off"),
         default=d.channels_last,

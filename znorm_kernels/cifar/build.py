@@ -55,23 +55,25 @@ def uses_znorm_optimizer(cfg: Config) -> bool:
     return cfg.method == "znorm" and cfg.znorm_optimizer
 
 
-def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(cfg: Config, model: nn.Module, capturable: bool = False) -> torch.optim.Optimizer:
     """torch's SGD (momentum) or Adam; with ``znorm_optimizer`` (method znorm), the library's ZNormSGD or
-    ZNormAdam with the same arguments (ZNorm inside the step; gradient statistics kept)."""
+    ZNormAdam with the same arguments (ZNorm inside the step; gradient statistics kept). ``capturable``:
+    Adam's step counters on the device, as a step captured in a CUDA graph needs (SGD has none)."""
     fused = True if cfg.fused else None
     params = list(model.named_parameters())
+    adam = dict(capturable=True) if capturable else {}
     if uses_znorm_optimizer(cfg):
         opts = dict(fused=fused, backend=cfg.znorm_backend, track_stats=True)
         if cfg.optimizer == "sgdm":
             return ZNormSGD(
                 params, lr=cfg.resolved_lr(), momentum=cfg.momentum, weight_decay=cfg.weight_decay, **opts
             )
-        return ZNormAdam(params, lr=cfg.resolved_lr(), weight_decay=cfg.weight_decay, **opts)
+        return ZNormAdam(params, lr=cfg.resolved_lr(), weight_decay=cfg.weight_decay, **opts, **adam)
     if cfg.optimizer == "sgdm":
         return torch.optim.SGD(
             params, lr=cfg.resolved_lr(), momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused
         )
-    return torch.optim.Adam(params, lr=cfg.resolved_lr(), weight_decay=cfg.weight_decay, fused=fused)
+    return torch.optim.Adam(params, lr=cfg.resolved_lr(), weight_decay=cfg.weight_decay, fused=fused, **adam)
 
 
 def treatment_name(cfg: Config) -> str:
@@ -151,12 +153,13 @@ class HookTimer:
         return total
 
 
-def install_treatment(cfg: Config, optimizer: torch.optim.Optimizer, timer: HookTimer) -> list:
-    """Register the method's pre-hook between the timer's two hooks; returns the handles. (Nothing with a
-    ZNorm optimizer: ZNorm runs inside its step and is not timed apart.)"""
+def install_treatment(cfg: Config, optimizer: torch.optim.Optimizer, timer: HookTimer | None) -> list:
+    """Register the method's pre-hook between the timer's two hooks (none without a timer: a graphed step's
+    replays run no hook); returns the handles. (Nothing with a ZNorm optimizer: ZNorm runs inside its step
+    and is not timed apart.)"""
     if cfg.method == "baseline" or uses_znorm_optimizer(cfg):
         return []
-    handles = [optimizer.register_step_pre_hook(timer.start)]
+    handles = [optimizer.register_step_pre_hook(timer.start)] if timer is not None else []
     if cfg.method == "gc":
         handles.append(register_gc(optimizer))
     elif cfg.method == "clip":
@@ -164,5 +167,6 @@ def install_treatment(cfg: Config, optimizer: torch.optim.Optimizer, timer: Hook
     else:
         # The backend is checked by then; the statistics feed the metrics.
         handles.append(register(optimizer, backend=cfg.znorm_backend, track_stats=True))
-    handles.append(optimizer.register_step_pre_hook(timer.stop))
+    if timer is not None:
+        handles.append(optimizer.register_step_pre_hook(timer.stop))
     return handles

@@ -84,6 +84,7 @@ class Config:
     data: str | None = None
     device: str = "auto"
     compile: bool = False
+    graph: str = "auto"  # the step captured in a CUDA graph: "auto" (where it can be), "on", "off"
     channels_last: str = "auto"  # "auto": on CUDA only
     eval_batch_size: int = 1024
     threads: int = 0  # CPU threads for torch (0: torch's default); 1 is fastest on a busy shared machine
@@ -92,7 +93,7 @@ class Config:
         return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
 
 
-RUNTIME_FIELDS = ("data", "device", "compile", "channels_last", "eval_batch_size", "threads")
+RUNTIME_FIELDS = ("data", "device", "compile", "graph", "channels_last", "eval_batch_size", "threads")
 
 
 RESULT_FIELDS = tuple(f.name for f in fields(Config) if f.name not in RUNTIME_FIELDS)
@@ -120,6 +121,7 @@ def check_config(cfg: Config) -> None:
         "amp": AMP,
         "last_batch": ("drop", "keep"),
         "channels_last": ("auto", "on", "off"),
+        "graph": ("auto", "on", "off"),
     }
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:

@@ -14,7 +14,9 @@ never stopped; on resume the saved config must match the requested one (``RESULT
 
 The gradient treatment (``method``) is the package's optimizer pre-hook: none (baseline), ``register_gc``,
 ``register_clip(max_norm=clip_norm)`` or ``register(backend=znorm_backend)``. Its time is measured by two
-more pre-hooks around it (CUDA events on the GPU, summed once per epoch: no per-step synchronization).
+more pre-hooks around it (CUDA events on the GPU, summed once per epoch: no per-step synchronization),
+except where the step is captured in a CUDA graph (``--graph``, ``steps.py``): replays run no Python, and
+the treatment is not timed apart (``treatment_seconds`` is null).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from .data import (
     steps_per_epoch,
 )
 from .report import plot_curves
+from .steps import EagerStep, GraphedStep, graph_blocker
 
 __all__ = ["evaluate", "train"]
 
@@ -142,11 +145,16 @@ def train(
     channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda")
     amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
 
+    blocker = graph_blocker(cfg.amp, cfg.compile, device)
+    if cfg.graph == "on" and blocker is not None:
+        raise UsageError(f"--graph on: {blocker}")
+    graphed = cfg.graph != "off" and blocker is None
+
     model = build_model(cfg, data, device, channels_last)
-    optimizer = build_optimizer(cfg, model)
+    optimizer = build_optimizer(cfg, model, capturable=graphed)
     scheduler = build_scheduler(cfg, optimizer)
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
-    timer = HookTimer(device)
+    timer = None if graphed else HookTimer(device)
     handles = install_treatment(cfg, optimizer, timer)
     stats_source = (
         optimizer
@@ -157,6 +165,10 @@ def train(
     random.seed(derived_seed("python", cfg.seed))
     np.random.seed(derived_seed("numpy", cfg.seed) % 2**32)
     forward = torch.compile(model) if cfg.compile else model
+    if graphed:
+        step_fn: EagerStep = GraphedStep(forward, optimizer, device, amp_dtype)
+    else:
+        step_fn = EagerStep(forward, optimizer, device, amp_dtype, scaler)
 
     metrics: list[dict] = []
     start = 0
@@ -184,6 +196,7 @@ def train(
         "last_batch": last_batch_note(len(data.train), cfg.batch_size, drop_last),
         "train_metrics": "running mean over the epoch's steps (model changing), train mode",
         "channels_last": channels_last,
+        "graphed": graphed if graphed or cfg.graph == "off" else f"no: {blocker}",
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -202,8 +215,7 @@ def train(
     for done_here, epoch in enumerate(range(start, cfg.epochs), 1):
         lr = optimizer.param_groups[0]["lr"]
         model.train()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        correct = torch.zeros((), dtype=torch.int64, device=device)
+        step_fn.take()  # (zero: an epoch's sums start here)
         seen = 0
         t0 = time.perf_counter()
         if device.type == "cuda":
@@ -219,20 +231,7 @@ def train(
             disable=not progress,
         )
         for step, (xb, yb) in enumerate(bar):
-            x = normalize(xb, data.mean, data.std, channels_last)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = forward(x)
-                loss = F.cross_entropy(logits, yb)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            loss_sum += loss.detach().double() * yb.shape[0]
-            correct += (logits.detach().argmax(1) == yb).sum()
+            loss = step_fn(normalize(xb, data.mean, data.std, channels_last), yb)
             seen += yb.shape[0]
             if progress and step % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -246,12 +245,16 @@ def train(
         if scheduler is not None:
             scheduler.step()
         t1 = time.perf_counter()
-        row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen}
+        loss_sum, correct = step_fn.take()
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen}
         if data.val is not None:
             row["val_loss"], row["val_acc"] = evaluate(forward, data.val, data, cfg, amp_dtype, channels_last)
         row["test_loss"], row["test_acc"] = evaluate(forward, data.test, data, cfg, amp_dtype, channels_last)
         row.update(
-            lr=lr, seconds=seconds, treatment_seconds=timer.collect(), eval_seconds=time.perf_counter() - t1
+            lr=lr,
+            seconds=seconds,
+            treatment_seconds=timer.collect() if timer is not None else None,
+            eval_seconds=time.perf_counter() - t1,
         )
         row.update(grad_stats_row(stats_source))
         metrics.append(row)
@@ -274,10 +277,12 @@ def train(
             f.write(json.dumps(row) + "\n")
         plot_curves(metrics, out / "curves.png", title=f"{cfg.model} {cfg.optimizer} {cfg.method}")
         val = f"  val {row['val_loss']:.4f}/{row['val_acc']:.4f}" if "val_acc" in row else ""
+        treated = row["treatment_seconds"]
+        treated = "graphed" if treated is None else f"{treated:.2f} s"
         log(
             f"epoch {epoch + 1}/{cfg.epochs}  train {row['train_loss']:.4f}/{row['train_acc']:.4f}{val}  "
             f"test {row['test_loss']:.4f}/{row['test_acc']:.4f}  lr {lr:.3g}  {seconds:.1f} s "
-            f"(treatment {row['treatment_seconds']:.2f} s, eval {row['eval_seconds']:.1f} s)"
+            f"(treatment {treated}, eval {row['eval_seconds']:.1f} s)"
         )
         if stop_after is not None and done_here >= stop_after and epoch + 1 < cfg.epochs:
             log(f"stopping after {done_here} epoch(s) as asked; --resume continues")
