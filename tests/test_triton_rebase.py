@@ -105,16 +105,20 @@ def test_any_gradients_may_move_at_any_step(tp, seed):
     after the first step no plan is built."""
     rng = random.Random(seed)
     sizes = [rng.choice([1, 2, 3, 17, 300, 8192, 9000]) for _ in range(rng.randint(1, 6))]
-    params = [nn.Parameter(torch.zeros(n, device=DEVICE)) for n in sizes]
+    # one or two groups (float32, float64) in any order: the watch moves each by its own positions
+    dtypes = [rng.choice([torch.float32, torch.float64]) for _ in sizes]
+    params = [nn.Parameter(torch.zeros(n, dtype=d, device=DEVICE)) for n, d in zip(sizes, dtypes)]
     opt = torch.optim.SGD(params, lr=0.0)
     znorm_kernels.register(opt, backend="triton")
     built = None
     for step in range(5):
         for i, p in enumerate(params):
             if p.grad is None or rng.random() < 0.5:
-                p.grad = make_grad(p.shape, device=DEVICE, seed=seed * 1000 + step * 10 + i)
+                p.grad = make_grad(p.shape, dtype=p.dtype, device=DEVICE, seed=seed * 1000 + step * 10 + i)
             else:
-                p.grad.copy_(make_grad(p.shape, device=DEVICE, seed=seed * 1000 + step * 10 + i))
+                p.grad.copy_(
+                    make_grad(p.shape, dtype=p.dtype, device=DEVICE, seed=seed * 1000 + step * 10 + i)
+                )
         expected = [float64_znorm(p.grad) for p in params]
         opt.step()
         for p, e in zip(params, expected):
@@ -122,6 +126,48 @@ def test_any_gradients_may_move_at_any_step(tp, seed):
         if built is None:
             built = tp.counts.built
     assert tp.counts.built == built, "moves rebase the hook's plan, no new one"
+
+
+@pytest.mark.parametrize("failing", [1, 2])
+def test_a_move_that_fails_part_way_is_never_reused(tp, monkeypatch, failing):
+    """Two groups (float32, float64) move; moving the ``failing``-th raises (the other may have moved). Next
+    the gradients come back at the old addresses: they are normalized there, and the memory of the failed
+    move's gradients is not written (the Python path's cache, as the hook with track_stats takes)."""
+    from znorm_kernels.backends import triton_host
+    from znorm_kernels.step_cache import GradientGroups
+
+    groups = GradientGroups(1e-10, 0.0, "triton")
+    names = ["a", "b"]
+
+    def grads(seed):
+        return [
+            make_grad((300,), device=DEVICE, seed=seed),
+            make_grad((300,), dtype=torch.float64, seed=seed + 1),
+        ]
+
+    old = grads(0)
+    groups.znorm_(old, names, None)
+    new = grads(10)
+    real, calls = triton_host.rebase, []
+
+    def flaky(plan, addrs):
+        calls.append(1)
+        if len(calls) == failing:
+            raise RuntimeError("pinned memory exhausted")
+        real(plan, addrs)
+
+    monkeypatch.setattr(triton_host, "rebase", flaky)
+    with pytest.raises(RuntimeError, match="pinned memory exhausted"):
+        groups.znorm_(new, names, None)
+    monkeypatch.setattr(triton_host, "rebase", real)
+    for t, s in zip(old, grads(20)):
+        t.copy_(s)
+    expected = [float64_znorm(t) for t in old]
+    new_before = [t.clone() for t in new]
+    groups.znorm_(old, names, None)
+    assert all(map(torch.equal, new, new_before)), "the failed move's gradients are not written"
+    for t, e in zip(old, expected):
+        torch.testing.assert_close(t.double(), e, atol=1e-5, rtol=0)
 
 
 def test_the_plans_looked_up_by_address_are_never_moved(tp):

@@ -99,7 +99,14 @@ class GradientGroups:
             starts = list(map(_data_ptr, present))
         except (TypeError, RuntimeError):  # not a tensor, or no storage: the full path says what is wrong
             return None
-        return present if self._moved(present, starts) else None
+        try:
+            return present if self._moved(present, starts) else None
+        except BaseException:
+            # Groups may be left moved in part (a bound group moves its own plan in place): never reuse them
+            # (the next call takes the full path).
+            self.length = -1
+            self.watch = self.watched = None
+            raise
 
     def _moved(self, present: list[Tensor], starts: list[int]) -> bool:
         """The same layouts at new addresses: whether rule 11 still holds (then the groups are bound to the
@@ -222,8 +229,8 @@ class GradientGroups:
             try:
                 self._rebind(present, list(map(_data_ptr, present)))
             except BaseException:
-                # The watch has recorded the new addresses, the groups are still bound to the old ones: never
-                # reuse either (the next step takes the full path).
+                # The watch has recorded the new addresses, the groups may be bound to the old ones or moved
+                # in part: never reuse either (the next step takes the full path).
                 self.watch = self.watched = None
                 self.length = -1
                 raise

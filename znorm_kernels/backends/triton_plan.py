@@ -18,10 +18,10 @@ program computes what, never a tensor's bits.
 The table owes nothing to the tensors' addresses: they are a table of their own, ``bases`` (int64 [T]), and a
 record's data start at ``bases[tensor] + offset``. Plans looked up by ``plan_for`` are cached by their
 tensors' addresses and sizes; a caller that owns a plan (a bound group function, ``own_plan``) moves it to
-new addresses with ``rebase``, which rewrites ``bases`` in stream order through a pinned staging buffer of
-its own: no new plan, no allocation (the hook's gradients come back at new addresses after
-``zero_grad(set_to_none=True)``). The table of a list's sizes (a ``TableLayout``) is cached apart. Tables
-reach the device through pinned memory without blocking; nothing synchronizes.
+new addresses with ``rebase``, which rewrites ``bases`` in stream order through pinned staging buffers of
+its own: no new plan, and no allocation after its first move (the hook's gradients come back at new
+addresses after ``zero_grad(set_to_none=True)``). The table of a list's sizes (a ``TableLayout``) is cached
+apart. Tables reach the device through pinned memory without blocking; nothing synchronizes.
 
 Workspaces (partials, statistics, counters) are left zeroed by every launch for the next. A plan uses one per
 stream, shared with the plans of the same sizes on that stream (so launches sharing one are ordered there),
@@ -81,7 +81,8 @@ class Workspace:
 
 @dataclass(eq=False)
 class Plan:
-    """The read-only part of a launch for one list of tensors: the work item table, on their device."""
+    """What a launch over one list of tensors reads: the work item table and the table of the tensors'
+    addresses, on their device (the addresses change only by ``rebase``)."""
 
     meta: Tensor  # int64 table (layout above)
     bases: Tensor  # int64 [T]: each tensor's address (``rebase`` rewrites it)
@@ -97,6 +98,7 @@ class Plan:
     hosts: tuple = ()  # the pinned sources of tables copied during graph capture
     workspaces: dict[int, Workspace] = field(default_factory=dict)  # by stream (0 off CUDA)
     captured: bool = False  # a captured graph reads these tables
+    written_on: int = 0  # the stream that last wrote ``bases`` (0 off CUDA)
     # Pinned buffers that ``rebase`` copies addresses from, each with the event of its last copy (a list
     # [tensor, event]), least recently used first.
     staging: list[list] = field(default_factory=list)
@@ -220,7 +222,9 @@ def _build(
     else:
         meta, host = layout.template, None
     bases, host_bases = device_table(list(addrs), device)
-    return Plan(
+    plan = Plan(
+        written_on=stream_of(device),
+        captured=_capturing(device),  # its tables are copied by the graph at every replay
         meta=meta,
         bases=bases,
         device=device,
@@ -234,6 +238,9 @@ def _build(
         numels=numels,
         hosts=tuple(h for h in (host, host_bases) if h is not None),
     )
+    if plan.captured:
+        captured_tables.append((plan.meta, plan.bases, plan.hosts))
+    return plan
 
 
 def own_plan(
@@ -254,27 +261,36 @@ def own_plan(
 
 def rebase(plan: Plan, addrs: Sequence[int] | np.ndarray) -> None:
     """Move an owned plan to tensors of the same sizes at ``addrs`` (ints, or an int64 array), in the current
-    stream's order. Where every launch of the plan so far ran on this stream and no graph captured it, its
-    ``bases`` are rewritten in place from one of its two pinned staging buffers (made at its first move; a
-    buffer is written again once its last copy is done); else it gets new ``bases`` (the old ones may still
-    be read there) and its prepared launches and workspaces are dropped, to be found again at its next
-    launch."""
+    stream's order. Where its ``bases`` were last written on this stream, every launch of the plan so far ran
+    on it and no graph reads them, they are rewritten in place from one of its two pinned staging buffers
+    (made at its first such move; a buffer is written again once its last copy is done); else the plan gets
+    new ``bases`` (the old ones may still be read or written there) and its prepared launches and workspaces
+    are dropped, to be found again at its next launch. Nothing of the plan changes where this raises before
+    the new addresses are written."""
     counts.rebased += 1
     device = plan.device
     if device.type != "cuda":  # the interpreter's launches are done when they return
-        host = plan.bases.numpy()
-        host[:] = addrs
-        _realign(plan, host)
+        host = np.asarray(addrs, dtype=np.int64)
+        aligned = _aligned_array(host)
+        plan.bases.numpy()[:] = host
+        _realign(plan, aligned)
         return
     stream = stream_of(device)
-    if _capturing(device) or plan.captured or any(s != stream for s in plan.workspaces):
+    capturing = _capturing(device)
+    elsewhere = plan.written_on != stream or any(s != stream for s in plan.workspaces)
+    if capturing or plan.captured or elsewhere:
         host = np.array(addrs, dtype=np.int64)
-        _realign(plan, host)
+        aligned = _aligned_array(host)
         plan.bases, kept = device_table(torch.from_numpy(host), device)
-        plan.hosts = () if kept is None else (kept,)
-        plan.captured = False
+        plan.written_on = stream
+        if kept is not None:  # (the pinned sources of earlier captured copies stay kept too)
+            plan.hosts = (*plan.hosts, kept)
         plan.steady.clear()
         plan.workspaces.clear()
+        plan.captured = capturing  # a graph writes these bases at every replay: never in place
+        if capturing:
+            captured_tables.append((plan.meta, plan.bases, plan.hosts))
+        _realign(plan, aligned)
         return
     # Two staging buffers, made at the first move, in the order of their last use: the first whose copy is
     # done, else (two moves queued within one launch's time) the least recently used, once its copy is done.
@@ -285,19 +301,21 @@ def rebase(plan: Plan, addrs: Sequence[int] | np.ndarray) -> None:
     if buf is None:
         buf = plan.staging[0]
         buf[1].synchronize()
-    plan.staging.remove(buf)
-    plan.staging.append(buf)
+    plan.staging = [b for b in plan.staging if b is not buf] + [buf]
     host = buf[0].numpy()
     host[:] = addrs
-    _realign(plan, host)
     plan.bases.copy_(buf[0], non_blocking=True)
     buf[1].record(torch.cuda.current_stream(device))
+    _realign(plan, _aligned_array(host))
 
 
-def _realign(plan: Plan, addrs: np.ndarray) -> None:
-    """The plan's alignment for these addresses; its prepared launches dropped where it changes (another
-    specialization)."""
-    aligned = int(np.bitwise_or.reduce(addrs)) % ALIGNMENT == 0 if len(addrs) else True
+def _aligned_array(addrs: np.ndarray) -> bool:
+    return int(np.bitwise_or.reduce(addrs)) % ALIGNMENT == 0 if len(addrs) else True
+
+
+def _realign(plan: Plan, aligned: bool) -> None:
+    """The plan's alignment specialization for its new addresses; its prepared launches dropped where it
+    changes."""
     if aligned != plan.aligned:
         plan.aligned = aligned
         plan.steady.clear()

@@ -137,7 +137,8 @@ class _Steady(NamedTuple):
 
 def launch_steady(plan: Plan, eps: float, correction: float, grad_scale: Tensor | None = None) -> Workspace:
     """What ``launch(tensors, eps, correction, grad_scale, plan=plan)`` does, for a caller that knows the
-    plan's tensors are still where the plan was made, with its sizes and dtype (they are not handed over):
+    plan's tensors are still where the plan was made or last moved to (``triton_plan.rebase``), with its
+    sizes and dtype (they are not handed over):
     after a first launch of this plan on the current stream, the arguments prepared then are launched again
     through the kept kernel (``DirectLauncher.direct``), with nothing looked up or bound. Anything unusual
     (no kernel kept, as under the interpreter; direct launches off; a dropped workspace; graph capture; the
