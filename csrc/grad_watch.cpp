@@ -6,12 +6,11 @@
 //   - nothing changed: it runs znorm_kernels_C::znorm_ (unboxed, through the dispatcher) on each group the
 //     record names, and returns kSame; the caller launches its other groups (Triton) on what it bound;
 //   - the same layouts at other addresses, still pairwise disjoint on each device (rule 11): it records the
-//     new addresses; where the op runs every group (`alone`) it runs them and returns kSame, else it keeps
-//     the gradients for take() (or their addresses for moved_to()) and returns kMoved, running nothing (the
-//     caller binds its groups again);
+//     new addresses; where the op runs every group (`alone`) it runs them and returns kSame, else it returns
+//     kMoved, running nothing (the caller binds its groups again, reading the gradients with take() or only
+//     their addresses with moved_to());
 //   - anything else: kChanged, nothing run; the caller takes its full path, which decides and raises.
-// The record never holds a gradient (that would keep its memory alive across zero_grad(set_to_none=True)),
-// only between a kMoved step and the take() or moved_to() that follows it.
+// The watch never holds a gradient (that would keep its memory alive across zero_grad(set_to_none=True)).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -125,9 +124,8 @@ class GradWatch : public torch::CustomClassHolder {
   // Compares the gradients with the record and, where nothing changed, normalizes the recorded groups (see
   // the file's comment). `scale`: the still-scaled gradients' GradScaler scale, or None.
   int64_t step(double eps, double correction, std::optional<at::Tensor> scale) {
-    held_.clear();
+    moved_ = false;
     if (record_.empty()) return kChanged;
-    held_.reserve(record_.size());
     bool moved = false;
     std::vector<uintptr_t> addresses;
     try {
@@ -144,7 +142,6 @@ class GradWatch : public torch::CustomClassHolder {
           for (size_t j = 0; j < k; ++j) addresses.push_back(record_[j].address);
         }
         if (moved) addresses.push_back(address);
-        held_.push_back(g);
         ++k;
       }
       if (k != record_.size()) return changed();
@@ -153,25 +150,28 @@ class GradWatch : public torch::CustomClassHolder {
     }
     if (moved) {
       const int64_t status = move_to(addresses);
+      moved_ = status == kMoved && !alone_;
       if (status != kMoved || !alone_) return status;
     }
-    try {
-      run(eps, correction, scale);
-    } catch (...) {
-      held_.clear();
-      throw;
-    }
-    held_.clear();
+    run(eps, correction, scale);
     return kSame;
   }
 
-  // The present gradients held by a kMoved step, in order; the watch lets go of them.
-  std::vector<at::Tensor> take() { return std::exchange(held_, {}); }
+  // After a kMoved step (the caller's next call), the present gradients in order, read again from their
+  // parameters (the watch holds none: holding them would cost two atomic reference counts per gradient and
+  // step); once.
+  std::vector<at::Tensor> take() {
+    std::vector<at::Tensor> out;
+    if (!std::exchange(moved_, false)) return out;
+    out.reserve(record_.size());
+    for (const auto& e : record_) out.push_back(grad_of(e.param));
+    return out;
+  }
 
   // After a kMoved step, for a caller that needs only where the gradients went: their addresses (int64, CPU),
-  // in order; the watch lets go of the gradients.
+  // in order.
   at::Tensor moved_to() {
-    held_.clear();
+    moved_ = false;
     auto out = at::empty({static_cast<int64_t>(record_.size())}, at::kLong);
     int64_t* data = out.data_ptr<int64_t>();
     for (size_t k = 0; k < record_.size(); ++k) data[k] = static_cast<int64_t>(record_[k].address);
@@ -181,10 +181,7 @@ class GradWatch : public torch::CustomClassHolder {
  private:
   const at::Tensor& grad_of(int64_t i) const { return params_[i].unsafeGetTensorImpl()->grad(); }
 
-  int64_t changed() {
-    held_.clear();
-    return kChanged;
-  }
+  int64_t changed() { return kChanged; }
 
   int64_t move_to(const std::vector<uintptr_t>& addresses) {
     if (!moves_) return changed();
@@ -208,7 +205,7 @@ class GradWatch : public torch::CustomClassHolder {
     for (const auto& positions : groups_) {
       if (positions.empty()) continue;
       tensors.clear();
-      for (int64_t k : positions) tensors.push_back(held_[k]);
+      for (int64_t k : positions) tensors.push_back(grad_of(record_[k].param));
       std::optional<at::Tensor> group_scale;
       if (scale.has_value() && scale->defined()) group_scale = scale->to(tensors[0].device(), /*non_blocking=*/true);
       op.call(tensors, eps, correction, group_scale, none);
@@ -221,7 +218,7 @@ class GradWatch : public torch::CustomClassHolder {
   std::vector<std::vector<int64_t>> by_device_;
   bool moves_ = false;
   bool alone_ = false;
-  std::vector<at::Tensor> held_;
+  bool moved_ = false;  // the last step answered kMoved: take() may read the gradients
 };
 
 }  // namespace
