@@ -8,7 +8,8 @@ the second is timed: the steady state a training loop sees, not a hook's first c
 median step time, device synchronized after each step; on CUDA also the pipelined step time (steps back to
 back, one synchronization at the end), and the step captured in a CUDA graph and replayed
 (znorm_kernels.cifar.steps.GraphedStep, the training script's ``--graph``), with no ZNorm and with our hook
-inside the graph: pipelined the same way, the two in turn. The data are random (timing only).
+inside the graph (each its own model): pipelined the same way, in the same rounds as the eager variants.
+The data are random (timing only).
 
     python -m bench.train_step --device cuda                 # the table alone (as `python -m bench` has it)
     python -m bench.train_step --device cuda --profile OUT   # torch.profiler over pipelined steps of each
@@ -64,17 +65,15 @@ def _setup(device: torch.device, batch: int, backend: str):
     return step, opt, variants
 
 
-def _time_graphed(device: torch.device, batch: int, backend: str, rounds: int, steps: int) -> dict | None:
-    """Pipelined ms per step of the step captured in a CUDA graph, with no ZNorm and with our hook inside:
-    each variant its own model and optimizer (the same seed), warmed up and captured once, then ``steps``
-    replays back to back per round, the variants in turn; the median over ``rounds``."""
-    if rounds <= 0:
-        return None
+def _graphed_runs(device: torch.device, batch: int, backend: str) -> dict:
+    """The step captured in a CUDA graph, with no ZNorm and with our hook inside: per variant its own model
+    and optimizer (the same seed) and a GraphedStep warmed up and captured, with its batch."""
     from znorm_kernels.cifar.steps import GraphedStep
 
     fmt = torch.channels_last
-    runs: dict[str, tuple[GraphedStep, torch.Tensor, torch.Tensor]] = {}
-    for name in ("no ZNorm", "znorm_kernels.register"):
+    resolved = znorm_kernels.registry.resolve_backend(backend, device)
+    runs = {}
+    for name in ("no ZNorm", f"znorm_kernels.register (backend {resolved})"):
         torch.manual_seed(0)
         model = cifar_resnet(56).to(device=device, memory_format=fmt)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
@@ -86,16 +85,7 @@ def _time_graphed(device: torch.device, batch: int, backend: str, rounds: int, s
         for _ in range(GraphedStep.WARMUP + 2):  # eager warm-up steps, the capture, one replay
             step(x, y)
         runs[name] = (step, x, y)
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, (step, x, y) in runs.items():
-            sync(device)
-            start = time.perf_counter()
-            for _ in range(steps):
-                step(x, y)
-            sync(device)
-            times[name].append((time.perf_counter() - start) / steps)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    return runs
 
 
 def time_training_step(
@@ -143,11 +133,12 @@ def time_training_step(
                 for h in (before, handle, after):
                     if h is not None:
                         h.remove()
-    graphed = _time_graphed(device, batch, backend, pipelined_rounds, pipelined_steps) if cuda else None
-    pipelined = None
+    pipelined = graphed = None
     if cuda and pipelined_rounds > 0:
         runs: dict[str, list[float]] = {name: [] for name in variants}
-        for _ in range(pipelined_rounds):
+        graphed_runs = _graphed_runs(device, batch, backend)
+        replays: dict[str, list[float]] = {name: [] for name in graphed_runs}
+        for _ in range(pipelined_rounds):  # the eager and the graphed variants in turn, round after round
             for name, install in variants.items():
                 handle = install()
                 step()  # the first step after installing (caches) is not timed
@@ -159,7 +150,15 @@ def time_training_step(
                 runs[name].append((time.perf_counter() - start) / pipelined_steps)
                 if handle is not None:
                     handle.remove()
+            for name, (graphed_step, x, y) in graphed_runs.items():
+                sync(device)
+                start = time.perf_counter()
+                for _ in range(pipelined_steps):
+                    graphed_step(x, y)
+                sync(device)
+                replays[name].append((time.perf_counter() - start) / pipelined_steps)
         pipelined = {name: statistics.median(t) * 1e3 for name, t in runs.items()}
+        graphed = {name: statistics.median(t) * 1e3 for name, t in replays.items()}
     return {
         "batch": batch,
         "steps": sum(len(t) for t in times.values()) // len(times),

@@ -30,9 +30,13 @@ class StandInCapture:
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.optimizer = optimizer
         self.captures = 0
+        self.step: GraphedStep | None = None  # set by the test: its last replay must live through a capture
+        self.kept_last = []
 
     def __call__(self, body, pool):
         rates = [g["lr"] for g in self.optimizer.param_groups]
+        if self.captures and self.step is not None:
+            self.kept_last.append(self.step.replay is not None)
         self.captures += 1
 
         def replay():
@@ -78,6 +82,7 @@ def _run(graphed: bool, method: str, opt_name: str, schedule: list[tuple[int, fl
     capture = StandInCapture(opt)
     step = (GraphedStep(model, opt, device, capture=capture, side_stream=contextlib.nullcontext) if graphed
             else EagerStep(model, opt, device))  # fmt: skip
+    capture.step = step if graphed else None
     losses, sums, window = [], [], []
     for i, (x, y) in enumerate(batches):
         for at, lr in schedule:
@@ -90,6 +95,7 @@ def _run(graphed: bool, method: str, opt_name: str, schedule: list[tuple[int, fl
             sums.append(step.take())
             assert sums[-1][0] == sum(window).item(), "the loss summed over the examples since the last take"
             window = []
+    assert all(capture.kept_last), "the last graph kept until the next is captured (its pool stays held)"
     return model, losses, sums, capture.captures
 
 
@@ -130,6 +136,45 @@ def test_a_graphed_step_warms_up_eagerly_then_replays_on_its_static_inputs():
     x, y = batches[-1]
     assert torch.equal(step.static_x, x) and torch.equal(step.static_y, y)
     assert step.static_x is not x, "the batch is copied into the captured inputs"
+
+
+@pytest.mark.parametrize("saved, now", [(True, False), (False, True)])
+def test_a_resumed_adam_takes_this_runs_capturable_setting(saved, now):
+    # graph is a runtime setting: a checkpoint of a graphed run (capturable Adam, step counters on the
+    # device) resumes eagerly and the other way round. (On the CPU a capturable step refuses to run.)
+    from znorm_kernels.cifar.build import match_capturable
+
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y = _batches(1)[0]
+    EagerStep(model, opt, torch.device("cpu"))(x, y)
+    state = opt.state_dict()
+    for group in state["param_groups"]:
+        group["capturable"] = saved
+    fresh = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=now)
+    fresh.load_state_dict(state)
+    assert all(g["capturable"] is saved for g in fresh.param_groups), "torch keeps the saved flag"
+    match_capturable(fresh, now)
+    assert all(g["capturable"] is now for g in fresh.param_groups)
+    steps = [s["step"] for s in fresh.state.values()]
+    assert steps and all(s.device == torch.device("cpu") for s in steps)
+    if not now:
+        EagerStep(model, fresh, torch.device("cpu"))(x, y)  # runs: the saved capturable flag is gone
+        assert all(float(s["step"]) == 2 for s in fresh.state.values())
+
+
+def test_a_graphed_runs_adam_checkpoint_resumes_eagerly(tmp_path):
+    # (A checkpoint as a graphed GPU run writes it: capturable Adam. On the CPU its step would refuse.)
+    cfg = Config(model="resnet8", dataset="fake", fake_train=64, fake_test=32, fake_size=8, batch_size=32,
+                 epochs=2, optimizer="adam", device="cpu")  # fmt: skip
+    quiet = lambda *_: None
+    train(cfg, tmp_path, progress=False, log=quiet, stop_after=1)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    for group in ckpt["optimizer"]["param_groups"]:
+        group["capturable"] = True
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    metrics = train(cfg, tmp_path, progress=False, log=quiet, resume=True)
+    assert len(metrics) == 2
 
 
 def test_graph_blockers_and_the_runs_flag(tmp_path):
@@ -193,5 +238,8 @@ def test_on_cuda_train_graphed_and_eager_record_the_same_epoch(tmp_path):
     graphed = train(replace(cfg, graph="on"), tmp_path / "graphed", progress=False, log=lambda *_: None)
     for e, g in zip(eager, graphed):
         assert g["treatment_seconds"] is None and e["treatment_seconds"] > 0
-        for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
-            assert abs(e[key] - g[key]) < 2e-3, key
+        # The same steps up to rounding (cuDNN may pick other kernels): a few examples' predictions apart.
+        for key in ("train_loss", "test_loss"):
+            assert abs(e[key] - g[key]) <= 0.02 * abs(e[key]) + 1e-3, key
+        for key in ("train_acc", "test_acc"):
+            assert abs(e[key] - g[key]) <= 4 / 64, key

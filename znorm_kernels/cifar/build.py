@@ -24,6 +24,7 @@ __all__ = [
     "build_scheduler",
     "grad_stats_row",
     "install_treatment",
+    "match_capturable",
     "resolve_device",
     "treatment_name",
     "uses_znorm_optimizer",
@@ -74,6 +75,22 @@ def build_optimizer(cfg: Config, model: nn.Module, capturable: bool = False) -> 
             params, lr=cfg.resolved_lr(), momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused
         )
     return torch.optim.Adam(params, lr=cfg.resolved_lr(), weight_decay=cfg.weight_decay, fused=fused, **adam)
+
+
+def match_capturable(optimizer: torch.optim.Optimizer, capturable: bool) -> None:
+    """After ``load_state_dict``: the loaded groups' ``capturable`` (Adam's) set to this run's, and each
+    step counter where that setting wants it (on its parameter's device where capturable or fused, else on
+    the CPU). A checkpoint of a graphed run resumes eagerly, and the other way round (``graph`` is a runtime
+    setting), where the loaded flag would make the step refuse capture or its devices."""
+    for group in optimizer.param_groups:
+        if "capturable" not in group:
+            continue
+        group["capturable"] = capturable
+        on_device = capturable or bool(group.get("fused"))
+        for p in group["params"]:
+            step = optimizer.state.get(p, {}).get("step")
+            if isinstance(step, torch.Tensor):
+                optimizer.state[p]["step"] = step.to(p.device if on_device else "cpu")
 
 
 def treatment_name(cfg: Config) -> str:

@@ -111,10 +111,13 @@ class GraphedStep(EagerStep):
     ) -> None:
         super().__init__(forward, optimizer, device, amp_dtype)
         self.capture = capture
-        self.side_stream = side_stream or (
-            _cuda_side_stream if device.type == "cuda" else contextlib.nullcontext
-        )
-        self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
+        cuda = device.type == "cuda"
+        if side_stream is None:
+            side_stream = _SideStream(device) if cuda else contextlib.nullcontext
+        self.side_stream = side_stream
+        # Warm-up, capture and replays run under the step's device (its streams are that device's).
+        self.on_device = (lambda: torch.cuda.device(device)) if cuda else contextlib.nullcontext
+        self.pool = torch.cuda.graph_pool_handle() if cuda else None
         self.shape: tuple | None = None  # the batch shape captured (x's, y's)
         self.rates: tuple[float, ...] | None = None  # the learning rates captured
         self.replay: Replay | None = None
@@ -124,42 +127,53 @@ class GraphedStep(EagerStep):
         self.captures = 0  # how many times the step was captured (a diagnostic)
 
     def __call__(self, x: Tensor, y: Tensor) -> Tensor:
+        """The step on this batch; returns its loss (from a replay: the graph's output, overwritten by the
+        next replay)."""
         shape = (tuple(x.shape), tuple(y.shape))
         if self.shape is None:
             self.shape = shape
         if shape != self.shape:  # another shape (a kept partial batch): eagerly
             return super().__call__(x, y)
-        rates = tuple(g["lr"] for g in self.optimizer.param_groups)
-        if self.replay is None or rates != self.rates:
-            if self.warm < self.WARMUP:
-                self.warm += 1
-                with self.side_stream():
-                    return super().__call__(x, y)
-            self._capture(x, y, rates)
-        self.static_x.copy_(x)
-        self.static_y.copy_(y)
-        return self.replay()
+        with self.on_device():
+            rates = tuple(g["lr"] for g in self.optimizer.param_groups)
+            if self.replay is None or rates != self.rates:
+                if self.warm < self.WARMUP:
+                    self.warm += 1
+                    with self.side_stream():
+                        return super().__call__(x, y)
+                self._capture(x, y, rates)
+            self.static_x.copy_(x)
+            self.static_y.copy_(y)
+            return self.replay()
 
     def _capture(self, x: Tensor, y: Tensor, rates: tuple[float, ...]) -> None:
         if self.static_x is None:
             self.static_x, self.static_y = torch.empty_like(x), torch.empty_like(y)
-        self.replay = None  # the last graph (if any) is dropped before its pool is reused
         self.optimizer.zero_grad(set_to_none=True)  # the capture makes the gradients, in the graph's pool
+        # The last graph (if any) is let go only after the new one is captured: the pool lives as long as a
+        # graph uses it (torch's allocator refuses a capture into a pool no graph holds).
         self.replay = self.capture(lambda: self._step(self.static_x, self.static_y, cache=False), self.pool)
         self.rates = rates
         self.captures += 1
 
 
-@contextlib.contextmanager
-def _cuda_side_stream():
-    """Run the block on a fresh side stream, ordered after and before the current one (warm-up before
-    capture, as torch.cuda.graphs asks)."""
-    current = torch.cuda.current_stream()
-    side = torch.cuda.Stream()
-    side.wait_stream(current)
-    with torch.cuda.stream(side):
-        yield
-    current.wait_stream(side)
+class _SideStream:
+    """Runs a block on one side stream of ``device``, ordered after and before the current one (warm-up
+    before capture, as torch.cuda.graphs asks)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.side: torch.cuda.Stream | None = None
+
+    @contextlib.contextmanager
+    def __call__(self):
+        if self.side is None:
+            self.side = torch.cuda.Stream(self.device)
+        current = torch.cuda.current_stream(self.device)
+        self.side.wait_stream(current)
+        with torch.cuda.stream(self.side):
+            yield
+        current.wait_stream(self.side)
 
 
 def graph_blocker(amp: str, compile_model: bool, device: torch.device) -> str | None:

@@ -41,6 +41,7 @@ from .build import (
     build_scheduler,
     grad_stats_row,
     install_treatment,
+    match_capturable,
     resolve_device,
     treatment_name,
     uses_znorm_optimizer,
@@ -175,6 +176,7 @@ def train(
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        match_capturable(optimizer, graphed)
         if scheduler is not None:
             scheduler.load_state_dict(ckpt["scheduler"])
         if scaler is not None:
