@@ -165,8 +165,8 @@ if ((HAVE_GPU)); then
     "$PY" -c "import xdist" 2>/dev/null && PYTEST_PAR+=(-n "${GPU_CHECK_TEST_WORKERS:-8}" --dist worksteal)
     "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_PAR+=(--timeout 120)
     # GPU_CHECK_TESTS narrows the run (e.g. to the GPU files alone, when CI has run the rest on the CPU).
-    DEFAULT_TESTS="tests/test_rule12.py tests/test_grad_watch.py tests/test_native.py tests/test_triton.py
-        tests/test_optim.py tests/test_native_optim.py tests/test_triton_optim.py tests/test_distributed.py tests/test_compile.py tests"
+    DEFAULT_TESTS="tests/test_rule12.py tests/test_grad_watch.py tests/test_triton_rebase.py
+        tests/test_cifar_steps.py tests/test_native.py tests/test_triton.py tests/test_optim.py tests/test_native_optim.py tests/test_triton_optim.py tests/test_distributed.py tests/test_compile.py tests"
     read -r -d '' -a TEST_PATHS <<<"${GPU_CHECK_TESTS:-$DEFAULT_TESTS}"
     run_step tests "${GPU_CHECK_TEST_CAP_S:-150}" "$PY" -m pytest "${TEST_PATHS[@]}" "${PYTEST_PAR[@]}" \
         -v -rfEs --tb=short -p no:cacheprovider --durations=15

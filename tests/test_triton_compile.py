@@ -106,7 +106,7 @@ def test_registers_leave_two_programs_per_sm(ptx, case, tmp_path):
     # 8 warps at <= 128 registers per thread: two programs per SM (the launch reads the figure from the
     # compiled kernel on a GPU; this keeps the kernel from growing past it unnoticed). Spills, in bytes, with
     # 8192-element tiles (ptxas of CUDA 13.0): Triton 3.8 spills nothing in the aligned unroll-1 variants and
-    # 0-12 bytes unrolled; Triton 3.6 (the GPU machine's) 28-44 and 96-172. The H100 probe measured those
+    # 0-12 bytes unrolled; Triton 3.6 (the GPU machine's) 24-44 and 132-180. The H100 probe measured those
     # tiles, spills included, as the fastest on the 707 M list (bench/log/2026-11-27-h100-run3.md). The
     # element-wise variant for unaligned views (rare) spills more.
     regs, spills, report = ptxas_usage(ptx["-".join(map(str, case))], tmp_path)
