@@ -177,7 +177,7 @@ if ((HAVE_GPU)); then
     # Every list (--full), the two of PERF.md's headline first; compiled alternatives last, not started
     # within 50 s of the step's limit; results saved after each case, so a timeout still leaves them.
     left=$(($(remaining) - 5))
-    run_step bench 600 "$PY" -m bench --lists resnet56,llm,resnet110,resnet152,resnet50,plain100m \
+    run_step bench 600 "$PY" -m bench --lists resnet56,llm,resnet110,resnet152,resnet50,vitb16,plain100m \
         --no-progress --out "$OUT/bench" --budget-s $((left - 50)) ${BENCH_ARGS:-}
     run_step pytest-benchmark 60 "$PY" -m pytest bench -q -p no:cacheprovider \
         --benchmark-json "$OUT/pytest-benchmark.json"
