@@ -35,16 +35,22 @@ from znorm_kernels.cifar.models import cifar_resnet
 __all__ = ["profile_training_step", "time_training_step"]
 
 
-def _setup(device: torch.device, batch: int, backend: str):
-    """The model, optimizer and data of the step; returns (step, variants): ``step()`` runs one training step,
-    ``variants`` maps each variant's name to a function that installs it (returning its handle or None)."""
+def _model_and_batch(device: torch.device, batch: int):
+    """ResNet-56 (seed 0; channels_last on CUDA), SGD with momentum on it, and a random batch (x, y)."""
     torch.manual_seed(0)
-    cuda = device.type == "cuda"
-    fmt = torch.channels_last if cuda else torch.contiguous_format
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     model = cifar_resnet(56).to(device=device, memory_format=fmt)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     x = torch.randn(batch, 3, 32, 32, device=device).to(memory_format=fmt)
     y = torch.randint(0, 10, (batch,), device=device)
+    return model, opt, x, y
+
+
+def _setup(device: torch.device, batch: int, backend: str):
+    """The model, optimizer and data of the step; returns (step, variants): ``step()`` runs one training step,
+    ``variants`` maps each variant's name to a function that installs it (returning its handle or None)."""
+    cuda = device.type == "cuda"
+    model, opt, x, y = _model_and_batch(device, batch)
     loss_fn = torch.nn.CrossEntropyLoss()
 
     def step() -> None:
@@ -70,17 +76,12 @@ def _graphed_runs(device: torch.device, batch: int, backend: str) -> dict:
     and optimizer (the same seed) and a GraphedStep warmed up and captured, with its batch."""
     from znorm_kernels.cifar.steps import GraphedStep
 
-    fmt = torch.channels_last
     resolved = znorm_kernels.registry.resolve_backend(backend, device)
     runs = {}
     for name in ("no ZNorm", f"znorm_kernels.register (backend {resolved})"):
-        torch.manual_seed(0)
-        model = cifar_resnet(56).to(device=device, memory_format=fmt)
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        model, opt, x, y = _model_and_batch(device, batch)
         if name != "no ZNorm":
             znorm_kernels.register(opt, eps=EPS, backend=backend)
-        x = torch.randn(batch, 3, 32, 32, device=device).to(memory_format=fmt)
-        y = torch.randint(0, 10, (batch,), device=device)
         step = GraphedStep(model, opt, device, torch.bfloat16)
         for _ in range(GraphedStep.WARMUP + 2):  # eager warm-up steps, the capture, one replay
             step(x, y)

@@ -32,14 +32,9 @@ def gpu_backends() -> list[str]:
 
 
 @pytest.fixture
-def tp(monkeypatch):
+def tp(triton_plans):
     """triton_plan, with empty caches for the test (put back after)."""
-    from znorm_kernels.backends import triton_plan
-
-    monkeypatch.setattr(triton_plan, "plans", type(triton_plan.plans)())
-    monkeypatch.setattr(triton_plan, "layouts", type(triton_plan.layouts)())
-    monkeypatch.setattr(triton_plan, "workspace_pool", type(triton_plan.workspace_pool)())
-    return triton_plan
+    return triton_plans
 
 
 @pytest.fixture

@@ -20,14 +20,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture
-def plans(monkeypatch):
+def plans(triton_plans):
     """The Triton plan cache, empty for the test (and put back after)."""
-    from znorm_kernels.backends import triton_plan
-
-    monkeypatch.setattr(triton_plan, "plans", type(triton_plan.plans)())
-    monkeypatch.setattr(triton_plan, "layouts", type(triton_plan.layouts)())
-    monkeypatch.setattr(triton_plan, "workspace_pool", type(triton_plan.workspace_pool)())
-    return triton_plan.plans
+    return triton_plans.plans
 
 
 @pytest.fixture

@@ -26,14 +26,9 @@ SIZES = (5, 300, 2, 20_000, 1)
 
 
 @pytest.fixture
-def tp(monkeypatch):
+def tp(triton_plans):
     """triton_plan with empty caches for the test."""
-    from znorm_kernels.backends import triton_plan
-
-    monkeypatch.setattr(triton_plan, "plans", type(triton_plan.plans)())
-    monkeypatch.setattr(triton_plan, "layouts", type(triton_plan.layouts)())
-    monkeypatch.setattr(triton_plan, "workspace_pool", type(triton_plan.workspace_pool)())
-    return triton_plan
+    return triton_plans
 
 
 def _grads(sizes, seed: int, dtype=torch.float32) -> list[torch.Tensor]:

@@ -198,14 +198,11 @@ def test_every_table_covers_each_chunk_once(numels, block, mid, large, large_ten
 
 
 @pytest.fixture
-def tb(monkeypatch):
+def tb(triton_plans):
     """The Triton host with empty plan caches, and a spin limit: a kernel whose counters never reach the mark
     (a wrong add) raises instead of hanging."""
     from znorm_kernels.backends import triton_host
 
-    monkeypatch.setattr(tp, "plans", type(tp.plans)())
-    monkeypatch.setattr(tp, "layouts", type(tp.layouts)())
-    monkeypatch.setattr(tp, "workspace_pool", type(tp.workspace_pool)())
     triton_host.set_spin_limit(1000)
     yield triton_host
     triton_host.set_spin_limit(0)

@@ -200,13 +200,38 @@ def layout_for(numels: tuple[int, ...], elsize: int, tiles: Tiles, programs: int
     return layout
 
 
-def _aligned(addrs: Sequence[int]) -> bool:
+def _aligned(addrs: Sequence[int] | np.ndarray) -> bool:
     # every address a multiple of ALIGNMENT: then so is their bitwise or (one C-level pass)
+    if isinstance(addrs, np.ndarray):
+        return int(np.bitwise_or.reduce(addrs, initial=0)) % ALIGNMENT == 0
     return functools.reduce(operator.or_, addrs, 0) % ALIGNMENT == 0
 
 
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _keep_for_graph(plan: Plan) -> None:
+    """A captured graph reads (or writes, by a captured copy) the plan's tables at every replay: kept for the
+    life of the process, and never rewritten in place (``rebase``)."""
+    plan.captured = True
+    captured_tables.append((plan.meta, plan.bases, plan.hosts))
+
+
+def _describe(tensors: list[Tensor], tiles: Tiles | None, numels, addrs) -> tuple:
+    """(addresses, sizes, device, dtype, tiles) of a list: those given, else read from the tensors."""
+    if addrs is None:
+        addrs = tuple(map(Tensor.data_ptr, tensors))
+    if numels is None:
+        numels = tuple(map(Tensor.numel, tensors))
+    first = tensors[0]
+    return (
+        addrs,
+        numels,
+        first.device,
+        first.dtype,
+        tiles if tiles is not None else tiles_for(first.dtype, numels),
+    )
 
 
 def _build(
@@ -224,7 +249,6 @@ def _build(
     bases, host_bases = device_table(list(addrs), device)
     plan = Plan(
         written_on=stream_of(device),
-        captured=_capturing(device),  # its tables are copied by the graph at every replay
         meta=meta,
         bases=bases,
         device=device,
@@ -238,25 +262,15 @@ def _build(
         numels=numels,
         hosts=tuple(h for h in (host, host_bases) if h is not None),
     )
-    if plan.captured:
-        captured_tables.append((plan.meta, plan.bases, plan.hosts))
+    if _capturing(device):  # its tables are copied by the graph at every replay
+        _keep_for_graph(plan)
     return plan
 
 
-def own_plan(
-    tensors: list[Tensor],
-    tiles: Tiles | None = None,
-    numels: tuple[int, ...] | None = None,
-    addrs: tuple[int, ...] | None = None,
-) -> Plan:
-    """A plan for these tensors that no other caller shares (``plan_for``'s, uncached): its owner may
-    ``rebase`` it."""
-    if addrs is None:
-        addrs = tuple(map(Tensor.data_ptr, tensors))
-    if numels is None:
-        numels = tuple(map(Tensor.numel, tensors))
-    first = tensors[0]
-    return _build(addrs, numels, first.device, first.dtype, tiles or tiles_for(first.dtype, numels))
+def own_plan(tensors: list[Tensor]) -> Plan:
+    """A plan for these tensors, with their own tiles, that no other caller shares (``plan_for``'s,
+    uncached): its owner may ``rebase`` it."""
+    return _build(*_describe(tensors, None, None, None))
 
 
 def rebase(plan: Plan, addrs: Sequence[int] | np.ndarray) -> None:
@@ -271,7 +285,7 @@ def rebase(plan: Plan, addrs: Sequence[int] | np.ndarray) -> None:
     device = plan.device
     if device.type != "cuda":  # the interpreter's launches are done when they return
         host = np.asarray(addrs, dtype=np.int64)
-        aligned = _aligned_array(host)
+        aligned = _aligned(host)
         plan.bases.numpy()[:] = host
         _realign(plan, aligned)
         return
@@ -280,16 +294,16 @@ def rebase(plan: Plan, addrs: Sequence[int] | np.ndarray) -> None:
     elsewhere = plan.written_on != stream or any(s != stream for s in plan.workspaces)
     if capturing or plan.captured or elsewhere:
         host = np.array(addrs, dtype=np.int64)
-        aligned = _aligned_array(host)
+        aligned = _aligned(host)
         plan.bases, kept = device_table(torch.from_numpy(host), device)
         plan.written_on = stream
         if kept is not None:  # (the pinned sources of earlier captured copies stay kept too)
             plan.hosts = (*plan.hosts, kept)
         plan.steady.clear()
         plan.workspaces.clear()
-        plan.captured = capturing  # a graph writes these bases at every replay: never in place
-        if capturing:
-            captured_tables.append((plan.meta, plan.bases, plan.hosts))
+        plan.captured = False
+        if capturing:  # a graph writes these bases at every replay
+            _keep_for_graph(plan)
         _realign(plan, aligned)
         return
     # Two staging buffers, made at the first move, in the order of their last use: the first whose copy is
@@ -306,11 +320,7 @@ def rebase(plan: Plan, addrs: Sequence[int] | np.ndarray) -> None:
     host[:] = addrs
     plan.bases.copy_(buf[0], non_blocking=True)
     buf[1].record(torch.cuda.current_stream(device))
-    _realign(plan, _aligned_array(host))
-
-
-def _aligned_array(addrs: np.ndarray) -> bool:
-    return int(np.bitwise_or.reduce(addrs)) % ALIGNMENT == 0 if len(addrs) else True
+    _realign(plan, _aligned(host))
 
 
 def _realign(plan: Plan, aligned: bool) -> None:
@@ -329,18 +339,12 @@ def plan_for(
 ) -> Plan:
     """The cached plan for these tensors' addresses and sizes (``numels`` and ``addrs`` when the caller knows
     them), with ``tiles`` or else the list's own (``tiles_for``)."""
-    if addrs is None:
-        addrs = tuple(map(Tensor.data_ptr, tensors))
-    if numels is None:
-        numels = tuple(map(Tensor.numel, tensors))
-    first = tensors[0]
-    if tiles is None:
-        tiles = tiles_for(first.dtype, numels)
+    addrs, numels, device, dtype, tiles = _describe(tensors, tiles, numels, addrs)
     # (The programs the tickets are cut for follow from the device and the tiles: no key of their own.)
-    key = (first.device, first.dtype, tiles, addrs, numels)
+    key = (device, dtype, tiles, addrs, numels)
     plan = plans.get(key)
     if plan is None:
-        plan = plans[key] = _build(addrs, numels, first.device, first.dtype, tiles)
+        plan = plans[key] = _build(addrs, numels, device, dtype, tiles)
         if len(plans) > CACHE_SIZE:
             plans.popitem(last=False)
     else:
@@ -353,8 +357,7 @@ def workspace_for(plan: Plan, stream: int) -> Workspace:
     the stream is being captured."""
     if _capturing(plan.device):
         if not plan.captured:  # the graph reads these tables at every replay: never free them
-            plan.captured = True
-            captured_tables.append((plan.meta, plan.bases, plan.hosts))
+            _keep_for_graph(plan)
         return plan.new_workspace()
     ws = plan.workspaces.get(stream)
     if ws is None or ws.dropped:
