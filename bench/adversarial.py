@@ -33,6 +33,16 @@ def _with(x: Tensor, where: dict[int, float]) -> Tensor:
     return x
 
 
+def _absorbed_squares(n: int) -> Tensor:
+    """32 outliers of square 2**24 first (one per lane of a 32-lane loop), then values of square 0.98, just
+    under half a float unit at 2**24: a float sum that adds them to an outlier's square loses every one, and
+    their share of the variance with it."""
+    x = torch.full((n,), 0.98**0.5)
+    x[1::2] *= -1
+    x[0:32:2], x[1:32:2] = 4096.0, -4096.0
+    return x
+
+
 def _near_constant(n: int) -> Tensor:
     x = torch.full((n,), 0.1)
     x[n // 3] = torch.nextafter(torch.tensor(0.1), torch.tensor(1.0))
@@ -51,6 +61,7 @@ CASES: dict[str, tuple[Callable[[], Tensor], float]] = {
         lambda: _with(_noise(20000, 1e-2, 4), {0: 80.0, 1: -80.0, 8191: 1e3, 19999: 40.0}),
         EPS,
     ),
+    "outlier squares absorbing the rest (16384)": (lambda: _absorbed_squares(16384), EPS),
     "mean 1, std 1e-3 (100k)": (lambda: _noise(100_000, 1e-3, 5, mean=1.0), EPS),
     "mean 1e4, std 1e-2 (10k)": (lambda: _noise(10_000, 1e-2, 6, mean=1e4), EPS),
     "near-constant, one ulp apart (5000)": (lambda: _near_constant(5000), EPS),

@@ -42,6 +42,9 @@ struct VecIsa {
     return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
   }
 
+  // No one-instruction bfloat16 rounding here (see the AVX-512 copy): normalize_run stores every element.
+  static int64_t z_bf16(c10::BFloat16*, int64_t, F, F, F) { return 0; }
+
   static F splat(float x) { return _mm256_set1_ps(x); }
   static F add(F a, F b) { return _mm256_add_ps(a, b); }
   static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
@@ -51,10 +54,9 @@ struct VecIsa {
   static F max(F v, F m) { return _mm256_max_ps(v, m); }
   static void put(float* p, F v) { _mm256_store_ps(p, v); }
 
-  static D zero_d() { return _mm256_setzero_pd(); }
   static D lo(F v) { return _mm256_cvtps_pd(_mm256_castps256_ps128(v)); }
   static D hi(F v) { return _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)); }
+  static D get(const double* p) { return _mm256_load_pd(p); }
   static D add(D a, D b) { return _mm256_add_pd(a, b); }
-  static D mul(D a, D b) { return _mm256_mul_pd(a, b); }
   static void put(double* p, D v) { _mm256_store_pd(p, v); }
 };

@@ -42,6 +42,30 @@ struct VecIsa {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_CUR_DIRECTION));
   }
 
+  // normalize_run's z = ((x - vh) - vl) * vk for bfloat16, 2 * kFloats at a time, rounded by vcvtne2ps2bf16
+  // (round to nearest even, as from_acc) where the CPU has AVX512_BF16: the elements it wrote, a multiple of
+  // 2 * kFloats (0 without AVX512_BF16). That instruction reads denormals as zero and keeps a NaN's payload,
+  // where from_acc keeps denormals and writes 0x7FC0: a pair of registers holding either takes store2.
+  static int64_t z_bf16(c10::BFloat16* p, int64_t n, F vh, F vl, F vk) {
+    static const bool has = __builtin_cpu_supports("avx512bf16");
+    return has ? z_bf16_rounded(p, n, vh, vl, vk) : 0;
+  }
+  __attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl,avx512dq,avx2,f16c"))) static int64_t z_bf16_rounded(
+      c10::BFloat16* p, int64_t n, F vh, F vl, F vk) {
+    constexpr int kSpecial = 0x01 | 0x20 | 0x80;  // vfpclassps: quiet NaN, denormal, signalling NaN
+    int64_t i = 0;
+    for (; i + 2 * kFloats <= n; i += 2 * kFloats) {
+      const F a = mul(sub(sub(load(p + i), vh), vl), vk);
+      const F b = mul(sub(sub(load(p + i + kFloats), vh), vl), vk);
+      if (_mm512_fpclass_ps_mask(a, kSpecial) | _mm512_fpclass_ps_mask(b, kSpecial)) {
+        store2(p + i, a, b);
+        continue;
+      }
+      _mm512_storeu_si512(p + i, (__m512i)_mm512_cvtne2ps_pbh(b, a));  // a in the low half
+    }
+    return i;
+  }
+
   static F splat(float x) { return _mm512_set1_ps(x); }
   static F add(F a, F b) { return _mm512_add_ps(a, b); }
   static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
@@ -51,10 +75,9 @@ struct VecIsa {
   static F max(F v, F m) { return _mm512_max_ps(v, m); }
   static void put(float* p, F v) { _mm512_store_ps(p, v); }
 
-  static D zero_d() { return _mm512_setzero_pd(); }
   static D lo(F v) { return _mm512_cvtps_pd(_mm512_castps512_ps256(v)); }
   static D hi(F v) { return _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))); }
+  static D get(const double* p) { return _mm512_load_pd(p); }
   static D add(D a, D b) { return _mm512_add_pd(a, b); }
-  static D mul(D a, D b) { return _mm512_mul_pd(a, b); }
   static void put(double* p, D v) { _mm512_store_pd(p, v); }
 };

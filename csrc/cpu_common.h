@@ -119,20 +119,71 @@ inline Plan make_plan(const std::vector<int64_t>& numels, int64_t min_numel) {
   return plan;
 }
 
-// Runs fn(i) for i in [0, count), items handed out by an atomic counter to the intra-op threads.
+// The elements of item i (a batch's tensors, or a chunk's length).
+inline int64_t item_elems(const Plan& plan, const std::vector<int64_t>& numels, int64_t i) {
+  const Item& item = plan.items[i];
+  if (item.last < 0) return item.len;
+  int64_t n = 0;
+  for (int64_t t = item.first; t < item.last; ++t) n += numels[t];
+  return n;
+}
+
+// The threads a phase of `plan` runs on: 1 below kSerialBelow elements.
+inline int64_t plan_threads(const Plan& plan) {
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(plan.items.size()));
+  return plan.total < kSerialBelow ? 1 : std::max<int64_t>(threads, 1);
+}
+
+// Phase 1's segments of items: `threads` runs of consecutive items of about equal elements, bounds[s] to
+// bounds[s + 1].
+inline std::vector<int64_t> segment_bounds(const Plan& plan, const std::vector<int64_t>& numels, int64_t threads) {
+  const int64_t count = static_cast<int64_t>(plan.items.size());
+  std::vector<int64_t> bounds(threads + 1, count);
+  bounds[0] = 0;
+  int64_t done = 0, s = 1;
+  for (int64_t i = 0; i < count && s < threads; ++i) {
+    done += item_elems(plan, numels, i);
+    while (s < threads && done * threads >= plan.total * s) bounds[s++] = i + 1;
+  }
+  return bounds;
+}
+
+// Runs fn(i) for every item i of the segments bounds[s] .. bounds[s + 1], one thread per segment: each thread
+// runs its own segment from the front, then takes items from the back of the others' (so one slowed by the
+// machine's other work hands part of its segment over). While no thread falls behind, every item runs on the
+// same thread in both phases and from call to call, and finds its data in that core's caches.
 template <typename F>
-void run_items(int64_t count, int64_t total_elems, const F& fn) {
-  if (count == 0) return;
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), count);
-  if (threads <= 1 || total_elems < kSerialBelow) {
-    for (int64_t i = 0; i < count; ++i) fn(i);
+void run_segments(const std::vector<int64_t>& bounds, const F& fn) {
+  const int64_t threads = static_cast<int64_t>(bounds.size()) - 1;
+  if (threads <= 1) {
+    for (int64_t i = bounds.front(); i < bounds.back(); ++i) fn(i);
     return;
   }
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < count;
-         i = next.fetch_add(1, std::memory_order_relaxed)) {
-      fn(i);
+  // Per segment, its next item from the front (low 32 bits) and one past its last from the back (high 32
+  // bits), claimed together by compare-and-swap. Plans of 2**32 items or more would need 2**46 elements.
+  std::vector<std::atomic<uint64_t>> ends(threads);
+  for (int64_t s = 0; s < threads; ++s) {
+    ends[s].store(static_cast<uint64_t>(bounds[s]) | static_cast<uint64_t>(bounds[s + 1]) << 32,
+                  std::memory_order_relaxed);
+  }
+  auto claim = [&](int64_t s, bool front) -> int64_t {
+    uint64_t cur = ends[s].load(std::memory_order_relaxed);
+    for (;;) {
+      const uint64_t lo = cur & 0xFFFFFFFFu, hi = cur >> 32;
+      if (lo >= hi) return -1;
+      const uint64_t next = front ? (lo + 1) | hi << 32 : lo | (hi - 1) << 32;
+      if (ends[s].compare_exchange_weak(cur, next, std::memory_order_relaxed)) {
+        return static_cast<int64_t>(front ? lo : hi - 1);
+      }
+    }
+  };
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t own = begin; own < end; ++own) {
+      for (int64_t i = claim(own, true); i >= 0; i = claim(own, true)) fn(i);
+    }
+    for (int64_t k = 1; k < threads; ++k) {
+      const int64_t other = (begin + k) % threads;
+      for (int64_t i = claim(other, false); i >= 0; i = claim(other, false)) fn(i);
     }
   });
 }
@@ -140,11 +191,14 @@ void run_items(int64_t count, int64_t total_elems, const F& fn) {
 // The three phases of an op over `plan` (the top of cpu_znorm.cpp). Phase 1: whole(t) for each tensor t of a
 // batch item; partial(t, begin, len), the moments of elements [begin, begin + len) of tensor t, for each chunk
 // item. Phase 2, serially: each large tensor's partials merged in chunk order, and r[t] = merged(t, moments).
-// Phase 3: part(t, begin, len, r[t]) for each chunk item.
+// Phase 3: part(t, begin, len, r[t]) for each chunk item, each in the segment its phase-1 item was in.
 template <typename Partial, typename Whole, typename Merged, typename Part>
-void run_plan(const Plan& plan, const Partial& partial, const Whole& whole, const Merged& merged, const Part& part) {
+void run_plan(const Plan& plan, const std::vector<int64_t>& numels, const Partial& partial, const Whole& whole,
+              const Merged& merged, const Part& part) {
+  if (plan.items.empty()) return;
+  const std::vector<int64_t> bounds = segment_bounds(plan, numels, plan_threads(plan));
   std::vector<Moments> partials(plan.items.size());
-  run_items(static_cast<int64_t>(plan.items.size()), plan.total, [&](int64_t i) {
+  run_segments(bounds, [&](int64_t i) {
     const Item& item = plan.items[i];
     if (item.last < 0) {
       partials[i] = partial(item.first, item.begin, item.len);
@@ -164,7 +218,13 @@ void run_plan(const Plan& plan, const Partial& partial, const Whole& whole, cons
     }
     results[t] = merged(t, m);
   }
-  run_items(static_cast<int64_t>(plan.chunk_items.size()), plan.total, [&](int64_t i) {
+  // chunk_items is ascending: the chunks of phase-1 segment s are those between these bounds.
+  std::vector<int64_t> chunk_bounds(bounds.size());
+  for (size_t s = 0; s < bounds.size(); ++s) {
+    chunk_bounds[s] = std::lower_bound(plan.chunk_items.begin(), plan.chunk_items.end(), bounds[s]) -
+                      plan.chunk_items.begin();
+  }
+  run_segments(chunk_bounds, [&](int64_t i) {
     const Item& item = plan.items[plan.chunk_items[i]];
     part(item.first, item.begin, item.len, results[item.first]);
   });

@@ -9,15 +9,18 @@
 //   - a "chunk" item is kChunk elements of a large tensor: phase 1 writes its (count, mean, M2) partial to
 //     its own slot, phase 2 merges each tensor's partials in chunk order (serially, in double), phase 3
 //     normalizes the chunk.
-// Threads take items from an atomic counter (a shared, noisy machine balances better than a static split);
-// lists of fewer than kSerialBelow elements run on the calling thread alone. An item's arithmetic does not
+// Each thread owns a run of consecutive items of about equal elements, the same in phases 1 and 3 and from
+// call to call, so a chunk is normalized on the core whose caches it was read into; a thread that finishes
+// its own takes items from the back of the others' (a shared, noisy machine slows one thread at a time).
+// Lists of fewer than kSerialBelow elements run on the calling thread alone. An item's arithmetic does not
 // depend on which thread runs it, nor do the merges (fixed order): the result is bitwise the same for any
 // thread count.
 //
-// Statistics: two passes per run while it is in cache, accumulated in float32 (float64 for float64): sum, min
-// and max, then sum(x - m) and sum((x - m)^2) around the run's rounded mean m (run_moments in znorm.h: no
-// element is used as a shift). Runs whose values are too large or too tightly spread for float squares take
-// double. Partials merge in double; a tensor whose min equals its max is constant and becomes exactly 0.
+// Statistics: two passes per run while it is in cache: sum, min and max in float32 (float64 for float64),
+// then sum(x - m) and sum((x - m)^2) around the run's rounded mean m (run_moments in znorm.h: no element is
+// used as a shift), in float over blocks of a few values per lane and in double across blocks (float64 runs:
+// in double). Runs whose values are too large or too tightly spread for float squares take double. Partials
+// merge in double; a tensor whose min equals its max is constant and becomes exactly 0.
 //
 // The optional `stats` output (row = the tensor's position in the list: mean, std) is written where each
 // tensor's statistics are finalized (its batch item, or the serial merge of phase 2): no extra pass.
@@ -61,7 +64,7 @@ void znorm_typed(std::vector<Span>& spans, double eps, double correction, const 
     return f;
   };
   run_plan(
-      make_plan(numels, 2),
+      make_plan(numels, 2), numels,
       // Phase 1: chunk partials into their slots; batches done completely.
       [&](int64_t t, int64_t begin, int64_t len) { return run_stats<T, K>(ptr(t) + begin, len); },
       [&](int64_t t) {

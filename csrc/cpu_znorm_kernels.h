@@ -128,8 +128,10 @@ void sum_min_max(const T* __restrict p, int64_t n, A& sum, A& lo, A& hi) {
 }
 
 // sum(d) and sum(d^2) over the run, d = x - m: the second pass of the statistics, over a run still in cache.
-// d is exact near m; its square and both sums are taken in double, so that one large d (an outlier) does not
-// round away the small squares summed after it into the same lane. centred_sums_from: as sum_min_max_from.
+// centred_sums_from: as sum_min_max_from.
+//
+// In double (float64 runs, and float runs whose values float squares cannot take): d is taken in A, its square
+// and both sums in double, in double lanes.
 template <typename T, typename A, int L>
 void centred_sums_from(const T* __restrict p, int64_t i, int64_t n, A m, double (&acc)[L], double (&sq)[L],
                        double& s1, double& q) {
@@ -149,11 +151,47 @@ void centred_sums_from(const T* __restrict p, int64_t i, int64_t n, A m, double 
   q = reduce_lanes<double, L>(sq);
 }
 
+// In float (float32, bfloat16 and float16 runs): d, its square and their sums in float lanes, over blocks of
+// cpu_tiles::kSquareBlock * L elements (kSquareBlock values per lane), each block's lane sums then added to
+// double lanes. A float sum of k values is off by at most (k - 1) units of its last place times the sum of
+// their magnitudes, so a block bounds the error of M2 by a fixed few units of float's last place, whatever the
+// run's length, and however large an outlier's square is beside the others: only its own block's small
+// squares are rounded against it, and their share of M2 is at most the block's. blocked_centred_sums_from
+// starts at a block boundary i, with the double lanes as the vector loops left them.
+template <typename T, int L>
+void blocked_centred_sums_from(const T* __restrict p, int64_t i, int64_t n, float m, double (&acc)[L],
+                               double (&sq)[L], double& s1, double& q) {
+  constexpr int64_t kBlock = cpu_tiles::kSquareBlock * L;
+  for (; i < n; i += kBlock) {
+    float bs[L] = {}, bq[L] = {};
+    const int64_t end = i + kBlock < n ? i + kBlock : n;
+    for (int64_t k = i; k < end; k += L) {
+      for (int j = 0; j < L && k + j < end; ++j) {
+        const float d = to_acc(p[k + j]) - m;
+        bs[j] += d;
+        bq[j] += d * d;
+      }
+    }
+    for (int j = 0; j < L; ++j) {
+      acc[j] += static_cast<double>(bs[j]);
+      sq[j] += static_cast<double>(bq[j]);
+    }
+  }
+  s1 = reduce_lanes<double, L>(acc);
+  q = reduce_lanes<double, L>(sq);
+}
+
 template <typename T, typename A>
 void centred_sums(const T* __restrict p, int64_t n, A m, double& s1, double& q) {
-  constexpr int L = Lanes<double>::value;
-  double acc[L] = {}, sq[L] = {};
-  centred_sums_from<T, A, L>(p, 0, n, m, acc, sq, s1, q);
+  if constexpr (std::is_same_v<A, float>) {
+    constexpr int L = Lanes<float>::value;
+    double acc[L] = {}, sq[L] = {};
+    blocked_centred_sums_from<T, L>(p, 0, n, m, acc, sq, s1, q);
+  } else {
+    constexpr int L = Lanes<double>::value;
+    double acc[L] = {}, sq[L] = {};
+    centred_sums_from<T, A, L>(p, 0, n, m, acc, sq, s1, q);
+  }
 }
 
 // sum(x * factor) over a float64 run, in the lanes of sum_min_max (huge or tiny values, scaled: rare).
