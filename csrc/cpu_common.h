@@ -135,15 +135,18 @@ inline int64_t plan_threads(const Plan& plan) {
 }
 
 // Phase 1's segments of items: `threads` runs of consecutive items of about equal elements, bounds[s] to
-// bounds[s + 1].
+// bounds[s + 1] (the elements of the items: tensors left out of them do not count).
 inline std::vector<int64_t> segment_bounds(const Plan& plan, const std::vector<int64_t>& numels, int64_t threads) {
   const int64_t count = static_cast<int64_t>(plan.items.size());
+  std::vector<int64_t> elems(count);
+  int64_t total = 0;
+  for (int64_t i = 0; i < count; ++i) total += elems[i] = item_elems(plan, numels, i);
   std::vector<int64_t> bounds(threads + 1, count);
   bounds[0] = 0;
   int64_t done = 0, s = 1;
   for (int64_t i = 0; i < count && s < threads; ++i) {
-    done += item_elems(plan, numels, i);
-    while (s < threads && done * threads >= plan.total * s) bounds[s++] = i + 1;
+    done += elems[i];
+    while (s < threads && done * threads >= total * s) bounds[s++] = i + 1;
   }
   return bounds;
 }
@@ -160,19 +163,23 @@ void run_segments(const std::vector<int64_t>& bounds, const F& fn) {
     return;
   }
   // Per segment, its next item from the front (low 32 bits) and one past its last from the back (high 32
-  // bits), claimed together by compare-and-swap. Plans of 2**32 items or more would need 2**46 elements.
-  std::vector<std::atomic<uint64_t>> ends(threads);
+  // bits), claimed together by compare-and-swap; one cache line each, so that owners do not contend.
+  TORCH_CHECK(bounds.back() < (int64_t{1} << 32), "the CPU kernel: more than 2**32 work items in one call");
+  struct alignas(64) Ends {
+    std::atomic<uint64_t> v;
+  };
+  std::vector<Ends> ends(threads);
   for (int64_t s = 0; s < threads; ++s) {
-    ends[s].store(static_cast<uint64_t>(bounds[s]) | static_cast<uint64_t>(bounds[s + 1]) << 32,
-                  std::memory_order_relaxed);
+    ends[s].v.store(static_cast<uint64_t>(bounds[s]) | static_cast<uint64_t>(bounds[s + 1]) << 32,
+                    std::memory_order_relaxed);
   }
   auto claim = [&](int64_t s, bool front) -> int64_t {
-    uint64_t cur = ends[s].load(std::memory_order_relaxed);
+    uint64_t cur = ends[s].v.load(std::memory_order_relaxed);
     for (;;) {
       const uint64_t lo = cur & 0xFFFFFFFFu, hi = cur >> 32;
       if (lo >= hi) return -1;
       const uint64_t next = front ? (lo + 1) | hi << 32 : lo | (hi - 1) << 32;
-      if (ends[s].compare_exchange_weak(cur, next, std::memory_order_relaxed)) {
+      if (ends[s].v.compare_exchange_weak(cur, next, std::memory_order_relaxed)) {
         return static_cast<int64_t>(front ? lo : hi - 1);
       }
     }

@@ -91,7 +91,8 @@ C10_HOST_DEVICE inline Moments run_moments(double n, double m, double s1, double
 }
 
 // Whether a float run's statistics may use float arithmetic: every |x| <= 2^50 and a spread of 0 or at least
-// 2^-50, so float sums and squares stay far from overflow and from the subnormal range. Else double.
+// 2^-50, so float sums and squares stay far from overflow, and squares in the subnormal range (|d| < 2^-63)
+// hold a negligible share of M2 (at least spread^2 / 2 >= 2^-101). Else double.
 C10_HOST_DEVICE inline bool float_safe(double lo, double hi) {
   const double spread = hi - lo;
   return (-lo <= 0x1p50 && hi <= 0x1p50) && (spread >= 0x1p-50 || spread == 0.0);
