@@ -17,7 +17,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "znorm_kernels"
 LAYERS: list[tuple[str, ...]] = [
     # 0: leaves, shared by everything above: facts about tensors and the environment, the accuracy rule
     ("memory", "naming", "accuracy", "stats", "guards", "dtensors", "deepspeed_zero", "cuda_archs", "version",
-     "tensor_types", "backends"),
+     "tensor_types", "transfer", "backends"),
     # 1: the backends and their kernels (a backend may use another backend's module, never anything above)
     ("backends.*",),
     # 2: which backend serves what

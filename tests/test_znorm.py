@@ -225,6 +225,25 @@ def test_grad_scale_keeps_gradients_scaled(backend, device, dtype):
     )
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_cpu_gradients_read_a_gpu_grad_scale_after_its_copy(backend):
+    # Gradients offloaded to the CPU, the GradScaler's scale on the GPU behind a long kernel: a copy to the
+    # host that does not wait returns before the scale is there, and the CPU would read the buffer's old
+    # bytes.
+    if backend not in znorm_kernels.available_backends():
+        pytest.skip(f"{backend!r} is not available")
+    x = make_grad((4096,), torch.float32, "cpu", seed=3)
+    expected = x.clone()
+    znorm_kernels.znorm_([expected], backend=backend, grad_scale=torch.tensor(1024.0))
+    for _ in range(3):
+        scale = torch.full((), 1024.0, device="cuda")
+        torch.cuda._sleep(100_000_000)  # tens of ms of GPU time queued ahead of any copy of the scale
+        g = x.clone()
+        znorm_kernels.znorm_([g], backend=backend, grad_scale=scale)
+        assert torch.equal(g, expected)
+
+
 @backend_device
 def test_one_tensor_not_in_a_list(backend, device):
     g = make_grad((10, 10), torch.float32, device)

@@ -13,6 +13,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .transfer import to_device
+
 __all__ = ["GradStats", "StatsBuffer"]
 
 
@@ -64,7 +66,7 @@ class StatsBuffer:
         """Figures of s*g -> figures of g (on the device, before GradScaler updates s in place)."""
         if grad_scale is not None:
             for _, t in self.groups:
-                t.div_(grad_scale.to(device=t.device, dtype=torch.float64, non_blocking=True))
+                t.div_(to_device(grad_scale, t.device, torch.float64))
 
     def assemble(self, names: list[str]) -> GradStats | None:
         """The last step's figures for the ``names`` of its entries, or None before any step."""
@@ -73,7 +75,7 @@ class StatsBuffer:
         device = self.groups[0][1].device
         values = torch.full((self.length, 2), float("nan"), dtype=torch.float64, device=device)
         for positions, t in self.groups:
-            index = torch.tensor(positions, dtype=torch.long).to(device, non_blocking=True)
-            values.index_copy_(0, index, t.to(device, non_blocking=True))
+            index = to_device(torch.tensor(positions, dtype=torch.long), device)
+            values.index_copy_(0, index, to_device(t, device))
         names = [name or f"#{i}" for i, name in enumerate(names)]
         return GradStats(names[: self.length], values)

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from ..memory import is_dense
 from ..tensor_types import PLAIN_TYPES
+from ..transfer import to_device
 
 __all__ = [
     "ADAM_OP_NAME",
@@ -189,7 +190,7 @@ def _run(
     if grad_scale is not None:
         # The op dispatches on every tensor argument: keep the scale on the tensors' device (no sync on CUDA,
         # and on the CPU a scale already there costs nothing).
-        grad_scale = grad_scale.detach().to(tensors[0].device, non_blocking=True)
+        grad_scale = to_device(grad_scale.detach(), tensors[0].device)
     with torch.no_grad():  # gradients and leaves that require grad are normalized in place like the reference
         try:
             torch.ops.znorm_kernels_C.znorm_(tensors, eps, correction, grad_scale, stats)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..transfer import to_device
 from .float64_range import scales_of
 
 __all__ = [
@@ -74,7 +75,7 @@ def write_z_(
         s = None
         denom = std + eps
     else:
-        s = grad_scale.detach().to(device=centred.device, dtype=torch.float64, non_blocking=True)
+        s = to_device(grad_scale.detach(), centred.device, torch.float64)
         denom = std + s * eps
     # std + eps is 0 only for a constant tensor with eps=0: its exact-zero centred values stay 0 (0/0 would be
     # NaN). NaN and Inf still propagate, since only an exact 0 is replaced.

@@ -49,6 +49,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from ..transfer import to_device
 from . import optim_steps
 from .optim_steps import AdamArgs, SgdArgs
 from .tiles import UpdateTiles
@@ -134,7 +135,7 @@ def _device_scalar(x: Tensor | None, device: torch.device, name: str, dtype=None
         return None
     if not isinstance(x, Tensor) or x.numel() != 1:
         raise ValueError(f"{name} must be a 1-element tensor")
-    return x.to(device=device, dtype=dtype or x.dtype, non_blocking=True)
+    return to_device(x, device, dtype)
 
 
 @functools.cache

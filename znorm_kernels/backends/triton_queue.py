@@ -12,6 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ..transfer import to_device
 from .tiles import Tiles
 from .triton_common import ALIGNMENT, element_size, f64_bits, on_device, stream_of, triton_dtypes
 from .triton_grid import known, learn_occupancy, num_programs
@@ -161,7 +162,7 @@ def _steady_here(plan: Plan, eps: float, correction: float, grad_scale: Tensor |
     ):
         args = steady.args
         if grad_scale is not None:
-            scale = grad_scale.to(device=device, dtype=torch.float32, non_blocking=True)
+            scale = to_device(grad_scale, device, torch.float32)
             if (scale.data_ptr() % ALIGNMENT == 0) is steady.scale_aligned:
                 args = (*args[:5], scale, *args[6:])
             else:  # another specialization: the full launch
@@ -193,10 +194,8 @@ def _launch_here(tensors, device, eps, correction, grad_scale, normalize, tiles,
     tiles = plan.tiles
     stream = stream_of(device)
     ws = workspace_for(plan, stream)
-    if grad_scale is not None:
-        scale = grad_scale.to(device=device, dtype=torch.float32, non_blocking=True)
-    else:
-        scale = ws.stats  # never read
+    # ws.stats where there is no scale: never read
+    scale = to_device(grad_scale, device, torch.float32) if grad_scale is not None else ws.stats
     has_scale = grad_scale is not None
     on_gpu = device.type == "cuda"
     items = plan.num_items if normalize and given is None else plan.num_stats_items + plan.num_small_items
