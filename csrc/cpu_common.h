@@ -77,7 +77,7 @@ struct Item {
   int64_t first;  // batch: first tensor index; chunk: the tensor index
   int64_t last;   // batch: one past the last tensor index; chunk: -1
   int64_t begin;  // chunk: first element (0 for a batch)
-  int64_t len;    // chunk: number of elements
+  int64_t len;    // chunk: number of elements; batch: its tensors' elements
 };
 
 struct Plan {
@@ -85,7 +85,7 @@ struct Plan {
   std::vector<int64_t> chunk_items;  // indices into items of the chunk items, in tensor then chunk order
   std::vector<int64_t> big;          // tensors split into chunks
   int64_t ntensors = 0;              // the tensors' count
-  int64_t total = 0;                 // their elements, all together (for run_items)
+  int64_t total = 0;                 // their elements, all together (for plan_threads)
 };
 
 // Items over tensors of the given sizes; tensors of fewer than `min_numel` elements are left out.
@@ -95,7 +95,7 @@ inline Plan make_plan(const std::vector<int64_t>& numels, int64_t min_numel) {
   for (const int64_t n : numels) plan.total += n;
   int64_t batch_start = -1, batch_elems = 0;
   auto close_batch = [&](int64_t end) {
-    if (batch_start >= 0) plan.items.push_back({batch_start, end, 0, 0});
+    if (batch_start >= 0) plan.items.push_back({batch_start, end, 0, batch_elems});
     batch_start = -1;
     batch_elems = 0;
   };
@@ -119,15 +119,6 @@ inline Plan make_plan(const std::vector<int64_t>& numels, int64_t min_numel) {
   return plan;
 }
 
-// The elements of item i (a batch's tensors, or a chunk's length).
-inline int64_t item_elems(const Plan& plan, const std::vector<int64_t>& numels, int64_t i) {
-  const Item& item = plan.items[i];
-  if (item.last < 0) return item.len;
-  int64_t n = 0;
-  for (int64_t t = item.first; t < item.last; ++t) n += numels[t];
-  return n;
-}
-
 // The threads a phase of `plan` runs on: 1 below kSerialBelow elements.
 inline int64_t plan_threads(const Plan& plan) {
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(plan.items.size()));
@@ -136,16 +127,15 @@ inline int64_t plan_threads(const Plan& plan) {
 
 // Phase 1's segments of items: `threads` runs of consecutive items of about equal elements, bounds[s] to
 // bounds[s + 1] (the elements of the items: tensors left out of them do not count).
-inline std::vector<int64_t> segment_bounds(const Plan& plan, const std::vector<int64_t>& numels, int64_t threads) {
+inline std::vector<int64_t> segment_bounds(const Plan& plan, int64_t threads) {
   const int64_t count = static_cast<int64_t>(plan.items.size());
-  std::vector<int64_t> elems(count);
   int64_t total = 0;
-  for (int64_t i = 0; i < count; ++i) total += elems[i] = item_elems(plan, numels, i);
+  for (const Item& item : plan.items) total += item.len;
   std::vector<int64_t> bounds(threads + 1, count);
   bounds[0] = 0;
   int64_t done = 0, s = 1;
   for (int64_t i = 0; i < count && s < threads; ++i) {
-    done += elems[i];
+    done += plan.items[i].len;
     while (s < threads && done * threads >= total * s) bounds[s++] = i + 1;
   }
   return bounds;
@@ -200,10 +190,9 @@ void run_segments(const std::vector<int64_t>& bounds, const F& fn) {
 // item. Phase 2, serially: each large tensor's partials merged in chunk order, and r[t] = merged(t, moments).
 // Phase 3: part(t, begin, len, r[t]) for each chunk item, each in the segment its phase-1 item was in.
 template <typename Partial, typename Whole, typename Merged, typename Part>
-void run_plan(const Plan& plan, const std::vector<int64_t>& numels, const Partial& partial, const Whole& whole,
-              const Merged& merged, const Part& part) {
+void run_plan(const Plan& plan, const Partial& partial, const Whole& whole, const Merged& merged, const Part& part) {
   if (plan.items.empty()) return;
-  const std::vector<int64_t> bounds = segment_bounds(plan, numels, plan_threads(plan));
+  const std::vector<int64_t> bounds = segment_bounds(plan, plan_threads(plan));
   std::vector<Moments> partials(plan.items.size());
   run_segments(bounds, [&](int64_t i) {
     const Item& item = plan.items[i];

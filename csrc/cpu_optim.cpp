@@ -76,7 +76,7 @@ void optim_typed(const std::vector<OptEntry>& es, double eps, double correction,
     }
   };
   run_plan(
-      make_plan(numels, 1), numels,
+      make_plan(numels, 1),
       [&](int64_t t, int64_t begin, int64_t len) { return zs(t) ? run_stats<T, K>(grad(t) + begin, len) : Moments{}; },
       [&](int64_t t) {
         const int64_t n = es[t].numel;

@@ -7,8 +7,9 @@
 // Each loop keeps the portable loop's lanes exactly: element i goes to lane i % L, a register holds
 // consecutive lanes (VecIsa::kFloats floats, or half as many doubles), and what is left after the last whole
 // group of L elements (of the last whole block, for the centred sums), and the reduction of the lanes, is the
-// portable code itself (sum_min_max_from, blocked_centred_sums_from). Each vector operation is the scalar one applied lane by lane, and -ffp-contract=off
-// keeps them apart, so the results are bitwise those of the portable loops.
+// portable code itself (sum_min_max_from, blocked_centred_sums_from). Each vector operation is the scalar one
+// applied lane by lane, and -ffp-contract=off keeps them apart, so the results are bitwise those of the
+// portable loops.
 //
 // Included by cpu_znorm_kernels.h inside a vector copy's namespace, after its VecIsa.
 

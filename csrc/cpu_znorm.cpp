@@ -64,7 +64,7 @@ void znorm_typed(std::vector<Span>& spans, double eps, double correction, const 
     return f;
   };
   run_plan(
-      make_plan(numels, 2), numels,
+      make_plan(numels, 2),
       // Phase 1: chunk partials into their slots; batches done completely.
       [&](int64_t t, int64_t begin, int64_t len) { return run_stats<T, K>(ptr(t) + begin, len); },
       [&](int64_t t) {

@@ -16,5 +16,6 @@ __all__ = ["to_device"]
 def to_device(t: Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> Tensor:
     """``t`` on ``device`` (in ``dtype``, default its own): ``t`` itself where nothing changes; a copy that
     does not block the host where ``device`` is not the CPU, else one whose values are there on return."""
-    device = torch.device(device)
+    if not isinstance(device, torch.device):  # callers on the hook's steady path pass a device already
+        device = torch.device(device)
     return t.to(device=device, dtype=dtype or t.dtype, non_blocking=device.type != "cpu")
