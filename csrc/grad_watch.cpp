@@ -207,7 +207,12 @@ class GradWatch : public torch::CustomClassHolder {
       tensors.clear();
       for (int64_t k : positions) tensors.push_back(grad_of(record_[k].param));
       std::optional<at::Tensor> group_scale;
-      if (scale.has_value() && scale->defined()) group_scale = scale->to(tensors[0].device(), /*non_blocking=*/true);
+      if (scale.has_value() && scale->defined()) {
+        // As transfer.to_device: a non-blocking copy to the host returns before its value is there, and the
+        // CPU op would read the buffer's old bytes; to a GPU it stays in stream order without a sync.
+        const c10::Device device = tensors[0].device();
+        group_scale = scale->to(device, /*non_blocking=*/!device.is_cpu());
+      }
       op.call(tensors, eps, correction, group_scale, none);
     }
   }

@@ -225,6 +225,31 @@ def test_the_steady_path_passes_the_grad_scale_of_still_scaled_gradients(monkeyp
                 assert not torch.equal(a, c), "the scale reached the kernel"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: a scale on the GPU")
+def test_the_steady_path_reads_a_gpu_grad_scale_after_its_copy(monkeypatch):
+    # Gradients on the CPU, the scale on the GPU behind a long kernel: the watch copies it to the CPU for the
+    # op, and a copy that does not wait would hand the op the host buffer's old bytes. Each step's scale
+    # differs, so a buffer handed back holding the last step's scale fails too.
+    monkeypatch.setattr(torch.optim.SGD, "_step_supports_amp_scaling", True, raising=False)
+    params = _params([(64, 64), (300,)])
+    given = [p.grad.clone() for p in params]
+    opt = torch.optim.SGD(params, lr=0.0)
+    python_path = count_calls(monkeypatch, step_cache.GradientGroups, "znorm_")
+    handle = znorm_kernels.register(opt, backend="cpu")
+    hook = opt._optimizer_step_pre_hooks[handle.id]
+    for value in (2.0, 1024.0, 8.0, 65536.0):
+        expected = [g.clone() for g in given]
+        znorm_kernels.znorm_(expected, backend="cpu", grad_scale=torch.tensor(value))
+        for p, g in zip(params, given):
+            p.grad.copy_(g)  # the same addresses: after the first step, the watch's call
+        torch.cuda._sleep(100_000_000)  # tens of ms of GPU time queued ahead of the scale and its copy
+        opt.grad_scale = torch.full((), value, device="cuda")
+        hook(opt, (), {})
+        for p, e in zip(params, expected):
+            assert torch.equal(p.grad, e), value
+    assert len(python_path) == 1, "the steps after the first took the native steady path"
+
+
 def test_no_watch_where_a_group_cannot_run_without_its_tensors(monkeypatch):
     # The reference backend binds nothing; statistics are kept by the Python path.
     for kwargs in ({"backend": "reference"}, {"backend": "cpu", "track_stats": True}):

@@ -233,12 +233,13 @@ def test_cpu_gradients_read_a_gpu_grad_scale_after_its_copy(backend):
     # bytes.
     if backend not in znorm_kernels.available_backends():
         pytest.skip(f"{backend!r} is not available")
+    # Each call's scale differs, so a buffer the allocators hand back holding the last call's scale fails too.
     x = make_grad((4096,), torch.float32, "cpu", seed=3)
-    expected = x.clone()
-    znorm_kernels.znorm_([expected], backend=backend, grad_scale=torch.tensor(1024.0))
-    for _ in range(3):
-        scale = torch.full((), 1024.0, device="cuda")
-        torch.cuda._sleep(100_000_000)  # tens of ms of GPU time queued ahead of any copy of the scale
+    for value in (1024.0, 8.0, 65536.0):
+        expected = x.clone()
+        znorm_kernels.znorm_([expected], backend=backend, grad_scale=torch.tensor(value))
+        torch.cuda._sleep(100_000_000)  # tens of ms of GPU time queued ahead of the scale and its copy
+        scale = torch.full((), value, device="cuda")
         g = x.clone()
         znorm_kernels.znorm_([g], backend=backend, grad_scale=scale)
         assert torch.equal(g, expected)
