@@ -14,14 +14,15 @@ gradients and in the same process:
 - ``triton b<block> u<unroll> p<programs>``: the same call with a tile configuration of its own
   (``tiles=Tiles(...)``): the block (elements a program holds in registers, and the chunk unit of large
   tensors), the unroll (tiles whose loads a large tensor's chunk issues together) and a fixed number of
-  programs (the persistent grid). Unrolls: --unrolls (default 1, 2, 4). Blocks: powers of two holding 1 to 8
-  16-byte vectors per thread at the kernel's warps (float32 1024-8192, bfloat16 2048-16384). Programs: 1-4 per
-  SM, and on lists of at most --few-programs-max-elements elements also fixed counts under the SM count
-  (default 32, 66, 132). Optional: --warps (num_warps), --layouts (ticket layouts, LAYOUTS), and
-  --mid-chunk-tiles (tiles per chunk of the tensors between the block and 2**20 elements, 1 as shipped; the
-  name gets `` m<tiles>`` where it differs). Each triton row records the chunks (``extra.partials``) and the
-  statistics tickets (``extra.stats_items``, runs of chunks cut for the variant's programs, tiles.ticket_runs)
-  its plan had: the chunking in effect.
+  programs (the persistent grid). Unrolls: --unrolls (default 1, 2, 4); with unroll 1 also the next tile
+  loaded while one is reduced (``Tiles.prefetch``, `` pf`` in the name; --prefetch, default both). Blocks:
+  powers of two holding 1 to 8 16-byte vectors per thread at the kernel's warps (float32 1024-8192, bfloat16
+  2048-16384). Programs: 1-4 per SM, and on lists of at most --few-programs-max-elements elements also fixed
+  counts under the SM count (default 32, 66, 132). Optional: --warps (num_warps), --layouts (ticket layouts,
+  LAYOUTS), and --mid-chunk-tiles (tiles per chunk of the tensors between the block and 2**20 elements, 1 as
+  shipped; the name gets `` m<tiles>`` where it differs). Each triton row records the chunks
+  (``extra.partials``) and the statistics tickets (``extra.stats_items``, runs of chunks cut for the variant's
+  programs, tiles.ticket_runs) its plan had: the chunking in effect.
 
 Nothing of the library is patched: a variant is a ``Tiles`` value, each with its own plans and its own kept
 kernel, and what a launch did (its plan, its grid, the compiled kernel's registers, spills and shared memory,
@@ -105,6 +106,7 @@ class Variant:
     warps: int | None = None  # None: as shipped
     per_sm: int | None = None  # when programs was chosen as a multiple of the SM count
     unroll: int | None = None  # None: as shipped
+    prefetch: bool | None = None  # None: as shipped
     mid_tiles: int | None = None  # None: as shipped (tiles_for's mid_chunk)
     layout: str = "runs"  # a name of LAYOUTS
 
@@ -112,8 +114,9 @@ class Variant:
         """The variant's tile configuration (None: the shipped one, tiles_for)."""
         if self.block is None:
             return None
-        return Tiles(self.block, self.unroll or 1, mid_chunk=self.mid_tiles or 1, num_warps=self.warps or 8,
-                     programs=self.programs, **LAYOUTS[self.layout])  # fmt: skip
+        return Tiles(self.block, self.unroll or 1, prefetch=bool(self.prefetch),
+                     mid_chunk=self.mid_tiles or 1, num_warps=self.warps or 8, programs=self.programs,
+                     **LAYOUTS[self.layout])  # fmt: skip
 
 
 @dataclass
@@ -141,6 +144,7 @@ class Row:
     wall_s: float | None = None
     extra: dict = field(default_factory=dict)
     unroll: int | None = None
+    prefetch: bool | None = None
     mid_tiles: int | None = None
     layout: str | None = None
 
@@ -222,6 +226,7 @@ def grid_variants(
     shipped_programs: int | None,
     shipped_unroll: int = 1,
     shipped_mid: int = 1,
+    shipped_prefetch: bool = False,
 ) -> list[Variant]:
     """The triton variants of this case, those that differ from the shipped kernel in one knob first."""
     sms = sm_count(device)
@@ -236,17 +241,21 @@ def grid_variants(
                 if programs in seen:
                     continue
                 seen.add(programs)
-                for unroll in args.unrolls:
+                loads = [(u, pf) for u in args.unrolls for pf in args.prefetch if u == 1 or not pf]
+                for unroll, prefetch in loads:
                     for mid in args.mid_chunk_tiles or [shipped_mid]:
                         for layout in args.layouts:
-                            name = f"triton b{block} u{unroll} p{programs}" + (
+                            name = f"triton b{block} u{unroll}{' pf' if prefetch else ''} p{programs}" + (
                                 f" w{warps}" if warps != 8 else ""
                             )
                             name += f" m{mid}" if mid != shipped_mid else ""
                             name += f" {layout}" if layout != "runs" else ""
                             out.append(
-                                Variant(name, "triton", block, programs, warps, per_sm, unroll, mid, layout)
-                            )
+                                Variant(
+                                    name, "triton", block, programs, warps, per_sm, unroll, bool(prefetch),
+                                    mid, layout,
+                                )
+                            )  # fmt: skip
 
     def distance(v: Variant) -> int:
         return (
@@ -254,6 +263,7 @@ def grid_variants(
             + (v.programs != shipped_programs)
             + (v.warps != 8)
             + (v.unroll != shipped_unroll)
+            + (v.prefetch != shipped_prefetch)
             + (v.mid_tiles != shipped_mid)
             + (v.layout != "runs")
         )
@@ -322,7 +332,8 @@ class Probe:
                 f"## {key}: {case['tensors']} tensors, {case['elements'] / 1e6:,.2f} M elements; copy "
                 f"{_fmt(case.get('copy_do_bench_us'))} µs do_bench, {_fmt(case.get('copy_backlog_us'))} µs "
                 f"backlog; floor {_fmt(case.get('floor_us'))} µs; shipped: block "
-                f"{case.get('shipped_block')}, unroll {case.get('shipped_unroll')}, "
+                f"{case.get('shipped_block')}, unroll {case.get('shipped_unroll')}"
+                f"{' with prefetch' if case.get('shipped_prefetch') else ''}, "
                 f"{case.get('shipped_programs')} programs "
                 f"({case.get('sms')} SMs)",
                 "",
@@ -441,7 +452,7 @@ class Probe:
         def run_variant(v: Variant, deadline: float) -> Row:
             row = Row(
                 list_name, dtype_name, v.name, v.kind, v.block, v.programs, v.warps, unroll=v.unroll,
-                mid_tiles=v.mid_tiles, layout=v.layout,
+                prefetch=v.prefetch, mid_tiles=v.mid_tiles, layout=v.layout,
             )  # fmt: skip
             self.rows.append(row)
             if time.monotonic() > deadline or self.stopped:
@@ -494,6 +505,7 @@ class Probe:
             tiles = tiles_for(dtype, [torch.Size(s).numel() for s in plist.shapes])
             case["shipped_block"] = tiles.block
             case["shipped_unroll"] = tiles.unroll
+            case["shipped_prefetch"] = tiles.prefetch
             case["shipped_programs"] = shipped.programs
             case["shipped_mid_chunk_tiles"] = tiles.mid_chunk
             self.save()
@@ -506,6 +518,7 @@ class Probe:
                 shipped.programs,
                 case["shipped_unroll"],
                 case["shipped_mid_chunk_tiles"],
+                case["shipped_prefetch"],
             )
             for v in variants:
                 run_variant(v, case_deadline)
@@ -662,6 +675,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtypes", type=_names, default=["float32", "bfloat16"])
     p.add_argument("--blocks", type=_ints, default=[1024, 2048, 4096, 8192, 16384])
     p.add_argument("--unrolls", type=_ints, default=[1, 2, 4], help="tiles loaded together in large chunks")
+    p.add_argument(
+        "--prefetch", type=_ints, default=[0, 1], help="with unroll 1: 0 as built, 1 the next tile in flight"
+    )
     p.add_argument("--per-sm", type=_ints, default=[1, 2, 3, 4], help="programs per SM")
     p.add_argument("--programs", type=_ints, default=[32, 66, 132], help="fixed counts, small lists only")
     p.add_argument("--few-programs-max-elements", type=int, default=16_000_000)

@@ -56,6 +56,29 @@ def _before_runs(dtype: str, numels: tuple[int, ...], **changes) -> Design:
     return replace(Design(block=8192, unroll=unroll, large_chunk=32, spills=spills), **changes)
 
 
+# Spill bytes per thread of the 8192-element tiles as ptxas (CUDA 13.0, sm_90a) reports them for Triton 3.6,
+# the GPU machine's, aligned variants (bench/log/2026-12-07-dev-cpu-tile-loop.md): per tile loop, dtype and
+# the list's loads (unroll 1, unroll 2, or prefetch where the list holds a tensor above 2**20 elements).
+_SPILLS_36 = {
+    "before": {"float32": (40, 164), "bfloat16": (24, 184)},
+    "fused": {"float32": (28, 140), "bfloat16": (8, 140)},
+    "prefetch": {"float32": (28, 164), "bfloat16": (8, 100)},
+}
+
+
+def _item2(dtype: str, numels: tuple[int, ...], loop: str) -> Design:
+    """The kernel as shipped at 5a2790f (item 1's runs and partials, 8192-element tiles, loads of 2 tiles
+    issued together in lists with a tensor above 2**20 elements), and item 2's tile loops: the fused
+    reductions (two reductions per tile, the same loads), and those with the next tile in flight instead of
+    the unroll. Spills as Triton 3.6 compiles each; the compute per tile is the fitted one for all three
+    (the model has no term for the reductions' barriers: what they save is not in these figures)."""
+    large = max(numels) > 1 << 20
+    spills = _SPILLS_36[loop][dtype][1 if large else 0]
+    prefetch = loop == "prefetch" and large
+    unroll = 2 if large and not prefetch else 1
+    return Design(block=8192, unroll=unroll, large_chunk=32, spills=spills, prefetch=prefetch, **_ITEM1)
+
+
 # Kernel designs to predict (issue #23): the kernel as shipped until #23; item 1 as built and shipped since
 # (partials of one tile up to 2**20 elements, above that of 8 tiles doubled until the tensor has at most
 # 1024, at most 32; tickets over runs of them cut by guided self-scheduling with divisor 2 in the list's
@@ -74,6 +97,9 @@ DESIGNS: dict[str, Callable[[str, tuple[int, ...]], Design]] = {
     "runs k=4": lambda dtype, numels: _before_runs(dtype, numels, **{**_ITEM1, "runs": 4}),
     "runs k=2 largest first": lambda dtype, numels: _before_runs(dtype, numels, **_ITEM1, largest_first=True),
     "runs k=2 + prefetch": lambda dtype, numels: _before_runs(dtype, numels, **_ITEM1, prefetch=True),
+    "shipped 5a2790f": lambda dtype, numels: _item2(dtype, numels, "before"),
+    "fused reductions": lambda dtype, numels: _item2(dtype, numels, "fused"),
+    "fused + prefetch": lambda dtype, numels: _item2(dtype, numels, "prefetch"),
 }
 
 
@@ -208,6 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lists", default=",".join(LIST_NAMES), help="lists to predict (comma-separated)")
     parser.add_argument("--designs", default=",".join(DESIGNS), help="designs to predict (comma-separated)")
     parser.add_argument("--no-residuals", action="store_true", help="predictions only")
+    parser.add_argument(
+        "--stat-tile-scale", type=float, default=1.0,
+        help="predictions with the fitted per-tile statistics time scaled by this (a what-if for tile loops "
+        "whose reductions the model has no term for)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     pts = points()
     machine = FITTED
@@ -225,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {p.measured:,.1f} | {pred:,.1f} | {pred / p.measured - 1:+.0%} |"
             )
         print()
+    if args.stat_tile_scale != 1.0:
+        machine = replace(machine, stat_tile=machine.stat_tile * args.stat_tile_scale)
+        print(f"(stat_tile scaled by {args.stat_tile_scale}: {machine.stat_tile:.4g} µs per 1024 elements)")
     print("\n".join(predictions(machine, args.lists.split(","), args.designs.split(","))))
     return 0
 

@@ -70,9 +70,10 @@ class Design:
     the others above one tile; with ``max_partials``, partials start at one tile and double until a tensor
     has at most that many (at most ``large_chunk`` tiles). ``runs``: None for one ticket per chunk in tensor
     order (the kernel until #23); else statistics and normalize tickets cover runs of consecutive partials of
-    one tensor, cut by guided self-scheduling with divisor ``runs`` (``tickets_for``). ``prefetch``: the
-    next group's loads in flight while a group is reduced (item 2 of #23), which takes the compute out of
-    the per-group cycle.
+    one tensor, cut by guided self-scheduling with divisor ``runs`` (``tickets_for``). ``prefetch``: in the
+    tickets of tensors above ``large_tensor`` (whose chunks hold several tiles), the next tile's loads in
+    flight while a tile is reduced (item 2 of #23, ``Tiles.prefetch``), which takes the compute out of the
+    per-tile cycle; it goes with ``unroll`` 1, as in the kernel.
     """
 
     block: int = 8192
@@ -180,7 +181,7 @@ def simulate(
             compute = (m.stat_tile + m.norm_tile) * scale
         if kind != "stat":
             group *= 2  # read and write
-        if design.prefetch:
+        if design.prefetch and large:
             return group, max(lat, compute)
         return group, lat + compute
 

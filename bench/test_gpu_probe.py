@@ -194,3 +194,24 @@ def test_layouts_give_the_layout_before_23_side_by_side() -> None:
     assert max(map(max, ticket_runs(numels, runs, 4))) > 1
     with pytest.raises(SystemExit):
         gpu_probe.parse_args(["--out", "x", "--layouts", "runs,sorted"])
+
+
+def test_prefetch_variants_come_with_unroll_1_only() -> None:
+    import torch
+
+    from bench import gpu_probe
+    from bench.param_lists import get_list
+
+    args = gpu_probe.parse_args(["--out", "x", "--blocks", "8192", "--per-sm", "2", "--unrolls", "1,2",
+                                 "--few-programs-max-elements", "0"])  # fmt: skip
+    plist = get_list("resnet56")
+    # Shipped as 16-bit lists with a large tensor are: unroll 1 with prefetch, which sorts first.
+    variants = gpu_probe.grid_variants(
+        args, plist, torch.bfloat16, torch.device("cpu"), 8192, 4, 1, 1, shipped_prefetch=True
+    )
+    names = [v.name for v in variants]
+    assert names == ["triton b8192 u1 pf p4", "triton b8192 u1 p4", "triton b8192 u2 p4"]
+    loads = [(t.unroll, t.prefetch) for t in (v.tiles() for v in variants)]
+    assert loads == [(1, True), (1, False), (2, False)]
+    args = gpu_probe.parse_args(["--out", "x", "--unrolls", "2", "--prefetch", "0"])
+    assert args.prefetch == [0]

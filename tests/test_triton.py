@@ -11,7 +11,14 @@ import torch
 import znorm_kernels
 from tests.utils import DTYPES, assert_close_to_float64, float64_znorm, make_grad
 from znorm_kernels import registry
-from znorm_kernels.backends.tiles import LARGE_TENSOR, LARGE_UNROLL, Tiles, tiles_for
+from znorm_kernels.backends.tiles import (
+    DEFAULT_LARGE_LOADS,
+    LARGE_LOADS,
+    LARGE_TENSOR,
+    LARGE_UNROLL,
+    Tiles,
+    tiles_for,
+)
 
 pytestmark = pytest.mark.skipif(
     "triton" not in znorm_kernels.available_backends(), reason="Triton backend not available"
@@ -144,34 +151,91 @@ def test_mid_chunk_class(tb, plans, dtype, mid_tiles):
     assert plan == sum(-(-n // chunk) for n in sizes)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
-def test_grouped_loads_leave_the_bits_alone(tb, dtype):
-    # UNROLL only changes how many tiles' loads are issued together (the chunks do not depend on it): every
-    # unroll gives the same bits, statistics included.
+@pytest.mark.parametrize(
+    "dtype, aligned",
+    [(torch.float32, True), (torch.bfloat16, True), (torch.float16, True), (torch.float64, True),
+     (torch.float32, False), (torch.bfloat16, False)],
+    ids=lambda v: str(v) if isinstance(v, torch.dtype) else ("aligned" if v else "unaligned"),
+)  # fmt: skip
+def test_grouped_loads_leave_the_bits_alone(tb, dtype, aligned):
+    # UNROLL and PREFETCH only change when tiles' loads are issued (the chunks do not depend on them): every
+    # unroll, and the next tile loaded while one is reduced, give the same bits, statistics included. Chunks
+    # of 8 tiles: 101 and 1000 end on a partial tile, 2053 on one of 5, 1024 on full tiles only.
     block = 16
-    inputs = [make_grad((n,), dtype, DEVICE, seed=n) for n in (101, 1000, 2053, 5000)]
+    sizes = (101, 1000, 2053, 1024)
+    if aligned:
+        inputs = [make_grad((n,), dtype, DEVICE, seed=n) for n in sizes]
+    else:  # views one element into their storage: element-wise accesses
+        inputs = [make_grad((n + 1,), dtype, DEVICE, seed=n)[1:] for n in sizes]
     inputs[2][700] = 5e3
+    inputs[3][1023] = -7e3  # an outlier in the last tile of a tensor
+    configs = [Tiles(block, unroll, large_tensor=100) for unroll in (1, 2, 4)]
+    configs.append(Tiles(block, 1, prefetch=True, large_tensor=100))
     results = []
-    for unroll in (1, 2, 4):
+    for tiles in configs:
+        grads = [x.clone() if aligned else x.new_empty(x.numel() + 1)[1:].copy_(x) for x in inputs]
+        stats = torch.empty((len(grads), 2), dtype=torch.float64, device=DEVICE)
+        tb.znorm_group_(grads, 1e-10, 0, None, stats=stats, tiles=tiles)
+        results.append((grads, stats))
+    for (grads, stats), tiles in zip(results[1:], configs[1:]):
+        assert torch.equal(stats, results[0][1]), tiles
+        for a, b in zip(grads, results[0][0]):
+            assert torch.equal(a, b), tiles
+    for g, x in zip(results[0][0], inputs):
+        assert_close_to_float64(g, x)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's path: the GPU compiles FUSED on")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_fused_reductions_compute_what_the_plain_ones_do(tb, dtype, monkeypatch):
+    # On a GPU a tile's min, max and sum, then its centred sums, are each one reduction of several operands
+    # (triton_moments.FUSED); the interpreter computes the plain ones. Here the fused form runs (element by
+    # element in the interpreter: small tiles), prefetch included: within rule 10, constants exactly 0, NaN
+    # spread to the whole tensor, and the statistics of the plain form up to the order of the sums.
+    import triton.language as tl
+
+    from znorm_kernels.backends import triton_moments
+
+    tiles = Tiles(16, 1, prefetch=dtype != torch.float64, large_tensor=100)
+    inputs = [make_grad((n,), dtype, DEVICE, seed=n) for n in (1, 2, 15, 16, 17, 100, 230)]
+    inputs[6][200] = 4e3  # an outlier in a chunk's tile
+    inputs.append(torch.full((40,), 0.5, dtype=dtype, device=DEVICE))
+    inputs.append(make_grad((20,), dtype, DEVICE, seed=5))
+    inputs[-1][3] = float("nan")
+    results = []
+    for fused in (False, True):
+        monkeypatch.setattr(triton_moments, "FUSED", tl.constexpr(fused))
         grads = [x.clone() for x in inputs]
         stats = torch.empty((len(grads), 2), dtype=torch.float64, device=DEVICE)
-        tb.znorm_group_(grads, 1e-10, 0, None, stats=stats, tiles=Tiles(block, unroll, large_tensor=100))
+        tb.znorm_group_(grads, 1e-10, 0, None, stats=stats, tiles=tiles)
         results.append((grads, stats))
-    for grads, stats in results[1:]:
-        assert torch.equal(stats, results[0][1])
-        for a, b in zip(grads, results[0][0]):
-            assert torch.equal(a, b)
+    (plain, plain_stats), (grads, stats) = results
+    finite = torch.isfinite(stats).all(dim=1)
+    assert not finite[-1] and finite[:-1].all()
+    torch.testing.assert_close(stats[:-1], plain_stats[:-1], rtol=1e-6, atol=0)
+    for g, x in zip(grads[1:-2], inputs[1:-2]):
+        assert_close_to_float64(g, x)
+    assert torch.equal(grads[-2], torch.zeros_like(grads[-2]))
+    assert torch.isnan(grads[-1]).all()
 
 
 def test_the_list_sets_unroll():
-    # A list with a tensor above LARGE_TENSOR runs with LARGE_UNROLL (float64: 1), any other with 1; the block
-    # is the dtype's. (The tests above show that a tensor's bits do not depend on the unroll.)
-    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+    # A list with a tensor above LARGE_TENSOR runs with its dtype's loads (float32 LARGE_UNROLL tiles issued
+    # together, 16-bit dtypes the next tile prefetched, float64 neither), any other with neither; the block
+    # is the dtype's. (The tests above show that a tensor's bits depend on neither.)
+    large = {
+        torch.float32: (LARGE_UNROLL, False), torch.bfloat16: (1, True), torch.float16: (1, True),
+        torch.float64: (1, False),
+    }  # fmt: skip
+    for dtype, (unroll, prefetch) in large.items():
         block = 2048 if dtype == torch.float64 else 8192
         assert tiles_for(dtype) == Tiles(block)
         assert tiles_for(dtype, [2, LARGE_TENSOR]) == Tiles(block)
-        large = 1 if dtype == torch.float64 else LARGE_UNROLL
-        assert tiles_for(dtype, [2, LARGE_TENSOR + 1, 5]) == Tiles(block, large)
+        assert tiles_for(dtype, [2, LARGE_TENSOR + 1, 5]) == Tiles(block, unroll, prefetch=prefetch)
+    with pytest.raises(ValueError, match="prefetch"):
+        Tiles(block, 2, prefetch=True)
+    with pytest.raises(ValueError, match="prefetch"):
+        Tiles(block, 1, prefetch=1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
@@ -499,7 +563,8 @@ def test_apply_given_statistics(tb, dtype, unknown_bounds):
     # apply_ with rows from apply_rows: the kernel's normalize pass alone (small items, chunked and grouped
     # large ones), within rule 10 of the float64 z-scores; constants exactly 0; the tensors' own statistics
     # are not recomputed (a wrong row shows); no normalize item waits (no statistics item publishes).
-    tiles = Tiles(64, 1 if dtype == torch.float64 else LARGE_UNROLL, large_tensor=100)
+    unroll, prefetch = LARGE_LOADS.get(dtype, DEFAULT_LARGE_LOADS)  # as shipped for lists with a large tensor
+    tiles = Tiles(64, unroll, prefetch=prefetch, large_tensor=100)
     sizes = [1, 2, 7, 64, 65, 300, 1000, 2053]
     xs = [make_grad((n,), dtype, DEVICE, seed=n) for n in sizes]
     xs[6][500] = 3e3  # an outlier inside a grouped tile

@@ -27,8 +27,13 @@ LARGE_TENSOR = 1 << 20
 LARGE_CHUNK = 32
 LARGE_MIN_CHUNK = 8
 MAX_PARTIALS = 1024
-# Tiles whose loads a large tensor's chunk issues together, in lists that hold a large tensor.
+# How a large tensor's chunks keep tiles in flight, in lists that hold a large tensor, per dtype: (unroll,
+# prefetch): LARGE_UNROLL tiles' loads issued together, or the next tile loaded while one is reduced. Chosen
+# with the schedule model and ptxas's spills (bench/log/2026-12-07-dev-cpu-tile-loop.md); float64's tiles
+# hold as many bytes without either.
 LARGE_UNROLL = 2
+LARGE_LOADS = {torch.float32: (LARGE_UNROLL, False), torch.float64: (1, False)}
+DEFAULT_LARGE_LOADS = (1, True)  # bfloat16, float16
 # Tiles per chunk of the tensors between one tile and LARGE_TENSOR elements.
 MID_CHUNK = 1
 # Guided self-scheduling: each ticket covers about 1/(RUN_DIVISOR * programs) of the chunked elements not yet
@@ -44,6 +49,7 @@ class Tiles:
 
     block: int  # elements per tile; a tensor of at most `block` elements is one small item
     unroll: int = 1  # full tiles whose loads a large tensor's chunk issues together: 1, 2 or 4
+    prefetch: bool = False  # with unroll 1: a chunk's next full tile loaded while the current one is reduced
     mid_chunk: int = MID_CHUNK  # tiles per chunk of tensors above `block`, up to `large_tensor` elements
     large_chunk: int = LARGE_CHUNK  # most tiles per chunk of tensors above `large_tensor` elements
     large_tensor: int = LARGE_TENSOR
@@ -63,6 +69,8 @@ class Tiles:
                 raise ValueError(f"{name} must be a power of two >= {least}, got {value!r}")
         if self.unroll not in (1, 2, 4):
             raise ValueError(f"unroll must be 1, 2 or 4, got {self.unroll!r}")
+        if not isinstance(self.prefetch, bool) or (self.prefetch and self.unroll != 1):
+            raise ValueError(f"prefetch must be a bool, and True only with unroll 1, got {self!r}")
         names = ("mid_chunk", "large_chunk", "large_tensor", "large_min_chunk", "max_partials", "num_warps")
         for name in (*names, "run_divisor"):
             value = getattr(self, name)
@@ -111,12 +119,14 @@ def ticket_runs(numels: Sequence[int], tiles: Tiles, programs: int) -> tuple[tup
 
 
 def tiles_for(dtype: torch.dtype, numels: Sequence[int] = ()) -> Tiles:
-    """The shipped configuration for a list of this dtype and these sizes: the dtype's block, and loads of
-    LARGE_UNROLL tiles issued together where the list holds a tensor above LARGE_TENSOR elements (float64
-    excepted: its tiles hold as many bytes without unrolling)."""
+    """The shipped configuration for a list of this dtype and these sizes: the dtype's block, and where the
+    list holds a tensor above LARGE_TENSOR elements, the dtype's LARGE_LOADS (the only chunks with a next
+    tile are those tensors': other lists keep the registers free)."""
     block = QUEUE_BLOCK.get(dtype, DEFAULT_QUEUE_BLOCK)
-    large = dtype != torch.float64 and bool(numels) and max(numels) > LARGE_TENSOR
-    return Tiles(block=block, unroll=LARGE_UNROLL if large else 1)
+    unroll, prefetch = 1, False
+    if numels and max(numels) > LARGE_TENSOR:
+        unroll, prefetch = LARGE_LOADS.get(dtype, DEFAULT_LARGE_LOADS)
+    return Tiles(block=block, unroll=unroll, prefetch=prefetch)
 
 
 @dataclass(frozen=True)

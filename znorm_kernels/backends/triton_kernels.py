@@ -83,10 +83,20 @@ def _normalize_chunk(
     UNROLL: tl.constexpr,
     VEC: tl.constexpr,
     ALIGNED: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """ptr[0:count] <- (x - mean) * inv, tile by tile; whole groups of UNROLL full tiles first, their loads
-    issued together (as in triton_moments.chunk_moments)."""
+    issued together, or with PREFETCH each full tile's loads issued before the previous tile is written (as
+    in triton_moments.chunk_moments)."""
     start = count * 0
+    if PREFETCH:
+        offs = tl.arange(0, BLOCK)
+        start = tl.multiple_of(count // BLOCK * BLOCK, BLOCK)  # the full tiles end here
+        after = tl.load(ptr + offs, mask=offs < start, other=0.0)
+        for tile in range(0, start, BLOCK):
+            x = after
+            after = tl.load(ptr + tile + BLOCK + offs, mask=tile + BLOCK + offs < start, other=0.0)
+            tl.store(ptr + tile + offs, normalized(x.to(ACC), mean, inv, DTYPE, ACC))
     if UNROLL > 1:
         offs = tl.arange(0, BLOCK)
         groups = count // (UNROLL * BLOCK)
@@ -193,6 +203,7 @@ def znorm_queue_kernel(
     ACC: tl.constexpr,
     BLOCK: tl.constexpr,
     UNROLL: tl.constexpr,  # full tiles whose loads a large tensor's chunk issues together: 1, 2 or 4
+    PREFETCH: tl.constexpr,  # (UNROLL 1) each next full tile's loads issued before a tile is reduced/written
     PBLOCK: tl.constexpr,
     SUB: tl.constexpr,
     VEC: tl.constexpr,  # elements per 16 bytes
@@ -233,7 +244,7 @@ def znorm_queue_kernel(
             following = _first_record(skipped + tl.atomic_add(counter_ptr, 1, sem="relaxed"), starts, S, P)
         if item < P:
             # A chunk of a statistics ticket's run: its partial into its own slot.
-            mean, m2, lo, hi = chunk_moments(ptr, count, ACC, BLOCK, UNROLL, SUB, VEC, ALIGNED)
+            mean, m2, lo, hi = chunk_moments(ptr, count, ACC, BLOCK, UNROLL, SUB, VEC, ALIGNED, PREFETCH)
             slot = aux & 0xFFFFFFFF
             tl.store(partial_ptr + 4 * slot, mean)
             tl.store(partial_ptr + 4 * slot + 1, m2)
@@ -288,7 +299,7 @@ def znorm_queue_kernel(
                 if wide != 0.0:
                     _normalize_wide(ptr, count, mean, inv, wide, DTYPE, ACC, SUB)
                 else:
-                    _normalize_chunk(ptr, count, mean, inv, DTYPE, ACC, BLOCK, UNROLL, VEC, ALIGNED)
+                    _normalize_chunk(ptr, count, mean, inv, DTYPE, ACC, BLOCK, UNROLL, VEC, ALIGNED, PREFETCH)
         item = following
 
     # The last program out resets the counters: every other program has drawn its final ticket and finished.

@@ -16,6 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from . import triton_interpret
 from .triton_tile_ops import load_tile
 
 __all__ = [
@@ -39,6 +40,10 @@ FAST_MIN_SPREAD = tl.constexpr(2.0**-50)
 # largest magnitude is below TINY lose its squares to underflow: its sums are taken on its values times SHRINK
 # or GROW (powers of two: exact), and its M2 is kept so scaled wherever it is stored or merged (its mean,
 # minimum and maximum are not). Whether a run is scaled follows from its bounds alone (float64_range.py).
+# Whether a tile's reductions are fused (several operands each): on a GPU one pass through shared memory for
+# all of them. Triton's interpreter computes such a reduction element by element in Python, the plain
+# tl.min, tl.max and tl.sum with numpy: it takes those (read as the kernels are defined; a test may patch it).
+FUSED = tl.constexpr(not triton_interpret())
 HUGE = tl.constexpr(2.0**400)
 TINY = tl.constexpr(2.0**-400)
 SHRINK = tl.constexpr(2.0**-600)
@@ -57,17 +62,43 @@ def range_factor(lo, hi):
 
 
 @triton.jit
-def centred_sums(y, mask, m):
-    """sum(d) and sum(d^2) over the unmasked values, d = y - m."""
-    d = tl.where(mask, y - m, 0.0)
-    return tl.sum(d, axis=0), tl.sum(d * d, axis=0)
+def _add_pairs(s_a, q_a, s_b, q_b):
+    return s_a + s_b, q_a + q_b
 
 
 @triton.jit
-def corrected(m, s1, q, n):
-    """Mean and M2 (float64) from the sums s1 = sum(x - m) and q = sum((x - m)^2) around a rounded mean m."""
+def _bounds(lo_a, hi_a, lo_b, hi_b):
+    return tl.minimum(lo_a, lo_b), tl.maximum(hi_a, hi_b)
+
+
+@triton.jit
+def _bounds_and_sum(lo_a, hi_a, s_a, lo_b, hi_b, s_b):
+    return tl.minimum(lo_a, lo_b), tl.maximum(hi_a, hi_b), s_a + s_b
+
+
+@triton.jit
+def centred_sums(y, mask, m):
+    """sum(d) and sum(d^2) over the unmasked values, d = y - m, as one reduction of two operands (one pass
+    through shared memory and its barriers instead of two; each operand's tree is tl.sum's, so the bits are
+    those of two tl.sum)."""
+    d = tl.where(mask, y - m, 0.0)
+    if FUSED:
+        s1, q = tl.reduce((d, d * d), 0, _add_pairs)
+    else:
+        s1, q = tl.sum(d, axis=0), tl.sum(d * d, axis=0)
+    return s1, q
+
+
+@triton.jit
+def corrected(m, s1, q, n, FULL: tl.constexpr = 0):
+    """Mean and M2 (float64) from the sums s1 = sum(x - m) and q = sum((x - m)^2) around a rounded mean m;
+    FULL: n is that power of two (s1 / n is then exactly s1 * (1 / FULL))."""
     s1 = s1.to(tl.float64)
-    return m.to(tl.float64) + s1 / n, q.to(tl.float64) - s1 * (s1 / n)
+    if FULL:
+        mean_shift = s1 * (1.0 / FULL)
+    else:
+        mean_shift = s1 / n
+    return m.to(tl.float64) + mean_shift, q.to(tl.float64) - s1 * mean_shift
 
 
 @triton.jit
@@ -92,26 +123,45 @@ def wide_moments(ptr, count, n, ACC: tl.constexpr, SUB: tl.constexpr):
 
 
 @triton.jit
-def tile_moments(y, mask, ptr, count, ACC: tl.constexpr, SUB: tl.constexpr):
+def tile_moments(y, mask, ptr, count, ACC: tl.constexpr, SUB: tl.constexpr, FULL: tl.constexpr = 0):
     """Mean and M2 (float64; M2 scaled by range_factor(lo, hi)**2) and min and max (float64) of the unmasked
-    values y = ptr[0:count] (in ACC)."""
-    lo = tl.min(tl.where(mask, y, float("inf")), axis=0).to(tl.float64)
-    hi = tl.max(tl.where(mask, y, float("-inf")), axis=0).to(tl.float64)
+    values y = ptr[0:count] (in ACC). FULL: the tile is known to hold FULL values (a power of two), so its
+    divisions by the count are multiplications by 1/FULL, exact: the same bits without a division. Fewer
+    reductions, each of several operands (min, max and sum; then the centred sums): the tile's chain passes
+    shared memory twice, not five times; each operand's tree is tl.min's, tl.max's or tl.sum's, and so are
+    the bits."""
+    if FULL:
+        count = tl.full([], FULL, tl.int32)
     n = count.to(tl.float64)
+    low, high = tl.where(mask, y, float("inf")), tl.where(mask, y, float("-inf"))
     if tl.float64 == ACC:
+        if FUSED:
+            lo, hi = tl.reduce((low, high), 0, _bounds)
+        else:
+            lo, hi = tl.min(low, axis=0), tl.max(high, axis=0)
         f = range_factor(lo, hi)
         ys = y * f
-        m = tl.sum(ys, axis=0) / n
+        if FULL:
+            m = tl.sum(ys, axis=0) * (1.0 / FULL)
+        else:
+            m = tl.sum(ys, axis=0) / n
         s1, q = centred_sums(ys, mask, m)
-        mean, m2 = corrected(m, s1, q, n)
+        mean, m2 = corrected(m, s1, q, n, FULL)
         mean = mean / f
     else:
-        s = tl.sum(y, axis=0)
+        if FUSED:
+            lo32, hi32, s = tl.reduce((low, high, y), 0, _bounds_and_sum)
+        else:
+            lo32, hi32, s = tl.min(low, axis=0), tl.max(high, axis=0), tl.sum(y, axis=0)
+        lo, hi = lo32.to(tl.float64), hi32.to(tl.float64)
         spread = hi - lo
         if (tl.maximum(-lo, hi) <= FAST_MAX) & ((spread >= FAST_MIN_SPREAD) | (spread == 0.0)):
-            m32 = tl.div_rn(s, count.to(tl.float32))
+            if FULL:
+                m32 = s * (1.0 / FULL)
+            else:
+                m32 = tl.div_rn(s, count.to(tl.float32))
             s32, q32 = centred_sums(y, mask, m32)
-            mean, m2 = corrected(m32, s32, q32, n)
+            mean, m2 = corrected(m32, s32, q32, n, FULL)
         else:
             mean, m2 = wide_moments(ptr, count, n, ACC, SUB)
     # Exact for a constant tile; the correction above can only round M2 below 0, never above.
@@ -147,27 +197,44 @@ def merge_full_tile(y, ptr, mean, m2, n, lo, hi, ACC: tl.constexpr, BLOCK: tl.co
     """Merge the loaded full tile y = ptr[0:BLOCK] (in the tensor's dtype) into the running statistics."""
     mask = tl.full([BLOCK], 1, tl.int1)
     size = tl.full([], BLOCK, tl.int32)
-    mean_b, m2_b, lo_b, hi_b = tile_moments(y.to(ACC), mask, ptr, size, ACC, SUB)
+    mean_b, m2_b, lo_b, hi_b = tile_moments(y.to(ACC), mask, ptr, size, ACC, SUB, BLOCK)
     return merge(mean, m2, n, lo, hi, mean_b, m2_b, size.to(tl.float64), lo_b, hi_b, ACC)
 
 
 @triton.jit
-def chunk_moments(
-    ptr,
-    count,
-    ACC: tl.constexpr,
-    BLOCK: tl.constexpr,
-    UNROLL: tl.constexpr,
-    SUB: tl.constexpr,
-    VEC: tl.constexpr,
+def _prefetched_moments(
+    ptr, count, y, mask, ACC: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, VEC: tl.constexpr,
     ALIGNED: tl.constexpr,
-):
-    """Mean, M2, min and max of ptr[0:count], tile by tile, merged with Chan's formula in float64, in tile
-    order. After the first tile, whole groups of UNROLL full tiles have all their loads issued before the
-    first tile's arithmetic, so a program keeps UNROLL tiles in flight (bytes in flight per SM set the
-    bandwidth); the tiles still merge one by one, so the bits do not depend on UNROLL."""
-    tl.static_assert((UNROLL == 1) | (UNROLL == 2) | (UNROLL == 4))
-    y, mask = load_tile(ptr, count, ACC, BLOCK, VEC, ALIGNED)
+):  # fmt: skip
+    """chunk_moments with PREFETCH, from its first tile y (loaded, mask): each full tile's loads are issued
+    before the previous tile is reduced, so a program always has a tile in flight, not only between
+    reductions (two tiles' registers, as UNROLL=2). The next tile's load is masked off past the full tiles
+    (a mask constant per tile: nothing is read), and a partial last tile is read after the loop."""
+    offs = tl.arange(0, BLOCK)
+    first = tl.minimum(count, BLOCK)
+    # Where the full tiles after the first end: a multiple of BLOCK, so each mask below is all or nothing.
+    full_end = tl.multiple_of(BLOCK + (count - first) // BLOCK * BLOCK, BLOCK)
+    after = tl.load(ptr + BLOCK + offs, mask=BLOCK + offs < full_end, other=0.0)
+    mean, m2, lo, hi = tile_moments(y, mask, ptr, first, ACC, SUB)
+    n = first.to(tl.float64)
+    for tile in range(BLOCK, full_end, BLOCK):
+        y_full = after
+        after = tl.load(ptr + tile + BLOCK + offs, mask=tile + BLOCK + offs < full_end, other=0.0)
+        mean, m2, n, lo, hi = merge_full_tile(y_full, ptr + tile, mean, m2, n, lo, hi, ACC, BLOCK, SUB)
+    if full_end < count:
+        rem = count - full_end
+        y, mask = load_tile(ptr + full_end, rem, ACC, BLOCK, VEC, ALIGNED)
+        mean_b, m2_b, lo_b, hi_b = tile_moments(y, mask, ptr + full_end, rem, ACC, SUB)
+        mean, m2, n, lo, hi = merge(mean, m2, n, lo, hi, mean_b, m2_b, rem.to(tl.float64), lo_b, hi_b, ACC)
+    return mean, m2, lo, hi
+
+
+@triton.jit
+def _grouped_moments(
+    ptr, count, y, mask, ACC: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr, SUB: tl.constexpr,
+    VEC: tl.constexpr, ALIGNED: tl.constexpr,
+):  # fmt: skip
+    """chunk_moments without PREFETCH, from its first tile y (loaded, mask): groups of UNROLL full tiles."""
     first = tl.minimum(count, BLOCK)
     mean, m2, lo, hi = tile_moments(y, mask, ptr, first, ACC, SUB)
     n = first.to(tl.float64)
@@ -201,6 +268,33 @@ def chunk_moments(
         size = tl.minimum(rem, BLOCK)
         mean_b, m2_b, lo_b, hi_b = tile_moments(y, mask, ptr + tile, size, ACC, SUB)
         mean, m2, n, lo, hi = merge(mean, m2, n, lo, hi, mean_b, m2_b, size.to(tl.float64), lo_b, hi_b, ACC)
+    return mean, m2, lo, hi
+
+
+@triton.jit
+def chunk_moments(
+    ptr,
+    count,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+    UNROLL: tl.constexpr,
+    SUB: tl.constexpr,
+    VEC: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    PREFETCH: tl.constexpr = False,
+):
+    """Mean, M2, min and max of ptr[0:count], tile by tile, merged with Chan's formula in float64, in tile
+    order. After the first tile, whole groups of UNROLL full tiles have all their loads issued before the
+    first tile's arithmetic, so a program keeps UNROLL tiles in flight (bytes in flight per SM set the
+    bandwidth); with PREFETCH (UNROLL 1) the next tile's loads are issued before each tile is reduced
+    (_prefetched_moments). The tiles merge one by one either way, so the bits depend on neither."""
+    tl.static_assert((UNROLL == 1) | (UNROLL == 2) | (UNROLL == 4))
+    tl.static_assert((not PREFETCH) | (UNROLL == 1))
+    y, mask = load_tile(ptr, count, ACC, BLOCK, VEC, ALIGNED)
+    if PREFETCH:
+        mean, m2, lo, hi = _prefetched_moments(ptr, count, y, mask, ACC, BLOCK, SUB, VEC, ALIGNED)
+    else:
+        mean, m2, lo, hi = _grouped_moments(ptr, count, y, mask, ACC, BLOCK, UNROLL, SUB, VEC, ALIGNED)
     return mean, m2, lo, hi
 
 

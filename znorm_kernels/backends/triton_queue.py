@@ -62,7 +62,8 @@ def constants(
     tl_dtype, tl_acc = triton_dtypes()[dtype]
     return {
         "DTYPE": tl_dtype, "ACC": tl_acc, "BLOCK": tiles.block, "UNROLL": tiles.unroll,
-        "PBLOCK": tiles.merge_block, "SUB": tiles.sub, "VEC": ALIGNMENT // element_size(dtype),
+        "PREFETCH": tiles.prefetch, "PBLOCK": tiles.merge_block, "SUB": tiles.sub,
+        "VEC": ALIGNMENT // element_size(dtype),
         "ALIGNED": aligned, "BACKOFF": backoff, "HAS_SCALE": has_scale, "NORMALIZE": normalize,
         "GIVEN": given,
     }  # fmt: skip
