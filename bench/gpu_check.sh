@@ -174,6 +174,10 @@ if ((HAVE_GPU)); then
     # on ResNet-56 and the 707 M LLM-shaped list (SGD: bench.optim_step --optimizers sgd-momentum).
     run_step optim-bench 100 "$PY" -m bench.optim_step --device cuda --lists resnet56,llm \
         --optimizers adam,sgd-momentum --fused --reps 10 --max-seconds 2
+    # The queue kernel's timeline variant on ResNet-50 in bfloat16 (#23 item 5): one picture of programs
+    # against time, measured, and the schedule model's beside it (timeline-*-model.png).
+    run_step timeline 60 "$PY" -m bench.timeline resnet50 bfloat16 --measured \
+        --out "$OUT/timeline-resnet50-bfloat16.png"
     # Every list (--full), the two of PERF.md's headline first; compiled alternatives last, not started
     # within 50 s of the step's limit; results saved after each case, so a timeout still leaves them.
     left=$(($(remaining) - 5))

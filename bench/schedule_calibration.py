@@ -100,6 +100,8 @@ DESIGNS: dict[str, Callable[[str, tuple[int, ...]], Design]] = {
     "shipped 5a2790f": lambda dtype, numels: _item2(dtype, numels, "before"),
     "fused reductions": lambda dtype, numels: _item2(dtype, numels, "fused"),
     "fused + prefetch": lambda dtype, numels: _item2(dtype, numels, "prefetch"),
+    # tiles.LARGE_LOADS: float32 unrolls, 16-bit dtypes prefetch
+    "shipped now": lambda dtype, numels: _item2(dtype, numels, "fused" if dtype == "float32" else "prefetch"),
 }
 
 

@@ -157,6 +157,25 @@ def test_the_timeline_draws_the_model_spans(tmp_path) -> None:
     assert summary(two) == {"length": 4.0, "busy": pytest.approx(5 / 8), "tail": 2.0}
 
 
+def test_measured_spans_come_from_the_timeline_variant() -> None:
+    # Under the interpreter (no GPU timer: times 0) every ticket of the shipped plan is recorded once, with
+    # the queue's kinds; spans_of reads the rows' fields (program in the low 32 bits, SM above; -1 unrun).
+    import torch
+
+    from bench.timeline import Span, measured_spans, spans_of
+    from znorm_kernels.backends import triton_host
+
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter's form (on a GPU, gpu_check.sh draws the measured timeline)")
+    spans, programs = measured_spans("resnet8", "float32", device="cpu")
+    plan = triton_host.last_launch().plan
+    assert len(spans) == 2 * plan.num_stats_items + plan.num_small_items
+    assert [s.kind for s in spans].count("small") == plan.num_small_items
+    assert programs >= 1 and all(s.program == 0 and s.start == s.end == 0.0 for s in spans)
+    rows = torch.tensor([[1000, 3000, (5 << 32) | 7, 0], [2000, 2500, 3, 4], [-1, -1, -1, -1]])
+    assert spans_of(rows, ["stat", "norm", "small"]) == [Span(7, "stat", 0.0, 2.0), Span(3, "norm", 1.0, 1.5)]
+
+
 @pytest.mark.parametrize("list_name", ["resnet56", "llm-d512", "plain100m", "resnet50"])
 def test_the_model_cuts_the_tickets_the_kernel_runs(list_name) -> None:
     # The model's "runs k=2" design is the shipped table: the same chunks and runs, in the same order.

@@ -3,9 +3,11 @@ programs against time (issue #23, item 5), one bar per ticket, coloured by its k
 normalize), so that one look shows where a launch's time goes: a tail of few busy programs, waits for
 statistics, gaps between tickets.
 
-The spans come from the schedule model (bench/schedule_model.py, ``--design``, the default) and the same
-picture serves a measured timeline (per ticket: start and end from the GPU's global timer, program; see
-``Span``), so that a prediction and its measurement can be laid side by side.
+The spans come from the schedule model (bench/schedule_model.py, ``--design``, the default), or with
+``--measured`` from a launch of the kernel's timeline variant on the list's gradients (triton_host.timeline_:
+per ticket, start and end from the GPU's global timer, program, SM, polls while waiting for statistics),
+drawn beside the model's for the shipped design, so that a prediction and its measurement lie side by side
+(``--out`` then names the measured picture; the model's goes beside it, ``-model`` added to its name).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["COLOURS", "Span", "draw", "model_spans", "summary"]
+__all__ = ["COLOURS", "Span", "draw", "measured_spans", "model_spans", "summary"]
 
 COLOURS = {"stat": "tab:blue", "small": "tab:green", "norm": "tab:orange"}
 
@@ -38,6 +40,33 @@ def model_spans(list_name: str, dtype: str, design: str) -> list[Span]:
     numels = numels_of(list_name)
     result = simulate(numels, ELSIZE[dtype], DESIGNS[design](dtype, numels), FITTED, record=True)
     return [Span(p, result.queue[k].kind, start, end) for p, k, start, end in result.spans]
+
+
+def spans_of(rows, kinds: Sequence[str]) -> list[Span]:
+    """Spans from the timeline variant's rows (int64 [tickets, 4]: start ns, end ns, SM << 32 | program,
+    polls; -1 where a ticket was never run) and each ticket's kind, in µs from the first ticket's start."""
+    run = [(r, k) for r, k in zip(rows.tolist(), kinds) if r[2] >= 0]
+    begin = min((r[0] for r, _ in run), default=0)
+    return [Span(r[2] & 0xFFFFFFFF, k, (r[0] - begin) / 1e3, (r[1] - begin) / 1e3) for r, k in run]
+
+
+def measured_spans(list_name: str, dtype: str, device: str = "cuda") -> tuple[list[Span], int]:
+    """One launch of the shipped kernel's timeline variant on the list's gradients (random, as the benchmark
+    makes them), after a launch that compiles it and learns its occupancy: its spans and its grid. On the CPU
+    (the interpreter) every time is 0."""
+    import torch
+
+    from bench.param_lists import get_list
+    from znorm_kernels.backends import triton_host
+
+    generator = torch.Generator().manual_seed(0)
+    shapes = get_list(list_name).shapes
+    grads = [
+        torch.randn(s, generator=generator).to(device=device, dtype=getattr(torch, dtype)) for s in shapes
+    ]
+    triton_host.timeline_(grads)
+    recorded = triton_host.timeline_(grads)
+    return spans_of(recorded.rows, recorded.kinds()), triton_host.last_launch().programs
 
 
 def summary(spans: Sequence[Span], programs: int | None = None) -> dict[str, float]:
@@ -98,12 +127,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dtype", choices=("float32", "bfloat16"))
     parser.add_argument("--design", default="runs k=2", help="a design of bench/schedule_calibration.DESIGNS")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--measured", action="store_true", help="a launch of the timeline variant (CUDA)")
     args = parser.parse_args(argv)
     from bench.schedule_calibration import FITTED
 
+    model_out = args.out
+    if args.measured:
+        spans, programs = measured_spans(args.list_name, args.dtype)
+        draw(spans, args.out, f"measured: {args.list_name} {args.dtype}, shipped", programs)
+        print(args.out, summary(spans, programs))
+        model_out = args.out.with_name(f"{args.out.stem}-model{args.out.suffix}")
+        args.design = "shipped now"
     spans = model_spans(args.list_name, args.dtype, args.design)
-    draw(spans, args.out, f"model: {args.list_name} {args.dtype}, {args.design}", FITTED.resident)
-    print(args.out, summary(spans, FITTED.resident))
+    draw(spans, model_out, f"model: {args.list_name} {args.dtype}, {args.design}", FITTED.resident)
+    print(model_out, summary(spans, FITTED.resident))
     return 0
 
 

@@ -280,10 +280,11 @@ class _Kernel:
         self.arg_names = real.arg_names
         self.calls: list[tuple] = []
         kernel = self
+        runtime = real.arg_names.index("DTYPE")  # the runtime arguments come before the constexprs
 
         class Compiled:
             def __getitem__(self, grid):
-                return lambda *args, stream: kernel.calls.append(("direct", grid[0], args[:14]))
+                return lambda *args, stream: kernel.calls.append(("direct", grid[0], args[:runtime]))
 
         self.compiled = Compiled()
 

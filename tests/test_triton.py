@@ -209,7 +209,7 @@ def test_fused_reductions_compute_what_the_plain_ones_do(tb, dtype, monkeypatch)
         stats = torch.empty((len(grads), 2), dtype=torch.float64, device=DEVICE)
         tb.znorm_group_(grads, 1e-10, 0, None, stats=stats, tiles=tiles)
         results.append((grads, stats))
-    (plain, plain_stats), (grads, stats) = results
+    (_, plain_stats), (grads, stats) = results
     finite = torch.isfinite(stats).all(dim=1)
     assert not finite[-1] and finite[:-1].all()
     torch.testing.assert_close(stats[:-1], plain_stats[:-1], rtol=1e-6, atol=0)
@@ -217,6 +217,32 @@ def test_fused_reductions_compute_what_the_plain_ones_do(tb, dtype, monkeypatch)
         assert_close_to_float64(g, x)
     assert torch.equal(grads[-2], torch.zeros_like(grads[-2]))
     assert torch.isnan(grads[-1]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_timeline_variant_computes_the_same_bits_and_records_every_ticket(tb, dtype):
+    # triton_host.timeline_ (diagnostics, bench/timeline.py): the same z-scores as znorm_group_, bit for bit,
+    # and one row per ticket of the queue (statistics, small items, normalize), none left unrun. Under the
+    # interpreter the first program drains the queue and there is no timer.
+    tiles = Tiles(16, 1, prefetch=dtype == torch.bfloat16, large_tensor=100)
+    inputs = [make_grad((n,), dtype, DEVICE, seed=n) for n in (3, 16, 40, 300, 1000)]
+    expected = [x.clone() for x in inputs]
+    tb.znorm_group_(expected, 1e-10, 0, None, tiles=tiles)
+    grads = [x.clone() for x in inputs]
+    recorded = tb.timeline_(grads, tiles=tiles)
+    for g, e in zip(grads, expected):
+        assert torch.equal(g, e)
+    plan = tb.last_launch().plan
+    assert (recorded.stats, recorded.small) == (plan.num_stats_items, plan.num_small_items)
+    kinds = recorded.kinds()
+    assert len(kinds) == recorded.rows.shape[0] == 2 * plan.num_stats_items + plan.num_small_items
+    assert kinds.count("small") == 2 and kinds[0] == "stat" and kinds[-1] == "norm"
+    assert recorded.rows.dtype == torch.int64 and recorded.rows.device.type == "cpu"
+    assert (recorded.rows[:, 2] >= 0).all(), "a ticket left unrecorded"
+    if not torch.cuda.is_available():
+        assert (recorded.rows[:, [0, 1, 3]] == 0).all()
+    else:
+        assert (recorded.rows[:, 1] >= recorded.rows[:, 0]).all()
 
 
 def test_the_list_sets_unroll():

@@ -122,3 +122,31 @@ def test_registers_leave_two_programs_per_sm(ptx, case, tmp_path):
     two_tiles = unroll > 1 or (len(case) > 7 and case[7])  # unrolled, or a tile in flight while one reduces
     limit = 512 if not case[4] else 256 if two_tiles else 64
     assert max(spills, default=0) <= limit, report
+
+
+TIMELINE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, torch
+    from znorm_kernels.backends.tiles import tiles_for
+    from znorm_kernels.backends.triton_aot import compile_for_target
+    out = {}
+    for dtype, timeline in json.loads(sys.argv[1]):
+        dt = getattr(torch, dtype)
+        k = compile_for_target(dt, 90, has_scale=False, tiles=tiles_for(dt, [1 << 21]), timeline=timeline)
+        out[f"{dtype}-{timeline}"] = k.asm["ptx"]
+    print(json.dumps(out))
+    """
+)
+
+
+def test_the_timeline_variant_reads_the_gpu_timer_and_keeps_the_occupancy(tmp_path):
+    # The diagnostic variant (triton_host.timeline_) stamps each ticket with %globaltimer and %smid, and must
+    # keep two programs per SM, or its picture would be of another schedule; the shipped variants read
+    # neither register.
+    cases = [("float32", True), ("bfloat16", True), ("bfloat16", False)]
+    ptx = compiled_ptx(TIMELINE_SCRIPT, cases)
+    for dtype, timeline in cases:
+        code = ptx[f"{dtype}-{timeline}"]
+        assert ("%globaltimer" in code) is timeline and ("%smid" in code) is timeline
+        regs, _, report = ptxas_usage(code, tmp_path)
+        assert regs <= 128, report

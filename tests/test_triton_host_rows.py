@@ -43,8 +43,10 @@ def test_entry_points_ask_the_launch_for_their_stage(monkeypatch):
     # writes a marker where the kernel would write z, so the write-back of non-dense views shows too.
     calls = []
 
-    def launch_here(tensors, device, eps, correction, grad_scale, normalize, tiles, plan, given):
-        calls.append((list(tensors), device, eps, correction, grad_scale, normalize, tiles, plan, given))
+    def launch_here(tensors, device, eps, correction, grad_scale, normalize, tiles, plan, given, timeline):
+        calls.append(
+            (list(tensors), device, eps, correction, grad_scale, normalize, tiles, plan, given, timeline)
+        )
         if normalize:
             for t in tensors:
                 t.fill_(7.0)
@@ -59,13 +61,19 @@ def test_entry_points_ask_the_launch_for_their_stage(monkeypatch):
     triton_host.apply_([x], rows, tiles=tiles)
     cpu = torch.device("cpu")
     assert [c[1:] for c in calls] == [
-        (cpu, 0.5, 1, scale, True, tiles, None, None),
-        (cpu, 1e-10, 0, None, False, None, None, None),
-        (cpu, 0.25, 2, scale, False, tiles, None, None),
-        (cpu, 0.25, 2, scale, False, None, plan, None),
-        (cpu, 0.0, 0.0, None, True, tiles, None, rows),
+        (cpu, 0.5, 1, scale, True, tiles, None, None, None),
+        (cpu, 1e-10, 0, None, False, None, None, None, None),
+        (cpu, 0.25, 2, scale, False, tiles, None, None, None),
+        (cpu, 0.25, 2, scale, False, None, plan, None, None),
+        (cpu, 0.0, 0.0, None, True, tiles, None, rows, None),
     ]
     assert all(c[0][0] is x for c in calls), "dense tensors are passed themselves"
+    recorded = triton_host.timeline_([x])  # the timeline variant: its plan, and a table of rows to fill
+    (*head, plan_given, given, table) = calls[-1][1:]
+    assert head == [cpu, 1e-10, 0, None, True, None] and given is None
+    assert plan_given.num_tensors == 1 and table.dtype == torch.int64
+    tickets = 2 * plan_given.num_stats_items + plan_given.num_small_items
+    assert table.shape == (tickets, 4) == recorded.rows.shape
     # A view with gaps is launched as a contiguous stand-in, and the result is written back into it.
     base = torch.zeros(10)
     view = base[::2]

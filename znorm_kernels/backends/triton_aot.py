@@ -28,21 +28,24 @@ def compile_for_target(
     aligned: bool = True,
     given: bool = False,
     tiles: Tiles | None = None,
+    timeline: bool = False,
 ):
     """Compile the kernel ahead of time for a CUDA architecture (e.g. 90 for H100), no GPU needed: lets CI
     check that the kernel lowers to PTX and machine code, which the interpreter does not. ``aligned`` picks
     the specialization that serves 16-byte aligned gradients (the usual case: the caching allocator aligns
     every tensor to 512 bytes); ``tiles`` defaults to the dtype's shipped tiles of a list without a large
-    tensor. Returns Triton's compiled kernel (``.asm["ptx"]`` holds the PTX)."""
+    tensor; ``timeline``: the diagnostic variant that records each ticket with the GPU's timer. Returns
+    Triton's compiled kernel (``.asm["ptx"]`` holds the PTX)."""
     from .triton_kernels import znorm_queue_kernel
 
     signature = {
         "meta_ptr": "*i64", "base_ptr": "*i64", "partial_ptr": "*fp64", "stats_ptr": "*fp64",
         "counter_ptr": "*i32", "scale_ptr": "*fp32", "eps_bits": "i64", "correction": "fp32", "T": "i32",
         "S": "i32", "M": "i32", "P": "i32", "NUM_PROGRAMS": "i32", "spin_limit": "i32",
+        "timeline_ptr": "*i64",
     }  # fmt: skip
     tiles = tiles or tiles_for(dtype)
-    consts = triton_host.constants(dtype, tiles, aligned, has_scale, normalize, True, given)
+    consts = triton_host.constants(dtype, tiles, aligned, has_scale, normalize, True, given, int(timeline))
     return compile_ahead(znorm_queue_kernel, signature, consts, arch, triton_host.compile_options(tiles))
 
 

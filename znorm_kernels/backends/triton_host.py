@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import re
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -26,7 +27,7 @@ from ..memory import is_dense
 from . import triton_interpret
 from .float64_range import factor_of
 from .tiles import Tiles
-from .triton_plan import Plan, own_plan, rebase
+from .triton_plan import Plan, own_plan, plan_for, rebase
 from .triton_queue import (
     LaunchRecord,
     compile_options,
@@ -40,6 +41,7 @@ from .triton_queue import (
 
 __all__ = [
     "LaunchRecord",
+    "Timeline",
     "apply_",
     "apply_rows",
     "bind",
@@ -53,6 +55,7 @@ __all__ = [
     "set_spin_limit",
     "spin_limit",
     "statistics",
+    "timeline_",
     "unavailable",
     "znorm_group_",
 ]
@@ -215,6 +218,36 @@ def apply_(tensors: list[Tensor], rows: Tensor, *, tiles: Tiles | None = None) -
     statistics stage returns them (``apply_rows`` builds them from merged counts, means and M2s): z = (x -
     mean) * inv, in float64 where wide is nonzero. For DTensor shards, whose statistics span several ranks."""
     _with_dense(tensors, lambda ts: launch(ts, 0.0, 0.0, None, tiles=tiles, given=rows))
+
+
+class Timeline(NamedTuple):
+    """What ``timeline_`` recorded: ``rows``, an int64 [tickets, 4] CPU tensor of (start ns, end ns,
+    SM << 32 | program, polls) per ticket in queue order (times from the GPU's global timer, 0 under the
+    interpreter; polls: of the tensor's counter while a normalize ticket waited for its statistics), and the
+    queue's ``stats`` and ``small`` tickets (statistics tickets first, then the small items, then as many
+    normalize tickets as statistics ones)."""
+
+    rows: Tensor
+    stats: int
+    small: int
+
+    def kinds(self) -> list[str]:
+        """Each ticket's kind: "stat", "small" or "norm"."""
+        return ["stat"] * self.stats + ["small"] * self.small + ["norm"] * self.stats
+
+
+def timeline_(
+    tensors: list[Tensor], eps: float = 1e-10, correction: float = 0, *, tiles: Tiles | None = None
+) -> Timeline:
+    """Diagnostics (issue #23, bench/timeline.py): ``znorm_group_`` on a validated same-device, same-dtype
+    list of dense tensors, in the kernel's timeline variant, which also records every ticket (``Timeline``).
+    The variant is compiled apart (its registers may differ), synchronizes its device to read the rows, and
+    keeps nothing for the next launches."""
+    plan = plan_for(tensors, tiles)
+    tickets = 2 * plan.num_stats_items + plan.num_small_items
+    rows = torch.full((tickets, 4), -1, dtype=torch.int64, device=tensors[0].device)
+    launch(tensors, eps, correction, None, plan=plan, timeline=rows)
+    return Timeline(rows.cpu(), plan.num_stats_items, plan.num_small_items)
 
 
 _WIDE = 2.0**100  # triton_kernels.WIDE_SPREAD and WIDE_INV

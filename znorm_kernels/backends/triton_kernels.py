@@ -52,6 +52,10 @@ beyond float32's comfortable range is normalized in float64 ("wide").
 
 ``stats`` keeps (mean, std, inv, wide) of every tensor after the launch (float64), so a fused optimizer can
 reuse them: z = (g - mean) * inv.
+
+With TIMELINE (a diagnostic variant, triton_host.timeline_) each ticket also leaves a row in timeline_ptr:
+its start and end on the GPU's global timer, its program and SM, and the polls a normalize ticket waited;
+the shipped variants compile without any of it.
 """
 
 from __future__ import annotations
@@ -173,6 +177,33 @@ def _pause(BACKOFF: tl.constexpr):
 
 
 @triton.jit
+def _now(TIMELINE: tl.constexpr):
+    """The GPU's global timer in ns (TIMELINE 1), or 0 where there is none (2: the interpreter)."""
+    if TIMELINE == 1:
+        t = tl.inline_asm_elementwise(
+            "mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1
+        )
+    else:
+        t = tl.cast(0, tl.int64)
+    return t
+
+
+@triton.jit
+def _record_ticket(timeline_ptr, ticket, start, end, polls, TIMELINE: tl.constexpr):
+    """The timeline variant's row of a ticket: start and end (ns), program and SM (SM << 32 | program), polls
+    of its tensor's counter while waiting for statistics."""
+    where = tl.program_id(0).to(tl.int64)
+    if TIMELINE == 1:
+        sm = tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=True, pack=1)
+        where += sm.to(tl.int64) << 32
+    row = timeline_ptr + 4 * ticket.to(tl.int64)
+    tl.store(row, start)
+    tl.store(row + 1, end)
+    tl.store(row + 2, where)
+    tl.store(row + 3, polls.to(tl.int64))
+
+
+@triton.jit
 def _first_record(ticket, starts, S, P):
     """The record a ticket starts at: a statistics ticket's first chunk, from the table of starts; any other
     ticket's own, past the P chunk records."""
@@ -199,6 +230,7 @@ def znorm_queue_kernel(
     P,  # chunks of the large tensors: statistics records and partial slots
     NUM_PROGRAMS,
     spin_limit,  # 0: wait as long as it takes; else give up after this many polls and flag counter[2]
+    timeline_ptr,  # int64 [tickets, 4], written only with TIMELINE (_record_ticket)
     DTYPE: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -212,6 +244,7 @@ def znorm_queue_kernel(
     HAS_SCALE: tl.constexpr,
     NORMALIZE: tl.constexpr,
     GIVEN: tl.constexpr,  # stats already holds every tensor's row: no statistics tickets, nobody waits
+    TIMELINE: tl.constexpr = 0,  # diagnostics: 1 a row per ticket with the GPU's timer, 2 without it
 ):
     eps = eps_bits.to(tl.int64).to(tl.float64, bitcast=True)  # (0 comes as an int32)
     if HAS_SCALE:
@@ -227,7 +260,10 @@ def znorm_queue_kernel(
     skipped = 0
     if GIVEN:
         skipped = S  # no statistics tickets: tickets start at the small items
-    item = _first_record(skipped + tl.atomic_add(counter_ptr, 1, sem="relaxed"), starts, S, P)
+    ticket = skipped + tl.atomic_add(counter_ptr, 1, sem="relaxed")
+    item = _first_record(ticket, starts, S, P)
+    if TIMELINE:
+        started = _now(TIMELINE)
     while item < total:
         record = meta_ptr + ITEM * item.to(tl.int64)
         offset = tl.load(record)
@@ -240,8 +276,11 @@ def znorm_queue_kernel(
         # The next record: the run's next chunk, or after a ticket's last record the next ticket's first,
         # drawn now (awaited at the end of this item).
         following = item + 1
+        next_ticket = ticket
         if (item >= P) | (aux >= 0x100000000):
-            following = _first_record(skipped + tl.atomic_add(counter_ptr, 1, sem="relaxed"), starts, S, P)
+            next_ticket = skipped + tl.atomic_add(counter_ptr, 1, sem="relaxed")
+            following = _first_record(next_ticket, starts, S, P)
+        polls = 0
         if item < P:
             # A chunk of a statistics ticket's run: its partial into its own slot.
             mean, m2, lo, hi = chunk_moments(ptr, count, ACC, BLOCK, UNROLL, SUB, VEC, ALIGNED, PREFETCH)
@@ -284,7 +323,6 @@ def znorm_queue_kernel(
                 seen = aux
             else:
                 seen = tl.atomic_add(counter_ptr + 3 + t, 0, sem="acquire")
-                polls = 0
                 while (seen < aux) & ((spin_limit == 0) | (polls < spin_limit)):
                     _pause(BACKOFF)
                     seen = tl.atomic_add(counter_ptr + 3 + t, 0, sem="acquire")
@@ -300,6 +338,12 @@ def znorm_queue_kernel(
                     _normalize_wide(ptr, count, mean, inv, wide, DTYPE, ACC, SUB)
                 else:
                     _normalize_chunk(ptr, count, mean, inv, DTYPE, ACC, BLOCK, UNROLL, VEC, ALIGNED, PREFETCH)
+        if TIMELINE:  # noqa: SIM102 (a constexpr branch: the variant without it has no code here)
+            if next_ticket != ticket:  # this record ended its ticket
+                ended = _now(TIMELINE)
+                _record_ticket(timeline_ptr, ticket, started, ended, polls, TIMELINE)
+                started = ended
+        ticket = next_ticket
         item = following
 
     # The last program out resets the counters: every other program has drawn its final ticket and finished.

@@ -56,8 +56,9 @@ def spin_limit() -> int:
 
 @functools.cache
 def constants(
-    dtype, tiles: Tiles, aligned: bool, has_scale: bool, normalize: bool, backoff: bool, given: bool
-):
+    dtype, tiles: Tiles, aligned: bool, has_scale: bool, normalize: bool, backoff: bool, given: bool,
+    timeline: int = 0,
+):  # fmt: skip
     """The kernel's constexprs for one specialization."""
     tl_dtype, tl_acc = triton_dtypes()[dtype]
     return {
@@ -65,7 +66,7 @@ def constants(
         "PREFETCH": tiles.prefetch, "PBLOCK": tiles.merge_block, "SUB": tiles.sub,
         "VEC": ALIGNMENT // element_size(dtype),
         "ALIGNED": aligned, "BACKOFF": backoff, "HAS_SCALE": has_scale, "NORMALIZE": normalize,
-        "GIVEN": given,
+        "GIVEN": given, "TIMELINE": timeline,
     }  # fmt: skip
 
 
@@ -112,16 +113,20 @@ def launch(
     tiles: Tiles | None = None,
     plan: Plan | None = None,
     given: Tensor | None = None,
+    timeline: Tensor | None = None,
 ) -> Workspace:
     """One launch over dense same-device, same-dtype tensors, under their device: statistics, and with
     ``normalize`` the z-scores written in place. ``plan`` when the caller has it (else looked up, with
-    ``tiles`` or the list's own); ``given``: float64 [T, 4] rows to apply instead of computing statistics.
-    Returns the workspace, whose ``stats`` hold every tensor's (mean, std, inv, wide) until its next
-    launch."""
+    ``tiles`` or the list's own); ``given``: float64 [T, 4] rows to apply instead of computing statistics;
+    ``timeline``: an int64 [tickets, 4] tensor on their device for the kernel's timeline variant (diagnostics:
+    triton_host.timeline_). Returns the workspace, whose ``stats`` hold every tensor's (mean, std, inv, wide)
+    until its next launch."""
     device = tensors[0].device
     return on_device(
         device,
-        lambda: _launch_here(tensors, device, eps, correction, grad_scale, normalize, tiles, plan, given),
+        lambda: _launch_here(
+            tensors, device, eps, correction, grad_scale, normalize, tiles, plan, given, timeline
+        ),
     )
 
 
@@ -178,7 +183,7 @@ def _steady_here(plan: Plan, eps: float, correction: float, grad_scale: Tensor |
             if done:
                 _last = LaunchRecord(plan, steady.programs, steady.kept[0])
                 return steady.ws
-    return _launch_here(None, device, eps, correction, grad_scale, True, None, plan, None)
+    return _launch_here(None, device, eps, correction, grad_scale, True, None, plan, None, None)
 
 
 def _queue_launcher():
@@ -187,7 +192,9 @@ def _queue_launcher():
     return launcher_for(triton_kernels.znorm_queue_kernel)
 
 
-def _launch_here(tensors, device, eps, correction, grad_scale, normalize, tiles, plan, given) -> Workspace:
+def _launch_here(
+    tensors, device, eps, correction, grad_scale, normalize, tiles, plan, given, timeline=None
+) -> Workspace:
     global _last
     if plan is None:
         plan = plan_for(tensors, tiles)
@@ -202,8 +209,11 @@ def _launch_here(tensors, device, eps, correction, grad_scale, normalize, tiles,
     items = plan.num_items if normalize and given is None else plan.num_stats_items + plan.num_small_items
     if given is not None:  # the rows to apply, where the kernel would have published them (same stream)
         ws.stats.copy_(given)
-    # The specialization: device, dtype, alignment, scale, stage, given rows and tiles (every constexpr).
-    key = (device.index, dtype, plan.aligned, has_scale, normalize, given is not None, tiles)
+    # The timeline variant's rows: 1 with the GPU's timer, 2 without (the interpreter); 0 off.
+    marks = 0 if timeline is None else 1 if on_gpu else 2
+    # The specialization: device, dtype, alignment, scale, stage, given rows, tiles, timeline (every
+    # constexpr).
+    key = (device.index, dtype, plan.aligned, has_scale, normalize, given is not None, tiles, marks)
     learned = not on_gpu or known(key)  # the grid below is final (the occupancy of this kernel is known)
     programs = num_programs(device, items, key, tiles.programs)
     limit = _spin_limit
@@ -212,6 +222,7 @@ def _launch_here(tensors, device, eps, correction, grad_scale, normalize, tiles,
         args = (
             plan.meta, plan.bases, ws.partials, ws.stats, ws.counters, scale, f64_bits(eps), correction,
             plan.num_tensors, plan.num_stats_items, plan.num_small_items, plan.num_partials, programs, limit,
+            plan.meta if timeline is None else timeline,  # (the table: an int64 pointer never written)
         )  # fmt: skip
         # After a specialization's first launch, Triton's per-call binding of the arguments (most of a hook
         # call's host time on a GPU host) is skipped.
@@ -220,7 +231,7 @@ def _launch_here(tensors, device, eps, correction, grad_scale, normalize, tiles,
             stream,
             args,
             (key, on_gpu),
-            **constants(dtype, tiles, plan.aligned, has_scale, normalize, on_gpu, given is not None),
+            **constants(dtype, tiles, plan.aligned, has_scale, normalize, on_gpu, given is not None, marks),
             **compile_options(tiles),
         )
         if limit:
@@ -232,7 +243,8 @@ def _launch_here(tensors, device, eps, correction, grad_scale, normalize, tiles,
         raise
     if on_gpu and not known(key):
         learn_occupancy(key, kernel, tiles.num_warps)
-    if normalize and given is None and learned and not limit and ws is plan.workspaces.get(stream):
+    keep = normalize and given is None and timeline is None
+    if keep and learned and not limit and ws is plan.workspaces.get(stream):
         kept = launcher.kept_for(args, (key, on_gpu))
         if kept is not None:  # launch_steady's next calls on this stream
             plan.steady[(stream, eps, correction, has_scale)] = _Steady(
