@@ -8,7 +8,7 @@
 //   - the same layouts at other addresses, still pairwise disjoint on each device (rule 11): it records the
 //     new addresses; where the op runs every group (`alone`) it runs them and returns kSame, else it returns
 //     kMoved, running nothing (the caller binds its groups again, reading the gradients with take() or only
-//     their addresses with moved_to());
+//     their addresses from addresses(), a buffer the watch keeps up to date);
 //   - anything else: kChanged, nothing run; the caller takes its full path, which decides and raises.
 // The watch never holds a gradient (that would keep its memory alive across zero_grad(set_to_none=True)).
 #include <ATen/core/Tensor.h>
@@ -61,17 +61,30 @@ bool same_layout(const at::Tensor& g, const Expected& e) {
 }
 
 // Whether the ranges [start, start + span) of these positions share no byte: sorted by start, each range ends
-// at or before the next one starts (ranges of tensors with fewer than 2 elements are not compared).
-bool disjoint(const std::vector<int64_t>& positions, const std::vector<Expected>& record) {
-  std::vector<std::pair<uintptr_t, uintptr_t>> ranges;
-  ranges.reserve(positions.size());
-  for (int64_t k : positions) {
-    const Expected& e = record[k];
-    if (e.span) ranges.emplace_back(e.address, e.address + e.span);
+// at or before the next one starts (ranges of tensors with fewer than 2 elements are not compared). `order`
+// holds the positions with a range in the order of their starts at the last check that sorted them: where
+// the ranges still come in that order, one pass proves them disjoint (gradients that move keep their order
+// more often than not); else they are sorted again, and `order` with them.
+bool disjoint(const std::vector<int64_t>& positions, const std::vector<Expected>& record,
+              std::vector<int64_t>& order) {
+  bool in_order = !order.empty() || positions.empty();
+  for (size_t i = 1; in_order && i < order.size(); ++i) {
+    const Expected& a = record[order[i - 1]];
+    in_order = a.address + a.span <= record[order[i]].address;
   }
-  std::sort(ranges.begin(), ranges.end());
-  for (size_t i = 1; i < ranges.size(); ++i)
-    if (ranges[i - 1].second > ranges[i].first) return false;
+  if (in_order) return true;
+  order.clear();
+  for (int64_t k : positions)
+    if (record[k].span) order.push_back(k);
+  std::sort(order.begin(), order.end(),
+            [&](int64_t a, int64_t b) { return record[a].address < record[b].address; });
+  for (size_t i = 1; i < order.size(); ++i) {
+    const Expected& a = record[order[i - 1]];
+    if (a.address + a.span > record[order[i]].address) {
+      order.clear();  // (not a valid order: the next check sorts again)
+      return false;
+    }
+  }
   return true;
 }
 
@@ -116,8 +129,11 @@ class GradWatch : public torch::CustomClassHolder {
     record_ = std::move(record);
     groups_ = std::move(groups);
     by_device_ = std::move(by_device);
+    orders_.assign(by_device_.size(), {});
     moves_ = moves;
     alone_ = alone;
+    addresses_ = at::empty({present}, at::kLong);
+    write_addresses();
     return true;
   }
 
@@ -168,15 +184,10 @@ class GradWatch : public torch::CustomClassHolder {
     return out;
   }
 
-  // After a kMoved step, for a caller that needs only where the gradients went: their addresses (int64, CPU),
-  // in order.
-  at::Tensor moved_to() {
-    moved_ = false;
-    auto out = at::empty({static_cast<int64_t>(record_.size())}, at::kLong);
-    int64_t* data = out.data_ptr<int64_t>();
-    for (size_t k = 0; k < record_.size(); ++k) data[k] = static_cast<int64_t>(record_[k].address);
-    return out;
-  }
+  // The present gradients' addresses as the record holds them (int64, CPU), in order: one tensor for the
+  // watch's life, rewritten by every step that finds the gradients moved (for a caller that needs only where
+  // they went, read after a kMoved step; a view of it costs nothing to keep). Empty before a record.
+  at::Tensor addresses() { return addresses_.defined() ? addresses_ : at::empty({0}, at::kLong); }
 
  private:
   const at::Tensor& grad_of(int64_t i) const { return params_[i].unsafeGetTensorImpl()->grad(); }
@@ -185,15 +196,22 @@ class GradWatch : public torch::CustomClassHolder {
 
   int64_t move_to(const std::vector<uintptr_t>& addresses) {
     if (!moves_) return changed();
-    std::vector<uintptr_t> before(record_.size());
+    std::vector<uintptr_t>& before = before_;
+    before.resize(record_.size());
     for (size_t k = 0; k < record_.size(); ++k) before[k] = std::exchange(record_[k].address, addresses[k]);
-    for (const auto& positions : by_device_) {
-      if (!disjoint(positions, record_)) {
+    for (size_t g = 0; g < by_device_.size(); ++g) {
+      if (!disjoint(by_device_[g], record_, orders_[g])) {
         for (size_t k = 0; k < record_.size(); ++k) record_[k].address = before[k];
         return changed();
       }
     }
+    write_addresses();
     return kMoved;
+  }
+
+  void write_addresses() {
+    int64_t* data = addresses_.data_ptr<int64_t>();
+    for (size_t k = 0; k < record_.size(); ++k) data[k] = static_cast<int64_t>(record_[k].address);
   }
 
   void run(double eps, double correction, const std::optional<at::Tensor>& scale) {
@@ -221,6 +239,9 @@ class GradWatch : public torch::CustomClassHolder {
   std::vector<Expected> record_;
   std::vector<std::vector<int64_t>> groups_;
   std::vector<std::vector<int64_t>> by_device_;
+  std::vector<std::vector<int64_t>> orders_;  // per device: positions by address at the last sort (disjoint)
+  at::Tensor addresses_;                       // addresses(): the record's, kept up to date
+  std::vector<uintptr_t> before_;  // a move's scratch, kept to save an allocation per move
   bool moves_ = false;
   bool alone_ = false;
   bool moved_ = false;  // the last step answered kMoved: take() may read the gradients
@@ -235,5 +256,5 @@ TORCH_LIBRARY_FRAGMENT(znorm_kernels_C, m) {
       .def("record", &znorm::GradWatch::record)
       .def("step", &znorm::GradWatch::step)
       .def("take", &znorm::GradWatch::take)
-      .def("moved_to", &znorm::GradWatch::moved_to);
+      .def("addresses", &znorm::GradWatch::addresses);
 }

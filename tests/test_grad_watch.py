@@ -62,6 +62,37 @@ def test_the_watch_answers_moved_with_the_gradients_in_order_and_keeps_the_new_a
     assert watch.step(1e-10, 0.0, None) == SAME, "the record follows the move"
 
 
+def test_moves_are_checked_for_overlap_in_any_order_and_the_addresses_follow():
+    # After a move sorted the ranges, later moves that keep their order are checked in one pass: an overlap
+    # in that order, or a move into another order, must still be seen. addresses() follows each move the
+    # watch accepts and keeps the record's through one it refuses.
+    params = _params([(4, 4), (16,), (8,)])
+    watch = _watch(params)
+    assert watch.addresses().tolist() == [p.grad.data_ptr() for p in params]
+    buf = torch.randn(256)
+
+    def move(*offsets):  # each gradient to buf[offset:], 4 bytes an element
+        for p, o in zip(params, offsets):
+            p.grad = buf[o : o + p.numel()].view(p.shape)
+        return watch.step(1e-10, 0.0, None)
+
+    def at(*offsets):
+        return [buf.data_ptr() + 4 * o for o in offsets]
+
+    assert move(0, 16, 32) == MOVED  # (the first move sorts)
+    assert watch.addresses().tolist() == at(0, 16, 32)
+    assert move(64, 80, 96) == MOVED  # the same order: one pass
+    assert move(128, 136, 160) == CHANGED  # the same order, the first two overlap
+    assert watch.addresses().tolist() == at(64, 80, 96)
+    assert move(64, 80, 96) == SAME
+    assert move(112, 96, 64) == MOVED  # reversed, disjoint: sorted again
+    assert watch.addresses().tolist() == at(112, 96, 64)
+    assert move(200, 180, 160) == MOVED  # the new order kept: one pass
+    assert move(200, 190, 160) == CHANGED  # that order, the second ends inside the first
+    assert move(0, 16, 24) == CHANGED  # the first order again, the last two overlap
+    assert move(0, 16, 32) == MOVED and watch.addresses().tolist() == at(0, 16, 32)
+
+
 @pytest.mark.parametrize(
     "change",
     [

@@ -60,7 +60,7 @@ class GradientGroups:
         self.present_mask: list[bool] | None = None  # which entries are tensors (None: all of them)
         self.absent_mask: list[bool] | None = None  # which entries are None
         self.guard = None  # layout_guard of the present gradients at the last full check
-        self.starts: list[int] = []  # data_ptr of every present gradient, in order
+        self.starts: list[int] = []  # data_ptr of every present gradient, in order (or an int64 array)
         self.indices: list[int] = []  # range(len(self.starts)), for the one-call address check
         # Rule 11 for gradients that moved: per device, the positions (among the present gradients) of the
         # normalized ones, and every present gradient's span in bytes; None where the last check dropped a
@@ -76,6 +76,7 @@ class GradientGroups:
         self.watched: list[Tensor] | None = None
         self.launches: list = []
         self.watch_runs = False  # whether the watch runs groups of its own (else all groups are launches)
+        self.addresses = None  # the watch's addresses() as an int64 array (rewritten by the watch on moves)
 
     def _present(self, grads: list[Tensor | None]) -> list[Tensor] | None:
         """The present gradients if the cached checks still hold for ``grads`` (binding the groups again if
@@ -94,6 +95,8 @@ class GradientGroups:
             if not self.guard.check(*present):
                 return None
             # The usual step: every gradient where it was (one C call); else their new addresses.
+            if not isinstance(self.starts, list):  # the watch's addresses, kept as its last move left them
+                self.starts = self.starts.tolist()
             if same_addresses_or_raise(present, self.starts, self.indices):
                 return present
             starts = list(map(_data_ptr, present))
@@ -142,7 +145,8 @@ class GradientGroups:
         for fn, bound, idx in self.plan:
             bound = bound.rebind(None, starts if idx is None else starts[idx])
             plan.append((fn, bound, idx))
-        self.plan, self.starts = plan, starts.tolist()
+        # (``starts`` stays an array: the Python path makes it a list only where it compares addresses)
+        self.plan, self.starts = plan, starts
         self.launches = [bound.launch_only for _, bound, _ in plan]
 
     def _check(
@@ -198,6 +202,8 @@ class GradientGroups:
         moves = self.by_device is not None
         if watch is not None and watch.record(native, self.by_device or [], moves, not launches):
             self.watch, self.watched, self.launches, self.watch_runs = watch, params, launches, bool(native)
+            # A view of the watch's own buffer of the gradients' addresses, which each move rewrites.
+            self.addresses = watch.addresses().numpy()
 
     def steady(self, params: list[Tensor], grad_scale: Tensor | None) -> bool:
         """The step in one native call where the watch made for ``params`` finds their gradients as recorded
@@ -216,7 +222,7 @@ class GradientGroups:
             return True
         if status == MOVED and not self.watch_runs:  # every group a launch: moved by address alone
             try:
-                self._rebase(watch.moved_to().numpy())
+                self._rebase(self.addresses)
             except BaseException:
                 self.watch = self.watched = None  # as below
                 self.length = -1
