@@ -128,12 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--design", default="runs k=2", help="a design of bench/schedule_calibration.DESIGNS")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--measured", action="store_true", help="a launch of the timeline variant (CUDA)")
+    parser.add_argument("--device", default="cuda", help="with --measured: cpu rehearses it (interpreter)")
     args = parser.parse_args(argv)
     from bench.schedule_calibration import FITTED
 
     model_out = args.out
     if args.measured:
-        spans, programs = measured_spans(args.list_name, args.dtype)
+        spans, programs = measured_spans(args.list_name, args.dtype, args.device)
         draw(spans, args.out, f"measured: {args.list_name} {args.dtype}, shipped", programs)
         print(args.out, summary(spans, programs))
         model_out = args.out.with_name(f"{args.out.stem}-model{args.out.suffix}")
