@@ -66,8 +66,8 @@ def _extensions() -> tuple[list, dict]:
     with_cuda = can_cuda if want_cuda is None else want_cuda
 
     # One family of kernels per file (csrc/tiles.h holds their sizes): the schemas, the hook's steady step,
-    # then the CPU ops.
-    cpu_files = ("module.cpp", "grad_watch.cpp", "cpu_znorm.cpp", "cpu_optim.cpp")
+    # Adam's step counters, then the CPU ops.
+    cpu_files = ("module.cpp", "grad_watch.cpp", "step_counters.cpp", "cpu_znorm.cpp", "cpu_optim.cpp")
     sources = [os.path.join(CSRC, f) for f in cpu_files]
     # -ffp-contract=off: no fused multiply-adds, so the baseline and AVX2 copies of the CPU loops round alike.
     cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]

@@ -1,7 +1,8 @@
 // The Python module znorm_kernels._C and the ops' schemas. Importing the module loads the shared library,
 // whose static initializers register the schemas here and the kernels in cpu_znorm.cpp and cpu_optim.cpp (CPU)
 // and, in a CUDA build, cuda_znorm.cu and cuda_optim.cu (CUDA; cuda_table_cache.cpp adds table_cache_stats);
-// grad_watch.cpp adds the custom class torch.classes.znorm_kernels_C.GradWatch (the hook's steady step).
+// grad_watch.cpp adds the custom class torch.classes.znorm_kernels_C.GradWatch (the hook's steady step), and
+// step_counters.cpp the ops that read and advance Adam's step counters.
 // Python calls the op as torch.ops.znorm_kernels_C.znorm_; the module itself exports nothing, so it needs no
 // pybind11 and builds against the limited Python API.
 #include <Python.h>

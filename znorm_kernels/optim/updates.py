@@ -16,17 +16,15 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _get_scalar_dtype
 
-from ..backends import optim_steps
+from ..backends import optim_steps, step_counters
 from ..backends.optim_steps import AdamArgs, SgdArgs
 
 __all__ = ["FUSED_UPDATES", "FusedUpdate", "bias_corrections", "bucket_args"]
 
-_ONE = torch.tensor(1.0)  # the step counters' increment, as torch's Adam adds it to CPU counters
-
 
 def count_steps_(counters: list[Tensor]) -> None:
     """Add one to Adam's step counters (CPU tensors, as torch counts them)."""
-    torch._foreach_add_(counters, _ONE, alpha=1.0)
+    step_counters.add_one_(counters)
 
 
 def bias_corrections(lr: float, beta1: float, beta2: float, counts: list[float]) -> tuple[list, list]:
@@ -99,7 +97,7 @@ def _adam_group_args(group: dict[str, Any], decoupled: bool, step_size, bias_cor
 def _adam_args(group: dict[str, Any], counters: list[Tensor], *, decoupled: bool) -> AdamArgs:
     beta1, beta2 = group["betas"]
     beta1, beta2, lr = optim_steps.scalars("fused step", beta1=beta1, beta2=beta2, lr=group["lr"])
-    counts = [float(s) + 1 for s in counters]  # CPU tensors: no device sync
+    counts = [c + 1 for c in step_counters.counts(counters)]  # CPU tensors: no device sync
     if counts.count(counts[0]) == len(counts):  # one value for every tensor
         (step_size,), (bc2_sqrt,) = bias_corrections(lr, beta1, beta2, counts[:1])
     else:
