@@ -54,3 +54,14 @@ def test_the_python_path_serves_what_the_ops_refuse():
     assert counters[0].item() == 4 and counters[1].item() == 2.5
     step_counters.add_one_([])
     assert step_counters.counts([]) == []
+
+
+def test_an_extension_built_before_the_ops_takes_the_python_path(monkeypatch):
+    # torch.ops.znorm_kernels_C without step_counts and add_one_ (an older build): no AttributeError.
+    import types
+
+    monkeypatch.setattr(step_counters, "_ops", lambda: types.SimpleNamespace())
+    counters = [torch.tensor(2.0), torch.tensor(5.0, dtype=torch.float64)]
+    assert step_counters.counts(counters) == [2.0, 5.0]
+    step_counters.add_one_(counters)
+    assert [c.item() for c in counters] == [3.0, 6.0]

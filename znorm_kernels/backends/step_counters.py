@@ -26,7 +26,8 @@ def counts(counters: list[Tensor]) -> list[float]:
     if ops is not None and counters:
         try:
             return ops.step_counts(counters)
-        except RuntimeError:  # not one-element float CPU tensors: nothing was read
+        # Not one-element float CPU tensors (nothing was read), or an extension built before the op.
+        except (RuntimeError, AttributeError):
             pass
     return [float(c) for c in counters]
 
@@ -40,6 +41,7 @@ def add_one_(counters: list[Tensor]) -> None:
         try:
             ops.add_one_(counters)
             return
-        except RuntimeError:  # not one-element float CPU tensors: nothing was written
+        # Not one-element float CPU tensors (nothing was written), or an extension built before the op.
+        except (RuntimeError, AttributeError):
             pass
     torch._foreach_add_(counters, _ONE, alpha=1.0)

@@ -36,14 +36,14 @@ __all__ = [
 # FAST_MIN_SPREAD: then sums and squares stay far from float32's overflow and subnormal ranges.
 FAST_MAX = tl.constexpr(2.0**50)
 FAST_MIN_SPREAD = tl.constexpr(2.0**-50)
-# A float64 run whose largest finite magnitude exceeds HUGE could overflow a sum or a square, and one whose
-# largest magnitude is below TINY lose its squares to underflow: its sums are taken on its values times SHRINK
-# or GROW (powers of two: exact), and its M2 is kept so scaled wherever it is stored or merged (its mean,
-# minimum and maximum are not). Whether a run is scaled follows from its bounds alone (float64_range.py).
 # Whether a tile's reductions are fused (several operands each): on a GPU one pass through shared memory for
 # all of them. Triton's interpreter computes such a reduction element by element in Python, the plain
 # tl.min, tl.max and tl.sum with numpy: it takes those (read as the kernels are defined; a test may patch it).
 FUSED = tl.constexpr(not triton_interpret())
+# A float64 run whose largest finite magnitude exceeds HUGE could overflow a sum or a square, and one whose
+# largest magnitude is below TINY lose its squares to underflow: its sums are taken on its values times SHRINK
+# or GROW (powers of two: exact), and its M2 is kept so scaled wherever it is stored or merged (its mean,
+# minimum and maximum are not). Whether a run is scaled follows from its bounds alone (float64_range.py).
 HUGE = tl.constexpr(2.0**400)
 TINY = tl.constexpr(2.0**-400)
 SHRINK = tl.constexpr(2.0**-600)
